@@ -1,0 +1,391 @@
+"""The `vitembed` command line: parse, call the library, print.
+
+Heavy modules (torch, numpy, Pillow) are imported inside the commands, so that `--help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import ConfigError, InputError, OutputError, VitembedError, WeightsError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help="Turn images into Vision Transformer input-layer tokens z0, shape (N+1) x D.",
+)
+
+
+class Resize(str, Enum):
+    squash = "squash"
+    crop = "crop"
+    pad = "pad"
+
+
+class Interpolation(str, Enum):
+    nearest = "nearest"
+    bilinear = "bilinear"
+    bicubic = "bicubic"
+    lanczos = "lanczos"
+
+
+class Normalize(str, Enum):
+    imagenet = "imagenet"
+    inception = "inception"
+    clip = "clip"
+    none = "none"
+
+
+class Format(str, Enum):
+    npy = "npy"
+    pt = "pt"
+
+
+class Dtype(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+LAYER = "Layer"
+IMAGE = "Image"
+RUN = "Run"
+
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", "-p", help="Layer shape: seed (default: 224 px, P=14, D=384), vit-b16, vit-l14, ... (see `vitembed info --presets`).", rich_help_panel=LAYER)]
+ImageSizeOpt = Annotated[Optional[int], typer.Option("--image-size", help="Side S of the square input, pixels.", rich_help_panel=LAYER)]
+PatchSizeOpt = Annotated[Optional[int], typer.Option("--patch-size", help="Side P of a patch, pixels.", rich_help_panel=LAYER)]
+NumPatchRowOpt = Annotated[Optional[int], typer.Option("--num-patch-row", help="Patches per side (the seed's way to set P = S / rows).", rich_help_panel=LAYER)]
+EmbDimOpt = Annotated[Optional[int], typer.Option("--emb-dim", help="Token length D.", rich_help_panel=LAYER)]
+InChannelsOpt = Annotated[Optional[int], typer.Option("--in-channels", help="Image channels C: 3 (RGB) or 1 (grey).", rich_help_panel=LAYER)]
+WeightsOpt = Annotated[Optional[str], typer.Option("--weights", "-w", help="Layer file from `vitembed init` (its config replaces the layer options).", rich_help_panel=LAYER)]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random layer (ignored with --weights).", rich_help_panel=LAYER)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
+
+
+def _layer_config(preset, image_size, patch_size, num_patch_row, emb_dim, in_channels):
+    from .layer import resolve_config
+
+    return resolve_config(
+        preset, image_size=image_size, patch_size=patch_size, num_patch_row=num_patch_row,
+        emb_dim=emb_dim, in_channels=in_channels,
+    )
+
+
+def _load(weights, seed, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels):
+    """(layer, LoadedWeights or None) for the layer options."""
+    from .weights import load_layer
+
+    if weights is None:
+        config = _layer_config(preset, image_size, patch_size, num_patch_row, emb_dim, in_channels)
+        return load_layer(None, config, seed)
+    layer, loaded = load_layer(weights, None, seed)
+    mismatched = []
+    cfg = layer.config
+    for flag, value, actual in (("--image-size", image_size, cfg.image_size), ("--patch-size", patch_size, cfg.patch_size),
+                                ("--emb-dim", emb_dim, cfg.emb_dim), ("--in-channels", in_channels, cfg.in_channels),
+                                ("--num-patch-row", num_patch_row, cfg.num_patch_row)):
+        if value is not None and value != actual:
+            mismatched.append(f"{flag} {value} (the weights have {actual})")
+    if preset is not None or mismatched:
+        what = "; ".join(mismatched) if mismatched else "--preset"
+        raise ConfigError(f"--weights fixes the layer shape; drop {what}")
+    return layer, loaded
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(f"[red]error[/]: {message}", soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _guard(func):
+    """Turn the library's expected failures into one red line and an exit code."""
+    import functools
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except ConfigError as exc:
+            raise _fail(str(exc), 2) from None
+        except (WeightsError, InputError, OutputError, VitembedError) as exc:
+            raise _fail(str(exc), 1) from None
+
+    return wrapper
+
+
+@app.command()
+@_guard
+def encode(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders (walked recursively), or - to read paths from stdin.", show_default=False)],
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output folder, a FILE.npy / FILE.pt for one input, or - for stdout. Default: beside each input.", rich_help_panel=RUN)] = None,
+    fmt: Annotated[Optional[Format], typer.Option("--format", "-f", help="Output file format (default npy, or the -o file's suffix).", rich_help_panel=RUN)] = None,
+    null: Annotated[bool, typer.Option("--null", "-0", help="Paths on stdin are NUL-separated (find -print0).", rich_help_panel=RUN)] = False,
+    preset: PresetOpt = None,
+    image_size: ImageSizeOpt = None,
+    patch_size: PatchSizeOpt = None,
+    num_patch_row: NumPatchRowOpt = None,
+    emb_dim: EmbDimOpt = None,
+    in_channels: InChannelsOpt = None,
+    weights: WeightsOpt = None,
+    seed: SeedOpt = 0,
+    resize: Annotated[Resize, typer.Option("--resize", help="squash: straight to S x S; crop: shorter side to S/crop-pct, centre crop; pad: keep aspect, pad to square.", rich_help_panel=IMAGE)] = Resize.squash,
+    crop_pct: Annotated[float, typer.Option("--crop-pct", help="For --resize crop: 0.875 is 256 -> 224.", rich_help_panel=IMAGE)] = 0.875,
+    interpolation: Annotated[Interpolation, typer.Option("--interpolation", help="Resampling filter (antialiased).", rich_help_panel=IMAGE)] = Interpolation.bilinear,
+    background: Annotated[str, typer.Option("--background", help="Colour under transparency and around --resize pad: a name, #rrggbb or r,g,b.", rich_help_panel=IMAGE)] = "white",
+    normalize: Annotated[Normalize, typer.Option("--normalize", help="Per-channel mean and std; none means pixels / 255.", rich_help_panel=IMAGE)] = Normalize.imagenet,
+    max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", help="Refuse images whose header claims more pixels (decompression bombs). Default: 178956970.", rich_help_panel=IMAGE)] = None,
+    fast_decode: Annotated[bool, typer.Option("--fast-decode", help="Decode large JPEGs at 1/2, 1/4 or 1/8 scale (DCT scaling): much faster, pixels differ slightly.", rich_help_panel=IMAGE)] = False,
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", rich_help_panel=RUN)] = "auto",
+    dtype: Annotated[Dtype, typer.Option("--dtype", help="Output dtype (computed in float32).", rich_help_panel=RUN)] = Dtype.float32,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per layer call.", rich_help_panel=RUN)] = 32,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-j", help="Decoding processes (default: one per core; 0: decode in the main process).", rich_help_panel=RUN)] = None,
+    skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Resume: skip inputs whose output already exists.", rich_help_panel=RUN)] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Re-encode into an -o folder that was made with another configuration.", rich_help_panel=RUN)] = False,
+    json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per input on stdout, as each finishes.", rich_help_panel=RUN)] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table, summary or progress bar on stderr.", rich_help_panel=RUN)] = False,
+) -> None:
+    """Encode images into z0 tokens, one (N+1) x D file per image.
+
+    Row 0 of each output is the class token; rows 1..N are the patches in row-major order.
+
+    Example:
+
+        vitembed encode cat.png                      # writes cat.npy
+
+        vitembed encode photos/ -o tokens/ --preset vit-b16
+
+        find photos -name '*.jpg' -print0 | vitembed encode - -0 -o tokens/ --json | jq .output
+    """
+    from .images import Preprocess, parse_color
+    from .inputs import iter_sources
+    from .writers import OutputPlan
+
+    plan = OutputPlan.from_option(output, fmt.value if fmt else None)
+    if plan.mode == "stdout" and json_lines:
+        raise ConfigError("-o - writes the tensor to stdout; it cannot be combined with --json")
+    if skip_existing and overwrite:
+        raise ConfigError("--skip-existing and --overwrite contradict each other; pick one")
+    if inputs.count("-") > 1:
+        raise ConfigError("- (read paths from stdin) may be given once")
+    stdin = sys.stdin.buffer if "-" in inputs else None
+    sources = iter_sources(inputs, stdin, null)
+    total = None
+    if plan.mode in ("file", "stdout"):
+        sources = list(sources)
+        if len(sources) != 1:
+            raise ConfigError(f"-o {output} takes exactly one input image, got {len(sources)}")
+    elif stdin is None:
+        sources = list(sources)  # paths only: known up front for the progress bar
+        total = len(sources)
+        if not sources:
+            raise ConfigError("no images found in the given inputs")
+
+    layer, loaded = _load(weights, seed, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels)
+    config = layer.config
+    prep_kwargs = dict(
+        image_size=config.image_size, resize=resize.value, crop_pct=crop_pct, interpolation=interpolation.value,
+        background=parse_color(background), channels=config.in_channels, fast_decode=fast_decode,
+    )
+    if max_pixels is not None:
+        prep_kwargs["max_pixels"] = max_pixels
+    prep = Preprocess(**prep_kwargs).with_normalize(normalize.value)
+
+    from .pipeline import EncodeOptions, encode as run_encode
+    from .report import Reporter
+    from .report import prepare_output_folder
+
+    options = EncodeOptions(device=device, dtype=dtype.value, batch_size=batch_size, workers=workers,
+                            skip_existing=skip_existing)
+    manifest = None
+    if plan.mode == "dir":
+        manifest = prepare_output_folder(plan, layer, loaded, prep, options, seed, overwrite=overwrite)
+
+    stop = threading.Event()
+    caught: list[int] = []
+
+    def on_signal(signum, frame):
+        if caught:  # a second Ctrl-C: leave now; outputs are whole files or absent anyway
+            os._exit(128 + signum)
+        caught.append(signum)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    reporter = Reporter(json_lines=json_lines, quiet=quiet, manifest=manifest, target=plan.target,
+                        stop=stop, total=total)
+    try:
+        summary = run_encode(sources, layer, prep, plan, options, on_result=reporter, stop=stop)
+    finally:
+        reporter.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    reporter.finish(summary)
+    if reporter.pipe_closed:
+        raise typer.Exit(141)
+    if caught:
+        reporter.console.print(
+            f"interrupted: {summary.ok} encoded, {summary.skipped} skipped, {summary.errors} failed; "
+            "every output written is complete. Run the same command with --skip-existing to resume."
+        )
+        raise typer.Exit(128 + caught[0])
+    if summary.stopped:
+        raise _fail(f"stopped: {summary.stopped}", 1)
+    raise typer.Exit(1 if summary.errors else 0)
+
+
+@app.command()
+@_guard
+def init(
+    output: Annotated[Path, typer.Option("--output", "-o", help="Layer file to write: .pt or .safetensors.", show_default=False)],
+    preset: PresetOpt = None,
+    image_size: ImageSizeOpt = None,
+    patch_size: PatchSizeOpt = None,
+    num_patch_row: NumPatchRowOpt = None,
+    emb_dim: EmbDimOpt = None,
+    in_channels: InChannelsOpt = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """Write a freshly initialised layer to a file, to encode with later via --weights.
+
+    Example:
+
+        vitembed init --preset vit-b16 --seed 7 -o layer.pt
+    """
+    from .layer import build_layer
+    from .weights import save_layer
+
+    config = _layer_config(preset, image_size, patch_size, num_patch_row, emb_dim, in_channels)
+    size = save_layer(build_layer(config, seed), output)
+    from rich.console import Console
+
+    Console(stderr=True, highlight=False).print(
+        f"wrote {output}: tokens {config.num_tokens} x {config.emb_dim}, {config.num_params} parameters, {size} bytes"
+    )
+
+
+@app.command()
+@_guard
+def info(
+    preset: PresetOpt = None,
+    image_size: ImageSizeOpt = None,
+    patch_size: PatchSizeOpt = None,
+    num_patch_row: NumPatchRowOpt = None,
+    emb_dim: EmbDimOpt = None,
+    in_channels: InChannelsOpt = None,
+    weights: WeightsOpt = None,
+    presets: Annotated[bool, typer.Option("--presets", help="List the presets.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Show a layer's shape: patch grid, P^2*C, N, D, token shape, parameters.
+
+    Example:
+
+        vitembed info --preset vit-b16 --image-size 384
+    """
+    from .layer import PRESETS, resolve_config
+
+    if presets:
+        rows = {name: _describe(cfg) for name, cfg in PRESETS.items()}
+        if json_out:
+            typer.echo(json.dumps(rows))
+        else:
+            for name, d in rows.items():
+                typer.echo(f"{name:9} image {d['image_size']:4}  patch {d['patch_size']:2}  D {d['emb_dim']:5}  tokens {d['tokens'][0]} x {d['tokens'][1]}", err=True)
+        return
+    source = None
+    if weights is not None:
+        from .weights import load_weights
+
+        loaded = load_weights(weights)
+        config, source = loaded.config, loaded.source
+        if any(v is not None for v in (preset, image_size, patch_size, num_patch_row, emb_dim, in_channels)):
+            raise ConfigError("--weights fixes the layer shape; drop the layer options")
+    else:
+        config = resolve_config(preset, image_size=image_size, patch_size=patch_size, num_patch_row=num_patch_row,
+                                emb_dim=emb_dim, in_channels=in_channels)
+    d = _describe(config)
+    if source:
+        d["source"] = source
+    if json_out:
+        typer.echo(json.dumps(d))
+        return
+    lines = [
+        *( [f"source        {source}"] if source else [] ),
+        f"image         {config.image_size} x {config.image_size} x {config.in_channels}",
+        f"patch         {config.patch_size} x {config.patch_size} x {config.in_channels} = {config.patch_dim} values (P^2*C)",
+        f"grid          {config.num_patch_row} x {config.num_patch_row} = {config.num_patches} patches (N)",
+        f"embedding     D = {config.emb_dim}",
+        f"tokens        {config.num_tokens} x {config.emb_dim}  (row 0: class token, rows 1..N: patches)",
+        f"parameters    {config.num_params:,}",
+    ]
+    typer.echo("\n".join(lines), err=True)
+
+
+def _describe(config) -> dict:
+    return {
+        **config.to_dict(),
+        "grid": [config.num_patch_row, config.num_patch_row],
+        "patch_dim": config.patch_dim,
+        "num_patches": config.num_patches,
+        "tokens": list(config.token_shape),
+        "parameters": config.num_params,
+    }
+
+
+@app.command()
+@_guard
+def inspect(
+    files: Annotated[list[Path], typer.Argument(help="Saved outputs (.npy or .pt).", show_default=False)],
+    json_out: JsonOpt = False,
+) -> None:
+    """Show shape, dtype, min, mean, std and max of saved outputs.
+
+    Example:
+
+        vitembed inspect cat.npy tokens/*.npy
+    """
+    from .report import display_path
+    from .report import tensor_stats
+
+    failed = 0
+    rows = []
+    for path in files:
+        try:
+            stats = tensor_stats(path)
+        except InputError as exc:
+            failed += 1
+            _fail(f"{display_path(path)}: {exc}", 1)
+            continue
+        stats = {"file": display_path(path), **stats}
+        if json_out:
+            typer.echo(json.dumps(stats))
+        rows.append(stats)
+    if rows and not json_out:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(box=None, header_style="bold", pad_edge=False)
+        for col in ("file", "shape", "dtype", "min", "mean", "std", "max"):
+            table.add_column(col, overflow="fold")
+        for s in rows:
+            fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+            table.add_row(s["file"], " x ".join(map(str, s["shape"])), s["dtype"], fmt(s["min"]), fmt(s["mean"]),
+                          fmt(s["std"]), fmt(s["max"]))
+        Console(stderr=True, highlight=False).print(table)
+    raise typer.Exit(1 if failed else 0)
+
+
+def main() -> None:
+    app(prog_name="vitembed")

@@ -1,0 +1,23 @@
+"""The exceptions a user of vitembed may see. Only `cli.py` turns them into messages and exit codes."""
+
+from __future__ import annotations
+
+
+class VitembedError(Exception):
+    """Base class: an expected failure, reported in one line without a traceback."""
+
+
+class ConfigError(VitembedError, ValueError):
+    """A layer or preprocessing option that cannot work (a usage error, exit code 2)."""
+
+
+class WeightsError(VitembedError):
+    """A weights file that cannot be read, is not recognised, or would run code."""
+
+
+class InputError(VitembedError):
+    """One input image that cannot be read or decoded; the other inputs go on."""
+
+
+class OutputError(VitembedError):
+    """An output that cannot be written (full disk, read-only folder): the run stops."""

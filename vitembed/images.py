@@ -1,0 +1,291 @@
+"""Image files -> square uint8 RGB arrays. The only module that imports Pillow.
+
+`load_image` opens a file, applies its EXIF orientation, converts any mode to RGB (alpha over a
+background colour, 16-bit scaled to 8 bits), resizes to S x S and returns an (S, S, C) uint8
+array. Normalisation to floats happens later, batched, on the layer's device (`Preprocess.mean`
+and `.std`). This module imports neither torch nor torchvision, so decoding workers start fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from dataclasses import dataclass
+from struct import error as struct_error
+
+import numpy as np
+from PIL import Image, ImageColor, ImageFile, ImageOps
+
+from .errors import ConfigError, InputError
+
+__all__ = [
+    "NORMALIZATIONS",
+    "Preprocess",
+    "image_extensions",
+    "is_image_path",
+    "load_image",
+    "parse_color",
+]
+
+# (mean, std) per channel, applied to pixels / 255.
+NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
+RESIZE_MODES = ("squash", "crop", "pad")
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb error threshold (2 x 89.5 MP)
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a file becomes the layer's input.
+
+    Attributes:
+        image_size: side S of the output square.
+        resize: `squash` (straight to S x S), `crop` (shorter side to S / crop_pct, then the
+            centre S x S) or `pad` (longer side to S, then padded to a square with `background`).
+        crop_pct: for `crop`; 0.875 is torchvision's Resize(256) + CenterCrop(224).
+        interpolation: nearest, bilinear, bicubic or lanczos (antialiased, as Pillow does).
+        background: RGB colour under transparent pixels and around `pad`ded images.
+        mean, std: per-channel normalisation of pixels / 255.
+        channels: 3 for RGB, 1 for grey.
+        max_pixels: refuse images whose header claims more pixels than this.
+        fast_decode: let JPEG decoding scale down by 1/2, 1/4 or 1/8 (DCT scaling) when the
+            image stays at least twice the target size; slightly different pixels, much faster.
+    """
+
+    image_size: int = 224
+    resize: str = "squash"
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"
+    background: tuple[int, int, int] = (255, 255, 255)
+    mean: tuple[float, ...] = NORMALIZATIONS["imagenet"][0]
+    std: tuple[float, ...] = NORMALIZATIONS["imagenet"][1]
+    channels: int = 3
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    fast_decode: bool = False
+
+    def __post_init__(self) -> None:
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(f"unknown resize mode {self.resize!r}; choose {', '.join(RESIZE_MODES)}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ConfigError(
+                f"unknown interpolation {self.interpolation!r}; choose {', '.join(INTERPOLATIONS)}"
+            )
+        if not 0.0 < self.crop_pct <= 1.0:
+            raise ConfigError(f"crop-pct must be in (0, 1], got {self.crop_pct}")
+        if self.channels not in (1, 3):
+            raise ConfigError(
+                f"images can be read with 1 (grey) or 3 (RGB) channels, not {self.channels}; "
+                "use --in-channels 1 or 3"
+            )
+        if self.max_pixels < 1:
+            raise ConfigError(f"max-pixels must be positive, got {self.max_pixels}")
+        for name in ("mean", "std"):
+            values = getattr(self, name)
+            if len(values) == 3 and self.channels == 1:
+                # Grey images use the average of the RGB statistics.
+                object.__setattr__(self, name, (sum(values) / 3,))
+            elif len(values) != self.channels:
+                raise ConfigError(f"{name} has {len(values)} values for {self.channels} channels")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"std must be positive, got {self.std}")
+
+    def with_normalize(self, name: str) -> Preprocess:
+        if name not in NORMALIZATIONS:
+            raise ConfigError(f"unknown normalization {name!r}; choose {', '.join(NORMALIZATIONS)}")
+        mean, std = NORMALIZATIONS[name]
+        return dataclasses.replace(self, mean=mean, std=std)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def parse_color(text: str) -> tuple[int, int, int]:
+    """A colour name, '#rrggbb' or 'r,g,b' -> an RGB triple."""
+    try:
+        if "," in text:
+            parts = tuple(int(v) for v in text.split(","))
+            if len(parts) != 3 or not all(0 <= v <= 255 for v in parts):
+                raise ValueError
+            return parts  # type: ignore[return-value]
+        return ImageColor.getrgb(text)[:3]
+    except ValueError:
+        raise ConfigError(f"cannot read colour {text!r}; use a name, #rrggbb or r,g,b") from None
+
+
+_EXTENSIONS: frozenset[str] | None = None
+
+
+def image_extensions() -> frozenset[str]:
+    """Lower-case file extensions that Pillow registers for a format it can open."""
+    global _EXTENSIONS
+    if _EXTENSIONS is None:
+        Image.init()
+        _EXTENSIONS = frozenset(
+            ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN
+        )
+    return _EXTENSIONS
+
+
+def is_image_path(path: str | os.PathLike) -> bool:
+    return os.path.splitext(os.fspath(path))[1].lower() in image_extensions()
+
+
+def load_image(path: str | os.PathLike, prep: Preprocess) -> np.ndarray:
+    """Read one image file as an (S, S, C) uint8 array ready for the layer.
+
+    Raises:
+        InputError: the file is missing, unreadable, not an image, too large or corrupt; the
+            message is one line and names the reason (the caller adds the path).
+    """
+    pillow_limit = Image.MAX_IMAGE_PIXELS
+    try:
+        # vitembed checks prep.max_pixels itself, from the header; Pillow's own bomb check
+        # (a warning at 89 MP, an error at twice that) must not stand below it.
+        if pillow_limit is not None and prep.max_pixels > pillow_limit // 2:
+            Image.MAX_IMAGE_PIXELS = prep.max_pixels
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return _prepare(im, prep)
+    except InputError:
+        raise
+    except FileNotFoundError:
+        raise InputError("no such file") from None
+    except IsADirectoryError:
+        raise InputError("is a directory") from None
+    except PermissionError:
+        raise InputError("permission denied") from None
+    except Image.UnidentifiedImageError:
+        raise InputError("not an image Pillow can read") from None
+    except Image.DecompressionBombError:
+        raise InputError(f"refused as a decompression bomb (over --max-pixels {prep.max_pixels})") from None
+    except MemoryError:
+        raise InputError("out of memory while decoding") from None
+    except (OSError, ValueError, SyntaxError, EOFError, struct_error, IndexError, TypeError,
+            KeyError, ZeroDivisionError, OverflowError, RuntimeError) as exc:
+        # Pillow's decoders signal corrupt data with any of these.
+        raise InputError(f"cannot decode: {_one_line(exc)}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _prepare(im: Image.Image, prep: Preprocess) -> np.ndarray:
+    width, height = im.size
+    if width < 1 or height < 1:
+        raise InputError(f"image has no pixels ({width} x {height})")
+    if width * height > prep.max_pixels:
+        raise InputError(
+            f"image is {width} x {height} = {width * height} pixels, over the limit of "
+            f"{prep.max_pixels}; raise it with --max-pixels"
+        )
+    if getattr(im, "n_frames", 1) > 1:
+        im.seek(0)  # the first frame of an animation or a multi-page file
+    if prep.fast_decode and im.format == "JPEG":
+        _draft(im, prep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Pillow warns about odd EXIF and palettes; not ours to show
+        im.load()
+        im = ImageOps.exif_transpose(im) or im
+        im = _to_rgb(im, prep.background) if prep.channels == 3 else _to_grey(im, prep.background)
+    im = _resize(im, prep)
+    array = np.asarray(im, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[:, :, None]  # (S, S) -> (S, S, 1)
+    return np.ascontiguousarray(array)
+
+
+def _draft(im: Image.Image, prep: Preprocess) -> None:
+    """JPEG DCT scaling: decode at 1/2, 1/4 or 1/8 size while both sides stay >= 2 S."""
+    target = 2 * prep.image_size
+    if prep.resize == "crop":
+        target = int(2 * prep.image_size / prep.crop_pct)
+    im.draft("RGB" if prep.channels == 3 else "L", (target, target))
+
+
+_HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float images -> mode L, scaled (not clipped) to 0..255."""
+    a = np.asarray(im)
+    if a.dtype.kind == "f":
+        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0)
+        scale = 255.0 if a.max(initial=0.0) <= 1.0 else 1.0  # floats in [0, 1], else pixel values
+        a = a * scale
+    elif a.max(initial=0) > 255 or im.mode.startswith("I;16"):
+        a = a.astype(np.float64) / 257.0  # 0..65535 -> 0..255
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+
+
+def _to_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    if im.mode in _HIGH_BIT_MODES:
+        im = _to_8bit(im)
+    if im.mode == "RGB":
+        return im
+    if im.mode == "P" and "transparency" in im.info or im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = im.convert("RGBA")
+        base = Image.new("RGB", im.size, background)
+        base.paste(rgba, mask=rgba.getchannel("A"))
+        return base
+    return im.convert("RGB")
+
+
+def _to_grey(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    if im.mode in _HIGH_BIT_MODES:
+        return _to_8bit(im)
+    return _to_rgb(im, background).convert("L") if im.mode != "L" else im
+
+
+def _resize(im: Image.Image, prep: Preprocess) -> Image.Image:
+    s = prep.image_size
+    resample = INTERPOLATIONS[prep.interpolation]
+    w, h = im.size
+    if prep.resize == "squash":
+        return im if (w, h) == (s, s) else im.resize((s, s), resample)
+    if prep.resize == "crop":
+        # torchvision: Resize(int(S / crop_pct)) on the shorter side, then CenterCrop(S).
+        short = int(s / prep.crop_pct)
+        if w <= h:
+            size = (short, int(short * h / w))
+        else:
+            size = (int(short * w / h), short)
+        size = (max(size[0], s), max(size[1], s))
+        if size != (w, h):
+            im = im.resize(size, resample)
+        w, h = im.size
+        left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
+        return im.crop((left, top, left + s, top + s))
+    # pad: the longer side to S, the aspect ratio kept, centred on the background colour.
+    scale = s / max(w, h)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    if size != (w, h):
+        im = im.resize(size, resample)
+    fill = prep.background if im.mode == "RGB" else _grey(prep.background)
+    canvas = Image.new(im.mode, (s, s), fill)
+    canvas.paste(im, ((s - size[0]) // 2, (s - size[1]) // 2))
+    return canvas
+
+
+def _grey(rgb: tuple[int, int, int]) -> int:
+    r, g, b = rgb
+    return (r * 299 + g * 587 + b * 114) // 1000  # ITU-R 601-2 luma, as Pillow's convert("L")
+
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
+

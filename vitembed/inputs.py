@@ -1,0 +1,127 @@
+"""What to encode: files, folders walked in sorted order, and path lists from stdin."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import BinaryIO
+
+from .images import is_image_path
+
+__all__ = ["Source", "iter_sources", "read_path_list"]
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input image.
+
+    Attributes:
+        path: where to read it.
+        rel: its place under an output folder: the path relative to the folder it was found in
+            (just the file name for a file named directly).
+        error: set when the input is known to be bad before reading it (a missing path).
+    """
+
+    path: Path
+    rel: PurePath
+    error: str | None = None
+
+
+def iter_sources(
+    args: Iterable[str | os.PathLike], stdin: BinaryIO | None = None, null: bool = False
+) -> Iterator[Source]:
+    """Expand command-line inputs lazily, in order.
+
+    A file is taken whatever its extension; a folder yields the files under it whose extension
+    Pillow registers, recursively, in sorted order; `-` reads paths from `stdin` (one per line,
+    or NUL-separated with `null`). Paths read from stdin keep their relative path under an
+    output folder, made safe the way tar does it: the root and any `..` parts are dropped.
+    """
+    for arg in args:
+        if os.fspath(arg) == "-":
+            if stdin is None:
+                raise ValueError("'-' given but no stdin to read paths from")
+            for path in read_path_list(stdin, null):
+                yield from _expand(path, _safe_relative(path))
+        else:
+            path = Path(arg)
+            yield from _expand(path, PurePath(path.name))
+
+
+def _expand(path: Path, rel: PurePath) -> Iterator[Source]:
+    try:
+        is_dir = path.is_dir()
+    except OSError:  # a symlink loop or an unreadable parent
+        is_dir = False
+    if is_dir:
+        yield from _walk(path)
+    elif os.path.lexists(path) and not os.path.exists(path):
+        yield Source(path, rel, "broken symbolic link")
+    elif not os.path.lexists(path):
+        yield Source(path, rel, "no such file or folder")
+    else:
+        yield Source(path, rel)
+
+
+def _walk(root: Path) -> Iterator[Source]:
+    """Depth-first in name order, following symbolic links but never the same folder twice."""
+    seen: set[tuple[int, int]] = set()
+    stack: list[tuple[Path, PurePath]] = [(root, PurePath())]
+    while stack:
+        folder, rel = stack.pop()
+        try:
+            st = folder.stat()
+            key = (st.st_dev, st.st_ino)
+            if key in seen:
+                continue  # a symlink loop, or a folder linked twice
+            seen.add(key)
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            yield Source(folder, rel, f"cannot read folder: {exc.strerror or exc}")
+            continue
+        subfolders = []
+        for entry in entries:
+            try:
+                entry_is_dir = entry.is_dir()
+            except OSError:
+                entry_is_dir = False
+            if entry_is_dir:
+                subfolders.append((Path(entry.path), rel / entry.name))
+            elif is_image_path(entry.name):
+                yield Source(Path(entry.path), rel / entry.name)
+        # Files of a folder first, then its subfolders in name order.
+        stack.extend(reversed(subfolders))
+
+
+def _safe_relative(path: Path) -> PurePath:
+    parts = [p for p in path.parts[len(path.anchor and [path.anchor]):] if p not in ("..", ".")]
+    return PurePath(*parts) if parts else PurePath(path.name or "input")
+
+
+def read_path_list(stream: BinaryIO, null: bool = False) -> Iterator[Path]:
+    """Paths from a byte stream, newline-separated (or NUL-separated); blank entries skipped.
+
+    Read lazily, so that a pipeline starts before its producer ends. Bytes that are not valid
+    UTF-8 survive through `os.fsdecode`.
+    """
+    sep = b"\0" if null else b"\n"
+    buffer = b""
+    while True:
+        chunk = stream.read1(65536) if hasattr(stream, "read1") else stream.read(65536)
+        if not chunk:
+            break
+        buffer += chunk
+        *parts, buffer = buffer.split(sep)
+        yield from _decode_paths(parts, null)
+    yield from _decode_paths([buffer], null)
+
+
+def _decode_paths(parts: list[bytes], null: bool) -> Iterator[Path]:
+    for raw in parts:
+        if not null:
+            raw = raw.rstrip(b"\r")
+        if raw:
+            yield Path(os.fsdecode(raw))

@@ -1,0 +1,293 @@
+"""The Vision Transformer input layer: image -> tokens z0, after the seed document.
+
+The seed's five steps (Dosovitskiy et al., "An Image is Worth 16x16 Words", eq. 1):
+
+    (1) split     x in R^{H x W x C}  ->  N_p patches of P x P x C pixels, N_p = HW / P^2
+    (2) flatten   each patch         ->  x_p^i in R^{P^2 C}
+    (3) embed     [x_p^1 E; ...; x_p^{N_p} E] in R^{N_p x D},  E in R^{(P^2 C) x D}
+    (4) class     prepend x_class in R^D                 ->  (N_p + 1) x D
+    (5) position  z0 = [x_class; x_p^1 E; ...] + E_pos,  E_pos in R^{(N_p + 1) x D}
+
+Steps (1)-(3) run at once as a convolution whose kernel and stride are both P: each output
+pixel of the convolution is exactly one patch, flattened, times E (plus a bias).
+`patchify` spells out steps (1)-(2) for readers and tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+__all__ = [
+    "DEFAULT_PRESET",
+    "PRESETS",
+    "LayerConfig",
+    "VitInputLayer",
+    "build_layer",
+    "nearest_valid_sizes",
+    "patchify",
+    "resolve_config",
+]
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """Hyper-parameters of the input layer.
+
+    Attributes:
+        image_size: side S of the square input image, in pixels.
+        patch_size: side P of a square patch; S must be a multiple of P.
+        emb_dim: D, the length of each token.
+        in_channels: C, channels of the input image.
+        class_token: whether a class token x_class is prepended (step 4).
+        num_reg_tokens: register tokens after the class token (timm's `reg_token`); 0 in the seed.
+        pos_embed_prefix: whether E_pos has rows for the prefix tokens (the seed: yes, N_p + 1
+            rows); timm's `no_embed_class` models add position only to the patches.
+    """
+
+    image_size: int = 224
+    patch_size: int = 14  # the seed's worked example: 224 = 16 patches of 14 pixels per side
+    emb_dim: int = 384
+    in_channels: int = 3
+    class_token: bool = True
+    num_reg_tokens: int = 0
+    pos_embed_prefix: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("image_size", "patch_size", "emb_dim", "in_channels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.num_reg_tokens < 0:
+            raise ConfigError(f"num-reg-tokens must be >= 0, got {self.num_reg_tokens}")
+        if self.image_size % self.patch_size:
+            lower, upper = nearest_valid_sizes(self.image_size, self.patch_size)
+            hint = f"--image-size {lower} or {upper}" if lower else f"--image-size {upper}"
+            raise ConfigError(
+                f"image size ({self.image_size}) is not divisible by patch size ({self.patch_size}); "
+                f"pass {hint}"
+            )
+
+    @property
+    def num_patch_row(self) -> int:
+        """Patches per side, S / P."""
+        return self.image_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        """N_p = (S / P)^2."""
+        return self.num_patch_row**2
+
+    @property
+    def patch_dim(self) -> int:
+        """P^2 C, the length of one flattened patch."""
+        return self.patch_size**2 * self.in_channels
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token) + self.num_reg_tokens
+
+    @property
+    def num_tokens(self) -> int:
+        """Rows of z0: N_p plus the prefix tokens (N_p + 1 in the seed)."""
+        return self.num_patches + self.num_prefix_tokens
+
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        return (self.num_tokens, self.emb_dim)
+
+    @property
+    def num_pos_rows(self) -> int:
+        return self.num_patches + (self.num_prefix_tokens if self.pos_embed_prefix else 0)
+
+    @property
+    def num_params(self) -> int:
+        conv = self.patch_dim * self.emb_dim + self.emb_dim
+        return conv + (self.num_prefix_tokens + self.num_pos_rows) * self.emb_dim
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LayerConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown layer config keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+def nearest_valid_sizes(image_size: int, patch_size: int) -> tuple[int, int]:
+    """The multiples of `patch_size` just below and just above `image_size` (below may be 0)."""
+    lower = (image_size // patch_size) * patch_size
+    return lower, lower + patch_size
+
+
+# Named layer shapes: the ViT family of the paper and its usual relatives, all at 224 pixels.
+PRESETS: dict[str, LayerConfig] = {
+    "seed": LayerConfig(224, 14, 384),  # the seed's worked example: 16 x 16 patches of 14 x 14 x 3
+    "vit-ti16": LayerConfig(224, 16, 192),
+    "vit-s16": LayerConfig(224, 16, 384),
+    "vit-b16": LayerConfig(224, 16, 768),
+    "vit-b32": LayerConfig(224, 32, 768),
+    "vit-l16": LayerConfig(224, 16, 1024),
+    "vit-l32": LayerConfig(224, 32, 1024),
+    "vit-h14": LayerConfig(224, 14, 1280),
+    "vit-s14": LayerConfig(224, 14, 384),
+    "vit-b14": LayerConfig(224, 14, 768),
+    "vit-l14": LayerConfig(224, 14, 1024),
+    "vit-g14": LayerConfig(224, 14, 1536),
+}
+DEFAULT_PRESET = "seed"
+
+
+def resolve_config(
+    preset: str | None = None,
+    *,
+    image_size: int | None = None,
+    patch_size: int | None = None,
+    num_patch_row: int | None = None,
+    emb_dim: int | None = None,
+    in_channels: int | None = None,
+    base: LayerConfig | None = None,
+) -> LayerConfig:
+    """A preset (or `base`) with the given fields overridden.
+
+    `num_patch_row` is the seed's way to give the patch size: P = image_size / num_patch_row.
+    """
+    if base is None:
+        name = preset or DEFAULT_PRESET
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        base = PRESETS[name]
+    if patch_size is not None and num_patch_row is not None:
+        raise ConfigError("give either --patch-size or --num-patch-row, not both")
+    size = image_size if image_size is not None else base.image_size
+    if num_patch_row is not None:
+        if num_patch_row < 1 or size % num_patch_row:
+            raise ConfigError(
+                f"image size ({size}) is not divisible by num-patch-row ({num_patch_row}); "
+                f"pick a divisor of {size}"
+            )
+        patch_size = size // num_patch_row
+    changes = {
+        "image_size": image_size,
+        "patch_size": patch_size,
+        "emb_dim": emb_dim,
+        "in_channels": in_channels,
+    }
+    return dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
+
+
+def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """Steps (1)-(2): cut images into P x P patches and flatten each one.
+
+    The values of a patch are ordered (C, P, P), the layout of the convolution's weight, so that
+    `patchify(x, P) @ E` with `E = conv.weight.reshape(D, -1).T` is step (3).
+
+    Args:
+        x: images, (B, C, H, W), with H and W multiples of `patch_size`.
+
+    Returns:
+        (B, N_p, P^2 C) patches in row-major order over the patch grid.
+    """
+    b, c, h, w = x.shape
+    p = patch_size
+    x = x.reshape(b, c, h // p, p, w // p, p)  # (B, C, H, W) -> (B, C, h, P, w, P)
+    x = x.permute(0, 2, 4, 1, 3, 5)  # -> (B, h, w, C, P, P)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)  # -> (B, N_p, P^2 C)
+
+
+class VitInputLayer(nn.Module):
+    """The ViT input layer of the seed document: (B, C, S, S) images -> (B, N_p + 1, D) tokens z0.
+
+    The signature, defaults and parameter names (`patch_emb_layer`, `cls_token`, `pos_emb`) are
+    the seed's, so a state dict of the seed's class loads unchanged. `patch_size` may be given
+    instead of `num_patch_row`. Construction draws from torch's global generator in the seed's
+    order (conv, class token, position embedding); `build_layer` does it from a fixed seed.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 3,
+        emb_dim: int = 384,
+        num_patch_row: int | None = 2,
+        image_size: int = 32,
+        patch_size: int | None = None,
+        *,
+        config: LayerConfig | None = None,
+    ) -> None:
+        super().__init__()
+        if config is None:
+            if patch_size is None:
+                if num_patch_row is None or num_patch_row < 1 or image_size % num_patch_row:
+                    raise ConfigError(
+                        f"image size ({image_size}) is not divisible by num_patch_row ({num_patch_row})"
+                    )
+                patch_size = image_size // num_patch_row
+            config = LayerConfig(image_size, patch_size, emb_dim, in_channels)
+        self.config = config
+        self.in_channels = config.in_channels
+        self.emb_dim = config.emb_dim
+        self.image_size = config.image_size
+        self.patch_size = config.patch_size
+        self.num_patch_row = config.num_patch_row
+        self.num_patch = config.num_patches
+        d = config.emb_dim
+
+        # (1)-(3): one convolution with kernel = stride = P is "split, flatten, times E".
+        # Its weight (D, C, P, P) reshaped to (D, P^2 C) is E^T.
+        self.patch_emb_layer = nn.Conv2d(config.in_channels, d, config.patch_size, config.patch_size)
+        # (4): x_class ~ N(0, 1), (1, 1, D).
+        self.cls_token = nn.Parameter(torch.randn(1, 1, d)) if config.class_token else None
+        self.reg_token = (
+            nn.Parameter(torch.zeros(1, config.num_reg_tokens, d)) if config.num_reg_tokens else None
+        )
+        # (5): E_pos ~ N(0, 1), (1, N_p + 1, D): one row per patch plus one for the class token.
+        self.pos_emb = nn.Parameter(torch.randn(1, config.num_pos_rows, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x, images (B, C, S, S). Returns: z0, (B, N_p + 1, D)."""
+        cfg = self.config
+        if x.ndim != 4 or x.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.image_size):
+            raise ValueError(
+                f"expected images of shape (B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}), "
+                f"got {tuple(x.shape)}"
+            )
+        b = x.shape[0]
+        # (1)-(3) eq. (3): [x_p^1 E; ...; x_p^{N_p} E]
+        z = self.patch_emb_layer(x)  # (B, C, S, S) -> (B, D, S/P, S/P)
+        z = z.flatten(2)  # (B, D, S/P, S/P) -> (B, D, N_p)
+        z = z.transpose(1, 2)  # (B, D, N_p) -> (B, N_p, D)
+
+        prefix = []
+        if self.cls_token is not None:
+            prefix.append(self.cls_token.expand(b, -1, -1))  # (1, 1, D) -> (B, 1, D)
+        if self.reg_token is not None:
+            prefix.append(self.reg_token.expand(b, -1, -1))  # (1, R, D) -> (B, R, D)
+        if cfg.pos_embed_prefix:
+            # (4) eq. (4): [x_class; x_p^1 E; ...], (B, N_p, D) -> (B, N_p + 1, D)
+            z = torch.cat([*prefix, z], dim=1)
+            # (5) eq. (5): z0 = ... + E_pos; E_pos has N_p + 1 rows, the first for x_class.
+            return z + self.pos_emb
+        # timm's no_embed_class: E_pos covers the N_p patches only, prefix tokens are added bare.
+        z = z + self.pos_emb
+        return torch.cat([*prefix, z], dim=1)  # (B, N_p, D) -> (B, prefix + N_p, D)
+
+
+def build_layer(config: LayerConfig, seed: int = 0) -> VitInputLayer:
+    """A layer with the seed's initialisation drawn from `seed`, on the CPU.
+
+    The numbers come from a CPU generator whatever the device the layer later moves to, and
+    match the seed's class built after `torch.manual_seed(seed)`. torch's global RNG state is
+    left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        layer = VitInputLayer(config=config)
+    return layer.eval()

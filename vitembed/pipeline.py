@@ -1,0 +1,450 @@
+"""Inputs -> batches (parallel decode) -> the layer on its device -> files, streaming.
+
+    sources ──> decode workers (processes, Pillow) ──> batches of uint8 (B, S, S, C)
+            ──> device: normalise, layer ──> writer threads (atomic files) ──> results
+
+Every stage holds a bounded number of images, so memory stays flat however many inputs there
+are; results are reported as they finish. A decoder process that dies costs only the images it
+held: the images that were in flight are retried one at a time, and only the one that kills its
+process again is reported as an error.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError, InputError, OutputError
+from .images import Preprocess, load_image
+from .inputs import Source
+from .writers import OutputPlan, atomic_write, tensor_bytes
+
+__all__ = ["EncodeOptions", "Result", "Summary", "encode", "encode_images", "resolve_device"]
+
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class EncodeOptions:
+    """How `encode` runs.
+
+    Attributes:
+        device: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps.
+        dtype: of the outputs; the layer computes in float32 and the result is cast.
+        batch_size: images per call of the layer.
+        workers: decoding processes; 0 decodes in this process.
+        writers: threads writing files, so that disk I/O overlaps compute.
+        skip_existing: inputs whose output file exists are skipped (status `skipped`).
+    """
+
+    device: str = "auto"
+    dtype: str = "float32"
+    batch_size: int = 32
+    workers: int | None = None  # None: one per core
+    writers: int = 2
+    skip_existing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}; choose {', '.join(DTYPES)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        if self.workers is not None and self.workers < 0:
+            raise ConfigError(f"workers must be 0 or more, got {self.workers}")
+        if self.writers < 1:
+            raise ConfigError(f"writers must be at least 1, got {self.writers}")
+
+
+@dataclass
+class Result:
+    """What became of one input (one JSON line of `--json`)."""
+
+    input: Path
+    output: Path | None
+    status: str  # ok, error or skipped
+    shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+    error: str | None = None
+    nbytes: int = 0
+
+
+@dataclass
+class Summary:
+    """Counts of a finished (or stopped) run."""
+
+    ok: int = 0
+    errors: int = 0
+    skipped: int = 0
+    bytes_written: int = 0
+    elapsed: float = 0.0
+    token_shape: tuple[int, ...] | None = None
+    stopped: str | None = None  # why the run stopped early: "interrupted", an output error, ...
+    device: str = "cpu"
+
+    @property
+    def total(self) -> int:
+        return self.ok + self.errors + self.skipped
+
+
+def resolve_device(name: str):
+    """A torch.device for --device, checking that it exists."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(f"--device {name}: MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise ConfigError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+def encode(
+    sources: Iterable[Source],
+    layer,
+    prep: Preprocess,
+    plan: OutputPlan,
+    options: EncodeOptions | None = None,
+    on_result: Callable[[Result], None] | None = None,
+    stop: threading.Event | None = None,
+    stdout: object | None = None,
+) -> Summary:
+    """Encode every source with `layer` and write each z0 where `plan` says.
+
+    Args:
+        sources: inputs, consumed lazily (see `inputs.iter_sources`).
+        layer: a `VitInputLayer`; moved to the device.
+        prep: how files become pixels; its image size must be the layer's.
+        plan: where outputs go (`writers.OutputPlan`).
+        options: device, dtype, batch size, workers.
+        on_result: called once per input, in the calling thread, as each one finishes.
+        stop: when set (by a signal handler, say), the run finishes the batch in flight and
+            returns with `summary.stopped = "interrupted"`.
+        stdout: binary stream for `-o -` (default: sys.stdout.buffer).
+
+    Returns:
+        The run's Summary. Errors of single inputs are reported through `on_result`; an output
+        that cannot be written stops the run (`summary.stopped` names it).
+    """
+    options = options or EncodeOptions()
+    if prep.image_size != layer.config.image_size:
+        raise ConfigError(
+            f"images are resized to {prep.image_size} but the layer takes {layer.config.image_size}"
+        )
+    if prep.channels != layer.config.in_channels:
+        raise ConfigError(
+            f"the layer takes {layer.config.in_channels} channels; images can be read with 1 or 3"
+        )
+    run = _Run(layer, prep, plan, options, on_result or (lambda r: None), stop or threading.Event(), stdout)
+    return run.execute(sources)
+
+
+def encode_images(images, layer, prep: Preprocess | None = None, device: str = "cpu"):
+    """z0 for in-memory images: a list of (S, S, C) uint8 arrays or file paths -> (B, N+1, D)."""
+    import torch
+
+    prep = prep or Preprocess(image_size=layer.config.image_size, channels=layer.config.in_channels)
+    arrays = [load_image(x, prep) if isinstance(x, (str, os.PathLike)) else np.asarray(x, np.uint8) for x in images]
+    dev = resolve_device(device)
+    layer = layer.to(dev).eval()
+    with torch.inference_mode():
+        return _forward(layer, _stack(arrays), prep, dev).cpu()
+
+
+# --- the run -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    source: Source
+    output: Path | None
+
+
+@dataclass
+class _Pending:
+    """A batch whose outputs are being written."""
+
+    jobs: list[_Job]
+    futures: list[Future]
+    shape: tuple[int, ...]
+    dtype: str
+
+
+class _Run:
+    def __init__(self, layer, prep, plan, options, on_result, stop, stdout):
+        import torch
+
+        self.torch = torch
+        self.prep = prep
+        self.plan = plan
+        self.options = options
+        self.on_result = on_result
+        self.stop = stop
+        self.stdout = stdout
+        self.device = resolve_device(options.device)
+        self.layer = layer.to(self.device).eval()
+        self.out_dtype = getattr(torch, options.dtype)
+        if plan.fmt == "npy" and options.dtype == "bfloat16":
+            raise ConfigError("bfloat16 cannot be stored in .npy files; use --format pt or --dtype float16")
+        self.summary = Summary(device=str(self.device))
+        self.writes: deque[_Pending] = deque()
+        self.max_pending_batches = 2  # batches being written while the next one computes
+
+    def execute(self, sources: Iterable[Source]) -> Summary:
+        start = time.perf_counter()
+        workers = self.options.workers if self.options.workers is not None else (os.cpu_count() or 1)
+        writer = ThreadPoolExecutor(max_workers=self.options.writers, thread_name_prefix="vitembed-write")
+        decoder = _Decoder(self.prep, workers, window=max(2 * self.options.batch_size, 4 * workers), stop=self.stop)
+        batch: list[tuple[_Job, np.ndarray]] = []
+        try:
+            with self.torch.inference_mode():
+                for job, item in decoder.run(self._jobs(sources)):
+                    if isinstance(job, Result):
+                        self._report(job)
+                    elif isinstance(item, str):
+                        self._report(Result(job.source.path, None, "error", error=item))
+                    else:
+                        batch.append((job, item))
+                        if len(batch) == self.options.batch_size:
+                            self._run_batch(batch, writer)
+                            batch = []
+                    self._drain_writes(block=False)
+                    if self.stop.is_set():
+                        break
+                if batch:  # the last, partial batch; after a stop, the images already decoded
+                    self._run_batch(batch, writer)
+            self._drain_writes(block=True)
+        except OutputError as exc:
+            self.summary.stopped = str(exc)
+            self._drain_writes(block=True, quiet=True)
+        finally:
+            decoder.close()
+            writer.shutdown(wait=True, cancel_futures=True)
+            self.summary.elapsed = time.perf_counter() - start
+        if self.stop.is_set() and not self.summary.stopped:
+            self.summary.stopped = "interrupted"
+        return self.summary
+
+    def _jobs(self, sources: Iterable[Source]) -> Iterator[_Job | Result]:
+        for source in sources:
+            output = self.plan.assign(source)
+            if source.error:
+                yield Result(source.path, None, "error", error=source.error)
+            elif self.options.skip_existing and output is not None and output.exists():
+                yield Result(source.path, output, "skipped")
+            else:
+                yield _Job(source, output)
+
+    def _run_batch(self, batch: list[tuple[_Job, np.ndarray]], writer: ThreadPoolExecutor) -> None:
+        jobs = [job for job, _ in batch]
+        z = _forward(self.layer, _stack([a for _, a in batch]), self.prep, self.device)
+        z = z.to(self.out_dtype).cpu()
+        shape = tuple(z.shape[1:])
+        dtype = self.options.dtype
+        if self.plan.mode == "stdout":
+            out = self.stdout or sys.stdout.buffer
+            futures = [writer.submit(_write_stream, out, z[0], self.plan.fmt)]
+        else:
+            futures = [writer.submit(_write_file, job.output, z[i], self.plan.fmt) for i, job in enumerate(jobs)]
+        self.writes.append(_Pending(jobs, futures, shape, dtype))
+        while len(self.writes) > self.max_pending_batches:
+            self._finish_oldest()
+
+    def _drain_writes(self, block: bool, quiet: bool = False) -> None:
+        while self.writes and (block or all(f.done() for f in self.writes[0].futures)):
+            try:
+                self._finish_oldest()
+            except OutputError:
+                if not quiet:
+                    raise
+
+    def _finish_oldest(self) -> None:
+        pending = self.writes.popleft()
+        failure = None
+        for job, future in zip(pending.jobs, pending.futures):
+            try:
+                nbytes = future.result()
+            except OutputError as exc:
+                failure = failure or exc
+                continue
+            self.summary.bytes_written += nbytes
+            self.summary.token_shape = pending.shape
+            self._report(Result(job.source.path, job.output, "ok", pending.shape, pending.dtype, nbytes=nbytes))
+        if failure is not None:
+            raise failure
+
+    def _report(self, result: Result) -> None:
+        if result.status == "ok":
+            self.summary.ok += 1
+        elif result.status == "skipped":
+            self.summary.skipped += 1
+        else:
+            self.summary.errors += 1
+        self.on_result(result)
+
+
+def _stack(arrays: list[np.ndarray]):
+    import torch
+
+    return torch.from_numpy(np.stack(arrays))  # B x (S, S, C) uint8 -> (B, S, S, C)
+
+
+def _forward(layer, pixels, prep: Preprocess, device):
+    """uint8 (B, S, S, C) on the CPU -> z0 (B, N+1, D) float32 on `device`."""
+    import torch
+
+    x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2)  # (B, S, S, C) -> (B, C, S, S)
+    # (x / 255 - mean) / std as one multiply-add, computed in float32.
+    std = torch.tensor(prep.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    mean = torch.tensor(prep.mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
+    x = x.float().div_(255.0).sub_(mean).div_(std)
+    return layer(x.contiguous())
+
+
+def _write_file(path: Path, tensor, fmt: str) -> int:
+    return atomic_write(path, tensor_bytes(tensor if fmt == "pt" else tensor.numpy(), fmt))
+
+
+def _write_stream(stream, tensor, fmt: str) -> int:
+    data = tensor_bytes(tensor if fmt == "pt" else tensor.numpy(), fmt)
+    stream.write(data)
+    stream.flush()
+    return len(data)
+
+
+# --- decoding ------------------------------------------------------------------------------
+
+
+def _worker_init() -> None:
+    # The parent decides when to stop: a terminal's Ctrl-C reaches the whole process group.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _decode(path: Path, prep: Preprocess) -> np.ndarray | str:
+    try:
+        return load_image(path, prep)
+    except InputError as exc:
+        return str(exc)
+
+
+class _Decoder:
+    """Ordered, bounded parallel decoding that survives decoder processes dying."""
+
+    def __init__(self, prep: Preprocess, workers: int, window: int, stop: threading.Event):
+        self.prep = prep
+        self.workers = workers
+        self.window = max(window, 1)
+        self.stop = stop
+        self.pool: ProcessPoolExecutor | None = None
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+        ctx = multiprocessing.get_context(method)
+        if method == "forkserver":
+            ctx.set_forkserver_preload(["vitembed.images"])
+        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
+
+    def run(self, jobs: Iterable[_Job | Result]) -> Iterator[tuple[_Job | Result, np.ndarray | str | None]]:
+        """Yield (job, array or error message) in input order; Results pass through as (result, None)."""
+        if self.workers == 0:
+            for job in jobs:
+                if self.stop.is_set():
+                    return
+                yield job, None if isinstance(job, Result) else _decode(job.source.path, self.prep)
+            return
+        it = iter(jobs)
+        inflight: deque[tuple[_Job | Result, Future | None]] = deque()
+        suspects: deque[_Job | Result] = deque()  # in flight when a decoder died: retried alone
+        while True:
+            if suspects:
+                job = suspects.popleft()
+                if isinstance(job, Result):
+                    yield job, None
+                    continue
+                value = self._result(self._submit(job))
+                if value is _STOPPED:
+                    return
+                if value is _BROKEN:
+                    self._restart()
+                    value = "the decoder process died while reading this file"
+                yield job, value
+                continue
+            while len(inflight) < self.window and not self.stop.is_set():
+                job = next(it, None)
+                if job is None:
+                    break
+                inflight.append((job, None if isinstance(job, Result) else self._submit(job)))
+            if not inflight:
+                return
+            job, future = inflight.popleft()
+            if future is None:
+                yield job, None
+                continue
+            value = self._result(future)
+            if value is _STOPPED:
+                return
+            if value is _BROKEN:
+                self._restart()
+                suspects.append(job)
+                suspects.extend(j for j, _ in inflight)
+                inflight.clear()
+                continue
+            yield job, value
+
+    def _submit(self, job: _Job) -> Future:
+        if self.pool is None:
+            self.pool = self._new_pool()
+        return self.pool.submit(_decode, job.source.path, self.prep)
+
+    def _restart(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
+        self.pool = None
+
+    def _result(self, future: Future):
+        while True:
+            done, _ = wait([future], timeout=0.2, return_when=FIRST_COMPLETED)
+            if done:
+                try:
+                    return future.result()
+                except BrokenProcessPool:
+                    return _BROKEN
+            if self.stop.is_set():
+                return _STOPPED
+
+
+_BROKEN = object()
+_STOPPED = object()

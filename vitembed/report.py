@@ -1,0 +1,278 @@
+"""Shape reports: JSON lines on stdout, a manifest beside the outputs, a table and progress on stderr."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .pipeline import Result, Summary
+from .writers import relative_to_target
+
+__all__ = ["Reporter", "display_path", "format_bytes", "result_record"]
+
+TABLE_ROWS = 20  # rows of the final table; the rest are counted
+
+
+def display_path(path: Path | str | None) -> str | None:
+    """A path as text that any terminal or JSON reader can take: undecodable bytes as \\xNN."""
+    if path is None:
+        return None
+    raw = os.fsencode(os.fspath(path))
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def result_record(result: Result, output: str | None = None) -> dict[str, Any]:
+    return {
+        "input": display_path(result.input),
+        "output": output if output is not None else display_path(result.output),
+        "shape": list(result.shape) if result.shape else None,
+        "dtype": result.dtype,
+        "status": result.status,
+        "error": result.error,
+    }
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n} B"  # pragma: no cover
+
+
+class Reporter:
+    """Takes each Result as it finishes and tells the user, the pipeline and the manifest.
+
+    Args:
+        json_lines: write one JSON object per input to `stdout`.
+        quiet: no table, summary or progress bar (errors are still printed).
+        manifest: a manifest.jsonl to append one line per input to, or None.
+        target: the -o folder, to record outputs relative to it.
+        stop: set when stdout's reader goes away, so that the run ends.
+        total: the number of inputs when known (for the progress bar).
+    """
+
+    def __init__(
+        self,
+        *,
+        json_lines: bool = False,
+        quiet: bool = False,
+        manifest: Path | None = None,
+        target: Path | None = None,
+        stop: threading.Event | None = None,
+        total: int | None = None,
+        stdout: IO[str] | None = None,
+        console: Console | None = None,
+    ) -> None:
+        self.json_lines = json_lines
+        self.quiet = quiet
+        self.target = target
+        self.stop = stop
+        self.stdout = stdout or sys.stdout
+        self.console = console or Console(stderr=True, highlight=False)
+        self.rows: list[Result] = []
+        self.pipe_closed = False
+        self._manifest = open(manifest, "a", encoding="utf-8") if manifest is not None else None
+        self._progress = None
+        self._task = None
+        if not quiet and self.console.is_terminal and (total is None or total > 1):
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("encoding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                console=self.console, transient=True,
+            )
+            self._task = self._progress.add_task("encode", total=total)
+            self._progress.start()
+
+    def __call__(self, result: Result) -> None:
+        if result.status == "error":
+            self.console.print(f"[red]error[/]: {display_path(result.input)}: {result.error}", markup=True,
+                               highlight=False, soft_wrap=True)
+        if len(self.rows) < TABLE_ROWS:
+            self.rows.append(result)
+        if self._manifest is not None:
+            record = result_record(result, relative_to_target(result.output, self.target))
+            self._manifest.write(json.dumps(record) + "\n")
+            self._manifest.flush()
+        if self.json_lines and not self.pipe_closed:
+            try:
+                self.stdout.write(json.dumps(result_record(result)) + "\n")
+                self.stdout.flush()
+            except BrokenPipeError:
+                self._on_pipe_closed()
+        if self._progress is not None:
+            self._progress.advance(self._task)
+
+    def _on_pipe_closed(self) -> None:
+        self.pipe_closed = True
+        # Later writes (and the interpreter's own flush at exit) must not raise again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        finally:
+            os.close(devnull)
+        if self.stop is not None:
+            self.stop.set()
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if self._manifest is not None:
+            self._manifest.close()
+            self._manifest = None
+
+    def finish(self, summary: Summary) -> None:
+        """Print the table and the summary (unless quiet)."""
+        self.close()
+        if self.quiet or self.pipe_closed:
+            return
+        if self.rows:
+            table = Table(box=None, header_style="bold", pad_edge=False)
+            for column in ("input", "output", "shape", "dtype", "status"):
+                table.add_column(column, overflow="fold")
+            for r in self.rows:
+                shape = " x ".join(map(str, r.shape)) if r.shape else "-"
+                table.add_row(display_path(r.input), display_path(r.output) or "-", shape, r.dtype or "-", r.status)
+            self.console.print(table)
+            if summary.total > len(self.rows):
+                self.console.print(f"... and {summary.total - len(self.rows)} more")
+        rate = summary.ok / summary.elapsed if summary.elapsed > 0 else 0.0
+        shape = " x ".join(map(str, summary.token_shape)) if summary.token_shape else "-"
+        parts = [f"{summary.ok} encoded"]
+        if summary.skipped:
+            parts.append(f"{summary.skipped} skipped")
+        if summary.errors:
+            parts.append(f"{summary.errors} failed")
+        self.console.print(
+            f"{', '.join(parts)}; tokens {shape}; {format_bytes(summary.bytes_written)} written; "
+            f"{summary.elapsed:.2f} s, {rate:.1f} images/s on {summary.device}",
+            highlight=False,
+        )
+
+
+# --- the run record of an output folder ----------------------------------------------------
+
+RUN_FILE = "run.json"
+MANIFEST_FILE = "manifest.jsonl"
+
+
+def run_config(layer, loaded, prep, options, fmt: str, seed: int) -> dict[str, Any]:
+    """What decides the bytes of the outputs; two runs into one folder must agree on it."""
+    from .weights import fingerprint
+
+    prep_dict = prep.to_dict()
+    prep_dict.pop("max_pixels")  # refuses files, never changes an output
+    return {
+        "layer": layer.config.to_dict(),
+        "weights": {
+            "source": loaded.source if loaded else f"random, seed {seed}",
+            "fingerprint": fingerprint(layer.state_dict()),
+        },
+        "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in prep_dict.items()},
+        "format": fmt,
+        "dtype": options.dtype,
+    }
+
+
+def prepare_output_folder(plan, layer, loaded, prep, options, seed: int, overwrite: bool = False) -> Path:
+    """Check -o DIR against the configuration it was made with, record this run's; the manifest path.
+
+    Raises:
+        ConfigError: DIR holds outputs of another configuration and `overwrite` is not set.
+    """
+    import platform
+
+    import torch
+
+    from . import __version__
+    from .errors import ConfigError, OutputError
+    from .writers import atomic_write, describe_os_error
+
+    folder: Path = plan.target
+    config = run_config(layer, loaded, prep, options, plan.fmt, seed)
+    run_file = folder / RUN_FILE
+    if run_file.exists() and not overwrite:
+        try:
+            previous = json.loads(run_file.read_text(encoding="utf-8")).get("config", {})
+        except (OSError, ValueError, AttributeError):
+            previous = None
+        if previous != config:
+            differ = _differences(previous or {}, config)
+            raise ConfigError(
+                f"{folder} holds outputs made with another configuration ({'; '.join(differ) or 'unreadable run.json'}); "
+                "use another -o folder, or --overwrite to re-encode into it"
+            )
+    record = {
+        "config": config,
+        "vitembed": __version__,
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "device": options.device,
+    }
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if overwrite:
+            (folder / MANIFEST_FILE).unlink(missing_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{folder}: {describe_os_error(exc)}") from None
+    atomic_write(run_file, (json.dumps(record, indent=2) + "\n").encode())
+    return folder / MANIFEST_FILE
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(_differences(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} then, {b!r} now")
+    return out
+
+
+def tensor_stats(path: Path) -> dict[str, Any]:
+    """Shape, dtype, min, mean, std and max of a saved .npy or .pt output.
+
+    Raises:
+        InputError: the file cannot be read as an array.
+    """
+    import numpy as np
+
+    from .errors import InputError
+
+    try:
+        if path.suffix.lower() == ".pt":
+            import torch
+
+            t = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(t, torch.Tensor):
+                raise InputError(f"holds a {type(t).__name__}, not a tensor")
+            dtype = str(t.dtype).removeprefix("torch.")
+            values = t.detach().double()
+            shape = list(t.shape)
+            if values.numel() == 0:
+                return {"shape": shape, "dtype": dtype, "min": None, "mean": None, "std": None, "max": None}
+            return {"shape": shape, "dtype": dtype, "min": values.min().item(), "mean": values.mean().item(),
+                    "std": values.std(unbiased=False).item(), "max": values.max().item()}
+        a = np.load(path, mmap_mode="r", allow_pickle=False)
+    except InputError:
+        raise
+    except FileNotFoundError:
+        raise InputError("no such file") from None
+    except Exception as exc:  # numpy and torch raise many kinds for a bad file
+        raise InputError(f"cannot read: {' '.join(str(exc).split())[:200]}") from None
+    stats: dict[str, Any] = {"shape": list(a.shape), "dtype": str(a.dtype)}
+    if a.size == 0 or a.dtype.kind not in "fiu":
+        return {**stats, "min": None, "mean": None, "std": None, "max": None}
+    v = np.asarray(a, dtype=np.float64)
+    return {**stats, "min": float(v.min()), "mean": float(v.mean()), "std": float(v.std()), "max": float(v.max())}

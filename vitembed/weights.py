@@ -1,0 +1,188 @@
+"""Layer files in and out.
+
+A vitembed layer file is a dict `{"format": "vitembed-layer", "version": 1, "config": {...},
+"state_dict": {...}}` saved with `torch.save` (loadable with `weights_only=True`), or a
+`.safetensors` file whose metadata carries the format, version and config as JSON.
+
+Checkpoints are data, never code: `.pt` files are read with `torch.load(weights_only=True)`,
+which refuses any pickle that would import or call anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import ConfigError, WeightsError
+from .layer import LayerConfig, VitInputLayer, build_layer
+from .writers import atomic_write
+
+__all__ = [
+    "LAYER_FORMAT",
+    "LoadedWeights",
+    "fingerprint",
+    "load_layer",
+    "load_weights",
+    "read_state_dict",
+    "save_layer",
+]
+
+LAYER_FORMAT = "vitembed-layer"
+LAYER_VERSION = 1
+
+
+@dataclass
+class LoadedWeights:
+    """A layer's parameters and what is known of where they came from.
+
+    Attributes:
+        config: the layer shape read from the file.
+        state_dict: tensors under vitembed's (the seed's) parameter names.
+        source: a short description, e.g. "vitembed layer file" or "timm VisionTransformer".
+        preprocess: preprocessing defaults that belong to these weights (keys of
+            `images.Preprocess`), empty when the file says nothing.
+        notes: one-line notices for the user (e.g. a resampled position embedding).
+    """
+
+    config: LayerConfig
+    state_dict: dict[str, torch.Tensor]
+    source: str
+    preprocess: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def build(self) -> VitInputLayer:
+        layer = VitInputLayer(config=self.config)
+        try:
+            layer.load_state_dict(self.state_dict, strict=True)
+        except RuntimeError as exc:
+            raise WeightsError(f"weights do not fit the layer: {' '.join(str(exc).split())[:300]}") from None
+        return layer.eval()
+
+
+def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of the tensors, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def save_layer(layer: VitInputLayer, path: str | os.PathLike) -> int:
+    """Write a layer file (.pt/.pth, or .safetensors by suffix); returns the bytes written."""
+    path = Path(path)
+    config = layer.config.to_dict()
+    state = {k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}
+    if path.suffix.lower() == ".safetensors":
+        from safetensors.torch import save
+
+        meta = {"format": LAYER_FORMAT, "version": str(LAYER_VERSION), "config": json.dumps(config)}
+        return atomic_write(path, save(state, metadata=meta))
+    payload = {"format": LAYER_FORMAT, "version": LAYER_VERSION, "config": config, "state_dict": state}
+    return atomic_write(path, lambda f: torch.save(payload, f))
+
+
+def load_layer(spec: str | os.PathLike | None, config: LayerConfig, seed: int = 0) -> tuple[VitInputLayer, LoadedWeights | None]:
+    """The layer to encode with: from `spec` when given, else a fresh one from `seed`."""
+    if spec is None:
+        return build_layer(config, seed), None
+    loaded = load_weights(spec)
+    return loaded.build(), loaded
+
+
+def load_weights(spec: str | os.PathLike) -> LoadedWeights:
+    """Read a weights file and recognise its layout.
+
+    Raises:
+        WeightsError: missing, unreadable, corrupt, code-running or unrecognised files.
+    """
+    path = Path(spec)
+    state, meta = read_state_dict(path)
+    if isinstance(meta, dict) and meta.get("format") == LAYER_FORMAT:
+        return _from_layer_file(path, state, meta)
+    raise WeightsError(
+        f"{path}: not a vitembed layer file (no 'format': '{LAYER_FORMAT}' entry); "
+        f"found keys: {', '.join(sorted(state)[:5]) or 'none'}"
+    )
+
+
+def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """The tensors of a .pt/.pth/.bin or .safetensors file, and its metadata where it has any.
+
+    For torch files the metadata is the top-level dict itself when it holds non-tensor entries.
+    """
+    if not path.exists():
+        raise WeightsError(f"{path}: no such file")
+    if path.is_dir():
+        raise WeightsError(f"{path}: is a folder, not a weights file")
+    if path.suffix.lower() == ".safetensors":
+        return _read_safetensors(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WeightsError(
+            f"{path}: refused: the file holds pickled code or objects, not plain tensors "
+            f"({_first_line(exc)}); vitembed loads weights with weights_only=True and never runs "
+            "code from a checkpoint"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
+        raise WeightsError(f"{path}: cannot read as a PyTorch checkpoint: {_first_line(exc)}") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        meta = {k: v for k, v in obj.items() if k != "state_dict"}
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        meta, obj = {k: v for k, v in obj.items() if k != "model"}, obj["model"]
+    else:
+        meta = None
+    if not isinstance(obj, dict):
+        raise WeightsError(f"{path}: holds a {type(obj).__name__}, not a dict of tensors")
+    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise WeightsError(f"{path}: holds no tensors")
+    return tensors, meta
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    try:
+        from safetensors import safe_open
+    except ImportError:
+        raise WeightsError(f"{path}: reading .safetensors needs the safetensors package (pip install safetensors)") from None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw_meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises its own SafetensorError and others
+        raise WeightsError(f"{path}: cannot read as safetensors: {_first_line(exc)}") from None
+    meta: dict[str, Any] = dict(raw_meta)
+    if "config" in meta:
+        try:
+            meta["config"] = json.loads(meta["config"])
+        except json.JSONDecodeError:
+            raise WeightsError(f"{path}: its metadata 'config' is not valid JSON") from None
+    return tensors, meta
+
+
+def _from_layer_file(path: Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> LoadedWeights:
+    version = int(meta.get("version", 0))
+    if version != LAYER_VERSION:
+        raise WeightsError(f"{path}: layer file version {version}; this vitembed reads version {LAYER_VERSION}")
+    try:
+        config = LayerConfig.from_dict(dict(meta["config"]))
+    except (KeyError, TypeError, ConfigError) as exc:
+        raise WeightsError(f"{path}: bad layer config: {exc}") from None
+    return LoadedWeights(config, state, source="vitembed layer file")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
