@@ -74,7 +74,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
 
 
 def _layer_config(preset, image_size, patch_size, num_patch_row, emb_dim, in_channels):
-    from .layer import resolve_config
+    from .config import resolve_config
 
     return resolve_config(
         preset, image_size=image_size, patch_size=patch_size, num_patch_row=num_patch_row,
@@ -295,7 +295,7 @@ def info(
 
         vitembed info --preset vit-b16 --image-size 384
     """
-    from .layer import PRESETS, resolve_config
+    from .config import PRESETS, resolve_config
 
     if presets:
         rows = {name: _describe(cfg) for name, cfg in PRESETS.items()}

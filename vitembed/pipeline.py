@@ -427,6 +427,8 @@ def _forward(layer, pixels, prep: Preprocess, device):
     """uint8 (B, S, S, C) on the CPU -> z0 (B, N+1, D) float32 on `device`."""
     import torch
 
+    if device.type == "cuda":
+        pixels = pixels.pin_memory()  # page-locked, so that the copy below is asynchronous
     x = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2)  # (B, S, S, C) -> (B, C, S, S)
     # (x / 255 - mean) / std as one multiply-add, computed in float32.
     std = torch.tensor(prep.std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
