@@ -259,6 +259,14 @@ def main() -> None:
               f"{b['peak_rss'] / 2**20:.0f} MiB | {v['peak_rss'] / 2**20:.0f} MiB |", flush=True)
         print(f"  times baseline {['%.2f' % t for t in b['times']]} vitembed {['%.2f' % t for t in v['times']]}",
               file=sys.stderr)
+    print()
+    for args in (["--help"], ["info"]):
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "vitembed", *args], env=env, capture_output=True, check=True)
+            times.append(time.perf_counter() - start)
+        print(f"vitembed {' '.join(args)}: {statistics.median(times):.2f} s (median of 3, whole process)")
     if tmp is not None:
         tmp.cleanup()
 
