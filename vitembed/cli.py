@@ -153,6 +153,7 @@ def encode(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per layer call.", rich_help_panel=RUN)] = 32,
     workers: Annotated[Optional[int], typer.Option("--workers", "-j", help="Decoding processes (default: one per core; 0: decode in the main process).", rich_help_panel=RUN)] = None,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Resume: skip inputs whose output already exists.", rich_help_panel=RUN)] = False,
+    shard_size: Annotated[Optional[int], typer.Option("--shard-size", help="Write shards of K stacked tensors, (K, N+1, D) .npy files, into the -o folder; manifest.jsonl maps each input to its shard and row.", rich_help_panel=RUN)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Re-encode into an -o folder that was made with another configuration.", rich_help_panel=RUN)] = False,
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per input on stdout, as each finishes.", rich_help_panel=RUN)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table, summary or progress bar on stderr.", rich_help_panel=RUN)] = False,
@@ -202,7 +203,7 @@ def encode(
     from .report import prepare_output_folder
 
     options = EncodeOptions(device=device, dtype=dtype.value, batch_size=batch_size, workers=workers,
-                            skip_existing=skip_existing)
+                            skip_existing=skip_existing, shard_size=shard_size)
     manifest = None
     if plan.mode == "dir":
         manifest = prepare_output_folder(plan, layer, loaded, prep, options, seed, overwrite=overwrite)

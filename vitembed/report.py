@@ -29,7 +29,7 @@ def display_path(path: Path | str | None) -> str | None:
 
 
 def result_record(result: Result, output: str | None = None) -> dict[str, Any]:
-    return {
+    record = {
         "input": display_path(result.input),
         "output": output if output is not None else display_path(result.output),
         "shape": list(result.shape) if result.shape else None,
@@ -37,6 +37,9 @@ def result_record(result: Result, output: str | None = None) -> dict[str, Any]:
         "status": result.status,
         "error": result.error,
     }
+    if result.row is not None:  # --shard-size: the input's row in the shard `output`
+        record["row"] = result.row
+    return record
 
 
 def format_bytes(n: float) -> str:
@@ -190,6 +193,8 @@ def run_config(layer, loaded, prep, options, fmt: str, seed: int) -> dict[str, A
         "preprocess": {k: list(v) if isinstance(v, tuple) else v for k, v in prep_dict.items()},
         "format": fmt,
         "dtype": options.dtype,
+        # Only when set, so that folders written before shards existed still match.
+        **({"shard_size": options.shard_size} if getattr(options, "shard_size", None) else {}),
     }
 
 

@@ -1,0 +1,206 @@
+"""Fast paths give the plain path's tokens, and --shard-size writes complete, resumable shards."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+from PIL import Image
+
+from tests.conftest import make_image, run_cli
+from vitembed import pipeline
+from vitembed.errors import ConfigError
+from vitembed.images import Preprocess, load_image
+from vitembed.inputs import iter_sources
+from vitembed.layer import PRESETS, build_layer
+from vitembed.pipeline import EncodeOptions, encode, encode_images
+from vitembed.writers import OutputPlan
+
+# --- the channels-last layer input ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["seed", "vit-b16", "vit-b32"])
+def test_channels_last_forward_matches_nchw(preset, sample_paths):
+    """pipeline._forward feeds the conv channels-last; same tokens as a contiguous NCHW input."""
+    layer = build_layer(PRESETS[preset])
+    prep = Preprocess()
+    pixels = torch.from_numpy(np.stack([load_image(p, prep) for p in sample_paths]))  # (B, S, S, C)
+    with torch.inference_mode():
+        fast = pipeline._forward(layer, pixels, prep, torch.device("cpu"))
+        mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
+        std = torch.tensor(prep.std).view(1, 3, 1, 1)
+        x = ((pixels.permute(0, 3, 1, 2).float() / 255.0 - mean) / std).contiguous()  # NCHW
+        plain = layer(x)
+    torch.testing.assert_close(fast, plain)
+
+
+def test_encode_matches_torchvision_reference(sample_paths):
+    """The whole fast path against the seed's recipe: torchvision Resize + ToTensor + Normalize."""
+    layer = build_layer(PRESETS["vit-b16"])
+    transform = T.Compose([T.Resize((224, 224)), T.ToTensor(),
+                           T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    reference = []
+    with torch.inference_mode():
+        for p in sample_paths:
+            im = Image.open(p)
+            rgb = im.convert("RGB") if im.mode != "RGBA" else _over_white(im)
+            reference.append(layer(transform(rgb).unsqueeze(0))[0])
+    torch.testing.assert_close(encode_images(sample_paths, layer), torch.stack(reference))
+
+
+def _over_white(im: Image.Image) -> Image.Image:
+    base = Image.new("RGB", im.size, (255, 255, 255))
+    base.paste(im, mask=im.getchannel("A"))
+    return base
+
+
+# --- --fast-decode -------------------------------------------------------------------------
+
+# Stated tolerance of --fast-decode (JPEG DCT scaling to at least 2 S, then the same resize), on a
+# photo-like JPEG: mean |pixel difference| after the resize under 0.5 (of 255; measured 0.15),
+# the largest under 8; tokens of the seed layer within 0.01 mean and 0.1 max absolute difference
+# (measured 0.003 and 0.023, with mean |z0| about 1).
+
+
+@pytest.fixture(scope="module")
+def big_jpeg(tmp_path_factory, sample_paths) -> Path:
+    path = tmp_path_factory.mktemp("big") / "big.jpg"
+    src = Image.open(sample_paths[0]).convert("RGB")
+    src.resize((2000, 1500), Image.Resampling.BICUBIC).save(path, quality=90)
+    return path
+
+
+@pytest.mark.parametrize("resize", ["squash", "crop", "pad"])
+def test_fast_decode_within_tolerance(big_jpeg, resize):
+    exact = load_image(big_jpeg, Preprocess(resize=resize))
+    fast = load_image(big_jpeg, Preprocess(resize=resize, fast_decode=True))
+    diff = np.abs(exact.astype(np.int16) - fast.astype(np.int16))
+    assert diff.any(), "--fast-decode decoded the full image"
+    assert diff.mean() < 0.5 and diff.max() < 8
+    layer = build_layer(PRESETS["seed"])
+    z_exact, z_fast = encode_images([exact], layer), encode_images([fast], layer)
+    assert (z_exact - z_fast).abs().mean() < 0.01
+    assert (z_exact - z_fast).abs().max() < 0.1
+
+
+def test_fast_decode_leaves_small_jpegs_and_pngs_alone(tmp_path, sample_paths):
+    small = make_image(tmp_path / "small.jpg", size=(400, 300))
+    for path in (small, *sample_paths):  # none is at least 448 px on both sides as JPEG ... or a PNG
+        if path.suffix == ".jpg" and min(Image.open(path).size) >= 448:
+            continue
+        np.testing.assert_array_equal(load_image(path, Preprocess(fast_decode=True)), load_image(path, Preprocess()))
+
+
+# --- --shard-size --------------------------------------------------------------------------
+
+
+def _photos(folder: Path, count: int) -> Path:
+    for i in range(count):
+        make_image(folder / f"p{i:02d}.png", size=(40 + i, 30 + i), seed=i)
+    return folder
+
+
+def _manifest(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
+
+
+def test_shards_layout_rows_and_manifest(tmp_path):
+    photos = _photos(tmp_path / "in", 7)
+    single = run_cli("encode", photos, "-o", tmp_path / "single", "-q", "--preset", "vit-ti16", "-j", "0")
+    assert single.returncode == 0, single.stderr
+    res = run_cli("encode", photos, "-o", tmp_path / "sh", "-q", "--preset", "vit-ti16", "--shard-size", "3",
+                  "--json", "-b", "2")
+    assert res.returncode == 0, res.stderr
+    out = tmp_path / "sh"
+    assert sorted(p.name for p in out.glob("*.npy")) == ["shard-00000.npy", "shard-00001.npy", "shard-00002.npy"]
+    shapes = [np.load(out / f"shard-0000{i}.npy", mmap_mode="r").shape for i in range(3)]
+    assert shapes == [(3, 197, 192), (3, 197, 192), (1, 197, 192)]
+    records = _manifest(out)
+    assert [(r["output"], r["row"]) for r in records] == [(f"shard-{i // 3:05d}.npy", i % 3) for i in range(7)]
+    lines = [json.loads(x) for x in res.stdout.decode().splitlines()]
+    assert [x["row"] for x in lines] == [i % 3 for i in range(7)]
+    for i, r in enumerate(records):
+        row = np.load(out / r["output"], mmap_mode="r")[r["row"]]
+        torch.testing.assert_close(torch.from_numpy(np.array(row)),
+                                   torch.from_numpy(np.load(tmp_path / "single" / f"p{i:02d}.npy")))
+    assert json.loads((out / "run.json").read_text())["config"]["shard_size"] == 3
+
+
+def test_shard_with_failed_input_has_nan_row(tmp_path):
+    photos = _photos(tmp_path / "in", 4)
+    (photos / "p01.png").write_bytes(b"not an image")
+    res = run_cli("encode", photos, "-o", tmp_path / "sh", "-q", "--preset", "vit-ti16", "--shard-size", "4")
+    assert res.returncode == 1 and b"p01.png" in res.stderr
+    shard = np.load(tmp_path / "sh" / "shard-00000.npy")
+    assert shard.shape == (4, 197, 192)
+    assert np.isnan(shard[1]).all() and not np.isnan(shard[[0, 2, 3]]).any()
+    failed = [r for r in _manifest(tmp_path / "sh") if r["status"] == "error"]
+    assert len(failed) == 1 and failed[0]["input"].endswith("p01.png") and "row" not in failed[0]
+
+
+def test_shards_resume_skips_full_shards_and_redoes_the_short_last(tmp_path):
+    photos = _photos(tmp_path / "in", 5)
+    args = ["encode", photos, "-o", tmp_path / "sh", "-q", "--preset", "vit-ti16", "--shard-size", "2"]
+    assert run_cli(*args).returncode == 0
+    first = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "sh").glob("*.npy")}
+    make_image(photos / "p05.png", seed=5)  # one more input: the last shard (1 row) becomes 2 rows
+    res = run_cli(*args, "--skip-existing", "--json")
+    assert res.returncode == 0, res.stderr
+    status = [(json.loads(x)["status"], json.loads(x)["row"]) for x in res.stdout.decode().splitlines()]
+    assert status == [("skipped", 0), ("skipped", 1), ("skipped", 0), ("skipped", 1), ("ok", 0), ("ok", 1)]
+    after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "sh").glob("*.npy")}
+    assert after["shard-00000.npy"] == first["shard-00000.npy"]
+    assert np.load(tmp_path / "sh" / "shard-00002.npy").shape == (2, 197, 192)
+
+
+def test_shard_write_is_atomic(tmp_path, monkeypatch):
+    photos = _photos(tmp_path / "in", 3)
+    out = tmp_path / "sh"
+    real_save = np.save
+
+    def failing_save(file, arr, **kwargs):
+        if isinstance(file, (str, os.PathLike)) or not hasattr(file, "write"):
+            return real_save(file, arr, **kwargs)
+        file.write(b"\x93NUMPY partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "save", failing_save)
+    layer = build_layer(PRESETS["vit-ti16"])
+    summary = encode(iter_sources([photos]), layer, Preprocess(), OutputPlan.from_option(str(out), None),
+                     EncodeOptions(device="cpu", workers=0, shard_size=2))
+    assert summary.stopped and "disk full" in summary.stopped
+    assert summary.ok == 0
+    assert os.listdir(out) == []  # neither a shard nor a temporary
+
+
+def test_shard_size_needs_an_npy_folder(tmp_path):
+    photos = _photos(tmp_path / "in", 1)
+    res = run_cli("encode", photos / "p00.png", "-o", tmp_path / "x.npy", "--shard-size", "2")
+    assert res.returncode == 2 and b"--shard-size" in res.stderr
+    res = run_cli("encode", photos, "-o", tmp_path / "d", "--format", "pt", "--shard-size", "2")
+    assert res.returncode == 2 and b"--shard-size" in res.stderr
+    with pytest.raises(ConfigError, match="shard size"):
+        EncodeOptions(shard_size=0)
+
+
+# --- lazy imports --------------------------------------------------------------------------
+
+
+def test_info_and_help_do_not_import_torch():
+    code = ("import sys; from vitembed.cli import app; from typer.testing import CliRunner; "
+            "r = CliRunner().invoke(app, ['info', '--preset', 'vit-b16']); "
+            "assert r.exit_code == 0, r.output; "
+            "r = CliRunner().invoke(app, ['encode', '--help']); assert r.exit_code == 0; "
+            "bad = [m for m in ('torch', 'torchvision', 'numpy') if m in sys.modules]; "
+            "assert not bad, bad")
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=Path(__file__).parent.parent,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
+    assert res.returncode == 0, res.stderr.decode()
