@@ -17,6 +17,8 @@ import hashlib
 import json
 import os
 import pickle
+import re
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -186,14 +188,12 @@ def read_state_dict(path: Path) -> tuple[Mapping[str, torch.Tensor], dict[str, A
     if path.suffix.lower() == ".safetensors":
         return _read_safetensors(path)
     try:
-        # mmap: a whole model's checkpoint gives its input layer without being read in full.
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols; the outcome is what counts
+            # mmap: a whole model's checkpoint gives its input layer without being read in full.
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
-        raise WeightsError(
-            f"{path}: refused: the file holds pickled code or objects, not plain tensors "
-            f"({_first_line(exc)}); vitembed loads weights with weights_only=True and never runs "
-            "code from a checkpoint (save model.state_dict(), or use .safetensors)"
-        ) from None
+        raise WeightsError(_refusal(path, str(exc))) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
         raise WeightsError(f"{path}: cannot read as a PyTorch checkpoint: {_first_line(exc)}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -240,6 +240,18 @@ def _from_layer_file(path: Path, state: dict[str, torch.Tensor], meta: dict[str,
     except (KeyError, TypeError, ConfigError) as exc:
         raise WeightsError(f"{path}: bad layer config: {exc}") from None
     return LoadedWeights(config, dict(state.items()), source="vitembed layer file")
+
+
+def _refusal(path: Path, text: str) -> str:
+    """One line for a pickle that torch.load(weights_only=True) refused."""
+    never = "vitembed loads weights with weights_only=True and never runs code from a checkpoint"
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"{path}: refused: the file would import {found.group(1)}: it holds pickled code or objects, "
+                f"not plain tensors; {never} (save model.state_dict(), or use .safetensors)")
+    found = re.search(r"Unsupported (operand \d+|[^\n]{0,80})", text)
+    reason = f"unsupported pickle {found.group(1)}" if found else "refused by weights_only=True"
+    return f"{path}: cannot read as a PyTorch checkpoint ({reason}): corrupt, or a pickle of other objects; {never}"
 
 
 def _first_line(exc: BaseException) -> str:
