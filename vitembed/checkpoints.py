@@ -480,26 +480,44 @@ def _shards_for_input_layer(weight_map: dict[str, str]) -> list[str]:
 
 
 def _hf_file(repo: str, names: tuple[str, ...], spec: str) -> Path:
-    """The first of `names` that the Hub repo has, from (or into) the HF cache."""
+    """The first of `names` that the Hub repo has, from (or into) the HF cache.
+
+    Files already cached are tried first; a file neither cached nor reachable ends the search at
+    once (huggingface_hub has already retried), a file the repo lacks moves on to the next name.
+    """
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
         from huggingface_hub import errors as hub_errors
+        from huggingface_hub.utils import logging as hub_logging
     except ImportError:
         raise WeightsError(f"{spec}: needs huggingface_hub (pip install 'vitembed[pretrained]')") from None
-    missing = tuple(getattr(hub_errors, n) for n in ("EntryNotFoundError", "RemoteEntryNotFoundError")
-                    if hasattr(hub_errors, n))
-    last: Exception | None = None
-    for name in names:
-        try:
-            return Path(hf_hub_download(repo, name))
-        except missing as exc:  # this file is not there (or not cached, offline): try the next one
-            last = exc
-        except Exception as exc:  # unknown repo, gated repo, HTTP errors, bad repo id
-            raise WeightsError(f"{spec}: cannot fetch {repo}: {_one_line(exc)}") from None
-    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-    why = ("not in the Hugging Face cache and HF_HUB_OFFLINE is set" if offline and isinstance(last, hub_errors.LocalEntryNotFoundError)
-           else f"{_one_line(last)}" if last else "nothing to fetch")
-    raise WeightsError(f"{spec}: none of {', '.join(names)} could be fetched ({why}); check the network or the name")
+    cached = [n for n in names if isinstance(_quiet(try_to_load_from_cache, repo, n), str)]
+    logger = hub_logging.get_logger("huggingface_hub")
+    level = logger.level
+    logger.setLevel("ERROR")  # its retry warnings would bury our one line
+    try:
+        for name in [*cached, *(n for n in names if n not in cached)]:
+            try:
+                return Path(hf_hub_download(repo, name))
+            except hub_errors.LocalEntryNotFoundError as exc:
+                offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+                why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
+                raise WeightsError(f"{spec}: {name} of {repo} is not in the Hugging Face cache and {why}; "
+                                   "check the network (or HF_HUB_CACHE)") from None
+            except hub_errors.EntryNotFoundError:
+                continue  # the repo has no such file: try the next name
+            except Exception as exc:  # unknown or gated repo, HTTP errors, a bad repo id
+                raise WeightsError(f"{spec}: cannot fetch {repo}: {_one_line(exc)}") from None
+    finally:
+        logger.setLevel(level)
+    raise WeightsError(f"{spec}: {repo} has none of {', '.join(names)}")
+
+
+def _quiet(func, *args):
+    try:
+        return func(*args)
+    except Exception:  # a malformed repo id: hf_hub_download will say so
+        return None
 
 
 def _one_line(exc: BaseException | None) -> str:
