@@ -276,8 +276,10 @@ def test_hf_repo_name_from_the_hub_cache(image, tmp_path):
     fill_hf_cache(cache, "acme/tiny-vit", {n: folder / n for n in
                                             ("config.json", "model.safetensors", "preprocessor_config.json")})
     env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
-    z0, _ = encode("hf:acme/tiny-vit", image, tmp_path, env=env)
+    z0, _ = encode("hf:acme/tiny-vit", image, tmp_path, env=env)  # the processor's mean and std: 0.5
     torch.testing.assert_close(z0, hf_z0(m, pixels(image, (0.5,) * 3, (0.5,) * 3)), atol=ATOL, rtol=RTOL)
+    z0, _ = encode("hf:acme/tiny-vit", image, tmp_path, "--normalize", "none", env=env)  # the user's choice wins
+    torch.testing.assert_close(z0, hf_z0(m, pixels(image)), atol=ATOL, rtol=RTOL)
 
 
 def test_timm_name_from_the_hub_cache(tmp_path):
@@ -399,3 +401,30 @@ def test_code_running_pickle_is_refused_and_never_runs(how, tmp_path):
     with pytest.raises(WeightsError, match="never runs code"):
         load_weights(evil)
     assert not marker.exists()
+
+
+def test_distillation_tokens_follow_the_class_token():
+    """timm's distilled DeiT and transformers' DeiT: [cls, dist, patches] + E_pos, through the Python API."""
+    import transformers
+    from timm.models.deit import VisionTransformerDistilled
+
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(5)
+    m = VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=2).eval()
+    with torch.no_grad():
+        m.dist_token.normal_()
+        loaded = load_weights_from(m.state_dict())
+        torch.testing.assert_close(loaded.build()(x), m._pos_embed(m.patch_embed(x)), atol=ATOL, rtol=RTOL)
+    config = transformers.DeiTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=96)
+    h = transformers.DeiTForImageClassificationWithTeacher(config).eval()
+    with torch.no_grad():
+        loaded = load_weights_from(h.state_dict())
+        assert loaded.config.num_reg_tokens == 1 and "transformers" in loaded.source
+        torch.testing.assert_close(loaded.build()(x), h.deit.embeddings(x), atol=ATOL, rtol=RTOL)
+
+
+def load_weights_from(state: dict):
+    from vitembed.checkpoints import convert_state_dict
+
+    return convert_state_dict(state, "test")
