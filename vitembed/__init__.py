@@ -14,12 +14,12 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "VitInputLayer": "layer",
-    "LayerConfig": "layer",
-    "PRESETS": "layer",
-    "DEFAULT_PRESET": "layer",
+    "LayerConfig": "config",
+    "PRESETS": "config",
+    "DEFAULT_PRESET": "config",
     "build_layer": "layer",
     "patchify": "layer",
-    "resolve_config": "layer",
+    "resolve_config": "config",
     "Preprocess": "images",
     "NORMALIZATIONS": "images",
     "load_image": "images",

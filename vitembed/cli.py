@@ -74,7 +74,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
 
 
 def _layer_config(preset, image_size, patch_size, num_patch_row, emb_dim, in_channels):
-    from .layer import resolve_config
+    from .config import resolve_config
 
     return resolve_config(
         preset, image_size=image_size, patch_size=patch_size, num_patch_row=num_patch_row,
@@ -219,16 +219,10 @@ def encode(
         raise ConfigError("- (read paths from stdin) may be given once")
     stdin = sys.stdin.buffer if "-" in inputs else None
     sources = iter_sources(inputs, stdin, null)
-    total = None
     if plan.mode in ("file", "stdout"):
         sources = list(sources)
         if len(sources) != 1:
             raise ConfigError(f"-o {output} takes exactly one input image, got {len(sources)}")
-    elif stdin is None:
-        sources = list(sources)  # paths only: known up front for the progress bar
-        total = len(sources)
-        if not sources:
-            raise ConfigError("no images found in the given inputs")
 
     layer, loaded = _load(weights, seed, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels)
     _notice(loaded, quiet)
@@ -258,8 +252,10 @@ def encode(
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    reporter = Reporter(json_lines=json_lines, quiet=quiet, manifest=manifest, target=plan.target,
-                        stop=stop, total=total)
+    reporter = Reporter(json_lines=json_lines, quiet=quiet, manifest=manifest, target=plan.target, stop=stop)
+    if reporter.shows_progress and stdin is None:
+        # The total for the bar, counted beside the run: inputs stream, they are never all held.
+        threading.Thread(target=lambda: reporter.set_total(sum(1 for _ in iter_sources(inputs))), daemon=True).start()
     try:
         summary = run_encode(sources, layer, prep, plan, options, on_result=reporter, stop=stop)
     finally:
@@ -267,6 +263,8 @@ def encode(
         for s, handler in previous.items():
             signal.signal(s, handler)
     reporter.finish(summary)
+    if summary.total == 0 and not caught:
+        raise _fail("no images found in the given inputs", 2)
     if reporter.pipe_closed:
         raise typer.Exit(141)
     if caught:
@@ -329,7 +327,7 @@ def info(
 
         vitembed info --preset vit-b16 --image-size 384
     """
-    from .layer import PRESETS, resolve_config
+    from .config import PRESETS, resolve_config
 
     if presets:
         rows = {name: _describe(cfg) for name, cfg in PRESETS.items()}

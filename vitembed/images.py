@@ -204,10 +204,10 @@ def _prepare(im: Image.Image, prep: Preprocess) -> np.ndarray:
         im = ImageOps.exif_transpose(im) or im
         im = _to_rgb(im, prep.background) if prep.channels == 3 else _to_grey(im, prep.background)
     im = _resize(im, prep)
-    array = np.asarray(im, dtype=np.uint8)
+    array = np.array(im, dtype=np.uint8)  # a writable copy, safe to hand to torch.from_numpy
     if array.ndim == 2:
         array = array[:, :, None]  # (S, S) -> (S, S, 1)
-    return np.ascontiguousarray(array)
+    return array
 
 
 def _draft(im: Image.Image, prep: Preprocess) -> None:

@@ -56,7 +56,6 @@ class Reporter:
         manifest: a manifest.jsonl to append one line per input to, or None.
         target: the -o folder, to record outputs relative to it.
         stop: set when stdout's reader goes away, so that the run ends.
-        total: the number of inputs when known (for the progress bar).
     """
 
     def __init__(
@@ -67,7 +66,6 @@ class Reporter:
         manifest: Path | None = None,
         target: Path | None = None,
         stop: threading.Event | None = None,
-        total: int | None = None,
         stdout: IO[str] | None = None,
         console: Console | None = None,
     ) -> None:
@@ -82,15 +80,25 @@ class Reporter:
         self._manifest = open(manifest, "a", encoding="utf-8") if manifest is not None else None
         self._progress = None
         self._task = None
-        if not quiet and self.console.is_terminal and (total is None or total > 1):
+        if not quiet and self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._progress = Progress(
                 TextColumn("encoding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                 console=self.console, transient=True,
             )
-            self._task = self._progress.add_task("encode", total=total)
+            self._task = self._progress.add_task("encode", total=None)
             self._progress.start()
+
+    @property
+    def shows_progress(self) -> bool:
+        return self._progress is not None
+
+    def set_total(self, total: int) -> None:
+        """The number of inputs, once known; the bar shows only while more than one is in flight."""
+        progress = self._progress
+        if progress is not None:
+            progress.update(self._task, total=total, visible=total > 1)
 
     def __call__(self, result: Result) -> None:
         if result.status == "error":
@@ -135,7 +143,7 @@ class Reporter:
     def finish(self, summary: Summary) -> None:
         """Print the table and the summary (unless quiet)."""
         self.close()
-        if self.quiet or self.pipe_closed:
+        if self.quiet or self.pipe_closed or summary.total == 0:
             return
         if self.rows:
             table = Table(box=None, header_style="bold", pad_edge=False)
