@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from conftest import make_image, run_cli
+from tests.conftest import make_image, run_cli
 from vitembed.checkpoints import resample_pos_embed
 from vitembed.errors import WeightsError
 from vitembed.weights import load_weights

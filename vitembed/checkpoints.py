@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ConfigError, WeightsError
-from .layer import LayerConfig, nearest_valid_sizes
+from .config import LayerConfig, nearest_valid_sizes
 from .weights import LazyTensors, LoadedWeights, read_state_dict
 
 __all__ = [
