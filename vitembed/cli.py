@@ -68,7 +68,7 @@ PatchSizeOpt = Annotated[Optional[int], typer.Option("--patch-size", help="Side 
 NumPatchRowOpt = Annotated[Optional[int], typer.Option("--num-patch-row", help="Patches per side (the seed's way to set P = S / rows).", rich_help_panel=LAYER)]
 EmbDimOpt = Annotated[Optional[int], typer.Option("--emb-dim", help="Token length D.", rich_help_panel=LAYER)]
 InChannelsOpt = Annotated[Optional[int], typer.Option("--in-channels", help="Image channels C: 3 (RGB) or 1 (grey).", rich_help_panel=LAYER)]
-WeightsOpt = Annotated[Optional[str], typer.Option("--weights", "-w", help="Layer file from `vitembed init` (its config replaces the layer options).", rich_help_panel=LAYER)]
+WeightsOpt = Annotated[Optional[str], typer.Option("--weights", "-w", help="Layer file from `vitembed init`; a timm, torchvision, transformers or seed state dict (.pt/.pth/.bin/.safetensors) or save_pretrained folder; or torchvision:vit_b_16, timm:MODEL.TAG, hf:ORG/REPO. Fixes P, D, C; --image-size resamples the position embedding.", rich_help_panel=LAYER)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random layer (ignored with --weights).", rich_help_panel=LAYER)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
 
@@ -89,18 +89,55 @@ def _load(weights, seed, preset, image_size, patch_size, num_patch_row, emb_dim,
     if weights is None:
         config = _layer_config(preset, image_size, patch_size, num_patch_row, emb_dim, in_channels)
         return load_layer(None, config, seed)
-    layer, loaded = load_layer(weights, None, seed)
-    mismatched = []
-    cfg = layer.config
-    for flag, value, actual in (("--image-size", image_size, cfg.image_size), ("--patch-size", patch_size, cfg.patch_size),
-                                ("--emb-dim", emb_dim, cfg.emb_dim), ("--in-channels", in_channels, cfg.in_channels),
-                                ("--num-patch-row", num_patch_row, cfg.num_patch_row)):
-        if value is not None and value != actual:
-            mismatched.append(f"{flag} {value} (the weights have {actual})")
-    if preset is not None or mismatched:
-        what = "; ".join(mismatched) if mismatched else "--preset"
-        raise ConfigError(f"--weights fixes the layer shape; drop {what}")
-    return layer, loaded
+    loaded = _load_weights(weights, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels)
+    return loaded.build(), loaded
+
+
+def _load_weights(weights, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels):
+    """LoadedWeights for --weights; --image-size / --num-patch-row resample, the shape options must agree."""
+    from .weights import load_weights
+
+    if preset is not None:
+        raise ConfigError("--weights fixes the layer shape; drop --preset")
+    if image_size is not None and num_patch_row is not None:
+        raise ConfigError("give either --image-size or --num-patch-row with --weights, not both")
+    loaded = load_weights(weights)
+    cfg = loaded.config
+    mismatched = [
+        f"{flag} {value} (the weights have {actual})"
+        for flag, value, actual in (("--patch-size", patch_size, cfg.patch_size), ("--emb-dim", emb_dim, cfg.emb_dim),
+                                    ("--in-channels", in_channels, cfg.in_channels))
+        if value is not None and value != actual
+    ]
+    if mismatched:
+        raise ConfigError(f"--weights fixes the patch size, D and channels; drop {'; '.join(mismatched)} "
+                          "(only --image-size may change: the position embedding is resampled)")
+    if num_patch_row is not None:
+        image_size = num_patch_row * cfg.patch_size
+    if image_size is not None:
+        from .checkpoints import resize_weights
+
+        loaded = resize_weights(loaded, image_size)
+    return loaded
+
+
+def _notice(loaded, quiet: bool = False) -> None:
+    if loaded is None or quiet:
+        return
+    for note in loaded.notes:
+        typer.echo(f"note: {note}", err=True)
+
+
+def _preprocess(config, loaded, **user):
+    """Preprocess from, in order of precedence: the user's options, the weights' own, vitembed's defaults."""
+    from .images import NORMALIZATIONS, Preprocess
+
+    fields = dict(loaded.preprocess) if loaded is not None else {}
+    normalize = user.pop("normalize", None)
+    if normalize is not None:
+        fields["mean"], fields["std"] = NORMALIZATIONS[normalize]
+    fields.update({k: v for k, v in user.items() if v is not None})
+    return Preprocess(image_size=config.image_size, channels=config.in_channels, **fields)
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -141,11 +178,11 @@ def encode(
     in_channels: InChannelsOpt = None,
     weights: WeightsOpt = None,
     seed: SeedOpt = 0,
-    resize: Annotated[Resize, typer.Option("--resize", help="squash: straight to S x S; crop: shorter side to S/crop-pct, centre crop; pad: keep aspect, pad to square.", rich_help_panel=IMAGE)] = Resize.squash,
-    crop_pct: Annotated[float, typer.Option("--crop-pct", help="For --resize crop: 0.875 is 256 -> 224.", rich_help_panel=IMAGE)] = 0.875,
-    interpolation: Annotated[Interpolation, typer.Option("--interpolation", help="Resampling filter (antialiased).", rich_help_panel=IMAGE)] = Interpolation.bilinear,
+    resize: Annotated[Optional[Resize], typer.Option("--resize", help="squash: straight to S x S; crop: shorter side to S/crop-pct, centre crop; pad: keep aspect, pad to square. Default: the weights' own, else squash.", show_default=False, rich_help_panel=IMAGE)] = None,
+    crop_pct: Annotated[Optional[float], typer.Option("--crop-pct", help="For --resize crop: 0.875 is 256 -> 224. Default: the weights' own, else 0.875.", show_default=False, rich_help_panel=IMAGE)] = None,
+    interpolation: Annotated[Optional[Interpolation], typer.Option("--interpolation", help="Resampling filter (antialiased). Default: the weights' own, else bilinear.", show_default=False, rich_help_panel=IMAGE)] = None,
     background: Annotated[str, typer.Option("--background", help="Colour under transparency and around --resize pad: a name, #rrggbb or r,g,b.", rich_help_panel=IMAGE)] = "white",
-    normalize: Annotated[Normalize, typer.Option("--normalize", help="Per-channel mean and std; none means pixels / 255.", rich_help_panel=IMAGE)] = Normalize.imagenet,
+    normalize: Annotated[Optional[Normalize], typer.Option("--normalize", help="Per-channel mean and std; none means pixels / 255. Default: the weights' own, else imagenet.", show_default=False, rich_help_panel=IMAGE)] = None,
     max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", help="Refuse images whose header claims more pixels (decompression bombs). Default: 178956970.", rich_help_panel=IMAGE)] = None,
     fast_decode: Annotated[bool, typer.Option("--fast-decode", help="Decode large JPEGs at 1/2, 1/4 or 1/8 scale (DCT scaling): much faster, pixels differ slightly.", rich_help_panel=IMAGE)] = False,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", rich_help_panel=RUN)] = "auto",
@@ -170,7 +207,7 @@ def encode(
 
         find photos -name '*.jpg' -print0 | vitembed encode - -0 -o tokens/ --json | jq .output
     """
-    from .images import Preprocess, parse_color
+    from .images import parse_color
     from .inputs import iter_sources
     from .writers import OutputPlan
 
@@ -189,14 +226,12 @@ def encode(
             raise ConfigError(f"-o {output} takes exactly one input image, got {len(sources)}")
 
     layer, loaded = _load(weights, seed, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels)
-    config = layer.config
-    prep_kwargs = dict(
-        image_size=config.image_size, resize=resize.value, crop_pct=crop_pct, interpolation=interpolation.value,
-        background=parse_color(background), channels=config.in_channels, fast_decode=fast_decode,
+    _notice(loaded, quiet)
+    prep = _preprocess(
+        layer.config, loaded, resize=resize.value if resize else None, crop_pct=crop_pct,
+        interpolation=interpolation.value if interpolation else None, normalize=normalize.value if normalize else None,
+        background=parse_color(background), fast_decode=fast_decode, max_pixels=max_pixels,
     )
-    if max_pixels is not None:
-        prep_kwargs["max_pixels"] = max_pixels
-    prep = Preprocess(**prep_kwargs).with_normalize(normalize.value)
 
     from .pipeline import EncodeOptions, encode as run_encode
     from .report import Reporter
@@ -303,20 +338,20 @@ def info(
             for name, d in rows.items():
                 typer.echo(f"{name:9} image {d['image_size']:4}  patch {d['patch_size']:2}  D {d['emb_dim']:5}  tokens {d['tokens'][0]} x {d['tokens'][1]}", err=True)
         return
-    source = None
+    source = loaded = None
     if weights is not None:
-        from .weights import load_weights
-
-        loaded = load_weights(weights)
+        loaded = _load_weights(weights, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels)
+        _notice(loaded)
         config, source = loaded.config, loaded.source
-        if any(v is not None for v in (preset, image_size, patch_size, num_patch_row, emb_dim, in_channels)):
-            raise ConfigError("--weights fixes the layer shape; drop the layer options")
     else:
         config = resolve_config(preset, image_size=image_size, patch_size=patch_size, num_patch_row=num_patch_row,
                                 emb_dim=emb_dim, in_channels=in_channels)
     d = _describe(config)
     if source:
         d["source"] = source
+        prep = _preprocess(config, loaded)
+        d["preprocess"] = {k: getattr(prep, k) for k in ("image_size", "resize", "crop_pct", "interpolation", "mean", "std")}
+        d["preprocess_from_weights"] = sorted(loaded.preprocess)
     if json_out:
         typer.echo(json.dumps(d))
         return
@@ -326,10 +361,34 @@ def info(
         f"patch         {config.patch_size} x {config.patch_size} x {config.in_channels} = {config.patch_dim} values (P^2*C)",
         f"grid          {config.num_patch_row} x {config.num_patch_row} = {config.num_patches} patches (N)",
         f"embedding     D = {config.emb_dim}",
-        f"tokens        {config.num_tokens} x {config.emb_dim}  (row 0: class token, rows 1..N: patches)",
+        f"tokens        {config.num_tokens} x {config.emb_dim}  ({_token_layout(config)})",
         f"parameters    {config.num_params:,}",
     ]
+    if "preprocess" in d:
+        p = d["preprocess"]
+        resize = (f"crop (shorter side to {int(p['image_size'] / p['crop_pct'])}, centre {p['image_size']})"
+                  if p["resize"] == "crop" else p["resize"])
+        origin = "the weights'" if loaded.preprocess else "vitembed's defaults"
+        lines.append(f"preprocess    {resize}, {p['interpolation']}, mean {_floats(p['mean'])}, std {_floats(p['std'])}  "
+                     f"({origin})")
     typer.echo("\n".join(lines), err=True)
+
+
+def _token_layout(config) -> str:
+    parts, row = [], 0
+    if config.class_token:
+        parts.append("row 0: class token")
+        row = 1
+    if config.num_reg_tokens:
+        last = row + config.num_reg_tokens - 1
+        parts.append(f"rows {row}..{last}: register tokens" if last > row else f"row {row}: register token")
+        row = last + 1
+    parts.append(f"rows {row}..{row + config.num_patches - 1}: patches")
+    return ", ".join(parts)
+
+
+def _floats(values) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
 
 def _describe(config) -> dict:

@@ -4,8 +4,11 @@ A vitembed layer file is a dict `{"format": "vitembed-layer", "version": 1, "con
 "state_dict": {...}}` saved with `torch.save` (loadable with `weights_only=True`), or a
 `.safetensors` file whose metadata carries the format, version and config as JSON.
 
+Other libraries' checkpoints (timm, torchvision, transformers, the seed's class) are recognised
+and renamed by `checkpoints.py`; this module reads the files.
+
 Checkpoints are data, never code: `.pt` files are read with `torch.load(weights_only=True)`,
-which refuses any pickle that would import or call anything.
+which refuses any pickle that would import or call anything; `.safetensors` holds no code at all.
 """
 
 from __future__ import annotations
@@ -14,7 +17,10 @@ import hashlib
 import json
 import os
 import pickle
+import re
+import warnings
 import zipfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +33,7 @@ from .writers import atomic_write
 
 __all__ = [
     "LAYER_FORMAT",
+    "LazyTensors",
     "LoadedWeights",
     "fingerprint",
     "load_layer",
@@ -91,34 +98,88 @@ def save_layer(layer: VitInputLayer, path: str | os.PathLike) -> int:
     return atomic_write(path, lambda f: torch.save(payload, f))
 
 
-def load_layer(spec: str | os.PathLike | None, config: LayerConfig, seed: int = 0) -> tuple[VitInputLayer, LoadedWeights | None]:
-    """The layer to encode with: from `spec` when given, else a fresh one from `seed`."""
+def load_layer(
+    spec: str | os.PathLike | None, config: LayerConfig | None, seed: int = 0, *, image_size: int | None = None
+) -> tuple[VitInputLayer, LoadedWeights | None]:
+    """The layer to encode with: from `spec` when given, else a fresh one of `config` from `seed`.
+
+    `image_size` (with `spec` only) resamples the weights' position embedding to that size.
+    """
     if spec is None:
+        assert config is not None
         return build_layer(config, seed), None
-    loaded = load_weights(spec)
+    loaded = load_weights(spec, image_size=image_size)
     return loaded.build(), loaded
 
 
-def load_weights(spec: str | os.PathLike) -> LoadedWeights:
-    """Read a weights file and recognise its layout.
+def load_weights(spec: str | os.PathLike, *, image_size: int | None = None) -> LoadedWeights:
+    """Read weights and recognise their layout.
+
+    Args:
+        spec: a vitembed layer file; a timm, torchvision, transformers or seed-class state dict
+            (.pt/.pth/.bin/.safetensors); a `save_pretrained` folder; or a pretrained name
+            `torchvision:vit_b_16[.WEIGHTS]`, `timm:MODEL[.TAG]`, `hf:ORG/REPO`.
+        image_size: resample the position embedding for this image size (timm's way).
 
     Raises:
-        WeightsError: missing, unreadable, corrupt, code-running or unrecognised files.
+        WeightsError: missing, unreadable, corrupt, code-running or unrecognised weights.
+        ConfigError: `image_size` does not fit the weights' patch size.
     """
+    from . import checkpoints
+
     path = Path(spec)
-    state, meta = read_state_dict(path)
-    if isinstance(meta, dict) and meta.get("format") == LAYER_FORMAT:
-        return _from_layer_file(path, state, meta)
-    raise WeightsError(
-        f"{path}: not a vitembed layer file (no 'format': '{LAYER_FORMAT}' entry); "
-        f"found keys: {', '.join(sorted(state)[:5]) or 'none'}"
-    )
+    if isinstance(spec, str) and checkpoints.is_pretrained_name(spec) and not path.exists():
+        loaded = checkpoints.load_pretrained(spec)
+    elif path.is_dir():
+        loaded = checkpoints.load_folder(path)
+    else:
+        state, meta = read_state_dict(path)
+        if isinstance(meta, dict) and meta.get("format") == LAYER_FORMAT:
+            loaded = _from_layer_file(path, state, meta)
+        else:
+            loaded = checkpoints.convert_state_dict(state, str(path))
+    if image_size is not None:
+        loaded = checkpoints.resize_weights(loaded, image_size)
+    return loaded
 
 
-def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+class LazyTensors(Mapping):
+    """Tensor names known up front, each tensor read from its file when first asked for.
+
+    Used for safetensors files and sharded checkpoints, so that a whole model's file yields its
+    input layer without reading the rest. `files` maps each name to the file holding it.
+    """
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        self._files = files
+        self._torch: dict[Path, Mapping[str, torch.Tensor]] = {}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        path = self._files[key]
+        if path.suffix.lower() != ".safetensors":  # a torch shard: read once, whole
+            if path not in self._torch:
+                self._torch[path] = read_state_dict(path)[0]
+            return self._torch[path][key]
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                return f.get_tensor(key)
+        except Exception as exc:  # SafetensorError, OSError
+            raise WeightsError(f"{path}: cannot read tensor {key!r}: {_first_line(exc)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._files)
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+
+def read_state_dict(path: Path) -> tuple[Mapping[str, torch.Tensor], dict[str, Any] | None]:
     """The tensors of a .pt/.pth/.bin or .safetensors file, and its metadata where it has any.
 
     For torch files the metadata is the top-level dict itself when it holds non-tensor entries.
+    Safetensors files are read lazily (see `LazyTensors`); zip-format torch files are memory-mapped.
     """
     if not path.exists():
         raise WeightsError(f"{path}: no such file")
@@ -127,13 +188,12 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     if path.suffix.lower() == ".safetensors":
         return _read_safetensors(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols; the outcome is what counts
+            # mmap: a whole model's checkpoint gives its input layer without being read in full.
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
-        raise WeightsError(
-            f"{path}: refused: the file holds pickled code or objects, not plain tensors "
-            f"({_first_line(exc)}); vitembed loads weights with weights_only=True and never runs "
-            "code from a checkpoint"
-        ) from None
+        raise WeightsError(_refusal(path, str(exc))) from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as exc:
         raise WeightsError(f"{path}: cannot read as a PyTorch checkpoint: {_first_line(exc)}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -151,7 +211,7 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     return tensors, meta
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+def _read_safetensors(path: Path) -> tuple[Mapping[str, torch.Tensor], dict[str, Any] | None]:
     try:
         from safetensors import safe_open
     except ImportError:
@@ -159,7 +219,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, An
     try:
         with safe_open(str(path), framework="pt") as f:
             raw_meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = LazyTensors({k: path for k in f.keys()})
     except Exception as exc:  # safetensors raises its own SafetensorError and others
         raise WeightsError(f"{path}: cannot read as safetensors: {_first_line(exc)}") from None
     meta: dict[str, Any] = dict(raw_meta)
@@ -179,7 +239,19 @@ def _from_layer_file(path: Path, state: dict[str, torch.Tensor], meta: dict[str,
         config = LayerConfig.from_dict(dict(meta["config"]))
     except (KeyError, TypeError, ConfigError) as exc:
         raise WeightsError(f"{path}: bad layer config: {exc}") from None
-    return LoadedWeights(config, state, source="vitembed layer file")
+    return LoadedWeights(config, dict(state.items()), source="vitembed layer file")
+
+
+def _refusal(path: Path, text: str) -> str:
+    """One line for a pickle that torch.load(weights_only=True) refused."""
+    never = "vitembed loads weights with weights_only=True and never runs code from a checkpoint"
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"{path}: refused: the file would import {found.group(1)}: it holds pickled code or objects, "
+                f"not plain tensors; {never} (save model.state_dict(), or use .safetensors)")
+    found = re.search(r"Unsupported (operand \d+|[^\n]{0,80})", text)
+    reason = f"unsupported pickle {found.group(1)}" if found else "refused by weights_only=True"
+    return f"{path}: cannot read as a PyTorch checkpoint ({reason}): corrupt, or a pickle of other objects; {never}"
 
 
 def _first_line(exc: BaseException) -> str:
