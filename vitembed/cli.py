@@ -5,6 +5,7 @@ Heavy modules (torch, numpy, Pillow) are imported inside the commands, so that `
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -82,15 +83,10 @@ def _layer_config(preset, image_size, patch_size, num_patch_row, emb_dim, in_cha
     )
 
 
-def _load(weights, seed, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels):
-    """(layer, LoadedWeights or None) for the layer options."""
-    from .weights import load_layer
+def _random_layer(config, seed):
+    from .layer import build_layer
 
-    if weights is None:
-        config = _layer_config(preset, image_size, patch_size, num_patch_row, emb_dim, in_channels)
-        return load_layer(None, config, seed)
-    loaded = _load_weights(weights, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels)
-    return loaded.build(), loaded
+    return build_layer(config, seed)
 
 
 def _load_weights(weights, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels):
@@ -225,23 +221,30 @@ def encode(
         if len(sources) != 1:
             raise ConfigError(f"-o {output} takes exactly one input image, got {len(sources)}")
 
-    layer, loaded = _load(weights, seed, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels)
+    if weights is None:
+        # torch is not needed yet: the layer is built once decoding has started.
+        config, loaded = _layer_config(preset, image_size, patch_size, num_patch_row, emb_dim, in_channels), None
+        layer_source = functools.partial(_random_layer, config, seed)
+    else:
+        loaded = _load_weights(weights, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels)
+        config, layer_source = loaded.config, loaded.build
     _notice(loaded, quiet)
     prep = _preprocess(
-        layer.config, loaded, resize=resize.value if resize else None, crop_pct=crop_pct,
+        config, loaded, resize=resize.value if resize else None, crop_pct=crop_pct,
         interpolation=interpolation.value if interpolation else None, normalize=normalize.value if normalize else None,
         background=parse_color(background), fast_decode=fast_decode, max_pixels=max_pixels,
     )
 
     from .pipeline import EncodeOptions, encode as run_encode
-    from .report import Reporter
-    from .report import prepare_output_folder
+    from .report import MANIFEST_FILE, Reporter, prepare_output_folder
 
     options = EncodeOptions(device=device, dtype=dtype.value, batch_size=batch_size, workers=workers,
                             skip_existing=skip_existing, shard_size=shard_size)
-    manifest = None
-    if plan.mode == "dir":
-        manifest = prepare_output_folder(plan, layer, loaded, prep, options, seed, overwrite=overwrite)
+    manifest = plan.target / MANIFEST_FILE if plan.mode == "dir" else None
+
+    def before_writing(layer) -> None:
+        if plan.mode == "dir":
+            prepare_output_folder(plan, layer, loaded, prep, options, seed, overwrite=overwrite)
 
     stop = threading.Event()
     caught: list[int] = []
@@ -258,14 +261,13 @@ def encode(
         # The total for the bar, counted beside the run: inputs stream, they are never all held.
         threading.Thread(target=lambda: reporter.set_total(sum(1 for _ in iter_sources(inputs))), daemon=True).start()
     try:
-        summary = run_encode(sources, layer, prep, plan, options, on_result=reporter, stop=stop)
+        summary = run_encode(sources, layer_source, prep, plan, options, on_result=reporter, stop=stop,
+                             on_layer=before_writing)
     finally:
         reporter.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
     reporter.finish(summary)
-    if summary.total == 0 and not caught:
-        raise _fail("no images found in the given inputs", 2)
     if reporter.pipe_closed:
         raise typer.Exit(141)
     if caught:
@@ -276,6 +278,8 @@ def encode(
         raise typer.Exit(128 + caught[0])
     if summary.stopped:
         raise _fail(f"stopped: {summary.stopped}", 1)
+    if summary.total == 0:
+        raise _fail("no images found in the given inputs", 2)
     raise typer.Exit(1 if summary.errors else 0)
 
 

@@ -26,10 +26,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ConfigError, InputError, OutputError
+from .errors import ConfigError, InputError, OutputError, VitembedError
 from .images import Preprocess, load_image
 from .inputs import Source
-from .writers import OutputPlan, atomic_write, tensor_bytes
+from .writers import OutputPlan, atomic_write, tensor_bytes, write_tensor
 
 __all__ = ["EncodeOptions", "Result", "Summary", "encode", "encode_images", "resolve_device"]
 
@@ -144,12 +144,14 @@ def encode(
     on_result: Callable[[Result], None] | None = None,
     stop: threading.Event | None = None,
     stdout: object | None = None,
+    on_layer: Callable[[object], None] | None = None,
 ) -> Summary:
     """Encode every source with `layer` and write each z0 where `plan` says.
 
     Args:
         sources: inputs, consumed lazily (see `inputs.iter_sources`).
-        layer: a `VitInputLayer`; moved to the device.
+        layer: a `VitInputLayer`, or a function that builds one: called once decoding has
+            started, so that building it (importing torch) overlaps the first decodes.
         prep: how files become pixels; its image size must be the layer's.
         plan: where outputs go (`writers.OutputPlan`).
         options: device, dtype, batch size, workers.
@@ -157,21 +159,17 @@ def encode(
         stop: when set (by a signal handler, say), the run finishes the batch in flight and
             returns with `summary.stopped = "interrupted"`.
         stdout: binary stream for `-o -` (default: sys.stdout.buffer).
+        on_layer: called with the layer once it is built, before any output is written (the CLI
+            checks and records the output folder's configuration there).
 
     Returns:
         The run's Summary. Errors of single inputs are reported through `on_result`; an output
         that cannot be written stops the run (`summary.stopped` names it).
     """
     options = options or EncodeOptions()
-    if prep.image_size != layer.config.image_size:
-        raise ConfigError(
-            f"images are resized to {prep.image_size} but the layer takes {layer.config.image_size}"
-        )
-    if prep.channels != layer.config.in_channels:
-        raise ConfigError(
-            f"the layer takes {layer.config.in_channels} channels; images can be read with 1 or 3"
-        )
-    run = _Run(layer, prep, plan, options, on_result or (lambda r: None), stop or threading.Event(), stdout)
+    run = _Run(layer, prep, plan, options, on_result or (lambda r: None), stop or threading.Event(), stdout, on_layer)
+    if hasattr(layer, "config"):
+        run._check_layer(layer.config)
     return run.execute(sources)
 
 
@@ -220,19 +218,16 @@ class _Shard:
 
 
 class _Run:
-    def __init__(self, layer, prep, plan, options, on_result, stop, stdout):
-        import torch
-
-        self.torch = torch
+    def __init__(self, layer, prep, plan, options, on_result, stop, stdout, on_layer):
+        self.layer_source = layer
+        self.on_layer = on_layer
         self.prep = prep
         self.plan = plan
         self.options = options
         self.on_result = on_result
         self.stop = stop
         self.stdout = stdout
-        self.device = resolve_device(options.device)
-        self.layer = layer.to(self.device).eval()
-        self.out_dtype = getattr(torch, options.dtype)
+        self.device = None
         if plan.fmt == "npy" and options.dtype == "bfloat16":
             raise ConfigError("bfloat16 cannot be stored in .npy files; use --format pt or --dtype float16")
         self.shard_size = options.shard_size
@@ -241,20 +236,31 @@ class _Run:
         self.shards: dict[int, _Shard] = {}
         self.full_shards: dict[int, bool] = {}
         self.count = 0  # inputs seen, for the shard rows
-        self.summary = Summary(device=str(self.device))
+        self.summary = Summary()
+        self.layer = None
+        self.saved_threads: int | None = None
         self.writes: deque[_Pending] = deque()
         self.max_pending_batches = 2  # batches being written while the next one computes
 
     def execute(self, sources: Iterable[Source]) -> Summary:
         start = time.perf_counter()
-        workers = self.options.workers if self.options.workers is not None else (os.cpu_count() or 1)
+        self.workers = workers = self.options.workers if self.options.workers is not None else (os.cpu_count() or 1)
         writer = ThreadPoolExecutor(max_workers=self.options.writers, thread_name_prefix="vitembed-write")
         self.writer = writer
-        decoder = _Decoder(self.prep, workers, window=max(2 * self.options.batch_size, 4 * workers), stop=self.stop)
+        decoder = _Decoder(self.prep, workers, window=_window(self.prep, self.options.batch_size, workers), stop=self.stop)
         batch: list[tuple[_Job, np.ndarray]] = []
         try:
-            with self.torch.inference_mode():
-                for job, item in decoder.run(self._jobs(sources)):
+            decoder.start(self._jobs(sources))
+            self._setup_layer()  # imports torch and builds the layer while the workers decode
+        except BaseException:
+            decoder.close()
+            writer.shutdown(wait=False, cancel_futures=True)
+            raise
+        import torch
+
+        try:
+            with torch.inference_mode():
+                for job, item in decoder:
                     if isinstance(job, Result):
                         self._report(job)
                     elif isinstance(item, str):
@@ -282,10 +288,38 @@ class _Run:
         finally:
             decoder.close()
             writer.shutdown(wait=True, cancel_futures=True)
+            if self.saved_threads is not None:
+                import torch
+
+                torch.set_num_threads(self.saved_threads)
             self.summary.elapsed = time.perf_counter() - start
         if self.stop.is_set() and not self.summary.stopped:
             self.summary.stopped = "interrupted"
         return self.summary
+
+    def _setup_layer(self) -> None:
+        import torch
+
+        layer = self.layer_source if hasattr(self.layer_source, "config") else self.layer_source()
+        self._check_layer(layer.config)
+        self.device = resolve_device(self.options.device)
+        self.summary.device = str(self.device)
+        self.layer = layer.to(self.device).eval()
+        self.out_dtype = getattr(torch, self.options.dtype)
+        if self.device.type == "cpu" and self.workers and "OMP_NUM_THREADS" not in os.environ:
+            # The decoding processes keep most cores busy: a few layer threads then beat one per
+            # core, whose barriers stall while decoders hold the cores (measured on 2 cores:
+            # 1 thread is about 10% faster end to end; see benchmarks/).
+            self.saved_threads = torch.get_num_threads()
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // 4))
+        if self.on_layer is not None:
+            self.on_layer(self.layer)
+
+    def _check_layer(self, config) -> None:
+        if self.prep.image_size != config.image_size:
+            raise ConfigError(f"images are resized to {self.prep.image_size} but the layer takes {config.image_size}")
+        if self.prep.channels != config.in_channels:
+            raise ConfigError(f"the layer takes {config.in_channels} channels; images can be read with 1 or 3")
 
     def _jobs(self, sources: Iterable[Source]) -> Iterator[_Job | Result]:
         if self.shard_size:
@@ -440,11 +474,11 @@ def _forward(layer, pixels, prep: Preprocess, device):
 
 
 def _write_file(path: Path, tensor, fmt: str) -> int:
-    return atomic_write(path, tensor_bytes(tensor if fmt == "pt" else tensor.numpy(), fmt))
+    return atomic_write(path, lambda f: write_tensor(f, tensor, fmt))
 
 
 def _write_stream(stream, tensor, fmt: str) -> int:
-    data = tensor_bytes(tensor if fmt == "pt" else tensor.numpy(), fmt)
+    data = tensor_bytes(tensor, fmt)
     stream.write(data)
     stream.flush()
     return len(data)
@@ -474,6 +508,8 @@ class _Decoder:
         self.window = max(window, 1)
         self.stop = stop
         self.pool: ProcessPoolExecutor | None = None
+        self.decoded = 0  # images that came back from a worker, errors included
+        self.deaths = 0  # workers that died on an image tried alone
 
     def _new_pool(self) -> ProcessPoolExecutor:
         method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
@@ -487,17 +523,31 @@ class _Decoder:
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
 
-    def run(self, jobs: Iterable[_Job | Result]) -> Iterator[tuple[_Job | Result, np.ndarray | str | None]]:
+    def start(self, jobs: Iterable[_Job | Result]) -> None:
+        """Begin decoding: the first `window` jobs go to the workers at once, before any result is
+        asked for, so that decoding overlaps whatever the caller does next (importing torch)."""
+        self._jobs = iter(jobs)
+        self._inflight: deque[tuple[_Job | Result, Future | None]] = deque()
+        self._suspects: deque[_Job | Result] = deque()  # in flight when a decoder died: retried alone
+        if self.workers:
+            self._fill()
+
+    def _fill(self) -> None:
+        while len(self._inflight) < self.window and not self.stop.is_set():
+            job = next(self._jobs, None)
+            if job is None:
+                break
+            self._inflight.append((job, None if isinstance(job, Result) else self._submit(job)))
+
+    def __iter__(self) -> Iterator[tuple[_Job | Result, np.ndarray | str | None]]:
         """Yield (job, array or error message) in input order; Results pass through as (result, None)."""
         if self.workers == 0:
-            for job in jobs:
+            for job in self._jobs:
                 if self.stop.is_set():
                     return
                 yield job, None if isinstance(job, Result) else _decode(job.source.path, self.prep)
             return
-        it = iter(jobs)
-        inflight: deque[tuple[_Job | Result, Future | None]] = deque()
-        suspects: deque[_Job | Result] = deque()  # in flight when a decoder died: retried alone
+        inflight, suspects = self._inflight, self._suspects
         while True:
             if suspects:
                 job = suspects.popleft()
@@ -509,14 +559,19 @@ class _Decoder:
                     return
                 if value is _BROKEN:
                     self._restart()
+                    self.deaths += 1
+                    if self.deaths >= 3 and not self.decoded:
+                        raise VitembedError(
+                            "decoder processes die before decoding anything; a script that calls "
+                            "vitembed.encode must guard it with `if __name__ == '__main__':` "
+                            "(or pass EncodeOptions(workers=0))"
+                        )
                     value = "the decoder process died while reading this file"
+                else:
+                    self.decoded += 1
                 yield job, value
                 continue
-            while len(inflight) < self.window and not self.stop.is_set():
-                job = next(it, None)
-                if job is None:
-                    break
-                inflight.append((job, None if isinstance(job, Result) else self._submit(job)))
+            self._fill()
             if not inflight:
                 return
             job, future = inflight.popleft()
@@ -532,6 +587,7 @@ class _Decoder:
                 suspects.extend(j for j, _ in inflight)
                 inflight.clear()
                 continue
+            self.decoded += 1
             yield job, value
 
     def _submit(self, job: _Job) -> Future:
@@ -554,6 +610,12 @@ class _Decoder:
                     return _BROKEN
             if self.stop.is_set():
                 return _STOPPED
+
+
+def _window(prep: Preprocess, batch_size: int, workers: int) -> int:
+    """Images decoded ahead: enough to cover start-up and a few batches, about 64 MB of pixels."""
+    per_image = prep.image_size * prep.image_size * prep.channels
+    return max(2 * batch_size, 4 * workers, min(1024, (64 << 20) // per_image))
 
 
 _BROKEN = object()

@@ -80,7 +80,8 @@ class Reporter:
         self.console = console or Console(stderr=True, highlight=False)
         self.rows: list[Result] = []
         self.pipe_closed = False
-        self._manifest = open(manifest, "a", encoding="utf-8") if manifest is not None else None
+        self._manifest_path = manifest
+        self._manifest = None  # opened with the first result: the folder is checked before that
         self._progress = None
         self._task = None
         if not quiet and self.console.is_terminal:
@@ -109,7 +110,9 @@ class Reporter:
                                highlight=False, soft_wrap=True)
         if len(self.rows) < TABLE_ROWS:
             self.rows.append(result)
-        if self._manifest is not None:
+        if self._manifest_path is not None:
+            if self._manifest is None:
+                self._manifest = open(self._manifest_path, "a", encoding="utf-8")
             record = result_record(result, relative_to_target(result.output, self.target))
             self._manifest.write(json.dumps(record) + "\n")
             self._manifest.flush()
@@ -142,6 +145,7 @@ class Reporter:
         if self._manifest is not None:
             self._manifest.close()
             self._manifest = None
+        self._manifest_path = None
 
     def finish(self, summary: Summary) -> None:
         """Print the table and the summary (unless quiet)."""

@@ -28,6 +28,7 @@ __all__ = [
     "atomic_write",
     "clean_stale_temporaries",
     "tensor_bytes",
+    "write_tensor",
 ]
 
 FORMATS = ("npy", "pt")
@@ -105,17 +106,23 @@ class OutputPlan:
         return "-" if path is None else str(path)
 
 
-def tensor_bytes(array: np.ndarray | object, fmt: str) -> bytes:
-    """The bytes of one output file: a .npy array, or a .pt tensor (loadable with weights_only)."""
-    buffer = io.BytesIO()
+def write_tensor(f: BinaryIO, tensor, fmt: str) -> None:
+    """Write one output to an open binary file: a .npy array, or a .pt tensor (weights_only-loadable)."""
     if fmt == "npy":
-        np.save(buffer, array, allow_pickle=False)
+        array = tensor if isinstance(tensor, np.ndarray) else tensor.numpy()
+        np.save(f, array, allow_pickle=False)
     else:
         import torch
 
-        tensor = array if isinstance(array, torch.Tensor) else torch.from_numpy(np.asarray(array))
+        tensor = tensor if isinstance(tensor, torch.Tensor) else torch.from_numpy(np.asarray(tensor))
         # A view would drag its whole batch's storage into the file: save a compact copy.
-        torch.save(tensor.clone(memory_format=torch.contiguous_format), buffer)
+        torch.save(tensor.clone(memory_format=torch.contiguous_format), f)
+
+
+def tensor_bytes(tensor, fmt: str) -> bytes:
+    """The bytes `write_tensor` writes, for a stream such as stdout."""
+    buffer = io.BytesIO()
+    write_tensor(buffer, tensor, fmt)
     return buffer.getvalue()
 
 
