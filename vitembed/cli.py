@@ -153,7 +153,8 @@ def encode(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per layer call.", rich_help_panel=RUN)] = 32,
     workers: Annotated[Optional[int], typer.Option("--workers", "-j", help="Decoding processes (default: one per core; 0: decode in the main process).", rich_help_panel=RUN)] = None,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Resume: skip inputs whose output already exists.", rich_help_panel=RUN)] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Re-encode into an -o folder that was made with another configuration.", rich_help_panel=RUN)] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Re-encode into an -o folder that was made with another configuration (its old outputs are removed first).", rich_help_panel=RUN)] = False,
+    decode_timeout: Annotated[float, typer.Option("--decode-timeout", help="Seconds one image may take to decode before it is reported as an error (with --workers > 0).", rich_help_panel=RUN)] = 120.0,
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per input on stdout, as each finishes.", rich_help_panel=RUN)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table, summary or progress bar on stderr.", rich_help_panel=RUN)] = False,
 ) -> None:
@@ -208,10 +209,14 @@ def encode(
     from .report import prepare_output_folder
 
     options = EncodeOptions(device=device, dtype=dtype.value, batch_size=batch_size, workers=workers,
-                            skip_existing=skip_existing)
+                            skip_existing=skip_existing, decode_timeout=decode_timeout)
     manifest = None
     if plan.mode == "dir":
         manifest = prepare_output_folder(plan, layer, loaded, prep, options, seed, overwrite=overwrite)
+        if skip_existing:
+            from .report import read_manifest
+
+            options.trusted_outputs = read_manifest(manifest)
 
     stop = threading.Event()
     caught: list[int] = []
@@ -388,4 +393,8 @@ def inspect(
 
 
 def main() -> None:
-    app(prog_name="vitembed")
+    try:
+        app(prog_name="vitembed")
+    except KeyboardInterrupt:  # Ctrl-C before the encode loop took over: nothing half-done to report
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)

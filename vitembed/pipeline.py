@@ -47,6 +47,10 @@ class EncodeOptions:
         workers: decoding processes; 0 decodes in this process.
         writers: threads writing files, so that disk I/O overlaps compute.
         skip_existing: inputs whose output file exists are skipped (status `skipped`).
+        decode_timeout: seconds one image may take to decode before its decoder process is
+            killed and the image reported as an error (None: no limit; needs workers > 0).
+        trusted_outputs: for `skip_existing`, output path -> the input it was made from (from
+            the manifest of -o DIR); an existing output made from another input is re-encoded.
     """
 
     device: str = "auto"
@@ -55,6 +59,8 @@ class EncodeOptions:
     workers: int | None = None  # None: one per core
     writers: int = 2
     skip_existing: bool = False
+    decode_timeout: float | None = 120.0  # far above any sane decode; a hung decoder must not stall the run
+    trusted_outputs: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -65,6 +71,8 @@ class EncodeOptions:
             raise ConfigError(f"workers must be 0 or more, got {self.workers}")
         if self.writers < 1:
             raise ConfigError(f"writers must be at least 1, got {self.writers}")
+        if self.decode_timeout is not None and self.decode_timeout <= 0:
+            raise ConfigError(f"decode timeout must be positive, got {self.decode_timeout}")
 
 
 @dataclass
@@ -222,7 +230,8 @@ class _Run:
         start = time.perf_counter()
         workers = self.options.workers if self.options.workers is not None else (os.cpu_count() or 1)
         writer = ThreadPoolExecutor(max_workers=self.options.writers, thread_name_prefix="vitembed-write")
-        decoder = _Decoder(self.prep, workers, window=max(2 * self.options.batch_size, 4 * workers), stop=self.stop)
+        decoder = _Decoder(self.prep, workers, window=max(2 * self.options.batch_size, 4 * workers), stop=self.stop,
+                           timeout=self.options.decode_timeout)
         batch: list[tuple[_Job, np.ndarray]] = []
         try:
             with self.torch.inference_mode():
@@ -258,10 +267,26 @@ class _Run:
             output = self.plan.assign(source)
             if source.error:
                 yield Result(source.path, None, "error", error=source.error)
-            elif self.options.skip_existing and output is not None and output.exists():
-                yield Result(source.path, output, "skipped")
+            elif self.options.skip_existing and output is not None and self._made_from(output, source):
+                yield Result(source.path, output, "skipped", tuple(self.layer.config.token_shape), self.options.dtype)
             else:
                 yield _Job(source, output)
+
+    def _made_from(self, output: Path, source: Source) -> bool:
+        """Whether `output` exists and holds `source`'s tokens (as far as the manifest knows)."""
+        if not output.exists():
+            return False
+        known = self.options.trusted_outputs
+        if known is None or self.plan.target is None:
+            return True
+        try:
+            key = str(output.relative_to(self.plan.target))
+        except ValueError:
+            return True
+        # An output the manifest gives to another input (an input set that changed between runs
+        # moves collision names) is re-encoded, never taken for this input's.
+        name = os.fsencode(source.path).decode("utf-8", "backslashreplace")  # as the manifest writes it
+        return known.get(key, name) == name
 
     def _run_batch(self, batch: list[tuple[_Job, np.ndarray]], writer: ThreadPoolExecutor) -> None:
         jobs = [job for job, _ in batch]
@@ -343,9 +368,43 @@ def _write_stream(stream, tensor, fmt: str) -> int:
 # --- decoding ------------------------------------------------------------------------------
 
 
-def _worker_init() -> None:
+def _worker_init(max_pixels: int = 0) -> None:
     # The parent decides when to stop: a terminal's Ctrl-C reaches the whole process group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # C decoders (libtiff, ...) print their complaints straight to stderr; each bad file is
+    # reported once, by the parent, as a result.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    except OSError:
+        pass
+    if max_pixels:
+        _limit_memory(max_pixels)
+
+
+def _limit_memory(max_pixels: int) -> None:
+    """Cap a decoder's address space, so that no file, whatever it claims, exhausts the machine.
+
+    --max-pixels already refuses large images from their header; this catches the allocations a
+    header does not announce. A decode of the largest allowed image needs about 24 bytes per
+    pixel at its peak (16-bit input scaled to 8 bits); an allocation beyond the cap is a
+    MemoryError, which fails that one file.
+    """
+    try:
+        import resource
+
+        limit = _BASE_ADDRESS_SPACE + 32 * max_pixels
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        if soft == resource.RLIM_INFINITY or soft > limit:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (ImportError, ValueError, OSError):  # not on this platform: --max-pixels still holds
+        pass
+
+
+_BASE_ADDRESS_SPACE = 4 << 30  # the interpreter, numpy and Pillow mapped, with room to spare
 
 
 def _decode(path: Path, prep: Preprocess) -> np.ndarray | str:
@@ -358,11 +417,13 @@ def _decode(path: Path, prep: Preprocess) -> np.ndarray | str:
 class _Decoder:
     """Ordered, bounded parallel decoding that survives decoder processes dying."""
 
-    def __init__(self, prep: Preprocess, workers: int, window: int, stop: threading.Event):
+    def __init__(self, prep: Preprocess, workers: int, window: int, stop: threading.Event,
+                 timeout: float | None = None):
         self.prep = prep
         self.workers = workers
         self.window = max(window, 1)
         self.stop = stop
+        self.timeout = timeout
         self.pool: ProcessPoolExecutor | None = None
 
     def _new_pool(self) -> ProcessPoolExecutor:
@@ -370,12 +431,24 @@ class _Decoder:
         ctx = multiprocessing.get_context(method)
         if method == "forkserver":
             ctx.set_forkserver_preload(["vitembed.images"])
-        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init)
+        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init,
+                                   initargs=(self.prep.max_pixels,))
 
     def close(self) -> None:
         if self.pool is not None:
+            if self.stop.is_set():
+                self._kill_workers()  # a stop must not wait for a slow or hung decode
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
+
+    def _kill_workers(self) -> None:
+        assert self.pool is not None
+        processes = getattr(self.pool, "_processes", None) or {}
+        for process in list(processes.values()):
+            try:
+                process.kill()
+            except (OSError, ValueError, AttributeError):
+                pass
 
     def run(self, jobs: Iterable[_Job | Result]) -> Iterator[tuple[_Job | Result, np.ndarray | str | None]]:
         """Yield (job, array or error message) in input order; Results pass through as (result, None)."""
@@ -400,6 +473,9 @@ class _Decoder:
                 if value is _BROKEN:
                     self._restart()
                     value = "the decoder process died while reading this file"
+                elif value is _TIMEOUT:
+                    self._restart(kill=True)
+                    value = self._timeout_message()
                 yield job, value
                 continue
             while len(inflight) < self.window and not self.stop.is_set():
@@ -422,6 +498,14 @@ class _Decoder:
                 suspects.extend(j for j, _ in inflight)
                 inflight.clear()
                 continue
+            if value is _TIMEOUT:
+                # The oldest job in flight has been decoding alone for the whole timeout: it is the
+                # one that hangs. The others lose their decoder with it and are retried.
+                self._restart(kill=True)
+                suspects.extend(j for j, _ in inflight)
+                inflight.clear()
+                yield job, self._timeout_message()
+                continue
             yield job, value
 
     def _submit(self, job: _Job) -> Future:
@@ -429,12 +513,18 @@ class _Decoder:
             self.pool = self._new_pool()
         return self.pool.submit(_decode, job.source.path, self.prep)
 
-    def _restart(self) -> None:
+    def _restart(self, kill: bool = False) -> None:
         if self.pool is not None:
+            if kill:
+                self._kill_workers()
             self.pool.shutdown(wait=False, cancel_futures=True)
         self.pool = None
 
+    def _timeout_message(self) -> str:
+        return f"decoding took longer than {self.timeout:g} s; the decoder was stopped"
+
     def _result(self, future: Future):
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
             done, _ = wait([future], timeout=0.2, return_when=FIRST_COMPLETED)
             if done:
@@ -442,9 +532,14 @@ class _Decoder:
                     return future.result()
                 except BrokenProcessPool:
                     return _BROKEN
+                except Exception as exc:  # a result that cannot come back costs this file only
+                    return f"the decoder failed: {type(exc).__name__}: {exc}"
             if self.stop.is_set():
                 return _STOPPED
+            if deadline is not None and time.monotonic() > deadline:
+                return _TIMEOUT
 
 
 _BROKEN = object()
 _STOPPED = object()
+_TIMEOUT = object()
