@@ -239,6 +239,8 @@ def _to_8bit(im: Image.Image) -> Image.Image:
 def _to_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     if im.mode in _HIGH_BIT_MODES:
         im = _to_8bit(im)
+    if im.mode == "La":
+        im = im.convert("LA")  # Pillow converts premultiplied grey + alpha to nothing else
     if im.mode == "RGB":
         return im
     if im.mode == "P" and "transparency" in im.info or im.mode in ("RGBA", "LA", "PA", "La", "RGBa"):

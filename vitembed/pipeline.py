@@ -511,7 +511,12 @@ class _Decoder:
     def _submit(self, job: _Job) -> Future:
         if self.pool is None:
             self.pool = self._new_pool()
-        return self.pool.submit(_decode, job.source.path, self.prep)
+        try:
+            return self.pool.submit(_decode, job.source.path, self.prep)
+        except (BrokenProcessPool, RuntimeError) as exc:  # a decoder died since the last look
+            future: Future = Future()
+            future.set_exception(exc if isinstance(exc, BrokenProcessPool) else BrokenProcessPool(str(exc)))
+            return future
 
     def _restart(self, kill: bool = False) -> None:
         if self.pool is not None:
