@@ -392,7 +392,12 @@ def inspect(
     raise typer.Exit(1 if failed else 0)
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # SIGTERM before the encode loop: unwind (temporaries removed), exit 143
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app(prog_name="vitembed")
     except KeyboardInterrupt:  # Ctrl-C before the encode loop took over: nothing half-done to report
