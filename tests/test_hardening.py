@@ -312,6 +312,19 @@ def test_fifo_in_folder_is_an_error_and_a_hung_decode_times_out(tmp_path):
     assert "longer than 2 s" in rec["pipe.png"]["error"] and rec["a.png"]["status"] == "ok"
 
 
+def test_ctrl_c_does_not_wait_for_a_hung_decode(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    make_image(tmp_path / "a.png")
+    proc = _start("encode", tmp_path / "pipe.png", tmp_path / "a.png", "-o", tmp_path / "out", "-j", "1", *SMALL)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "out" / "run.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the run is under way, its decoder blocked on the FIFO
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=20)  # far below the 120 s decode timeout
+    assert proc.returncode == 130 and b"--skip-existing" in stderr and b"Traceback" not in stderr
+
+
 # --- subprocess runs that are signalled or lose a worker -----------------------------------
 
 
