@@ -187,7 +187,8 @@ def encode(
     workers: Annotated[Optional[int], typer.Option("--workers", "-j", help="Decoding processes (default: one per core; 0: decode in the main process).", rich_help_panel=RUN)] = None,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Resume: skip inputs whose output already exists.", rich_help_panel=RUN)] = False,
     shard_size: Annotated[Optional[int], typer.Option("--shard-size", help="Write shards of K stacked tensors, (K, N+1, D) .npy files, into the -o folder; manifest.jsonl maps each input to its shard and row.", rich_help_panel=RUN)] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Re-encode into an -o folder that was made with another configuration.", rich_help_panel=RUN)] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Re-encode into an -o folder that was made with another configuration (its old outputs are removed first).", rich_help_panel=RUN)] = False,
+    decode_timeout: Annotated[float, typer.Option("--decode-timeout", help="Seconds one image may take to decode before it is reported as an error (with --workers > 0).", rich_help_panel=RUN)] = 120.0,
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per input on stdout, as each finishes.", rich_help_panel=RUN)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table, summary or progress bar on stderr.", rich_help_panel=RUN)] = False,
 ) -> None:
@@ -205,6 +206,7 @@ def encode(
     """
     from .images import parse_color
     from .inputs import iter_sources
+    from .pipeline import EncodeOptions, LazyLayer, encode as run_encode
     from .writers import OutputPlan
 
     plan = OutputPlan.from_option(output, fmt.value if fmt else None)
@@ -224,10 +226,11 @@ def encode(
     if weights is None:
         # torch is not needed yet: the layer is built once decoding has started.
         config, loaded = _layer_config(preset, image_size, patch_size, num_patch_row, emb_dim, in_channels), None
-        layer_source = functools.partial(_random_layer, config, seed)
+        layer_source = LazyLayer(config, functools.partial(_random_layer, config, seed))
     else:
         loaded = _load_weights(weights, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels)
-        config, layer_source = loaded.config, loaded.build
+        config = loaded.config
+        layer_source = LazyLayer(config, loaded.build)
     _notice(loaded, quiet)
     prep = _preprocess(
         config, loaded, resize=resize.value if resize else None, crop_pct=crop_pct,
@@ -235,12 +238,15 @@ def encode(
         background=parse_color(background), fast_decode=fast_decode, max_pixels=max_pixels,
     )
 
-    from .pipeline import EncodeOptions, encode as run_encode
     from .report import MANIFEST_FILE, Reporter, prepare_output_folder
 
     options = EncodeOptions(device=device, dtype=dtype.value, batch_size=batch_size, workers=workers,
-                            skip_existing=skip_existing, shard_size=shard_size)
+                            skip_existing=skip_existing, shard_size=shard_size, decode_timeout=decode_timeout)
     manifest = plan.target / MANIFEST_FILE if plan.mode == "dir" else None
+    if manifest is not None and skip_existing:
+        from .report import read_manifest
+
+        options.trusted_outputs = read_manifest(manifest)
 
     def before_writing(layer) -> None:
         if plan.mode == "dir":
@@ -449,5 +455,14 @@ def inspect(
     raise typer.Exit(1 if failed else 0)
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # SIGTERM before the encode loop: unwind (temporaries removed), exit 143
+
+
 def main() -> None:
-    app(prog_name="vitembed")
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        app(prog_name="vitembed")
+    except KeyboardInterrupt:  # Ctrl-C before the encode loop took over: nothing half-done to report
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)

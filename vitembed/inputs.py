@@ -91,9 +91,20 @@ def _walk(root: Path) -> Iterator[Source]:
             if entry_is_dir:
                 subfolders.append((Path(entry.path), rel / entry.name))
             elif is_image_path(entry.name):
-                yield Source(Path(entry.path), rel / entry.name)
+                yield Source(Path(entry.path), rel / entry.name, _not_regular(entry))
         # Files of a folder first, then its subfolders in name order.
         stack.extend(reversed(subfolders))
+
+
+def _not_regular(entry: os.DirEntry) -> str | None:
+    """Why a folder entry cannot be read as a file (a FIFO would block its reader forever)."""
+    try:
+        if entry.is_file():
+            return None
+        os.stat(entry.path)
+    except OSError as exc:
+        return "broken symbolic link" if entry.is_symlink() else f"cannot read: {exc.strerror or exc}"
+    return "not a regular file (a FIFO, socket or device)"
 
 
 def _safe_relative(path: Path) -> PurePath:

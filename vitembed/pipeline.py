@@ -23,17 +23,27 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, Thr
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .errors import ConfigError, InputError, OutputError, VitembedError
+from .config import LayerConfig
 from .images import Preprocess, load_image
 from .inputs import Source
 from .writers import OutputPlan, atomic_write, tensor_bytes, write_tensor
 
-__all__ = ["EncodeOptions", "Result", "Summary", "encode", "encode_images", "resolve_device"]
+__all__ = ["EncodeOptions", "LazyLayer", "Result", "Summary", "encode", "encode_images", "resolve_device"]
 
 DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class LazyLayer:
+    """A layer whose shape is known now and whose module is built later (see `encode`)."""
+
+    config: LayerConfig
+    build: Callable[[], Any]
 
 
 @dataclass
@@ -51,6 +61,10 @@ class EncodeOptions:
         shard_size: K > 0 writes shards of K stacked tensors, (K, N+1, D) .npy files, instead of
             one file per image; input number i (counted from 0, failed ones included) is row
             i % K of shard i // K.
+        decode_timeout: seconds one image may take to decode before its decoder process is
+            killed and the image reported as an error (None: no limit; needs workers > 0).
+        trusted_outputs: for `skip_existing`, output path -> the input it was made from (from
+            the manifest of -o DIR); an existing output made from another input is re-encoded.
     """
 
     device: str = "auto"
@@ -60,6 +74,8 @@ class EncodeOptions:
     writers: int = 2
     skip_existing: bool = False
     shard_size: int | None = None
+    decode_timeout: float | None = 120.0  # far above any sane decode; a hung decoder must not stall the run
+    trusted_outputs: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -72,6 +88,8 @@ class EncodeOptions:
             raise ConfigError(f"writers must be at least 1, got {self.writers}")
         if self.shard_size is not None and self.shard_size < 1:
             raise ConfigError(f"shard size must be at least 1, got {self.shard_size}")
+        if self.decode_timeout is not None and self.decode_timeout <= 0:
+            raise ConfigError(f"decode timeout must be positive, got {self.decode_timeout}")
 
 
 @dataclass
@@ -150,8 +168,8 @@ def encode(
 
     Args:
         sources: inputs, consumed lazily (see `inputs.iter_sources`).
-        layer: a `VitInputLayer`, or a function that builds one: called once decoding has
-            started, so that building it (importing torch) overlaps the first decodes.
+        layer: a `VitInputLayer`, or a `LazyLayer` built once decoding has started, so that
+            building it (importing torch) overlaps the first decodes.
         prep: how files become pixels; its image size must be the layer's.
         plan: where outputs go (`writers.OutputPlan`).
         options: device, dtype, batch size, workers.
@@ -168,8 +186,7 @@ def encode(
     """
     options = options or EncodeOptions()
     run = _Run(layer, prep, plan, options, on_result or (lambda r: None), stop or threading.Event(), stdout, on_layer)
-    if hasattr(layer, "config"):
-        run._check_layer(layer.config)
+    run._check_layer(layer.config)
     return run.execute(sources)
 
 
@@ -247,7 +264,8 @@ class _Run:
         self.workers = workers = self.options.workers if self.options.workers is not None else (os.cpu_count() or 1)
         writer = ThreadPoolExecutor(max_workers=self.options.writers, thread_name_prefix="vitembed-write")
         self.writer = writer
-        decoder = _Decoder(self.prep, workers, window=_window(self.prep, self.options.batch_size, workers), stop=self.stop)
+        decoder = _Decoder(self.prep, workers, window=_window(self.prep, self.options.batch_size, workers), stop=self.stop,
+                           timeout=self.options.decode_timeout)
         batch: list[tuple[_Job, np.ndarray]] = []
         try:
             decoder.start(self._jobs(sources))
@@ -300,8 +318,8 @@ class _Run:
     def _setup_layer(self) -> None:
         import torch
 
-        layer = self.layer_source if hasattr(self.layer_source, "config") else self.layer_source()
-        self._check_layer(layer.config)
+        source = self.layer_source
+        layer = source.build() if isinstance(source, LazyLayer) else source
         self.device = resolve_device(self.options.device)
         self.summary.device = str(self.device)
         self.layer = layer.to(self.device).eval()
@@ -329,8 +347,8 @@ class _Run:
             output = self.plan.assign(source)
             if source.error:
                 yield Result(source.path, None, "error", error=source.error)
-            elif self.options.skip_existing and output is not None and output.exists():
-                yield Result(source.path, output, "skipped")
+            elif self.options.skip_existing and output is not None and self._made_from(output, source):
+                yield Result(source.path, output, "skipped", tuple(self.layer_source.config.token_shape), self.options.dtype)
             else:
                 yield _Job(source, output)
 
@@ -381,10 +399,25 @@ class _Run:
         rows = shard.rows
         if last:  # the last shard: rows up to the last input, (n, N+1, D)
             rows = rows[: min(self.shard_size, self.count - index * self.shard_size)]
-        future = writer.submit(atomic_write, shard.path, lambda f: np.save(f, rows, allow_pickle=False))
+        future = writer.submit(atomic_write, shard.path, lambda f: write_tensor(f, rows, "npy"))
         jobs = [job for _, job in shard.jobs]
         self.writes.append(_Pending(jobs, [future], tuple(rows.shape[1:]), self.options.dtype,
                                     rows=[row for row, _ in shard.jobs]))
+    def _made_from(self, output: Path, source: Source) -> bool:
+        """Whether `output` exists and holds `source`'s tokens (as far as the manifest knows)."""
+        if not output.exists():
+            return False
+        known = self.options.trusted_outputs
+        if known is None or self.plan.target is None:
+            return True
+        try:
+            key = str(output.relative_to(self.plan.target))
+        except ValueError:
+            return True
+        # An output the manifest gives to another input (an input set that changed between runs
+        # moves collision names) is re-encoded, never taken for this input's.
+        name = os.fsencode(source.path).decode("utf-8", "backslashreplace")  # as the manifest writes it
+        return known.get(key, name) == name
 
     def _run_batch(self, batch: list[tuple[_Job, np.ndarray]], writer: ThreadPoolExecutor) -> None:
         jobs = [job for job, _ in batch]
@@ -487,9 +520,43 @@ def _write_stream(stream, tensor, fmt: str) -> int:
 # --- decoding ------------------------------------------------------------------------------
 
 
-def _worker_init() -> None:
+def _worker_init(max_pixels: int = 0) -> None:
     # The parent decides when to stop: a terminal's Ctrl-C reaches the whole process group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # C decoders (libtiff, ...) print their complaints straight to stderr; each bad file is
+    # reported once, by the parent, as a result.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    except OSError:
+        pass
+    if max_pixels:
+        _limit_memory(max_pixels)
+
+
+def _limit_memory(max_pixels: int) -> None:
+    """Cap a decoder's address space, so that no file, whatever it claims, exhausts the machine.
+
+    --max-pixels already refuses large images from their header; this catches the allocations a
+    header does not announce. A decode of the largest allowed image needs about 24 bytes per
+    pixel at its peak (16-bit input scaled to 8 bits); an allocation beyond the cap is a
+    MemoryError, which fails that one file.
+    """
+    try:
+        import resource
+
+        limit = _BASE_ADDRESS_SPACE + 32 * max_pixels
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        if soft == resource.RLIM_INFINITY or soft > limit:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (ImportError, ValueError, OSError):  # not on this platform: --max-pixels still holds
+        pass
+
+
+_BASE_ADDRESS_SPACE = 4 << 30  # the interpreter, numpy and Pillow mapped, with room to spare
 
 
 def _decode(path: Path, prep: Preprocess) -> np.ndarray | str:
@@ -502,11 +569,13 @@ def _decode(path: Path, prep: Preprocess) -> np.ndarray | str:
 class _Decoder:
     """Ordered, bounded parallel decoding that survives decoder processes dying."""
 
-    def __init__(self, prep: Preprocess, workers: int, window: int, stop: threading.Event):
+    def __init__(self, prep: Preprocess, workers: int, window: int, stop: threading.Event,
+                 timeout: float | None = None):
         self.prep = prep
         self.workers = workers
         self.window = max(window, 1)
         self.stop = stop
+        self.timeout = timeout
         self.pool: ProcessPoolExecutor | None = None
         self.decoded = 0  # images that came back from a worker, errors included
         self.deaths = 0  # workers that died on an image tried alone
@@ -516,12 +585,24 @@ class _Decoder:
         ctx = multiprocessing.get_context(method)
         if method == "forkserver":
             ctx.set_forkserver_preload(["vitembed.images"])
-        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init)
+        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init,
+                                   initargs=(self.prep.max_pixels,))
 
     def close(self) -> None:
         if self.pool is not None:
+            if self.stop.is_set():
+                self._kill_workers()  # a stop must not wait for a slow or hung decode
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
+
+    def _kill_workers(self) -> None:
+        assert self.pool is not None
+        processes = getattr(self.pool, "_processes", None) or {}
+        for process in list(processes.values()):
+            try:
+                process.kill()
+            except (OSError, ValueError, AttributeError):
+                pass
 
     def start(self, jobs: Iterable[_Job | Result]) -> None:
         """Begin decoding: the first `window` jobs go to the workers at once, before any result is
@@ -567,6 +648,9 @@ class _Decoder:
                             "(or pass EncodeOptions(workers=0))"
                         )
                     value = "the decoder process died while reading this file"
+                elif value is _TIMEOUT:
+                    self._restart(kill=True)
+                    value = self._timeout_message()
                 else:
                     self.decoded += 1
                 yield job, value
@@ -587,20 +671,39 @@ class _Decoder:
                 suspects.extend(j for j, _ in inflight)
                 inflight.clear()
                 continue
+            if value is _TIMEOUT:
+                # The oldest job in flight has been decoding alone for the whole timeout: it is the
+                # one that hangs. The others lose their decoder with it and are retried.
+                self._restart(kill=True)
+                suspects.extend(j for j, _ in inflight)
+                inflight.clear()
+                yield job, self._timeout_message()
+                continue
             self.decoded += 1
             yield job, value
 
     def _submit(self, job: _Job) -> Future:
         if self.pool is None:
             self.pool = self._new_pool()
-        return self.pool.submit(_decode, job.source.path, self.prep)
+        try:
+            return self.pool.submit(_decode, job.source.path, self.prep)
+        except (BrokenProcessPool, RuntimeError) as exc:  # a decoder died since the last look
+            future: Future = Future()
+            future.set_exception(exc if isinstance(exc, BrokenProcessPool) else BrokenProcessPool(str(exc)))
+            return future
 
-    def _restart(self) -> None:
+    def _restart(self, kill: bool = False) -> None:
         if self.pool is not None:
+            if kill:
+                self._kill_workers()
             self.pool.shutdown(wait=False, cancel_futures=True)
         self.pool = None
 
+    def _timeout_message(self) -> str:
+        return f"decoding took longer than {self.timeout:g} s; the decoder was stopped"
+
     def _result(self, future: Future):
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         while True:
             done, _ = wait([future], timeout=0.2, return_when=FIRST_COMPLETED)
             if done:
@@ -608,8 +711,12 @@ class _Decoder:
                     return future.result()
                 except BrokenProcessPool:
                     return _BROKEN
+                except Exception as exc:  # a result that cannot come back costs this file only
+                    return f"the decoder failed: {type(exc).__name__}: {exc}"
             if self.stop.is_set():
                 return _STOPPED
+            if deadline is not None and time.monotonic() > deadline:
+                return _TIMEOUT
 
 
 def _window(prep: Preprocess, batch_size: int, workers: int) -> int:
@@ -620,3 +727,4 @@ def _window(prep: Preprocess, batch_size: int, workers: int) -> int:
 
 _BROKEN = object()
 _STOPPED = object()
+_TIMEOUT = object()

@@ -112,10 +112,16 @@ class Reporter:
             self.rows.append(result)
         if self._manifest_path is not None:
             if self._manifest is None:
-                self._manifest = open(self._manifest_path, "a", encoding="utf-8")
+                self._manifest = _open_manifest(self._manifest_path)
             record = result_record(result, relative_to_target(result.output, self.target))
-            self._manifest.write(json.dumps(record) + "\n")
-            self._manifest.flush()
+            try:
+                self._manifest.write(json.dumps(record) + "\n")
+                self._manifest.flush()
+            except OSError as exc:
+                from .errors import OutputError
+                from .writers import describe_os_error
+
+                raise OutputError(f"{display_path(self._manifest.name)}: {describe_os_error(exc)}") from None
         if self.json_lines and not self.pipe_closed:
             try:
                 self.stdout.write(json.dumps(result_record(result)) + "\n")
@@ -143,7 +149,10 @@ class Reporter:
             self._progress.stop()
             self._progress = None
         if self._manifest is not None:
-            self._manifest.close()
+            try:
+                self._manifest.close()
+            except OSError:  # a full disk: the lines that fit are whole, see _open_manifest
+                pass
             self._manifest = None
         self._manifest_path = None
 
@@ -174,6 +183,50 @@ class Reporter:
             f"{summary.elapsed:.2f} s, {rate:.1f} images/s on {summary.device}",
             highlight=False,
         )
+
+
+def _open_manifest(path: Path) -> IO[str]:
+    """Open manifest.jsonl for appending, first dropping a last line torn by a killed run."""
+    from .errors import OutputError
+    from .writers import describe_os_error
+
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, os.SEEK_END)
+            if size:
+                f.seek(max(0, size - 65536))
+                tail = f.read()
+                if not tail.endswith(b"\n"):
+                    cut = tail.rfind(b"\n")
+                    f.truncate(size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= 65536 else size))
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise OutputError(f"{display_path(path)}: {describe_os_error(exc)}") from None
+    try:
+        return open(path, "a", encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"{display_path(path)}: {describe_os_error(exc)}") from None
+
+
+def read_manifest(path: Path) -> dict[str, str]:
+    """Output (relative to -o DIR) -> the input it was last made from, from a manifest.jsonl.
+
+    Unreadable lines (a torn last line) are passed over.
+    """
+    made: dict[str, str] = {}
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                try:
+                    record = json.loads(line)
+                    if record.get("status") in ("ok", "skipped") and record.get("output"):
+                        made[record["output"]] = record["input"]
+                except (ValueError, AttributeError, TypeError):
+                    continue
+    except OSError:
+        pass
+    return made
 
 
 # --- the run record of an output folder ----------------------------------------------------
@@ -239,11 +292,34 @@ def prepare_output_folder(plan, layer, loaded, prep, options, seed: int, overwri
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if overwrite:
+            if run_file.exists():
+                _remove_outputs_of_other_config(folder, run_file, config)
             (folder / MANIFEST_FILE).unlink(missing_ok=True)
     except OSError as exc:
-        raise OutputError(f"{folder}: {describe_os_error(exc)}") from None
+        raise OutputError(f"{display_path(folder)}: {describe_os_error(exc)}") from None
     atomic_write(run_file, (json.dumps(record, indent=2) + "\n").encode())
     return folder / MANIFEST_FILE
+
+
+def _remove_outputs_of_other_config(folder: Path, run_file: Path, config: dict) -> None:
+    """--overwrite into a folder of another configuration: remove the outputs its manifest lists.
+
+    Done before run.json changes, so that a run stopped half-way leaves the old configuration
+    with fewer files (which --skip-existing completes), never old outputs under the new run.json.
+    Only files the manifest names, inside the folder, with an output suffix, are removed.
+    """
+    try:
+        previous = json.loads(run_file.read_text(encoding="utf-8")).get("config")
+    except (OSError, ValueError, AttributeError):
+        previous = None
+    if previous == config:
+        return
+    root = folder.resolve()
+    for rel in read_manifest(folder / MANIFEST_FILE):
+        path = (folder / rel).resolve()
+        if path.suffix.lower() not in (".npy", ".pt") or root not in path.parents:
+            continue
+        path.unlink(missing_ok=True)
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:

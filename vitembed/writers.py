@@ -109,8 +109,10 @@ class OutputPlan:
 def write_tensor(f: BinaryIO, tensor, fmt: str) -> None:
     """Write one output to an open binary file: a .npy array, or a .pt tensor (weights_only-loadable)."""
     if fmt == "npy":
-        array = tensor if isinstance(tensor, np.ndarray) else tensor.numpy()
-        np.save(f, array, allow_pickle=False)
+        array = np.ascontiguousarray(tensor if isinstance(tensor, np.ndarray) else tensor.numpy())
+        # np.save's bytes, written with f.write: ndarray.tofile reports a full disk without errno.
+        np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
+        f.write(memoryview(array).cast("B"))
     else:
         import torch
 
