@@ -199,3 +199,31 @@ def test_wrong_input_shape_names_expected():
     layer = build_layer(LayerConfig(32, 16, 8))
     with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\)"):
         layer(torch.zeros(1, 3, 16, 16))
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        LayerConfig(32, 8, 24),
+        LayerConfig(32, 8, 24, num_reg_tokens=2),
+        LayerConfig(32, 8, 24, num_reg_tokens=4, pos_embed_prefix=False),
+        LayerConfig(32, 8, 24, class_token=False),
+        LayerConfig(28, 7, 16, in_channels=1),
+    ],
+)
+def test_forward_pixels_equals_normalise_then_forward(config):
+    """The pipeline's fused path (normalisation folded into E) gives forward's tokens."""
+    layer = build_layer(config, seed=2)
+    with torch.no_grad():
+        torch.nn.init.normal_(layer.pos_emb)
+        if layer.reg_token is not None:
+            torch.nn.init.normal_(layer.reg_token)
+    c, s = config.in_channels, config.image_size
+    pixels = torch.randint(0, 256, (3, s, s, c), dtype=torch.uint8)
+    mean, std = torch.rand(c), torch.rand(c) + 0.1
+    x = (pixels.permute(0, 3, 1, 2).float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.forward_pixels(pixels, mean, std), layer(x), rtol=1e-5, atol=1e-4)
+    layer.patch_emb_layer.bias = None
+    with torch.no_grad():
+        torch.testing.assert_close(layer.forward_pixels(pixels, mean, std), layer(x), rtol=1e-5, atol=1e-4)

@@ -26,7 +26,8 @@ from vitembed.writers import OutputPlan
 
 @pytest.mark.parametrize("preset", ["seed", "vit-b16", "vit-b32"])
 def test_channels_last_forward_matches_nchw(preset, sample_paths):
-    """pipeline._forward feeds the conv channels-last; same tokens as a contiguous NCHW input."""
+    """pipeline._forward (channels-last, normalisation folded into E) gives the NCHW layer's tokens,
+    to float32 rounding: sums of P^2*C products in another order (|z0| is about 1)."""
     layer = build_layer(PRESETS[preset])
     prep = Preprocess()
     pixels = torch.from_numpy(np.stack([load_image(p, prep) for p in sample_paths]))  # (B, S, S, C)
@@ -36,7 +37,7 @@ def test_channels_last_forward_matches_nchw(preset, sample_paths):
         std = torch.tensor(prep.std).view(1, 3, 1, 1)
         x = ((pixels.permute(0, 3, 1, 2).float() / 255.0 - mean) / std).contiguous()  # NCHW
         plain = layer(x)
-    torch.testing.assert_close(fast, plain)
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-4)
 
 
 def test_encode_matches_torchvision_reference(sample_paths):
