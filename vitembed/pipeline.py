@@ -29,7 +29,7 @@ import numpy as np
 
 from .errors import ConfigError, InputError, OutputError, VitembedError
 from .config import LayerConfig
-from .images import Preprocess, load_image
+from .images import Preprocess, keep_pixel_blocks, load_image
 from .inputs import Source
 from .writers import OutputPlan, atomic_write, tensor_bytes, write_tensor
 
@@ -531,6 +531,7 @@ def _worker_init(max_pixels: int = 0) -> None:
         pass
     if max_pixels:
         _limit_memory(max_pixels)
+    keep_pixel_blocks()
 
 
 def _limit_memory(max_pixels: int) -> None:
