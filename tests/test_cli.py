@@ -288,3 +288,14 @@ def test_loaded_image_equals_pillow_for_sample(sample_paths):
     pixels = load_image(sample_paths[2], Preprocess())
     ref = np.asarray(Image.open(sample_paths[2]).convert("RGB").resize((224, 224), Image.Resampling.BILINEAR))
     np.testing.assert_array_equal(pixels, ref)
+
+
+def test_stdout_reader_leaving_early_ends_quietly(sample_paths):
+    """`-o - | head -c 10`: the cut-short tensor is not reported as written; exit 141, no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "vitembed", "encode", str(sample_paths[0]), "-o", "-"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.read(10) == b"\x93NUMPY\x01\x00v\x00"
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141
+    assert b"Traceback" not in stderr and b"encoded" not in stderr

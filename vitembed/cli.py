@@ -136,6 +136,17 @@ def _preprocess(config, loaded, **user):
     return Preprocess(image_size=config.image_size, channels=config.in_channels, **fields)
 
 
+def _silence_stdout() -> None:
+    """After the reader of stdout left: the interpreter's last flush must not raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    finally:
+        os.close(devnull)
+
+
 def _fail(message: str, code: int) -> typer.Exit:
     from rich.console import Console
 
@@ -274,7 +285,8 @@ def encode(
         for s, handler in previous.items():
             signal.signal(s, handler)
     reporter.finish(summary)
-    if reporter.pipe_closed:
+    if reporter.pipe_closed or summary.pipe_closed:
+        _silence_stdout()
         raise typer.Exit(141)
     if caught:
         reporter.console.print(

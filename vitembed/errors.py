@@ -21,3 +21,7 @@ class InputError(VitembedError):
 
 class OutputError(VitembedError):
     """An output that cannot be written (full disk, read-only folder): the run stops."""
+
+
+class StdoutClosed(OutputError):
+    """The reader of stdout went away (`vitembed encode x.png -o - | head -c 10`): end quietly."""

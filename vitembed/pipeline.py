@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, InputError, OutputError, VitembedError
+from .errors import ConfigError, InputError, OutputError, StdoutClosed, VitembedError
 from .config import LayerConfig
 from .images import Preprocess, keep_pixel_blocks, load_image
 from .inputs import Source
@@ -117,6 +117,7 @@ class Summary:
     elapsed: float = 0.0
     token_shape: tuple[int, ...] | None = None
     stopped: str | None = None  # why the run stopped early: "interrupted", an output error, ...
+    pipe_closed: bool = False  # the reader of stdout went away (-o -)
     device: str = "cpu"
 
     @property
@@ -302,6 +303,7 @@ class _Run:
             self._drain_writes(block=True)
         except OutputError as exc:
             self.summary.stopped = str(exc)
+            self.summary.pipe_closed = isinstance(exc, StdoutClosed)
             self._drain_writes(block=True, quiet=True)
         finally:
             decoder.close()
@@ -509,10 +511,16 @@ def _write_file(path: Path, tensor, fmt: str) -> int:
 
 
 def _write_stream(stream, tensor, fmt: str) -> int:
-    data = tensor_bytes(tensor, fmt)
-    stream.write(data)
-    stream.flush()
-    return len(data)
+    data = memoryview(tensor_bytes(tensor, fmt))
+    try:
+        # A write cut short by the reader leaving returns a partial count instead of raising:
+        # loop, so that the next write reports the closed pipe.
+        while data:
+            data = data[stream.write(data):]
+        stream.flush()
+    except BrokenPipeError:
+        raise StdoutClosed("stdout was closed before the tensor was fully written") from None
+    return len(data.obj)
 
 
 # --- decoding ------------------------------------------------------------------------------

@@ -159,7 +159,7 @@ class Reporter:
     def finish(self, summary: Summary) -> None:
         """Print the table and the summary (unless quiet)."""
         self.close()
-        if self.quiet or self.pipe_closed or summary.total == 0:
+        if self.quiet or self.pipe_closed or summary.pipe_closed or summary.total == 0:
             return
         if self.rows:
             table = Table(box=None, header_style="bold", pad_edge=False)
