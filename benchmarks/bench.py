@@ -50,8 +50,9 @@ def _sources() -> list[Image.Image]:
     return [Image.open(p).convert("RGB") for p in paths]
 
 
-def build_small(folder: Path, count: int, seed: int = 0) -> Path:
-    """`count` JPEGs of 400-640 px per side: random crops of the samples, rescaled."""
+def _build(folder: Path, count: int, seed: int, min_crop: float, save) -> Path:
+    """`count` random crops of the samples, each passed to `save(crop, rng, i, folder)`; kept
+    (and reused) under `folder` with a marker file."""
     marker = folder / f".done-{count}-{seed}"
     if marker.exists():
         return folder
@@ -62,37 +63,35 @@ def build_small(folder: Path, count: int, seed: int = 0) -> Path:
     for i in range(count):
         im = sources[int(rng.integers(len(sources)))]
         w, h = im.size
-        cw, ch = int(w * rng.uniform(0.5, 1.0)), int(h * rng.uniform(0.5, 1.0))
+        cw, ch = int(w * rng.uniform(min_crop, 1.0)), int(h * rng.uniform(min_crop, 1.0))
         x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        size = (int(rng.integers(400, 641)), int(rng.integers(400, 641)))
-        crop = im.crop((x0, y0, x0 + cw, y0 + ch)).resize(size, Image.Resampling.BICUBIC)
-        crop.save(folder / f"img{i:05d}.jpg", quality=int(rng.integers(80, 96)))
+        save(im.crop((x0, y0, x0 + cw, y0 + ch)), rng, i, folder)
     marker.touch()
     return folder
+
+
+def build_small(folder: Path, count: int, seed: int = 0) -> Path:
+    """`count` JPEGs of 400-640 px per side: random crops of the samples, rescaled."""
+
+    def save(crop: Image.Image, rng: np.random.Generator, i: int, folder: Path) -> None:
+        size = (int(rng.integers(400, 641)), int(rng.integers(400, 641)))
+        crop.resize(size, Image.Resampling.BICUBIC).save(folder / f"img{i:05d}.jpg", quality=int(rng.integers(80, 96)))
+
+    return _build(folder, count, seed, 0.5, save)
 
 
 def build_large(folder: Path, count: int, seed: int = 1) -> Path:
     """`count` 12-megapixel JPEGs (4000 x 3000 or 3000 x 4000), upscaled crops of the samples."""
-    marker = folder / f".done-{count}-{seed}"
-    if marker.exists():
-        return folder
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    sources = _sources()
-    for i in range(count):
-        im = sources[int(rng.integers(len(sources)))]
-        w, h = im.size
-        cw, ch = int(w * rng.uniform(0.6, 1.0)), int(h * rng.uniform(0.6, 1.0))
-        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+
+    def save(crop: Image.Image, rng: np.random.Generator, i: int, folder: Path) -> None:
         size = (4000, 3000) if rng.random() < 0.7 else (3000, 4000)
-        big = im.crop((x0, y0, x0 + cw, y0 + ch)).resize(size, Image.Resampling.BICUBIC)
+        big = crop.resize(size, Image.Resampling.BICUBIC)
         # Some grain, so that the file is photo-like rather than smooth and tiny.
         noise = rng.integers(-6, 7, (size[1], size[0], 1), dtype=np.int16)
         big = Image.fromarray(np.clip(np.asarray(big, np.int16) + noise, 0, 255).astype(np.uint8))
         big.save(folder / f"big{i:03d}.jpg", quality=90)
-    marker.touch()
-    return folder
+
+    return _build(folder, count, seed, 0.6, save)
 
 
 def subset(src: Path, dst: Path, count: int) -> Path:
