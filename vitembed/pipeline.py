@@ -274,6 +274,7 @@ class _Run:
         except BaseException:
             decoder.close()
             writer.shutdown(wait=False, cancel_futures=True)
+            self._restore_threads()
             raise
         import torch
 
@@ -308,10 +309,7 @@ class _Run:
         finally:
             decoder.close()
             writer.shutdown(wait=True, cancel_futures=True)
-            if self.saved_threads is not None:
-                import torch
-
-                torch.set_num_threads(self.saved_threads)
+            self._restore_threads()
             self.summary.elapsed = time.perf_counter() - start
         if self.stop.is_set() and not self.summary.stopped:
             self.summary.stopped = "interrupted"
@@ -334,6 +332,13 @@ class _Run:
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // 4))
         if self.on_layer is not None:
             self.on_layer(self.layer)
+
+    def _restore_threads(self) -> None:
+        if self.saved_threads is not None:
+            import torch
+
+            torch.set_num_threads(self.saved_threads)
+            self.saved_threads = None
 
     def _check_layer(self, config) -> None:
         if self.prep.image_size != config.image_size:
