@@ -248,7 +248,7 @@ def main() -> None:
 
     print(f"machine: {machine()}")
     print(f"{repeats} turn(s) each, A B A B; images/s from the median wall time of the whole process\n")
-    header = f"| case | images | baseline img/s | vitembed img/s | ratio | baseline peak RSS | vitembed peak RSS |"
+    header = "| case | images | baseline img/s | vitembed img/s | ratio | baseline peak RSS | vitembed peak RSS |"
     print(header)
     print("|" + "---|" * 7)
     for case in cases:

@@ -10,7 +10,6 @@ import numpy as np
 from PIL import Image
 from vitembed.images import load_image, Preprocess
 from vitembed.errors import InputError
-from concurrent.futures import ProcessPoolExecutor
 
 def seeds():
     rng = np.random.default_rng(0)
@@ -62,7 +61,7 @@ def check(path):
     try:
         load_image(path, Preprocess(image_size=32))
         r = "ok"
-    except InputError as e:
+    except InputError:
         r = "inputerror"
     except BaseException as e:
         r = "ESCAPED " + type(e).__name__ + ": " + str(e)[:150] + " | " + traceback.format_exc().splitlines()[-3][:200]

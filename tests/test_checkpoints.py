@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from tests.conftest import make_image, run_cli
+from tests.seed_reference import SeedVitInputLayer
 from vitembed.checkpoints import resample_pos_embed
 from vitembed.errors import WeightsError
 from vitembed.weights import load_weights
@@ -298,26 +298,6 @@ def test_timm_name_from_the_hub_cache(tmp_path):
 
 
 # --------------------------------------------------------------------------- the seed's class
-
-
-class SeedVitInputLayer(nn.Module):
-    """The seed document's class (ghmagazine/vit_book, chapter 2), as written there."""
-
-    def __init__(self, in_channels=3, emb_dim=384, num_patch_row=2, image_size=32):
-        super().__init__()
-        self.num_patch_row = num_patch_row
-        self.num_patch = num_patch_row**2
-        self.patch_size = int(image_size // num_patch_row)
-        self.patch_emb_layer = nn.Conv2d(in_channels, emb_dim, kernel_size=self.patch_size, stride=self.patch_size)
-        self.cls_token = nn.Parameter(torch.randn(1, 1, emb_dim))
-        self.pos_emb = nn.Parameter(torch.randn(1, self.num_patch + 1, emb_dim))
-
-    def forward(self, x):
-        z_0 = self.patch_emb_layer(x)
-        z_0 = z_0.flatten(2)
-        z_0 = z_0.transpose(1, 2)
-        z_0 = torch.cat([self.cls_token.repeat(repeats=(x.size(0), 1, 1)), z_0], dim=1)
-        return z_0 + self.pos_emb
 
 
 @pytest.mark.parametrize("prefix", ["", "input_layer."])

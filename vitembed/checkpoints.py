@@ -499,7 +499,7 @@ def _hf_file(repo: str, names: tuple[str, ...], spec: str) -> Path:
         for name in [*cached, *(n for n in names if n not in cached)]:
             try:
                 return Path(hf_hub_download(repo, name))
-            except hub_errors.LocalEntryNotFoundError as exc:
+            except hub_errors.LocalEntryNotFoundError:
                 offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
                 why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
                 raise WeightsError(f"{spec}: {name} of {repo} is not in the Hugging Face cache and {why}; "
