@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, WeightsError
-from .layer import LayerConfig, VitInputLayer, build_layer
+from .layer import LayerConfig, VitInputLayer
 from .writers import atomic_write
 
 __all__ = [
@@ -36,7 +36,6 @@ __all__ = [
     "LazyTensors",
     "LoadedWeights",
     "fingerprint",
-    "load_layer",
     "load_weights",
     "read_state_dict",
     "save_layer",
@@ -96,20 +95,6 @@ def save_layer(layer: VitInputLayer, path: str | os.PathLike) -> int:
         return atomic_write(path, save(state, metadata=meta))
     payload = {"format": LAYER_FORMAT, "version": LAYER_VERSION, "config": config, "state_dict": state}
     return atomic_write(path, lambda f: torch.save(payload, f))
-
-
-def load_layer(
-    spec: str | os.PathLike | None, config: LayerConfig | None, seed: int = 0, *, image_size: int | None = None
-) -> tuple[VitInputLayer, LoadedWeights | None]:
-    """The layer to encode with: from `spec` when given, else a fresh one of `config` from `seed`.
-
-    `image_size` (with `spec` only) resamples the weights' position embedding to that size.
-    """
-    if spec is None:
-        assert config is not None
-        return build_layer(config, seed), None
-    loaded = load_weights(spec, image_size=image_size)
-    return loaded.build(), loaded
 
 
 def load_weights(spec: str | os.PathLike, *, image_size: int | None = None) -> LoadedWeights:
