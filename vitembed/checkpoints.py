@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError, WeightsError
+from .errors import ConfigError, WeightsError, one_line
 from .config import LayerConfig, nearest_valid_sizes
 from .weights import LazyTensors, LoadedWeights, read_state_dict
 
@@ -417,7 +417,7 @@ def _torch_hub_file(url: str, spec: str) -> Path:
             folder.mkdir(parents=True, exist_ok=True)
             download_url_to_file(url, str(path), match.group(1) if match else None, progress=False)
         except Exception as exc:  # urllib, socket and hash errors alike: nothing usable arrived
-            raise WeightsError(f"{spec}: cannot download {url} ({_one_line(exc)}); check the network, "
+            raise WeightsError(f"{spec}: cannot download {url} ({one_line(exc)}); check the network, "
                                f"or put the file at {path}") from None
     return path
 
@@ -431,7 +431,7 @@ def _timm(name: str, spec: str) -> LoadedWeights:
     try:
         cfg = get_pretrained_cfg(name)
     except RuntimeError as exc:
-        raise WeightsError(f"{spec}: {_one_line(exc)}") from None
+        raise WeightsError(f"{spec}: {one_line(exc)}") from None
     if cfg is None:
         raise WeightsError(f"{spec}: timm has no pretrained weights named {name!r} (see timm.list_pretrained())")
     cfg = cfg.to_dict()
@@ -507,7 +507,7 @@ def _hf_file(repo: str, names: tuple[str, ...], spec: str) -> Path:
             except hub_errors.EntryNotFoundError:
                 continue  # the repo has no such file: try the next name
             except Exception as exc:  # unknown or gated repo, HTTP errors, a bad repo id
-                raise WeightsError(f"{spec}: cannot fetch {repo}: {_one_line(exc)}") from None
+                raise WeightsError(f"{spec}: cannot fetch {repo}: {one_line(exc)}") from None
     finally:
         logger.setLevel(level)
     raise WeightsError(f"{spec}: {repo} has none of {', '.join(names)}")
@@ -520,6 +520,3 @@ def _quiet(func, *args):
         return None
 
 
-def _one_line(exc: BaseException | None) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."

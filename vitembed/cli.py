@@ -136,17 +136,6 @@ def _preprocess(config, loaded, **user):
     return Preprocess(image_size=config.image_size, channels=config.in_channels, **fields)
 
 
-def _silence_stdout() -> None:
-    """After the reader of stdout left: the interpreter's last flush must not raise again."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError):
-        pass
-    finally:
-        os.close(devnull)
-
-
 def _fail(message: str, code: int) -> typer.Exit:
     from rich.console import Console
 
@@ -249,7 +238,7 @@ def encode(
         background=parse_color(background), fast_decode=fast_decode, max_pixels=max_pixels,
     )
 
-    from .report import MANIFEST_FILE, Reporter, prepare_output_folder
+    from .report import MANIFEST_FILE, Reporter, prepare_output_folder, silence_stream
 
     options = EncodeOptions(device=device, dtype=dtype.value, batch_size=batch_size, workers=workers,
                             skip_existing=skip_existing, shard_size=shard_size, decode_timeout=decode_timeout)
@@ -286,7 +275,7 @@ def encode(
             signal.signal(s, handler)
     reporter.finish(summary)
     if reporter.pipe_closed or summary.pipe_closed:
-        _silence_stdout()
+        silence_stream(sys.stdout)
         raise typer.Exit(141)
     if caught:
         reporter.console.print(

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def one_line(exc: BaseException | None) -> str:
+    """An exception's message on one line of at most 200 characters, for a user-facing reason."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 class VitembedError(Exception):
     """Base class: an expected failure, reported in one line without a traceback."""
 

@@ -17,7 +17,7 @@ from struct import error as struct_error
 import numpy as np
 from PIL import Image, ImageColor, ImageFile, ImageOps
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, one_line
 
 __all__ = [
     "NORMALIZATIONS",
@@ -176,9 +176,9 @@ def load_image(path: str | os.PathLike, prep: Preprocess) -> np.ndarray:
     except (OSError, ValueError, SyntaxError, EOFError, struct_error, IndexError, TypeError,
             KeyError, ZeroDivisionError, OverflowError, RuntimeError) as exc:
         # Pillow's decoders signal corrupt data with any of these.
-        raise InputError(f"cannot decode: {_one_line(exc)}") from None
+        raise InputError(f"cannot decode: {one_line(exc)}") from None
     except Exception as exc:  # a plugin's bug on odd bytes costs this file, never the run
-        raise InputError(f"cannot decode: {type(exc).__name__}: {_one_line(exc)}") from None
+        raise InputError(f"cannot decode: {type(exc).__name__}: {one_line(exc)}") from None
     finally:
         Image.MAX_IMAGE_PIXELS = pillow_limit
 
@@ -189,10 +189,6 @@ def keep_pixel_blocks(blocks: int = 4) -> None:
     12-megapixel JPEG, measured on 2 cores."""
     Image.core.set_blocks_max(blocks)
 
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _prepare(im: Image.Image, prep: Preprocess) -> np.ndarray:

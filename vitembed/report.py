@@ -15,7 +15,7 @@ from rich.table import Table
 from .pipeline import Result, Summary
 from .writers import relative_to_target
 
-__all__ = ["Reporter", "display_path", "format_bytes", "result_record"]
+__all__ = ["Reporter", "display_path", "format_bytes", "result_record", "silence_stream"]
 
 TABLE_ROWS = 20  # rows of the final table; the rest are counted
 
@@ -26,6 +26,18 @@ def display_path(path: Path | str | None) -> str | None:
         return None
     raw = os.fsencode(os.fspath(path))
     return raw.decode("utf-8", "backslashreplace")
+
+
+def silence_stream(stream: IO) -> None:
+    """Point a stream whose reader went away at /dev/null: later writes, and the interpreter's
+    own flush at exit, must not raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+    finally:
+        os.close(devnull)
 
 
 def result_record(result: Result, output: str | None = None) -> dict[str, Any]:
@@ -133,14 +145,7 @@ class Reporter:
 
     def _on_pipe_closed(self) -> None:
         self.pipe_closed = True
-        # Later writes (and the interpreter's own flush at exit) must not raise again.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        try:
-            os.dup2(devnull, self.stdout.fileno())
-        except (OSError, ValueError, AttributeError):
-            pass
-        finally:
-            os.close(devnull)
+        silence_stream(self.stdout)
         if self.stop is not None:
             self.stop.set()
 
