@@ -15,6 +15,15 @@ ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_images"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def layer_cache(tmp_path_factory) -> Path:
+    """A fresh cache of random layers for the session (see vitembed.kernel), never the user's."""
+    folder = tmp_path_factory.mktemp("layer-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VITEMBED_CACHE_DIR", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def sample_paths() -> list[Path]:
     """The real photos shipped in sample_images/, sorted."""

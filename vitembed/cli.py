@@ -53,6 +53,12 @@ class Format(str, Enum):
     pt = "pt"
 
 
+class Engine(str, Enum):
+    auto = "auto"
+    numpy = "numpy"
+    torch = "torch"
+
+
 class Dtype(str, Enum):
     float32 = "float32"
     float16 = "float16"
@@ -182,6 +188,7 @@ def encode(
     max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", help="Refuse images whose header claims more pixels (decompression bombs). Default: 178956970.", rich_help_panel=IMAGE)] = None,
     fast_decode: Annotated[bool, typer.Option("--fast-decode", help="Decode large JPEGs at 1/2, 1/4 or 1/8 scale (DCT scaling): much faster, pixels differ slightly.", rich_help_panel=IMAGE)] = False,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", rich_help_panel=RUN)] = "auto",
+    engine: Annotated[Engine, typer.Option("--engine", help="numpy: each decoder process embeds and writes its images (CPU, .npy, float32/float16; no torch import). torch: batches on --device. auto: numpy where it applies, else torch.", rich_help_panel=RUN)] = Engine.auto,
     dtype: Annotated[Dtype, typer.Option("--dtype", help="Output dtype (computed in float32).", rich_help_panel=RUN)] = Dtype.float32,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per layer call.", rich_help_panel=RUN)] = 32,
     workers: Annotated[Optional[int], typer.Option("--workers", "-j", help="Decoding processes (default: one per core; 0: decode in the main process).", rich_help_panel=RUN)] = None,
@@ -204,6 +211,10 @@ def encode(
 
         find photos -name '*.jpg' -print0 | vitembed encode - -0 -o tokens/ --json | jq .output
     """
+    if workers != 0:
+        from .processes import start_decoder_server
+
+        start_decoder_server()  # its imports overlap ours
     from .images import parse_color
     from .inputs import iter_sources
     from .pipeline import EncodeOptions, LazyLayer, encode as run_encode
@@ -226,7 +237,7 @@ def encode(
     if weights is None:
         # torch is not needed yet: the layer is built once decoding has started.
         config, loaded = _layer_config(preset, image_size, patch_size, num_patch_row, emb_dim, in_channels), None
-        layer_source = LazyLayer(config, functools.partial(_random_layer, config, seed))
+        layer_source = LazyLayer(config, functools.partial(_random_layer, config, seed), seed=seed)
     else:
         loaded = _load_weights(weights, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels)
         config = loaded.config
@@ -240,7 +251,7 @@ def encode(
 
     from .report import MANIFEST_FILE, Reporter, prepare_output_folder, silence_stream
 
-    options = EncodeOptions(device=device, dtype=dtype.value, batch_size=batch_size, workers=workers,
+    options = EncodeOptions(device=device, engine=engine.value, dtype=dtype.value, batch_size=batch_size, workers=workers,
                             skip_existing=skip_existing, shard_size=shard_size, decode_timeout=decode_timeout)
     manifest = plan.target / MANIFEST_FILE if plan.mode == "dir" else None
     if manifest is not None and skip_existing:

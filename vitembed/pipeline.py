@@ -11,8 +11,9 @@ process again is reported as an error.
 
 from __future__ import annotations
 
-import multiprocessing
+import contextlib
 import os
+import platform
 import signal
 import sys
 import threading
@@ -31,19 +32,27 @@ from .errors import ConfigError, InputError, OutputError, StdoutClosed, Vitembed
 from .config import LayerConfig
 from .images import Preprocess, keep_pixel_blocks, load_image
 from .inputs import Source
-from .writers import OutputPlan, atomic_write, tensor_bytes, write_tensor
+from .processes import decoder_context
+from .kernel import Kernel, LayerParams, cached_random_layer, remember_random_layer, set_blas_threads, single_blas_thread
+from .writers import OutputPlan, atomic_write, clean_stale_temporaries, tensor_bytes, write_tensor
 
 __all__ = ["EncodeOptions", "LazyLayer", "Result", "Summary", "encode", "encode_images", "resolve_device"]
 
 DTYPES = ("float32", "float16", "bfloat16")
+ENGINES = ("auto", "numpy", "torch")
 
 
 @dataclass(frozen=True)
 class LazyLayer:
-    """A layer whose shape is known now and whose module is built later (see `encode`)."""
+    """A layer whose shape is known now and whose module is built later (see `encode`).
+
+    `seed` marks a random layer, `build_layer(config, seed)`: its parameters are cached between
+    runs (`kernel.cached_random_layer`), so that the numpy engine needs no torch.
+    """
 
     config: LayerConfig
     build: Callable[[], Any]
+    seed: int | None = None
 
 
 @dataclass
@@ -52,6 +61,10 @@ class EncodeOptions:
 
     Attributes:
         device: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps.
+        engine: where the layer runs. numpy: in the decoder processes, which also write the
+            files (CPU, .npy, float32/float16); torch: batches in the main process, on `device`.
+            auto: numpy where it applies, else torch. A random layer is drawn with torch once per
+            machine and then cached (`kernel.layer_cache_dir`), so that later runs import no torch.
         dtype: of the outputs; the layer computes in float32 and the result is cast.
         batch_size: images per call of the layer.
         workers: decoding processes; 0 decodes in this process.
@@ -68,6 +81,7 @@ class EncodeOptions:
     """
 
     device: str = "auto"
+    engine: str = "auto"
     dtype: str = "float32"
     batch_size: int = 32
     workers: int | None = None  # None: one per core
@@ -78,6 +92,8 @@ class EncodeOptions:
     trusted_outputs: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ConfigError(f"unknown engine {self.engine!r}; choose {', '.join(ENGINES)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; choose {', '.join(DTYPES)}")
         if self.batch_size < 1:
@@ -265,21 +281,33 @@ class _Run:
         self.workers = workers = self.options.workers if self.options.workers is not None else (os.cpu_count() or 1)
         writer = ThreadPoolExecutor(max_workers=self.options.writers, thread_name_prefix="vitembed-write")
         self.writer = writer
-        decoder = _Decoder(self.prep, workers, window=_window(self.prep, self.options.batch_size, workers), stop=self.stop,
-                           timeout=self.options.decode_timeout)
+        try:
+            params = self._numpy_params()
+            kernel = None
+            if params is not None:  # the numpy engine: decoders embed, and write the files themselves
+                kernel = params.fold(self.prep.mean, self.prep.std)
+                self.summary.device = "cpu"
+                if self.on_layer is not None:
+                    self.on_layer(params)  # before the first decoder writes
+        except BaseException:
+            writer.shutdown(wait=False, cancel_futures=True)
+            raise
+        decoder = _Decoder(self.prep, workers, window=_window(self.prep, self.options.batch_size, workers, kernel),
+                           stop=self.stop, timeout=self.options.decode_timeout, kernel=kernel,
+                           encode_args=(self.plan.fmt, self.options.dtype, self.plan.mode != "stdout" and not self.shard_size))
         batch: list[tuple[_Job, np.ndarray]] = []
         try:
             decoder.start(self._jobs(sources))
-            self._setup_layer()  # imports torch and builds the layer while the workers decode
+            if kernel is None:
+                self._setup_layer()  # imports torch and builds the layer while the workers decode
         except BaseException:
             decoder.close()
             writer.shutdown(wait=False, cancel_futures=True)
             self._restore_threads()
             raise
-        import torch
 
         try:
-            with torch.inference_mode():
+            with _inference_mode(kernel is None):
                 for job, item in decoder:
                     if isinstance(job, Result):
                         self._report(job)
@@ -287,6 +315,12 @@ class _Run:
                         self._report(Result(job.source.path, None, "error", error=item))
                         if self.shard_size:
                             self._resolve(job, None, writer)
+                    elif isinstance(item, _Written):
+                        self._written(job, item.nbytes, kernel.table.shape)
+                    elif isinstance(item, _WriteFailed):
+                        raise OutputError(item.message)
+                    elif kernel is not None:  # tokens for a shard or stdout
+                        self._take_tokens(job, item, writer)
                     else:
                         batch.append((job, item))
                         if len(batch) == self.options.batch_size:
@@ -314,6 +348,43 @@ class _Run:
         if self.stop.is_set() and not self.summary.stopped:
             self.summary.stopped = "interrupted"
         return self.summary
+
+    def _numpy_params(self) -> LayerParams | None:
+        """The layer's parameters when the numpy engine runs it, else None (the torch engine)."""
+        engine, options, plan = self.options.engine, self.options, self.plan
+        if engine == "torch":
+            return None
+        on_cpu = options.device == "cpu" or (options.device == "auto" and not _accelerator_present())
+        if not (on_cpu and plan.fmt == "npy" and options.dtype != "bfloat16"):
+            if engine == "numpy":
+                raise ConfigError("--engine numpy runs on the CPU and writes .npy (float32 or float16); "
+                                  "use --device cpu, --format npy, or --engine torch")
+            return None
+        source = self.layer_source
+        if not isinstance(source, LazyLayer):
+            return LayerParams.from_module(source)
+        if source.seed is None:
+            return LayerParams.from_module(source.build())  # loaded weights: torch is imported already
+        params = cached_random_layer(source.config, source.seed)
+        if params is None:  # the first run of this layer on this machine draws it with torch, once
+            params = LayerParams.from_module(source.build())
+            remember_random_layer(params, source.seed)
+        return params
+
+    def _written(self, job: _Job, nbytes: int, shape: tuple[int, ...]) -> None:
+        self.summary.bytes_written += nbytes
+        self.summary.token_shape = tuple(shape)
+        self._report(Result(job.source.path, job.output, "ok", tuple(shape), self.options.dtype, nbytes=nbytes))
+
+    def _take_tokens(self, job: _Job, z: np.ndarray, writer: ThreadPoolExecutor) -> None:
+        """Tokens a decoder computed but did not write: a shard's row, or the tensor for stdout."""
+        if self.shard_size:
+            self._resolve(job, z, writer)
+        else:
+            future = writer.submit(_write_stream, self.stdout or sys.stdout.buffer, z, self.plan.fmt)
+            self.writes.append(_Pending([job], [future], tuple(z.shape), self.options.dtype))
+        while len(self.writes) > self.max_pending_batches:
+            self._finish_oldest()
 
     def _setup_layer(self) -> None:
         import torch
@@ -491,6 +562,29 @@ class _Run:
         self.on_result(result)
 
 
+def _inference_mode(enabled: bool):
+    if not enabled:
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.inference_mode()
+
+
+def _accelerator_present() -> bool:
+    """Whether --device auto may find a GPU; judged without importing torch where possible."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        mps = getattr(torch.backends, "mps", None)
+        return torch.cuda.is_available() or (mps is not None and mps.is_available())
+    if sys.platform == "darwin":
+        return platform.machine() == "arm64"  # Apple silicon: MPS
+    if sys.platform.startswith("linux"):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        nvidia = visible not in ("", "-1") and (os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl"))
+        return nvidia or os.path.exists("/dev/kfd")  # /dev/kfd: ROCm
+    return True  # elsewhere torch decides
+
+
 def _stack(arrays: list[np.ndarray]):
     import torch
 
@@ -531,7 +625,11 @@ def _write_stream(stream, tensor, fmt: str) -> int:
 # --- decoding ------------------------------------------------------------------------------
 
 
-def _worker_init(max_pixels: int = 0) -> None:
+_KERNEL: Kernel | None = None  # a decoder process's layer, with the numpy engine
+
+
+def _worker_init(max_pixels: int = 0, kernel: Kernel | None = None) -> None:
+    global _KERNEL
     # The parent decides when to stop: a terminal's Ctrl-C reaches the whole process group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # C decoders (libtiff, ...) print their complaints straight to stderr; each bad file is
@@ -545,6 +643,9 @@ def _worker_init(max_pixels: int = 0) -> None:
     if max_pixels:
         _limit_memory(max_pixels)
     keep_pixel_blocks()
+    if kernel is not None:
+        _KERNEL = kernel
+        set_blas_threads(1)  # one decoder per core already; and see kernel.single_blas_thread
 
 
 def _limit_memory(max_pixels: int) -> None:
@@ -578,12 +679,43 @@ def _decode(path: Path, prep: Preprocess) -> np.ndarray | str:
         return str(exc)
 
 
+@dataclass(frozen=True)
+class _Written:
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class _WriteFailed:
+    message: str
+
+
+def _encode(path: Path, prep: Preprocess, output: Path | None, fmt: str, dtype: str,
+            kernel: Kernel | None = None) -> np.ndarray | str | _Written | _WriteFailed:
+    """The numpy engine's work for one image: decode, embed, and write `output` (or return z0)."""
+    try:
+        pixels = load_image(path, prep)
+    except InputError as exc:
+        return str(exc)
+    z = (kernel or _KERNEL)(pixels)
+    if dtype != "float32":
+        z = z.astype(dtype)
+    if output is None:
+        return z
+    try:
+        return _Written(atomic_write(output, lambda f: write_tensor(f, z, fmt)))
+    except OutputError as exc:  # a full disk, say: it stops the run, in the parent
+        return _WriteFailed(str(exc))
+
+
 class _Decoder:
     """Ordered, bounded parallel decoding that survives decoder processes dying."""
 
     def __init__(self, prep: Preprocess, workers: int, window: int, stop: threading.Event,
-                 timeout: float | None = None):
+                 timeout: float | None = None, kernel: Kernel | None = None,
+                 encode_args: tuple[str, str, bool] = ("npy", "float32", True)):
         self.prep = prep
+        self.kernel = kernel  # the numpy engine: decoders return tokens, or write them
+        self.encode_args = encode_args  # format, dtype, whether decoders write the outputs
         self.workers = workers
         self.window = max(window, 1)
         self.stop = stop
@@ -593,19 +725,30 @@ class _Decoder:
         self.deaths = 0  # workers that died on an image tried alone
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
-        ctx = multiprocessing.get_context(method)
-        if method == "forkserver":
-            ctx.set_forkserver_preload(["vitembed.images"])
-        return ProcessPoolExecutor(self.workers, mp_context=ctx, initializer=_worker_init,
-                                   initargs=(self.prep.max_pixels,))
+        return ProcessPoolExecutor(self.workers, mp_context=decoder_context(), initializer=_worker_init,
+                                   initargs=(self.prep.max_pixels, self.kernel))
+
+    def _task(self, job: _Job) -> tuple[Callable, tuple]:
+        if self.kernel is None:
+            return _decode, (job.source.path, self.prep)
+        fmt, dtype, write = self.encode_args
+        return _encode, (job.source.path, self.prep, job.output if write else None, fmt, dtype)
 
     def close(self) -> None:
         if self.pool is not None:
-            if self.stop.is_set():
+            killed = self.stop.is_set()
+            if killed:
                 self._kill_workers()  # a stop must not wait for a slow or hung decode
             self.pool.shutdown(wait=True, cancel_futures=True)
             self.pool = None
+            if killed and self.kernel is not None:
+                self._remove_temporaries()
+
+    def _remove_temporaries(self) -> None:
+        """Decoders killed while writing leave temporary files: remove them (their outputs are absent)."""
+        jobs = [j for j, _ in getattr(self, "_inflight", ())] + list(getattr(self, "_suspects", ()))
+        for folder in {j.output.parent for j in jobs if isinstance(j, _Job) and j.output is not None}:
+            clean_stale_temporaries(folder)
 
     def _kill_workers(self) -> None:
         assert self.pool is not None
@@ -638,7 +781,16 @@ class _Decoder:
             for job in self._jobs:
                 if self.stop.is_set():
                     return
-                yield job, None if isinstance(job, Result) else _decode(job.source.path, self.prep)
+                if isinstance(job, Result):
+                    yield job, None
+                    continue
+                task, args = self._task(job)
+                if self.kernel is None:
+                    yield job, task(*args)
+                    continue
+                with single_blas_thread():
+                    value = task(*args, kernel=self.kernel)
+                yield job, value
             return
         inflight, suspects = self._inflight, self._suspects
         while True:
@@ -698,7 +850,8 @@ class _Decoder:
         if self.pool is None:
             self.pool = self._new_pool()
         try:
-            return self.pool.submit(_decode, job.source.path, self.prep)
+            task, args = self._task(job)
+            return self.pool.submit(task, *args)
         except (BrokenProcessPool, RuntimeError) as exc:  # a decoder died since the last look
             future: Future = Future()
             future.set_exception(exc if isinstance(exc, BrokenProcessPool) else BrokenProcessPool(str(exc)))
@@ -731,9 +884,12 @@ class _Decoder:
                 return _TIMEOUT
 
 
-def _window(prep: Preprocess, batch_size: int, workers: int) -> int:
-    """Images decoded ahead: enough to cover start-up and a few batches, about 64 MB of pixels."""
+def _window(prep: Preprocess, batch_size: int, workers: int, kernel: Kernel | None = None) -> int:
+    """Images decoded ahead: enough to cover start-up and a few batches, about 64 MB of pixels
+    (of tokens, when the decoders compute them)."""
     per_image = prep.image_size * prep.image_size * prep.channels
+    if kernel is not None:
+        per_image = kernel.table.nbytes
     return max(2 * batch_size, 4 * workers, min(1024, (64 << 20) // per_image))
 
 

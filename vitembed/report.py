@@ -242,7 +242,7 @@ MANIFEST_FILE = "manifest.jsonl"
 
 def run_config(layer, loaded, prep, options, fmt: str, seed: int) -> dict[str, Any]:
     """What decides the bytes of the outputs; two runs into one folder must agree on it."""
-    from .weights import fingerprint
+    from .kernel import fingerprint
 
     prep_dict = prep.to_dict()
     prep_dict.pop("max_pixels")  # refuses files, never changes an output
@@ -268,10 +268,9 @@ def prepare_output_folder(plan, layer, loaded, prep, options, seed: int, overwri
     """
     import platform
 
-    import torch
-
     from . import __version__
     from .errors import ConfigError, OutputError
+    from .kernel import torch_version
     from .writers import atomic_write, describe_os_error
 
     folder: Path = plan.target
@@ -291,7 +290,7 @@ def prepare_output_folder(plan, layer, loaded, prep, options, seed: int, overwri
     record = {
         "config": config,
         "vitembed": __version__,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "versions": {"python": platform.python_version(), "torch": torch_version()},
         "device": options.device,
     }
     try:

@@ -13,7 +13,6 @@ which refuses any pickle that would import or call anything; `.safetensors` hold
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 
 from .errors import ConfigError, WeightsError
+from .kernel import fingerprint
 from .layer import LayerConfig, VitInputLayer
 from .writers import atomic_write
 
@@ -71,16 +71,6 @@ class LoadedWeights:
         except RuntimeError as exc:
             raise WeightsError(f"weights do not fit the layer: {' '.join(str(exc).split())[:300]}") from None
         return layer.eval()
-
-
-def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
-    """sha256 over the names, shapes, dtypes and bytes of the tensors, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(state_dict):
-        t = state_dict[name].detach().cpu().contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def save_layer(layer: VitInputLayer, path: str | os.PathLike) -> int:

@@ -1,0 +1,222 @@
+"""The numpy engine: the layer computed in the decoder processes, and the cache of random layers."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import make_image, run_cli
+from vitembed.config import LayerConfig
+from vitembed.errors import ConfigError
+from vitembed.images import Preprocess, load_image
+from vitembed.inputs import iter_sources
+from vitembed.kernel import LayerParams, cached_random_layer, fingerprint, single_blas_thread
+from vitembed.layer import PRESETS, build_layer
+from vitembed.pipeline import EncodeOptions, LazyLayer, encode
+from vitembed.writers import OutputPlan
+
+CONFIGS = [
+    LayerConfig(32, 8, 24),
+    LayerConfig(32, 8, 24, num_reg_tokens=2),
+    LayerConfig(32, 8, 24, num_reg_tokens=4, pos_embed_prefix=False),
+    LayerConfig(32, 8, 24, class_token=False),
+    LayerConfig(28, 7, 16, in_channels=1),
+    PRESETS["seed"],
+    PRESETS["vit-b16"],
+]
+
+
+def _random_layer(config: LayerConfig, bias: bool = True):
+    layer = build_layer(config, seed=2)
+    with torch.no_grad():
+        torch.nn.init.normal_(layer.pos_emb)
+        if layer.reg_token is not None:
+            torch.nn.init.normal_(layer.reg_token)
+    if not bias:
+        layer.patch_emb_layer.bias = None
+    return layer
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("config", CONFIGS, ids=str)
+def test_kernel_equals_normalise_then_forward(config, bias):
+    """Kernel (patchify in HWC order, normalisation folded into E, one matmul) gives the seed
+    layer's forward on normalised images, to float32 rounding."""
+    layer = _random_layer(config, bias)
+    c, s = config.in_channels, config.image_size
+    pixels = torch.randint(0, 256, (3, s, s, c), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    mean, std = torch.rand(c) * 0.8, torch.rand(c) + 0.1
+    x = (pixels.permute(0, 3, 1, 2).float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    kernel = LayerParams.from_module(layer).fold(tuple(mean.tolist()), tuple(std.tolist()))
+    with torch.no_grad():
+        expected = layer(x).numpy()
+    got = np.stack([kernel(p) for p in pixels.numpy()])
+    assert got.dtype == np.float32 and got.shape == expected.shape
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_kernel_equals_explicit_unfold_matmul(sample_paths):
+    """Against steps (1)-(5) spelled out with torch's unfold on the normalised photo."""
+    config = PRESETS["seed"]
+    layer = build_layer(config)
+    prep = Preprocess()
+    pixels = load_image(sample_paths[0], prep)
+    kernel = LayerParams.from_module(layer).fold(prep.mean, prep.std)
+    x = (torch.from_numpy(pixels).permute(2, 0, 1).float() / 255 - torch.tensor(prep.mean).view(3, 1, 1)) / torch.tensor(prep.std).view(3, 1, 1)
+    p = config.patch_size
+    patches = torch.nn.functional.unfold(x[None], kernel_size=p, stride=p)[0].T  # (N_p, C P P)
+    e = layer.patch_emb_layer.weight.detach().reshape(config.emb_dim, -1).T
+    z = torch.cat([layer.cls_token.detach()[0], patches @ e + layer.patch_emb_layer.bias.detach()]) + layer.pos_emb.detach()[0]
+    np.testing.assert_allclose(kernel(pixels), z.numpy(), rtol=1e-5, atol=1e-4)
+
+
+def test_fingerprint_same_for_numpy_and_torch():
+    """run.json's fingerprint does not depend on the engine, so either one can resume a folder."""
+    layer = build_layer(PRESETS["vit-ti16"], seed=3)
+    assert fingerprint(LayerParams.from_module(layer).state_dict()) == fingerprint(layer.state_dict())
+
+
+def _encode(images: Path, out: Path, engine: str, **options) -> list:
+    results = []
+    plan = OutputPlan.from_option(str(out), None)
+    config = PRESETS["vit-ti16"]
+    layer = LazyLayer(config, lambda: build_layer(config, 0), seed=0)
+    summary = encode(iter_sources([str(images)]), layer, Preprocess(), plan,
+                     EncodeOptions(device="cpu", engine=engine, **options), on_result=results.append)
+    return summary, results
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_engines_agree_end_to_end(sample_paths, tmp_path, dtype):
+    images = tmp_path / "in"
+    images.mkdir()
+    for p in sample_paths:
+        (images / p.name).write_bytes(p.read_bytes())
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    tol = dict(rtol=1e-5, atol=5e-5) if dtype == "float32" else dict(rtol=1e-3, atol=2e-3)
+    runs = {}
+    for engine in ("numpy", "torch"):
+        summary, results = _encode(images, tmp_path / engine, engine, dtype=dtype, workers=2)
+        assert (summary.ok, summary.errors) == (len(sample_paths), 1)
+        runs[engine] = {r.input.name: r for r in results}
+    assert runs["numpy"].keys() == runs["torch"].keys()
+    for name, r in runs["numpy"].items():
+        if r.status == "error":
+            assert runs["torch"][name].status == "error" and "broken.jpg" == name
+            continue
+        a, b = np.load(r.output), np.load(runs["torch"][name].output)
+        assert a.dtype == b.dtype == np.dtype(dtype) and a.shape == b.shape == (197, 192)
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), **tol)
+        assert r.nbytes == r.output.stat().st_size
+
+
+def test_tokens_do_not_depend_on_workers_or_blas_threads(sample_paths, tmp_path):
+    """One BLAS thread in every process that runs the kernel: the same bytes with 0, 1 or 2 decoders."""
+    images = tmp_path / "in"
+    images.mkdir()
+    for p in sample_paths[:3]:
+        (images / p.name).write_bytes(p.read_bytes())
+    outputs = {}
+    for workers in (0, 1, 2):
+        _encode(images, tmp_path / f"w{workers}", "numpy", workers=workers)
+        outputs[workers] = sorted((p.name, p.read_bytes()) for p in (tmp_path / f"w{workers}").glob("*.npy"))
+    assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0]) == 3
+    with single_blas_thread():  # and restores the caller's thread count afterwards
+        pass
+
+
+def test_write_failure_in_a_decoder_stops_the_run(tmp_path, sample_paths):
+    (tmp_path / "blocker").write_text("a file where the output folder should be")
+    plan = OutputPlan.from_option(str(tmp_path / "blocker" / "out"), None)
+    config = PRESETS["vit-ti16"]
+    summary = encode(iter_sources([str(p) for p in sample_paths]), LazyLayer(config, lambda: build_layer(config), seed=0),
+                     Preprocess(), plan, EncodeOptions(device="cpu", engine="numpy", workers=2))
+    assert summary.stopped and "blocker" in summary.stopped and summary.ok == 0
+
+
+def test_engine_numpy_refuses_what_it_cannot_write(tmp_path, sample_paths):
+    bad = run_cli("encode", sample_paths[0], "-o", tmp_path / "a.pt", "--engine", "numpy")
+    assert bad.returncode == 2 and b"--engine numpy" in bad.stderr
+    with pytest.raises(ConfigError, match="engine"):
+        EncodeOptions(engine="jax")
+
+
+# --- the cache of random layers ------------------------------------------------------------
+
+
+POISONED_TORCH = "raise ImportError('torch was imported')\n"
+
+
+def test_second_run_imports_no_torch_and_gives_the_same_bytes(tmp_path, sample_paths):
+    """The first run draws the random layer with torch and caches it; the second runs with a
+    torch that cannot be imported, and writes the same bytes."""
+    env = {"VITEMBED_CACHE_DIR": str(tmp_path / "cache")}
+    first = run_cli("encode", *sample_paths[:2], "-o", tmp_path / "one", "-q", env=env)
+    assert first.returncode == 0, first.stderr
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    fake = tmp_path / "fake"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text(POISONED_TORCH)
+    no_torch = {**env, "PYTHONPATH": os.pathsep.join([str(fake), *sys.path])}
+    second = run_cli("encode", *sample_paths[:2], "-o", tmp_path / "two", "-q", env=no_torch)
+    assert second.returncode == 0, second.stderr
+    for p in sorted((tmp_path / "one").glob("*.npy")):
+        assert p.read_bytes() == (tmp_path / "two" / p.name).read_bytes()
+    # run.json agrees too: the second run could resume the first one's folder.
+    assert json.loads((tmp_path / "one/run.json").read_text())["config"] == json.loads((tmp_path / "two/run.json").read_text())["config"]
+    resumed = run_cli("encode", *sample_paths[:2], "-o", tmp_path / "one", "-q", "--skip-existing", env=no_torch)
+    assert resumed.returncode == 0, resumed.stderr
+
+
+def test_cache_is_keyed_and_checked(tmp_path, monkeypatch, sample_paths):
+    monkeypatch.setenv("VITEMBED_CACHE_DIR", str(tmp_path / "cache"))
+    config = PRESETS["vit-ti16"]
+    assert cached_random_layer(config, 0) is None
+    for seed in (0, 1):
+        _encode_seed(tmp_path, sample_paths[0], seed)
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
+    params = cached_random_layer(config, 1)
+    layer = build_layer(config, 1)
+    assert params is not None and fingerprint(params.state_dict()) == fingerprint(layer.state_dict())
+    assert cached_random_layer(PRESETS["vit-s16"], 1) is None
+    # A damaged cache file is not trusted: the layer is drawn again and the output is unchanged.
+    good = (tmp_path / "out-1.npy").read_bytes()
+    for f in (tmp_path / "cache").glob("*.npz"):
+        f.write_bytes(f.read_bytes()[:100])
+    assert cached_random_layer(config, 1) is None
+    _encode_seed(tmp_path, sample_paths[0], 1)
+    assert (tmp_path / "out-1.npy").read_bytes() == good
+
+
+def test_unwritable_cache_only_costs_time(tmp_path, sample_paths):
+    (tmp_path / "cache").write_text("a file, not a folder")
+    env = {"VITEMBED_CACHE_DIR": str(tmp_path / "cache")}
+    result = run_cli("encode", sample_paths[0], "-o", tmp_path / "a.npy", "-q", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == b""
+
+
+def _encode_seed(tmp_path: Path, image: Path, seed: int) -> None:
+    config = PRESETS["vit-ti16"]
+    plan = OutputPlan.from_option(str(tmp_path / f"out-{seed}.npy"), None)
+    summary = encode([*iter_sources([str(image)])], LazyLayer(config, lambda: build_layer(config, seed), seed=seed),
+                     Preprocess(), plan, EncodeOptions(device="cpu", workers=0))
+    assert summary.ok == 1
+
+
+def test_grey_images_through_the_engine(tmp_path):
+    make_image(tmp_path / "g.png", size=(50, 40), seed=4)
+    result = run_cli("encode", tmp_path / "g.png", "-o", tmp_path / "g.npy", "--in-channels", "1", "--preset", "vit-ti16", "-q")
+    assert result.returncode == 0, result.stderr
+    layer = build_layer(LayerConfig(224, 16, 192, in_channels=1))
+    prep = Preprocess(channels=1)
+    from vitembed.pipeline import encode_images
+
+    expected = encode_images([tmp_path / "g.png"], layer, prep)[0].numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "g.npy"), expected, rtol=1e-5, atol=5e-5)
