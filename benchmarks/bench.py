@@ -8,6 +8,10 @@ as subprocesses in turns A B A B ..., and prints images/s, medians, ratios and p
     python benchmarks/bench.py --quick         # a smoke run, well under a minute
     python benchmarks/bench.py --work /tmp/vb  # keep the corpora there between runs
 
+vitembed runs with its own layer cache under the work folder (VITEMBED_CACHE_DIR), warmed by one
+untimed run per layer shape: a random layer is drawn with torch once per machine, then read from
+the cache. The "first run" case measures a cold cache: each of its turns starts with an empty one.
+
 Peak memory is the largest sum of RSS over the process tree (vitembed's decoder processes
 included), sampled every 20 ms; images/s is images / median wall time of the whole process
 (start-up, imports and writes included).
@@ -170,6 +174,7 @@ class Case:
     count: int
     layer: str
     vitembed_extra: list[str]
+    cold_cache: bool = False  # every vitembed turn starts with an empty layer cache
 
 
 def measure(case: Case, repeats: int, work: Path, env: dict) -> dict:
@@ -181,9 +186,13 @@ def measure(case: Case, repeats: int, work: Path, env: dict) -> dict:
                      *vit_args, *case.vitembed_extra],
     }
     runs: dict[str, list[Run]] = {k: [] for k in commands}
-    for _ in range(repeats):
+    for turn in range(repeats):
         for name, cmd in commands.items():  # A B A B ...
-            runs[name].append(run_once(cmd, out, env))
+            run_env = env
+            if case.cold_cache and name == "vitembed":
+                run_env = {**env, "VITEMBED_CACHE_DIR": str(work / "cold-cache" / f"{turn}")}
+                shutil.rmtree(run_env["VITEMBED_CACHE_DIR"], ignore_errors=True)
+            runs[name].append(run_once(cmd, out, run_env))
     row = {"case": case.name, "images": case.count}
     for name, rs in runs.items():
         median = statistics.median(r.seconds for r in rs)
@@ -203,8 +212,11 @@ def machine() -> str:
         pass
     import torch
 
+    from vitembed.kernel import blas_core
+
+    # numpy's OpenBLAS chose its kernels when numpy loaded, from OPENBLAS_CORETYPE or the CPU.
     return (f"{model}, {os.cpu_count()} cores; Python {platform.python_version()}, torch {torch.__version__}, "
-            f"Pillow {Image.__version__}")
+            f"Pillow {Image.__version__}, numpy {np.__version__} (OpenBLAS kernels: {blas_core() or 'unknown'})")
 
 
 def main() -> None:
@@ -225,7 +237,8 @@ def main() -> None:
     else:
         work = args.work
         work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+           "VITEMBED_CACHE_DIR": str(work / "layer-cache")}
 
     t0 = time.perf_counter()
     small = build_small(work / f"small{n_small}", n_small)
@@ -239,12 +252,18 @@ def main() -> None:
         Case("small-subset/seed", few, n_memory, "seed", []),
         Case("12MP/vit-b16", large, n_large, "vit-b16", []),
         Case("12MP/vit-b16 --fast-decode", large, n_large, "vit-b16", ["--fast-decode"]),
+        Case("small/seed, first run (cold layer cache)", small, n_small, "seed", [], cold_cache=True),
     ]
     if quick:
         cases = [cases[1], cases[4]]
     if args.only:
         wanted = set(args.only.split(","))
         cases = [c for c in cases if c.name in wanted]
+
+    for layer in {case.layer for case in cases}:  # draw each random layer once, untimed
+        warm = [sys.executable, "-m", "vitembed", "encode", str(sorted(few.glob("*.jpg"))[0]), "-o", str(work / "warm.npy"),
+                "-q", *LAYERS[layer][1]]
+        subprocess.run(warm, env=env, capture_output=True, check=True)
 
     print(f"machine: {machine()}")
     print(f"{repeats} turn(s) each, A B A B; images/s from the median wall time of the whole process\n")

@@ -211,6 +211,9 @@ def encode(
 
         find photos -name '*.jpg' -print0 | vitembed encode - -0 -o tokens/ --json | jq .output
     """
+    # This process computes nothing with numpy's BLAS (decoders do, on one thread each); its extra
+    # OpenBLAS threads would only spin for a while after numpy loads.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     if workers != 0:
         from .processes import start_decoder_server
 

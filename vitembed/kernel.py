@@ -198,7 +198,7 @@ def remember_random_layer(params: LayerParams, seed: int) -> None:
 
 @functools.cache
 def _openblas() -> tuple | None:
-    """(set_num_threads, get_num_threads) of the OpenBLAS that numpy's wheel bundles, or None."""
+    """(set_num_threads, get_num_threads, library) of the OpenBLAS that numpy's wheel bundles, or None."""
     import ctypes
 
     libs = Path(np.__file__).resolve().parent.parent / "numpy.libs"
@@ -216,7 +216,7 @@ def _openblas() -> tuple | None:
                 setter = getattr(handle, f"{prefix}_set_num_threads{suffix}", None)
                 getter = getattr(handle, f"{prefix}_get_num_threads{suffix}", None)
                 if setter is not None and getter is not None:
-                    return setter, getter
+                    return setter, getter, handle
     return None
 
 
@@ -230,10 +230,25 @@ def set_blas_threads(n: int) -> int | None:
     blas = _openblas()
     if blas is None:
         return None
-    setter, getter = blas
+    setter, getter, _ = blas
     previous = int(getter())
     setter(ctypes.c_int(n))
     return previous
+
+
+def blas_core() -> str | None:
+    """The CPU kernels numpy's OpenBLAS chose (Haswell, SkylakeX, ...), or None if unknown."""
+    blas = _openblas()
+    if blas is None:
+        return None
+    import ctypes
+
+    for name in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename", "openblas_get_corename"):
+        getter = getattr(blas[2], name, None)
+        if getter is not None:
+            getter.restype = ctypes.c_char_p
+            return getter().decode(errors="replace")
+    return None
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ from .errors import ConfigError, InputError, OutputError, StdoutClosed, Vitembed
 from .config import LayerConfig
 from .images import Preprocess, keep_pixel_blocks, load_image
 from .inputs import Source
-from .processes import decoder_context
+from .processes import decoder_context, start_decoder_server
 from .kernel import Kernel, LayerParams, cached_random_layer, remember_random_layer, set_blas_threads, single_blas_thread
 from .writers import OutputPlan, atomic_write, clean_stale_temporaries, tensor_bytes, write_tensor
 
@@ -725,6 +725,7 @@ class _Decoder:
         self.deaths = 0  # workers that died on an image tried alone
 
     def _new_pool(self) -> ProcessPoolExecutor:
+        start_decoder_server()
         return ProcessPoolExecutor(self.workers, mp_context=decoder_context(), initializer=_worker_init,
                                    initargs=(self.prep.max_pixels, self.kernel))
 

@@ -7,7 +7,9 @@ CLI begin it first thing, so that it overlaps the main process's own imports.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
 
 PRELOAD = ["vitembed.images"]
 
@@ -22,9 +24,27 @@ def decoder_context():
 
 
 def start_decoder_server() -> None:
-    """Start the forkserver now, in the background; a no-op where there is none."""
-    ctx = decoder_context()
-    if ctx.get_start_method() == "forkserver":
-        from multiprocessing import forkserver
+    """Start the forkserver now, in the background; a no-op where there is none or it runs.
 
+    Its numpy gets one BLAS thread: a decoder computes on one core (see kernel.set_blas_threads),
+    and OpenBLAS's extra threads would otherwise spin for a while in every process that loads it.
+    """
+    ctx = decoder_context()
+    if ctx.get_start_method() != "forkserver":
+        return
+    from multiprocessing import forkserver
+
+    with _environ(OPENBLAS_NUM_THREADS="1"):
         forkserver.ensure_running()
+
+
+@contextlib.contextmanager
+def _environ(**values: str):
+    """Set environment variables the user has not set, for a while."""
+    added = [name for name in values if name not in os.environ]
+    os.environ.update({name: values[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
