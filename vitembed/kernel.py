@@ -111,6 +111,8 @@ class LayerParams:
         shapes = {name: tuple(t.shape) for name, t in self.tensors.items()}
         if shapes != expected:
             raise ValueError(f"layer parameters {shapes} do not fit the layer {expected}")
+        if any(t.dtype != np.float32 for t in self.tensors.values()):
+            raise ValueError("layer parameters must be float32")
 
 
 @dataclass
@@ -201,11 +203,13 @@ def _openblas() -> tuple | None:
     """(set_num_threads, get_num_threads, library) of the OpenBLAS that numpy's wheel bundles, or None."""
     import ctypes
 
-    libs = Path(np.__file__).resolve().parent.parent / "numpy.libs"
-    try:
-        candidates = sorted(libs.glob("*openblas*")) if libs.is_dir() else []
-    except OSError:
-        return None
+    package = Path(np.__file__).resolve().parent
+    candidates = []
+    for libs in (package.parent / "numpy.libs", package / ".dylibs"):  # Linux and Windows wheels; macOS
+        try:
+            candidates += sorted(libs.glob("*openblas*")) if libs.is_dir() else []
+        except OSError:
+            pass
     for lib in candidates:
         try:
             handle = ctypes.CDLL(str(lib))

@@ -32,8 +32,8 @@ from .errors import ConfigError, InputError, OutputError, StdoutClosed, Vitembed
 from .config import LayerConfig
 from .images import Preprocess, keep_pixel_blocks, load_image
 from .inputs import Source
-from .processes import decoder_context, start_decoder_server
 from .kernel import Kernel, LayerParams, cached_random_layer, remember_random_layer, set_blas_threads, single_blas_thread
+from .processes import decoder_context, start_decoder_server
 from .writers import OutputPlan, atomic_write, clean_stale_temporaries, tensor_bytes, write_tensor
 
 __all__ = ["EncodeOptions", "LazyLayer", "Result", "Summary", "encode", "encode_images", "resolve_device"]
