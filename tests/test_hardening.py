@@ -27,6 +27,7 @@ from PIL import Image
 
 from vitembed.errors import InputError
 from vitembed.images import Preprocess, load_image
+from vitembed.writers import clean_stale_temporaries
 
 from tests.conftest import make_image, run_cli
 
@@ -545,3 +546,23 @@ def test_inputs_untouched_and_nothing_written_outside_output(tmp_path):
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (a, b)} == digest
     everything = {p for p in tmp_path.rglob("*") if p.is_file()}
     assert everything - {a, b} == {p for p in everything if p.is_relative_to(out)}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not Path("/proc/self/stat").exists(), reason="needs fork and /proc")
+def test_temporary_of_a_zombie_writer_is_stale(tmp_path):
+    """A decoder killed with its parent is a zombie until init reaps it (slowly, in some
+    containers); its temporary file is as stale as a dead process's."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{pid}/stat").read_bytes().rsplit(b")", 1)[1].split()[0] != b"Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        (tmp_path / f".a.npy.{pid}.vitembed-tmp").write_bytes(b"torn")
+        (tmp_path / f".b.npy.{os.getpid()}.vitembed-tmp").write_bytes(b"being written")  # a live writer's
+        assert clean_stale_temporaries(tmp_path) == 1
+        assert [p.name for p in tmp_path.iterdir()] == [f".b.npy.{os.getpid()}.vitembed-tmp"]
+    finally:
+        os.waitpid(pid, 0)

@@ -214,7 +214,13 @@ def _pid_alive(pid: int) -> bool:
         return False
     except (PermissionError, OSError):
         return True
-    return True
+    # A killed decoder whose parent died with it stays a zombie until init reaps it, which in a
+    # container may take long: it writes nothing more.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
 
 
 def relative_to_target(path: Path | None, target: Path | None) -> str | None:
