@@ -572,10 +572,8 @@ def _inference_mode(enabled: bool):
 
 def _accelerator_present() -> bool:
     """Whether --device auto may find a GPU; judged without importing torch where possible."""
-    torch = sys.modules.get("torch")
-    if torch is not None:
-        mps = getattr(torch.backends, "mps", None)
-        return torch.cuda.is_available() or (mps is not None and mps.is_available())
+    if "torch" in sys.modules:  # imported already (--weights): ask it, as --device auto does
+        return resolve_device("auto").type != "cpu"
     if sys.platform == "darwin":
         return platform.machine() == "arm64"  # Apple silicon: MPS
     if sys.platform.startswith("linux"):
