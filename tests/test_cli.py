@@ -310,3 +310,34 @@ def test_stdout_reader_leaving_early_ends_quietly(sample_paths):
     stderr = proc.stderr.read()
     assert proc.wait(timeout=120) == 141
     assert b"Traceback" not in stderr and b"encoded" not in stderr
+
+
+def test_decoder_server_starts_early_unless_unused():
+    from vitembed.cli import _decoders_wanted
+
+    assert _decoders_wanted(["photos/", "-o", "out/"]) and _decoders_wanted(["x", "-j", "2"])
+    for args in (["x", "-j", "0"], ["x", "-j0"], ["x", "--workers", "0"], ["x", "--workers=0"], ["--help"], ["-h"]):
+        assert not _decoders_wanted(args), args
+
+
+@pytest.mark.parametrize("code, status, stderr", [(None, 0, ""), (3, 3, ""), ("bad thing", 1, "bad thing\n")])
+def test_exit_without_teardown_flushes_and_keeps_the_status(code, status, stderr):
+    script = ("import atexit, sys\n"
+              "from vitembed.cli import _exit_without_teardown\n"
+              "atexit.register(lambda: sys.stdout.write('atexit ran'))\n"
+              "sys.stdout.write('buffered ')\n"
+              f"_exit_without_teardown({code!r})\n"
+              "sys.stdout.write('not reached')\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (status, "buffered atexit ran", stderr)
+
+
+def test_exit_without_teardown_waits_for_a_running_thread():
+    script = ("import sys, threading, time\n"
+              "from vitembed.cli import _exit_without_teardown\n"
+              "t = threading.Thread(target=lambda: (time.sleep(0.3), sys.stdout.write('thread done')))\n"
+              "t.start()\n"
+              "_exit_without_teardown(0)\n"
+              "sys.stdout.write(' returned ')\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == " returned thread done"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -188,3 +191,16 @@ def test_parse_color():
 def test_is_image_path():
     assert is_image_path("a/b.JPG") and is_image_path("x.png") and is_image_path("y.webp")
     assert not is_image_path("notes.txt") and not is_image_path("README")
+
+
+def test_common_extensions_need_no_plugin_scan():
+    """A folder of JPEGs is walked without importing all of Pillow's plugins (about 20 ms), and a
+    rarer format is still found once they are."""
+    code = (
+        "from PIL import Image\n"
+        "from vitembed.images import is_image_path\n"
+        "assert is_image_path('a.JPG') and is_image_path('b.jpeg') and is_image_path('c.png')\n"
+        "assert Image._initialized < 2, 'every plugin was imported for a JPEG'\n"
+        "assert is_image_path('d.tga') and is_image_path('e.tiff') and not is_image_path('f.txt')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -138,7 +138,9 @@ def image_extensions() -> frozenset[str]:
 
 
 def is_image_path(path: str | os.PathLike) -> bool:
-    return os.path.splitext(os.fspath(path))[1].lower() in image_extensions()
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    Image.preinit()  # JPEG, PNG, GIF, BMP, PPM: enough for most files without importing every plugin
+    return Image.EXTENSION.get(ext) in Image.OPEN or ext in image_extensions()
 
 
 def load_image(path: str | os.PathLike, prep: Preprocess) -> np.ndarray:

@@ -11,7 +11,7 @@ import contextlib
 import multiprocessing
 import os
 
-PRELOAD = ["vitembed.images"]
+PRELOAD = ["vitembed.pipeline"]
 
 
 def decoder_context():

@@ -7,13 +7,13 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import IO, Any
-
-from rich.console import Console
-from rich.table import Table
+from typing import IO, TYPE_CHECKING, Any
 
 from .pipeline import Result, Summary
 from .writers import relative_to_target
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 __all__ = ["Reporter", "display_path", "format_bytes", "result_record", "silence_stream"]
 
@@ -89,7 +89,7 @@ class Reporter:
         self.target = target
         self.stop = stop
         self.stdout = stdout or sys.stdout
-        self.console = console or Console(stderr=True, highlight=False)
+        self._console = console  # made on first use: a quiet run without errors imports no rich
         self.rows: list[Result] = []
         self.pipe_closed = False
         self._manifest_path = manifest
@@ -105,6 +105,14 @@ class Reporter:
             )
             self._task = self._progress.add_task("encode", total=None)
             self._progress.start()
+
+    @property
+    def console(self) -> Console:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=True, highlight=False)
+        return self._console
 
     @property
     def shows_progress(self) -> bool:
@@ -167,6 +175,8 @@ class Reporter:
         if self.quiet or self.pipe_closed or summary.pipe_closed or summary.total == 0:
             return
         if self.rows:
+            from rich.table import Table
+
             table = Table(box=None, header_style="bold", pad_edge=False)
             for column in ("input", "output", "shape", "dtype", "status"):
                 table.add_column(column, overflow="fold")
