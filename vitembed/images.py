@@ -9,6 +9,7 @@ and `.std`). This module imports neither torch nor torchvision, so decoding work
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -22,10 +23,13 @@ from .errors import ConfigError, InputError, one_line
 __all__ = [
     "NORMALIZATIONS",
     "Preprocess",
+    "ResizePlan",
     "image_extensions",
     "is_image_path",
     "load_image",
     "parse_color",
+    "read_plain_jpeg",
+    "resize_plan",
 ]
 
 # (mean, std) per channel, applied to pixels / 255.
@@ -185,6 +189,36 @@ def load_image(path: str | os.PathLike, prep: Preprocess) -> np.ndarray:
         Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
+def read_plain_jpeg(path: str | os.PathLike, prep: Preprocess) -> bytearray | None:
+    """The bytes of `path` if any JPEG decoder gives the pixels `load_image` starts from, else None.
+
+    That is a whole (ends with its EOI marker), single-frame, non-progressive JPEG in YCbCr or grey,
+    within `prep.max_pixels`, read as RGB. Such files can be decoded elsewhere (on a GPU, by
+    nvJPEG, which applies the EXIF orientation too); everything else, errors included, is left to
+    `load_image`, so that which files fail and why does not depend on the decoder.
+    """
+    if prep.channels != 3:
+        return None
+    try:
+        with open(path, "rb") as f:
+            data = bytearray(f.read())
+    except OSError:
+        return None
+    if data[:3] != b"\xff\xd8\xff" or data[-2:] != b"\xff\xd9":
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            if (im.format != "JPEG" or im.mode not in ("RGB", "L") or "progressive" in im.info
+                    or "progression" in im.info or getattr(im, "n_frames", 1) > 1):
+                return None
+    except Exception:  # noqa: BLE001 - whatever is wrong with it, load_image will say
+        return None
+    if not 0 < width * height <= prep.max_pixels:
+        return None
+    return data
+
+
 def keep_pixel_blocks(blocks: int = 4) -> None:
     """Let Pillow keep a few freed 16 MB pixel blocks for the next image (a decoder process's
     setting: global to Pillow). Large images then skip most page faults: about 25% faster for a
@@ -262,34 +296,49 @@ def _to_grey(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     return _to_rgb(im, background).convert("L") if im.mode != "L" else im
 
 
-def _resize(im: Image.Image, prep: Preprocess) -> Image.Image:
+@dataclass(frozen=True)
+class ResizePlan:
+    """The geometry of `Preprocess.resize` for one image: resize to `size` (width, height), then
+    take the S x S square at `crop` (left, top), or paste onto an S x S background at `paste`."""
+
+    size: tuple[int, int]
+    crop: tuple[int, int] | None = None
+    paste: tuple[int, int] | None = None
+
+
+def resize_plan(width: int, height: int, prep: Preprocess) -> ResizePlan:
     s = prep.image_size
-    resample = INTERPOLATIONS[prep.interpolation]
-    w, h = im.size
     if prep.resize == "squash":
-        return im if (w, h) == (s, s) else im.resize((s, s), resample)
+        return ResizePlan((s, s))
     if prep.resize == "crop":
         # torchvision: Resize(int(S / crop_pct)) on the shorter side, then CenterCrop(S).
         short = int(s / prep.crop_pct)
-        if w <= h:
-            size = (short, int(short * h / w))
+        if width <= height:
+            size = (short, int(short * height / width))
         else:
-            size = (int(short * w / h), short)
+            size = (int(short * width / height), short)
         size = (max(size[0], s), max(size[1], s))
-        if size != (w, h):
-            im = im.resize(size, resample)
-        w, h = im.size
-        left, top = int(round((w - s) / 2.0)), int(round((h - s) / 2.0))
-        return im.crop((left, top, left + s, top + s))
+        return ResizePlan(size, crop=(int(round((size[0] - s) / 2.0)), int(round((size[1] - s) / 2.0))))
     # pad: the longer side to S, the aspect ratio kept, centred on the background colour.
-    scale = s / max(w, h)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    if size != (w, h):
-        im = im.resize(size, resample)
-    fill = prep.background if im.mode == "RGB" else _grey(prep.background)
-    canvas = Image.new(im.mode, (s, s), fill)
-    canvas.paste(im, ((s - size[0]) // 2, (s - size[1]) // 2))
-    return canvas
+    scale = s / max(width, height)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return ResizePlan(size, paste=((s - size[0]) // 2, (s - size[1]) // 2))
+
+
+def _resize(im: Image.Image, prep: Preprocess) -> Image.Image:
+    s = prep.image_size
+    plan = resize_plan(*im.size, prep)
+    if plan.size != im.size:
+        im = im.resize(plan.size, INTERPOLATIONS[prep.interpolation])
+    if plan.crop is not None:
+        left, top = plan.crop
+        return im.crop((left, top, left + s, top + s))
+    if plan.paste is not None:
+        fill = prep.background if im.mode == "RGB" else _grey(prep.background)
+        canvas = Image.new(im.mode, (s, s), fill)
+        canvas.paste(im, plan.paste)
+        return canvas
+    return im
 
 
 def _grey(rgb: tuple[int, int, int]) -> int:

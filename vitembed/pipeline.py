@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import ConfigError, InputError, OutputError, StdoutClosed, VitembedError
 from .config import LayerConfig
-from .images import Preprocess, keep_pixel_blocks, load_image
+from .images import Preprocess, keep_pixel_blocks, load_image, read_plain_jpeg
 from .inputs import Source
 from .kernel import Kernel, LayerParams, cached_random_layer, remember_random_layer, set_blas_threads, single_blas_thread
 from .processes import decoder_context, start_decoder_server
@@ -40,6 +40,8 @@ __all__ = ["EncodeOptions", "LazyLayer", "Result", "Summary", "encode", "encode_
 
 DTYPES = ("float32", "float16", "bfloat16")
 ENGINES = ("auto", "numpy", "torch")
+DECODES = ("auto", "cpu", "gpu")
+_DEVICE_DECODE_TYPES = ("cuda",)  # devices whose JPEG decoder (nvJPEG) beats Pillow processes
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,10 @@ class EncodeOptions:
             auto: numpy where it applies, else torch. A random layer is drawn with torch once per
             machine and then cached (`kernel.layer_cache_dir`), so that later runs import no torch.
         dtype: of the outputs; the layer computes in float32 and the result is cast.
+        decode: where JPEGs are decoded and resized. cpu: Pillow, in the decoder processes; gpu:
+            on the layer's CUDA device with nvJPEG, in batches (the torch engine; the decoder
+            processes then only read the files, and decode the other formats with Pillow);
+            auto: gpu when the layer runs on a CUDA device, else cpu.
         batch_size: images per call of the layer.
         workers: decoding processes; 0 decodes in this process.
         writers: threads writing files, so that disk I/O overlaps compute.
@@ -83,6 +89,7 @@ class EncodeOptions:
     device: str = "auto"
     engine: str = "auto"
     dtype: str = "float32"
+    decode: str = "auto"
     batch_size: int = 32
     workers: int | None = None  # None: one per core
     writers: int = 2
@@ -94,6 +101,8 @@ class EncodeOptions:
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
             raise ConfigError(f"unknown engine {self.engine!r}; choose {', '.join(ENGINES)}")
+        if self.decode not in DECODES:
+            raise ConfigError(f"unknown decode {self.decode!r}; choose {', '.join(DECODES)}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown dtype {self.dtype!r}; choose {', '.join(DTYPES)}")
         if self.batch_size < 1:
@@ -292,8 +301,14 @@ class _Run:
         except BaseException:
             writer.shutdown(wait=False, cancel_futures=True)
             raise
-        decoder = _Decoder(self.prep, workers, window=_window(self.prep, self.options.batch_size, workers, kernel),
-                           stop=self.stop, timeout=self.options.decode_timeout, kernel=kernel,
+        try:
+            device_jpegs = self._decode_on_device(kernel)
+        except BaseException:
+            writer.shutdown(wait=False, cancel_futures=True)
+            raise
+        window = _window(self.prep, self.options.batch_size, workers, kernel, device_jpegs)
+        decoder = _Decoder(self.prep, workers, window=window, stop=self.stop, timeout=self.options.decode_timeout,
+                           kernel=kernel, device_jpegs=device_jpegs,
                            encode_args=(self.plan.fmt, self.options.dtype, self.plan.mode != "stdout" and not self.shard_size))
         batch: list[tuple[_Job, np.ndarray]] = []
         try:
@@ -370,6 +385,32 @@ class _Run:
             params = LayerParams.from_module(source.build())
             remember_random_layer(params, source.seed)
         return params
+
+    def _decode_on_device(self, kernel: Kernel | None) -> bool:
+        """Whether JPEGs are decoded on the layer's device (`EncodeOptions.decode`)."""
+        choice = self.options.decode
+        if choice == "cpu":
+            return False
+        from .devicedecode import unsupported
+
+        reason = unsupported(self.prep)
+        if choice == "auto":
+            return reason is None and kernel is None and _accelerator_present() and self._device_decodes()
+        if reason is not None:
+            raise ConfigError(f"--decode gpu: {reason}")
+        if kernel is not None or not self._device_decodes():
+            raise ConfigError("--decode gpu decodes with nvJPEG on a CUDA device: use --device cuda "
+                              "(with the torch engine), or --decode cpu")
+        return True
+
+    def _device_decodes(self) -> bool:
+        device = resolve_device(self.options.device)  # imports torch: a GPU is evident, or asked for
+        if device.type == "cuda":
+            import torch
+
+            if torch.version.hip is not None:
+                return False  # ROCm: torchvision decodes JPEGs on NVIDIA GPUs only
+        return device.type in _DEVICE_DECODE_TYPES
 
     def _written(self, job: _Job, nbytes: int, shape: tuple[int, ...]) -> None:
         self.summary.bytes_written += nbytes
@@ -497,9 +538,13 @@ class _Run:
         name = os.fsencode(source.path).decode("utf-8", "backslashreplace")  # as the manifest writes it
         return known.get(key, name) == name
 
-    def _run_batch(self, batch: list[tuple[_Job, np.ndarray]], writer: ThreadPoolExecutor) -> None:
+    def _run_batch(self, batch: list[tuple[_Job, Any]], writer: ThreadPoolExecutor) -> None:
+        if any(isinstance(item, _JpegBytes) for _, item in batch):
+            batch = self._decode_jpegs(batch, writer)
+            if not batch:
+                return
         jobs = [job for job, _ in batch]
-        z = _forward(self.layer, _stack([a for _, a in batch]), self.prep, self.device)
+        z = _forward(self.layer, _stack([a for _, a in batch], self.device), self.prep, self.device)
         z = z.to(self.out_dtype).cpu()
         shape = tuple(z.shape[1:])
         dtype = self.options.dtype
@@ -518,6 +563,23 @@ class _Run:
         self.writes.append(_Pending(jobs, futures, shape, dtype))
         while len(self.writes) > self.max_pending_batches:
             self._finish_oldest()
+
+    def _decode_jpegs(self, batch: list[tuple[_Job, Any]], writer: ThreadPoolExecutor) -> list[tuple[_Job, Any]]:
+        """Decode the batch's JPEG bytes on the device; report the files that fail, keep the rest."""
+        from .devicedecode import decode_jpegs
+
+        at = [i for i, (_, item) in enumerate(batch) if isinstance(item, _JpegBytes)]
+        decoded = dict(zip(at, decode_jpegs([batch[i][1].data for i in at], self.prep, self.device)))
+        kept = []
+        for i, (job, item) in enumerate(batch):
+            item = decoded.get(i, item)
+            if isinstance(item, str):
+                self._report(Result(job.source.path, None, "error", error=item))
+                if self.shard_size:
+                    self._resolve(job, None, writer)
+            else:
+                kept.append((job, item))
+        return kept
 
     def _drain_writes(self, block: bool, quiet: bool = False) -> None:
         while self.writes and (block or all(f.done() for f in self.writes[0].futures)):
@@ -583,17 +645,20 @@ def _accelerator_present() -> bool:
     return True  # elsewhere torch decides
 
 
-def _stack(arrays: list[np.ndarray]):
+def _stack(arrays: list, device=None):
+    """B x (S, S, C) uint8 -> (B, S, S, C): numpy arrays on the CPU, or tensors decoded on `device`."""
     import torch
 
-    return torch.from_numpy(np.stack(arrays))  # B x (S, S, C) uint8 -> (B, S, S, C)
+    if all(isinstance(a, np.ndarray) for a in arrays):
+        return torch.from_numpy(np.stack(arrays))
+    return torch.stack([torch.from_numpy(a).to(device) if isinstance(a, np.ndarray) else a for a in arrays])
 
 
 def _forward(layer, pixels, prep: Preprocess, device):
     """uint8 (B, S, S, C) on the CPU -> z0 (B, N+1, D) float32 on `device`."""
     import torch
 
-    if device.type == "cuda":
+    if device.type == "cuda" and pixels.device.type == "cpu":
         pixels = pixels.pin_memory()  # page-locked, so that the copy below is asynchronous
     pixels = pixels.to(device, non_blocking=True)  # (B, S, S, C) uint8
     mean = torch.tensor(prep.mean, dtype=torch.float32, device=device)
@@ -677,6 +742,17 @@ def _decode(path: Path, prep: Preprocess) -> np.ndarray | str:
         return str(exc)
 
 
+def _read_for_device(path: Path, prep: Preprocess) -> _JpegBytes | np.ndarray | str:
+    """A plain JPEG's bytes, for the device to decode; any other file decoded here, by Pillow."""
+    data = read_plain_jpeg(path, prep)
+    return _decode(path, prep) if data is None else _JpegBytes(data)
+
+
+@dataclass(frozen=True)
+class _JpegBytes:
+    data: bytearray
+
+
 @dataclass(frozen=True)
 class _Written:
     nbytes: int
@@ -709,9 +785,10 @@ class _Decoder:
     """Ordered, bounded parallel decoding that survives decoder processes dying."""
 
     def __init__(self, prep: Preprocess, workers: int, window: int, stop: threading.Event,
-                 timeout: float | None = None, kernel: Kernel | None = None,
+                 timeout: float | None = None, kernel: Kernel | None = None, device_jpegs: bool = False,
                  encode_args: tuple[str, str, bool] = ("npy", "float32", True)):
         self.prep = prep
+        self.device_jpegs = device_jpegs  # pass plain JPEGs on as bytes (see devicedecode)
         self.kernel = kernel  # the numpy engine: decoders return tokens, or write them
         self.encode_args = encode_args  # format, dtype, whether decoders write the outputs
         self.workers = workers
@@ -728,6 +805,8 @@ class _Decoder:
                                    initargs=(self.prep.max_pixels, self.kernel))
 
     def _task(self, job: _Job) -> tuple[Callable, tuple]:
+        if self.device_jpegs:
+            return _read_for_device, (job.source.path, self.prep)
         if self.kernel is None:
             return _decode, (job.source.path, self.prep)
         fmt, dtype, write = self.encode_args
@@ -883,9 +962,13 @@ class _Decoder:
                 return _TIMEOUT
 
 
-def _window(prep: Preprocess, batch_size: int, workers: int, kernel: Kernel | None = None) -> int:
+def _window(prep: Preprocess, batch_size: int, workers: int, kernel: Kernel | None = None,
+            device_jpegs: bool = False) -> int:
     """Images decoded ahead: enough to cover start-up and a few batches, about 64 MB of pixels
-    (of tokens, when the decoders compute them)."""
+    (of tokens, when the decoders compute them). Files whose bytes go to the device are as large
+    as they come (megabytes for a photo): a few batches of them."""
+    if device_jpegs:
+        return max(4 * batch_size, 4 * workers)
     per_image = prep.image_size * prep.image_size * prep.channels
     if kernel is not None:
         per_image = kernel.table.nbytes

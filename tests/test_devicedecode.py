@@ -1,0 +1,168 @@
+"""`--decode gpu`: JPEGs decoded and resized by torchvision on the layer's device, in batches.
+
+No GPU here: the same code runs on the CPU device (torchvision's decode_jpeg, libjpeg-turbo), with
+`pipeline._DEVICE_DECODE_TYPES` widened to let it. On a CUDA device the decoder is nvJPEG.
+"""
+
+from __future__ import annotations
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import make_image, run_cli
+from vitembed import pipeline
+from vitembed.devicedecode import decode_jpegs
+from vitembed.errors import ConfigError
+from vitembed.images import Preprocess, load_image, read_plain_jpeg
+from vitembed.inputs import iter_sources
+from vitembed.layer import PRESETS, build_layer
+from vitembed.pipeline import EncodeOptions, encode
+from vitembed.writers import OutputPlan
+
+CPU = torch.device("cpu")
+
+
+def _photo_jpegs(folder: Path, sample_paths: list[Path]) -> list[Path]:
+    """JPEGs of the sample photos, of several sizes (some equal, resized together), and one with
+    an EXIF rotation."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, src in enumerate(sample_paths):
+        im = Image.open(src).convert("RGB")
+        for size in ((320, 240), (320, 240), (301, 433)):
+            path = folder / f"p{i}-{size[0]}x{size[1]}-{len(paths)}.jpg"
+            im.resize(size).save(path, quality=90)
+            paths.append(path)
+    rotated = Image.open(sample_paths[0]).convert("RGB").resize((200, 120))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise
+    rotated.save(folder / "rotated.jpg", exif=exif, quality=95)
+    return paths + [folder / "rotated.jpg"]
+
+
+def _odd_files(folder: Path) -> dict[str, str]:
+    """Files the device does not decode: name -> what becomes of them (ok, or an error)."""
+    make_image(folder / "progressive.jpg", (90, 70), progressive=True)
+    make_image(folder / "cmyk.jpg", (90, 70), mode="CMYK")
+    make_image(folder / "plain.png", (90, 70))
+    good = make_image(folder / "whole.jpg", (90, 70)).read_bytes()
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    # Starts and ends as a JPEG, but Pillow cannot read its header: the error is Pillow's.
+    (folder / "garbage.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 200 + b"\xff\xd9")
+    return {"progressive.jpg": "ok", "cmyk.jpg": "ok", "plain.png": "ok", "whole.jpg": "ok",
+            "truncated.jpg": "error", "garbage.jpg": "error"}
+
+
+def test_plain_jpegs_only(tmp_path, sample_paths):
+    photo = _photo_jpegs(tmp_path, sample_paths[:1])[0]
+    _odd_files(tmp_path)
+    prep = Preprocess()
+    assert read_plain_jpeg(photo, prep) == photo.read_bytes()
+    assert read_plain_jpeg(tmp_path / "rotated.jpg", prep) is not None  # the device applies EXIF too
+    assert read_plain_jpeg(tmp_path / "whole.jpg", prep) is not None
+    for name in ("progressive.jpg", "cmyk.jpg", "plain.png", "truncated.jpg", "garbage.jpg", "missing.jpg"):
+        assert read_plain_jpeg(tmp_path / name, prep) is None, name
+    assert read_plain_jpeg(photo, Preprocess(channels=1)) is None
+    assert read_plain_jpeg(photo, Preprocess(max_pixels=320 * 240 - 1)) is None
+
+
+@pytest.mark.parametrize("resize", ["squash", "crop", "pad"])
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_decode_jpegs_matches_pillow(tmp_path, sample_paths, resize, interpolation):
+    """Near Pillow's pixels in every resize mode, the EXIF rotation applied. The decode itself is
+    identical here (libjpeg-turbo on both sides); the resizes differ at odd scale factors (301 x
+    433 -> 224 here) by up to 1 level (bilinear) or 5 (bicubic, at sharp edges), 0.2 on average."""
+    limit = {"bilinear": 1, "bicubic": 5}[interpolation]
+    prep = Preprocess(resize=resize, interpolation=interpolation, background=(10, 200, 30))
+    paths = _photo_jpegs(tmp_path, sample_paths)
+    got = decode_jpegs([read_plain_jpeg(p, prep) for p in paths], prep, CPU)
+    for path, pixels in zip(paths, got):
+        assert isinstance(pixels, torch.Tensor) and pixels.dtype == torch.uint8 and pixels.shape == (224, 224, 3)
+        diff = np.abs(pixels.numpy().astype(int) - load_image(path, prep).astype(int))
+        assert diff.max() <= limit and diff.mean() < 0.25, (path.name, diff.max(), diff.mean())
+
+
+def test_a_file_the_device_refuses_goes_to_pillow(tmp_path, sample_paths):
+    prep = Preprocess()
+    paths = _photo_jpegs(tmp_path, sample_paths[:1])
+    datas = [read_plain_jpeg(p, prep) for p in paths]
+    good = bytearray(paths[0].read_bytes())
+    half = len(good) // 2
+    broken = good[:half] + bytearray(b"\x00" * 64) + good[half + 64:]  # scan data damaged, still ends in EOI
+    got = decode_jpegs([datas[0], bytearray(b"\xff\xd8\xff\x00\xff\xd9"), datas[1]], prep, CPU)
+    assert got[1] == "not an image Pillow can read"
+    for pixels, path in ((got[0], paths[0]), (got[2], paths[1])):
+        assert np.abs(pixels.numpy().astype(int) - load_image(path, prep).astype(int)).max() <= 1
+    # Damaged scan data, whole markers: libjpeg warns and decodes on both sides, alike.
+    one = decode_jpegs([broken], prep, CPU)[0]
+    assert np.abs(one.numpy().astype(int) - load_image(io.BytesIO(broken), prep).astype(int)).max() <= 1
+
+
+def _encode(folder: Path, out: Path, **options) -> tuple[dict, pipeline.Summary]:
+    results = {}
+    layer = build_layer(PRESETS["seed"], seed=0)
+    summary = encode(iter_sources([str(folder)]), layer, Preprocess(), OutputPlan.from_option(str(out), None),
+                     EncodeOptions(device="cpu", engine="torch", **options),
+                     on_result=lambda r: results.__setitem__(r.input.name, r))
+    return results, summary
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_encode_with_device_decoding(tmp_path, sample_paths, monkeypatch, workers):
+    """The whole run: the same files succeed and fail with the same messages as with Pillow, and
+    the tokens agree to within the resize's 1-level differences; other files are Pillow's, exactly."""
+    folder = tmp_path / "in"
+    jpegs = _photo_jpegs(folder, sample_paths)
+    odd = _odd_files(folder)
+    cpu_results, _ = _encode(folder, tmp_path / "cpu", decode="cpu", workers=workers)
+    with pytest.raises(ConfigError, match="--decode gpu decodes with nvJPEG on a CUDA device"):
+        _encode(folder, tmp_path / "refused", decode="gpu", workers=workers)
+    calls = []
+    real = pipeline._Run._decode_jpegs
+    monkeypatch.setattr(pipeline._Run, "_decode_jpegs", lambda self, batch, w: calls.append(len(batch)) or real(self, batch, w))
+    monkeypatch.setattr(pipeline, "_DEVICE_DECODE_TYPES", ("cuda", "cpu"))
+    gpu_results, summary = _encode(folder, tmp_path / "gpu", decode="gpu", workers=workers, batch_size=8)
+    assert calls, "no batch went through the device decoder"
+    assert summary.ok == len(jpegs) + 4 and summary.errors == 2
+    assert {n: (r.status, r.error) for n, r in gpu_results.items()} == {n: (r.status, r.error) for n, r in cpu_results.items()}
+    assert {n: r.status for n, r in gpu_results.items() if n in odd} == odd
+    for name, result in gpu_results.items():
+        if result.status != "ok":
+            continue
+        a, b = np.load(result.output), np.load(cpu_results[name].output)
+        if name in ("progressive.jpg", "cmyk.jpg", "plain.png"):  # Pillow's in both runs, batched differently
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=5e-5)
+        else:
+            assert np.abs(a - b).mean() < 5e-3 * np.abs(b).mean() and np.abs(a - b).max() < 0.5, name
+
+
+def test_device_decoding_into_shards(tmp_path, sample_paths, monkeypatch):
+    """A failed file's row is NaN in its shard, as with Pillow decoding."""
+    folder = tmp_path / "in"
+    _photo_jpegs(folder, sample_paths[:1])
+    (folder / "b-garbage.jpg").write_bytes(b"\xff\xd8\xff" + b"\x00" * 200 + b"\xff\xd9")
+    monkeypatch.setattr(pipeline, "_DEVICE_DECODE_TYPES", ("cuda", "cpu"))
+    results, summary = _encode(folder, tmp_path / "out", decode="gpu", shard_size=3, workers=0)
+    assert summary.errors == 1 and summary.ok == 4
+    rows = np.load(tmp_path / "out" / "shard-00000.npy")  # b-garbage.jpg sorts first
+    assert rows.shape == (3, 257, 384) and np.isnan(rows[0]).all() and not np.isnan(rows[1:]).any()
+    assert np.load(tmp_path / "out" / "shard-00001.npy").shape == (2, 257, 384)
+
+
+def test_decode_choices(tmp_path, sample_paths, monkeypatch):
+    shutil.copy(sample_paths[0], tmp_path / "a.png")
+    r = run_cli("encode", tmp_path / "a.png", "-o", tmp_path / "a.npy", "--decode", "gpu")
+    assert r.returncode == 2 and b"--decode gpu decodes with nvJPEG" in r.stderr and b"Traceback" not in r.stderr
+    monkeypatch.setattr(pipeline, "_DEVICE_DECODE_TYPES", ("cuda", "cpu"))
+    with pytest.raises(ConfigError, match="interpolation lanczos is Pillow's alone"):
+        layer = build_layer(PRESETS["seed"], seed=0)
+        encode(iter_sources([str(tmp_path)]), layer, Preprocess(interpolation="lanczos"),
+               OutputPlan.from_option(str(tmp_path / "o"), None), EncodeOptions(device="cpu", engine="torch", decode="gpu"))
+    with pytest.raises(ConfigError, match="unknown decode"):
+        EncodeOptions(decode="nvjpeg")
