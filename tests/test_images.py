@@ -200,7 +200,14 @@ def test_common_extensions_need_no_plugin_scan():
         "from PIL import Image\n"
         "from vitembed.images import is_image_path\n"
         "assert is_image_path('a.JPG') and is_image_path('b.jpeg') and is_image_path('c.png')\n"
-        "assert Image._initialized < 2, 'every plugin was imported for a JPEG'\n"
+        "assert not is_image_path('.marker') and not is_image_path('notes.txt') and not is_image_path('a.npy')\n"
+        "assert Image._initialized < 2, 'every plugin was imported for a JPEG or a known non-image'\n"
         "assert is_image_path('d.tga') and is_image_path('e.tiff') and not is_image_path('f.txt')\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_known_non_image_extensions_are_not_pillows():
+    from vitembed.images import _NOT_IMAGES, image_extensions
+
+    assert _NOT_IMAGES.isdisjoint(image_extensions())

@@ -40,6 +40,19 @@ def test_channels_last_forward_matches_nchw(preset, sample_paths):
     torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-4)
 
 
+def test_forward_convolves_in_full_float32(monkeypatch):
+    """cuDNN's TF32 default (Ampere and later GPUs) is off while the layer runs, and restored after."""
+    precision = lambda: torch.backends.cudnn.conv.fp32_precision  # noqa: E731
+    seen = []
+    conv2d = torch.nn.functional.conv2d
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: seen.append(precision()) or conv2d(*a, **k))
+    monkeypatch.setattr(torch.backends.cudnn.conv, "fp32_precision", "tf32")
+    layer = build_layer(PRESETS["seed"])
+    with torch.inference_mode():
+        pipeline._forward(layer, torch.zeros(2, 224, 224, 3, dtype=torch.uint8), Preprocess(), torch.device("cpu"))
+    assert seen == ["ieee"] and precision() == "tf32"
+
+
 def test_encode_matches_torchvision_reference(sample_paths):
     """The whole fast path against the seed's recipe: torchvision Resize + ToTensor + Normalize."""
     layer = build_layer(PRESETS["vit-b16"])

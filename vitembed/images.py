@@ -141,8 +141,18 @@ def image_extensions() -> frozenset[str]:
     return _EXTENSIONS
 
 
+# Extensions no Pillow plugin registers (a test checks): files found beside images in a folder,
+# recognised without importing every plugin (about 20 ms).
+_NOT_IMAGES = frozenset({
+    "", ".txt", ".md", ".json", ".jsonl", ".csv", ".tsv", ".xml", ".html", ".yaml", ".yml", ".log",
+    ".py", ".npy", ".npz", ".pt", ".pth", ".safetensors", ".zip", ".gz", ".tar", ".mp4", ".mov",
+})
+
+
 def is_image_path(path: str | os.PathLike) -> bool:
     ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext in _NOT_IMAGES:
+        return False
     Image.preinit()  # JPEG, PNG, GIF, BMP, PPM: enough for most files without importing every plugin
     return Image.EXTENSION.get(ext) in Image.OPEN or ext in image_extensions()
 

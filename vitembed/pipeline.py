@@ -665,7 +665,32 @@ def _forward(layer, pixels, prep: Preprocess, device):
     std = torch.tensor(prep.std, dtype=torch.float32, device=device)
     # (x / 255 - mean) / std folded into the patch embedding; channels-last convolution, which
     # CPUs run about 3x faster than NCHW (same math; float32 rounding may differ in the last bits).
-    return layer.forward_pixels(pixels, mean, std)
+    with _ieee_float32():
+        return layer.forward_pixels(pixels, mean, std)
+
+
+@contextlib.contextmanager
+def _ieee_float32():
+    """Full float32 convolutions for a while. cuDNN on Ampere and later GPUs convolves float32 in
+    TF32 (a 10-bit mantissa) by default, which would put z0 about 1e-3 off; the layer is far too
+    small for that to buy any speed. A no-op off CUDA."""
+    import torch
+
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
+        saved = conv.fp32_precision
+        conv.fp32_precision = "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision = saved
+        return
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
 
 
 def _write_file(path: Path, tensor, fmt: str) -> int:
