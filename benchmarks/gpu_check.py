@@ -2,9 +2,10 @@
 
     python benchmarks/gpu_check.py --work /tmp/gpu-check [--images 8192]
 
-1. Correctness on 64 JPEGs, against the numpy engine on the CPU (float32): the torch engine on
-   CUDA with Pillow decoding (`--decode cpu`), then with nvJPEG (`--decode gpu`). It prints the
-   largest and mean absolute token differences.
+1. Correctness on 72 JPEGs (64 photos, one in all 8 EXIF orientations, a grey one, a
+   progressive one), against the numpy engine on the CPU (float32): the torch engine on CUDA with
+   Pillow decoding (`--decode cpu`), then with nvJPEG (`--decode gpu`). It prints the largest and
+   mean absolute token differences, and the files whose tokens differ most.
 2. Speed: vit-b16 with float16 outputs over `--images` JPEGs of 400-640 px (1024 distinct files,
    linked several times over): `--decode cpu`, `--decode gpu`, and `--decode gpu --shard-size 1024`;
    two runs each. It prints the whole process's wall time and images/s, and the run's own rate
@@ -46,9 +47,25 @@ def run(args: list[str]) -> tuple[float, float | None]:
 
 
 def token_diff(ref: Path, other: Path) -> dict:
-    diffs = [np.abs(np.load(p).astype(np.float64) - np.load(other / p.name).astype(np.float64)) for p in sorted(ref.glob("*.npy"))]
-    return {"files": len(diffs), "max_abs": float(max(d.max() for d in diffs)),
-            "mean_abs": float(np.mean([d.mean() for d in diffs]))}
+    names = sorted(p.name for p in ref.glob("*.npy"))
+    diffs = {n: np.abs(np.load(ref / n).astype(np.float64) - np.load(other / n).astype(np.float64)) for n in names}
+    worst = sorted(names, key=lambda n: -diffs[n].mean())[:5]
+    return {"files": len(diffs), "max_abs": float(max(d.max() for d in diffs.values())),
+            "mean_abs": float(np.mean([d.mean() for d in diffs.values()])),
+            "worst_mean_abs": {n: float(diffs[n].mean()) for n in worst}}
+
+
+def odd_jpegs(folder: Path, source: Path) -> None:
+    """One photo in each EXIF orientation, a grey JPEG and a progressive one (Pillow's, by design)."""
+    from PIL import Image
+
+    im = Image.open(source).convert("RGB")
+    for orientation in range(1, 9):
+        exif = im.getexif()
+        exif[0x0112] = orientation
+        im.save(folder / f"orientation{orientation}.jpg", exif=exif, quality=90)
+    im.convert("L").save(folder / "grey.jpg", quality=90)
+    im.save(folder / "progressive.jpg", quality=90, progressive=True)
 
 
 def linked_corpus(src: Path, dst: Path, count: int) -> Path:
@@ -75,7 +92,8 @@ def main() -> None:
         sys.exit("no CUDA device")
     work = args.work
     small = build_small(work / "small1024", 1024)
-    few = linked_corpus(small, work / "check64", 64)
+    few = linked_corpus(small, work / "check", 64)
+    odd_jpegs(few, sorted(small.glob("*.jpg"))[0])
     many = linked_corpus(small, work / f"many{args.images}", args.images)
 
     ref, out = work / "ref", work / "out"

@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from tests.conftest import make_image, run_cli
 from vitembed import pipeline
-from vitembed.devicedecode import decode_jpegs
+from vitembed.devicedecode import decode_jpegs, orient
 from vitembed.errors import ConfigError
-from vitembed.images import Preprocess, load_image, read_plain_jpeg
+from vitembed.images import PlainJpeg, Preprocess, load_image, read_plain_jpeg
 from vitembed.inputs import iter_sources
 from vitembed.layer import PRESETS, build_layer
 from vitembed.pipeline import EncodeOptions, encode
@@ -63,8 +63,8 @@ def test_plain_jpegs_only(tmp_path, sample_paths):
     photo = _photo_jpegs(tmp_path, sample_paths[:1])[0]
     _odd_files(tmp_path)
     prep = Preprocess()
-    assert read_plain_jpeg(photo, prep) == photo.read_bytes()
-    assert read_plain_jpeg(tmp_path / "rotated.jpg", prep) is not None  # the device applies EXIF too
+    assert read_plain_jpeg(photo, prep) == PlainJpeg(bytearray(photo.read_bytes()), 1)
+    assert read_plain_jpeg(tmp_path / "rotated.jpg", prep).orientation == 6
     assert read_plain_jpeg(tmp_path / "whole.jpg", prep) is not None
     for name in ("progressive.jpg", "cmyk.jpg", "plain.png", "truncated.jpg", "garbage.jpg", "missing.jpg"):
         assert read_plain_jpeg(tmp_path / name, prep) is None, name
@@ -88,19 +88,42 @@ def test_decode_jpegs_matches_pillow(tmp_path, sample_paths, resize, interpolati
         assert diff.max() <= limit and diff.mean() < 0.25, (path.name, diff.max(), diff.mean())
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientations_as_pillow(tmp_path, orientation):
+    """All eight EXIF orientations, applied by vitembed on every device (torchvision applies them
+    on the CPU only, and nvJPEG not at all): as Pillow's exif_transpose, exactly, and end to end."""
+    a = np.random.default_rng(orientation).integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    got = orient(torch.from_numpy(a).permute(2, 0, 1), orientation).permute(1, 2, 0).numpy()
+    im = Image.fromarray(a)
+    im.getexif()[0x0112] = orientation
+    expected = np.asarray(ImageOps.exif_transpose(im))
+    np.testing.assert_array_equal(got, expected)
+
+    path = tmp_path / "o.jpg"
+    photo = Image.fromarray(np.kron(a, np.ones((40, 40, 1), dtype=np.uint8)))  # 280 x 200, blocky
+    exif = photo.getexif()
+    exif[0x0112] = orientation
+    photo.save(path, exif=exif, quality=95)
+    prep = Preprocess()
+    jpeg = read_plain_jpeg(path, prep)
+    assert jpeg.orientation == orientation
+    pixels = decode_jpegs([jpeg], prep, CPU)[0].numpy()
+    assert np.abs(pixels.astype(int) - load_image(path, prep).astype(int)).max() <= 1
+
+
 def test_a_file_the_device_refuses_goes_to_pillow(tmp_path, sample_paths):
     prep = Preprocess()
     paths = _photo_jpegs(tmp_path, sample_paths[:1])
-    datas = [read_plain_jpeg(p, prep) for p in paths]
+    jpegs = [read_plain_jpeg(p, prep) for p in paths]
     good = bytearray(paths[0].read_bytes())
     half = len(good) // 2
     broken = good[:half] + bytearray(b"\x00" * 64) + good[half + 64:]  # scan data damaged, still ends in EOI
-    got = decode_jpegs([datas[0], bytearray(b"\xff\xd8\xff\x00\xff\xd9"), datas[1]], prep, CPU)
+    got = decode_jpegs([jpegs[0], PlainJpeg(bytearray(b"\xff\xd8\xff\x00\xff\xd9")), jpegs[1]], prep, CPU)
     assert got[1] == "not an image Pillow can read"
     for pixels, path in ((got[0], paths[0]), (got[2], paths[1])):
         assert np.abs(pixels.numpy().astype(int) - load_image(path, prep).astype(int)).max() <= 1
     # Damaged scan data, whole markers: libjpeg warns and decodes on both sides, alike.
-    one = decode_jpegs([broken], prep, CPU)[0]
+    one = decode_jpegs([PlainJpeg(broken)], prep, CPU)[0]
     assert np.abs(one.numpy().astype(int) - load_image(io.BytesIO(broken), prep).astype(int)).max() <= 1
 
 

@@ -19,9 +19,9 @@ import warnings
 from collections import defaultdict
 
 from .errors import InputError
-from .images import Preprocess, load_image, resize_plan
+from .images import PlainJpeg, Preprocess, load_image, resize_plan
 
-__all__ = ["DEVICE_INTERPOLATIONS", "decode_jpegs", "unsupported"]
+__all__ = ["DEVICE_INTERPOLATIONS", "decode_jpegs", "orient", "unsupported"]
 
 DEVICE_INTERPOLATIONS = ("bilinear", "bicubic")  # those whose antialiased torch resize matches Pillow's
 
@@ -35,13 +35,15 @@ def unsupported(prep: Preprocess) -> str | None:
     return None
 
 
-def decode_jpegs(datas: list[bytearray], prep: Preprocess, device) -> list:
-    """JPEG files' bytes -> (S, S, 3) uint8 tensors on `device`, or an error message, per file."""
+def decode_jpegs(jpegs: list[PlainJpeg], prep: Preprocess, device) -> list:
+    """JPEG files -> (S, S, 3) uint8 tensors on `device`, or an error message, per file."""
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 
-    encoded = [torch.frombuffer(data, dtype=torch.uint8) for data in datas]
-    kwargs = dict(mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+    encoded = [torch.frombuffer(jpeg.data, dtype=torch.uint8) for jpeg in jpegs]
+    # torchvision applies EXIF orientations on the CPU only: the orientation is applied below, on
+    # every device alike.
+    kwargs = dict(mode=ImageReadMode.RGB, device=device, apply_exif_orientation=False)
     with warnings.catch_warnings():
         # torchvision 0.29 deprecates its image decoders in favour of TorchCodec's; they still work.
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -49,17 +51,26 @@ def decode_jpegs(datas: list[bytearray], prep: Preprocess, device) -> list:
             decoded = decode_jpeg(encoded, **kwargs)
         except (RuntimeError, ValueError):  # one file the device refuses fails the batch: one by one
             decoded = [_decode_one(e, kwargs) for e in encoded]
-    out: list = [None] * len(datas)
+    out: list = [None] * len(jpegs)
     raw = [i for i, im in enumerate(decoded) if im is not None]
-    for i, pixels in zip(raw, _resize([decoded[i] for i in raw], prep)):
+    upright = [orient(decoded[i], jpegs[i].orientation) for i in raw]
+    for i, pixels in zip(raw, _resize(upright, prep)):
         out[i] = pixels
     for i, im in enumerate(decoded):
         if im is None:  # Pillow's turn, from the bytes in hand: pixels, or why it cannot either
             try:
-                out[i] = torch.from_numpy(load_image(io.BytesIO(datas[i]), prep)).to(device)
+                out[i] = torch.from_numpy(load_image(io.BytesIO(jpegs[i].data), prep)).to(device)
             except InputError as exc:
                 out[i] = str(exc)
     return out
+
+
+def orient(image, orientation: int):
+    """A (C, H, W) tensor as EXIF orientation 1-8 says to display it (Pillow's `exif_transpose`)."""
+    if orientation in (5, 6, 7, 8):
+        image = image.transpose(-1, -2)  # 5: transpose; 6, 7, 8 continue from it
+    flips = {2: (-1,), 3: (-1, -2), 4: (-2,), 6: (-1,), 7: (-1, -2), 8: (-2,)}.get(orientation, ())
+    return image.flip(flips) if flips else image
 
 
 def _decode_one(encoded, kwargs):

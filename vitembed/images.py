@@ -22,6 +22,7 @@ from .errors import ConfigError, InputError, one_line
 
 __all__ = [
     "NORMALIZATIONS",
+    "PlainJpeg",
     "Preprocess",
     "ResizePlan",
     "image_extensions",
@@ -199,13 +200,21 @@ def load_image(path: str | os.PathLike, prep: Preprocess) -> np.ndarray:
         Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
-def read_plain_jpeg(path: str | os.PathLike, prep: Preprocess) -> bytearray | None:
-    """The bytes of `path` if any JPEG decoder gives the pixels `load_image` starts from, else None.
+@dataclass(frozen=True)
+class PlainJpeg:
+    """A JPEG file's bytes, and the EXIF orientation (1-8) to apply once it is decoded."""
+
+    data: bytearray
+    orientation: int = 1
+
+
+def read_plain_jpeg(path: str | os.PathLike, prep: Preprocess) -> PlainJpeg | None:
+    """A JPEG that any JPEG decoder turns into the pixels `load_image` starts from, else None.
 
     That is a whole (ends with its EOI marker), single-frame, non-progressive JPEG in YCbCr or grey,
     within `prep.max_pixels`, read as RGB. Such files can be decoded elsewhere (on a GPU, by
-    nvJPEG, which applies the EXIF orientation too); everything else, errors included, is left to
-    `load_image`, so that which files fail and why does not depend on the decoder.
+    nvJPEG, which ignores EXIF: hence the orientation); everything else, errors included, is left
+    to `load_image`, so that which files fail and why does not depend on the decoder.
     """
     if prep.channels != 3:
         return None
@@ -222,11 +231,15 @@ def read_plain_jpeg(path: str | os.PathLike, prep: Preprocess) -> bytearray | No
             if (im.format != "JPEG" or im.mode not in ("RGB", "L") or "progressive" in im.info
                     or "progression" in im.info or getattr(im, "n_frames", 1) > 1):
                 return None
+            orientation = im.getexif().get(ORIENTATION, 1)
     except Exception:  # noqa: BLE001 - whatever is wrong with it, load_image will say
         return None
     if not 0 < width * height <= prep.max_pixels:
         return None
-    return data
+    return PlainJpeg(data, orientation if orientation in range(1, 9) else 1)
+
+
+ORIENTATION = 0x0112  # the EXIF tag
 
 
 def keep_pixel_blocks(blocks: int = 4) -> None:

@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import ConfigError, InputError, OutputError, StdoutClosed, VitembedError
 from .config import LayerConfig
-from .images import Preprocess, keep_pixel_blocks, load_image, read_plain_jpeg
+from .images import PlainJpeg, Preprocess, keep_pixel_blocks, load_image, read_plain_jpeg
 from .inputs import Source
 from .kernel import Kernel, LayerParams, cached_random_layer, remember_random_layer, set_blas_threads, single_blas_thread
 from .processes import decoder_context, start_decoder_server
@@ -539,7 +539,7 @@ class _Run:
         return known.get(key, name) == name
 
     def _run_batch(self, batch: list[tuple[_Job, Any]], writer: ThreadPoolExecutor) -> None:
-        if any(isinstance(item, _JpegBytes) for _, item in batch):
+        if any(isinstance(item, PlainJpeg) for _, item in batch):
             batch = self._decode_jpegs(batch, writer)
             if not batch:
                 return
@@ -568,8 +568,8 @@ class _Run:
         """Decode the batch's JPEG bytes on the device; report the files that fail, keep the rest."""
         from .devicedecode import decode_jpegs
 
-        at = [i for i, (_, item) in enumerate(batch) if isinstance(item, _JpegBytes)]
-        decoded = dict(zip(at, decode_jpegs([batch[i][1].data for i in at], self.prep, self.device)))
+        at = [i for i, (_, item) in enumerate(batch) if isinstance(item, PlainJpeg)]
+        decoded = dict(zip(at, decode_jpegs([batch[i][1] for i in at], self.prep, self.device)))
         kept = []
         for i, (job, item) in enumerate(batch):
             item = decoded.get(i, item)
@@ -767,15 +767,10 @@ def _decode(path: Path, prep: Preprocess) -> np.ndarray | str:
         return str(exc)
 
 
-def _read_for_device(path: Path, prep: Preprocess) -> _JpegBytes | np.ndarray | str:
+def _read_for_device(path: Path, prep: Preprocess) -> PlainJpeg | np.ndarray | str:
     """A plain JPEG's bytes, for the device to decode; any other file decoded here, by Pillow."""
-    data = read_plain_jpeg(path, prep)
-    return _decode(path, prep) if data is None else _JpegBytes(data)
-
-
-@dataclass(frozen=True)
-class _JpegBytes:
-    data: bytearray
+    jpeg = read_plain_jpeg(path, prep)
+    return _decode(path, prep) if jpeg is None else jpeg
 
 
 @dataclass(frozen=True)
