@@ -63,7 +63,7 @@ def test_plain_jpegs_only(tmp_path, sample_paths):
     photo = _photo_jpegs(tmp_path, sample_paths[:1])[0]
     _odd_files(tmp_path)
     prep = Preprocess()
-    assert read_plain_jpeg(photo, prep) == PlainJpeg(bytearray(photo.read_bytes()), 1)
+    assert read_plain_jpeg(photo, prep) == PlainJpeg(bytearray(photo.read_bytes()), 1, 320 * 240)
     assert read_plain_jpeg(tmp_path / "rotated.jpg", prep).orientation == 6
     assert read_plain_jpeg(tmp_path / "whole.jpg", prep) is not None
     for name in ("progressive.jpg", "cmyk.jpg", "plain.png", "truncated.jpg", "garbage.jpg", "missing.jpg"):
@@ -109,6 +109,29 @@ def test_exif_orientations_as_pillow(tmp_path, orientation):
     assert jpeg.orientation == orientation
     pixels = decode_jpegs([jpeg], prep, CPU)[0].numpy()
     assert np.abs(pixels.astype(int) - load_image(path, prep).astype(int)).max() <= 1
+
+
+def test_large_batches_are_decoded_in_chunks(tmp_path, sample_paths, monkeypatch):
+    """No more than CHUNK_PIXELS decoded at once (an image larger than that alone); same pixels."""
+    from vitembed import devicedecode
+
+    prep = Preprocess()
+    jpegs = [read_plain_jpeg(p, prep) for p in _photo_jpegs(tmp_path, sample_paths)]
+    whole = decode_jpegs(jpegs, prep, CPU)
+    chunks = []
+    real = devicedecode._decode_chunk
+    monkeypatch.setattr(devicedecode, "_decode_chunk", lambda chunk, *a: chunks.append([j.pixels for j in chunk]) or real(chunk, *a))
+    limit = 2 * 320 * 240  # two 320 x 240 photos together; a 301 x 433 one then starts a chunk
+    monkeypatch.setattr(devicedecode, "CHUNK_PIXELS", limit)
+    chunked = decode_jpegs(jpegs, prep, CPU)
+    assert sum(map(len, chunks)) == len(jpegs) and max(map(len, chunks)) == 2
+    assert all(sum(c) <= limit for c in chunks)
+    monkeypatch.setattr(devicedecode, "CHUNK_PIXELS", 1000)  # smaller than any image: one at a time
+    chunks.clear()
+    assert all(torch.equal(a, b) for a, b in zip(whole, decode_jpegs(jpegs, prep, CPU)))
+    assert list(map(len, chunks)) == [1] * len(jpegs)
+    for a, b in zip(whole, chunked):
+        assert torch.equal(a, b)
 
 
 def test_a_file_the_device_refuses_goes_to_pillow(tmp_path, sample_paths):

@@ -35,8 +35,30 @@ def unsupported(prep: Preprocess) -> str | None:
     return None
 
 
+CHUNK_PIXELS = 64 << 20  # decoded together: about 200 MB of uint8 RGB, 800 MB as floats in the resize
+
+
 def decode_jpegs(jpegs: list[PlainJpeg], prep: Preprocess, device) -> list:
-    """JPEG files -> (S, S, 3) uint8 tensors on `device`, or an error message, per file."""
+    """JPEG files -> (S, S, 3) uint8 tensors on `device`, or an error message, per file.
+
+    They are decoded in chunks of at most CHUNK_PIXELS (one image alone may be larger), so that a
+    batch of 12-megapixel photos does not need gigabytes of device memory at once.
+    """
+    out: list = []
+    chunk: list[PlainJpeg] = []
+    pixels = 0
+    for jpeg in jpegs:
+        if chunk and pixels + jpeg.pixels > CHUNK_PIXELS:
+            out += _decode_chunk(chunk, prep, device)
+            chunk, pixels = [], 0
+        chunk.append(jpeg)
+        pixels += jpeg.pixels
+    if chunk:
+        out += _decode_chunk(chunk, prep, device)
+    return out
+
+
+def _decode_chunk(jpegs: list[PlainJpeg], prep: Preprocess, device) -> list:
     import torch
     from torchvision.io import ImageReadMode, decode_jpeg
 

@@ -206,6 +206,7 @@ class PlainJpeg:
 
     data: bytearray
     orientation: int = 1
+    pixels: int = 0  # width x height, from the header
 
 
 def read_plain_jpeg(path: str | os.PathLike, prep: Preprocess) -> PlainJpeg | None:
@@ -236,7 +237,7 @@ def read_plain_jpeg(path: str | os.PathLike, prep: Preprocess) -> PlainJpeg | No
         return None
     if not 0 < width * height <= prep.max_pixels:
         return None
-    return PlainJpeg(data, orientation if orientation in range(1, 9) else 1)
+    return PlainJpeg(data, orientation if orientation in range(1, 9) else 1, width * height)
 
 
 ORIENTATION = 0x0112  # the EXIF tag
