@@ -212,3 +212,8 @@ def test_decode_choices(tmp_path, sample_paths, monkeypatch):
                OutputPlan.from_option(str(tmp_path / "o"), None), EncodeOptions(device="cpu", engine="torch", decode="gpu"))
     with pytest.raises(ConfigError, match="unknown decode"):
         EncodeOptions(decode="nvjpeg")
+    # auto is Pillow until the nvJPEG path has been checked on a GPU, even where it could run
+    monkeypatch.setattr(pipeline._Run, "_decode_jpegs", lambda *a: pytest.fail("auto decoded on the device"))
+    shutil.copy(sample_paths[-1], tmp_path / "b.jpg")
+    results, summary = _encode(tmp_path, tmp_path / "auto", decode="auto", workers=0)
+    assert summary.ok == 2 and summary.errors == 0

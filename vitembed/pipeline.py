@@ -71,7 +71,8 @@ class EncodeOptions:
         decode: where JPEGs are decoded and resized. cpu: Pillow, in the decoder processes; gpu:
             on the layer's CUDA device with nvJPEG, in batches (the torch engine; the decoder
             processes then only read the files, and decode the other formats with Pillow);
-            auto: gpu when the layer runs on a CUDA device, else cpu.
+            auto: cpu, until the gpu path has been checked on a GPU (it is meant to pick gpu on
+            CUDA then).
         batch_size: images per call of the layer.
         workers: decoding processes; 0 decodes in this process.
         writers: threads writing files, so that disk I/O overlaps compute.
@@ -388,14 +389,13 @@ class _Run:
 
     def _decode_on_device(self, kernel: Kernel | None) -> bool:
         """Whether JPEGs are decoded on the layer's device (`EncodeOptions.decode`)."""
-        choice = self.options.decode
-        if choice == "cpu":
+        if self.options.decode in ("cpu", "auto"):
+            # auto: Pillow, for now. The nvJPEG path has run on the CPU device only (the tests); auto
+            # is to pick it on CUDA once a GPU machine has checked it (benchmarks/gpu_check.py).
             return False
         from .devicedecode import unsupported
 
         reason = unsupported(self.prep)
-        if choice == "auto":
-            return reason is None and kernel is None and _accelerator_present() and self._device_decodes()
         if reason is not None:
             raise ConfigError(f"--decode gpu: {reason}")
         if kernel is not None or not self._device_decodes():
