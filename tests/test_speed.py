@@ -46,11 +46,15 @@ def test_forward_convolves_in_full_float32(monkeypatch):
     seen = []
     conv2d = torch.nn.functional.conv2d
     monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: seen.append(precision()) or conv2d(*a, **k))
-    monkeypatch.setattr(torch.backends.cudnn.conv, "fp32_precision", "tf32")
     layer = build_layer(PRESETS["seed"])
-    with torch.inference_mode():
-        pipeline._forward(layer, torch.zeros(2, 224, 224, 3, dtype=torch.uint8), Preprocess(), torch.device("cpu"))
-    assert seen == ["ieee"] and precision() == "tf32"
+    saved = precision()  # served by __getattr__: set and restored by hand, not by monkeypatch
+    torch.backends.cudnn.conv.fp32_precision = "tf32"
+    try:
+        with torch.inference_mode():
+            pipeline._forward(layer, torch.zeros(2, 224, 224, 3, dtype=torch.uint8), Preprocess(), torch.device("cpu"))
+        assert seen == ["ieee"] and precision() == "tf32"
+    finally:
+        torch.backends.cudnn.conv.fp32_precision = saved
 
 
 def test_encode_matches_torchvision_reference(sample_paths):
