@@ -155,12 +155,19 @@ def layer_cache_dir() -> Path:
 
 
 def torch_version() -> str:
-    """torch's installed version, read without importing it."""
+    """torch's installed version, read without importing it (once: a search of sys.path)."""
+    global _TORCH_VERSION
+    if _TORCH_VERSION is not None:
+        return _TORCH_VERSION
     try:
-        return metadata.version("torch")
+        _TORCH_VERSION = metadata.version("torch")
+        return _TORCH_VERSION
     except metadata.PackageNotFoundError:
         torch = sys.modules.get("torch")
         return torch.__version__ if torch is not None else "none"
+
+
+_TORCH_VERSION: str | None = None
 
 
 def _cache_file(config: LayerConfig, seed: int) -> Path:
