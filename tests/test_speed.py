@@ -219,3 +219,19 @@ def test_info_and_help_do_not_import_torch():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=Path(__file__).parent.parent,
                          env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
     assert res.returncode == 0, res.stderr.decode()
+
+
+@pytest.mark.parametrize("cores, writers, expected", [(64, None, 16), (1, None, 2), (8, None, 8), (64, 3, 3)])
+def test_writer_threads_follow_the_cores(tmp_path, monkeypatch, cores, writers, expected):
+    """One writer thread per core, 2 to 16 (a GPU outruns a few), unless set."""
+    make_image(tmp_path / "in" / "a.png")
+    sizes = []
+    real = pipeline.ThreadPoolExecutor
+    monkeypatch.setattr(pipeline, "ThreadPoolExecutor", lambda max_workers, **k: sizes.append(max_workers) or real(max_workers, **k))
+    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: cores)
+    layer = build_layer(PRESETS["seed"])
+    summary = encode(iter_sources([str(tmp_path / "in")]), layer, Preprocess(), OutputPlan.from_option(str(tmp_path / "out"), None),
+                     EncodeOptions(device="cpu", engine="torch", workers=0, writers=writers))
+    assert summary.ok == 1 and sizes == [expected]
+    with pytest.raises(ConfigError, match="writers must be at least 1"):
+        EncodeOptions(writers=0)
