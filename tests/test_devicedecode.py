@@ -203,8 +203,9 @@ def test_device_decoding_into_shards(tmp_path, sample_paths, monkeypatch):
 
 def test_decode_choices(tmp_path, sample_paths, monkeypatch):
     shutil.copy(sample_paths[0], tmp_path / "a.png")
-    r = run_cli("encode", tmp_path / "a.png", "-o", tmp_path / "a.npy", "--decode", "gpu")
+    r = run_cli("encode", tmp_path / "a.png", "-o", tmp_path / "out", "--decode", "gpu")
     assert r.returncode == 2 and b"--decode gpu decodes with nvJPEG" in r.stderr and b"Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()  # refused before anything was written
     monkeypatch.setattr(pipeline, "_DEVICE_DECODE_TYPES", ("cuda", "cpu"))
     with pytest.raises(ConfigError, match="interpolation lanczos is Pillow's alone"):
         layer = build_layer(PRESETS["seed"], seed=0)

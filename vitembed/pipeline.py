@@ -295,17 +295,13 @@ class _Run:
         self.writer = writer
         try:
             params = self._numpy_params()
+            device_jpegs = self._decode_on_device(numpy_engine=params is not None)  # before any output
             kernel = None
             if params is not None:  # the numpy engine: decoders embed, and write the files themselves
                 kernel = params.fold(self.prep.mean, self.prep.std)
                 self.summary.device = "cpu"
                 if self.on_layer is not None:
                     self.on_layer(params)  # before the first decoder writes
-        except BaseException:
-            writer.shutdown(wait=False, cancel_futures=True)
-            raise
-        try:
-            device_jpegs = self._decode_on_device(kernel)
         except BaseException:
             writer.shutdown(wait=False, cancel_futures=True)
             raise
@@ -389,7 +385,7 @@ class _Run:
             remember_random_layer(params, source.seed)
         return params
 
-    def _decode_on_device(self, kernel: Kernel | None) -> bool:
+    def _decode_on_device(self, numpy_engine: bool) -> bool:
         """Whether JPEGs are decoded on the layer's device (`EncodeOptions.decode`)."""
         if self.options.decode in ("cpu", "auto"):
             # auto: Pillow, for now. The nvJPEG path has run on the CPU device only (the tests); auto
@@ -400,7 +396,7 @@ class _Run:
         reason = unsupported(self.prep)
         if reason is not None:
             raise ConfigError(f"--decode gpu: {reason}")
-        if kernel is not None or not self._device_decodes():
+        if numpy_engine or not self._device_decodes():
             raise ConfigError("--decode gpu decodes with nvJPEG on a CUDA device: use --device cuda "
                               "(with the torch engine), or --decode cpu")
         return True
@@ -675,7 +671,7 @@ def _forward(layer, pixels, prep: Preprocess, device):
 def _ieee_float32():
     """Full float32 convolutions for a while. cuDNN on Ampere and later GPUs convolves float32 in
     TF32 (a 10-bit mantissa) by default, which would put z0 about 1e-3 off; the layer is far too
-    small for that to buy any speed. A no-op off CUDA."""
+    small for that to buy any speed. The settings change nothing off CUDA."""
     import torch
 
     conv = getattr(torch.backends.cudnn, "conv", None)
