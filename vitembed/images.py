@@ -200,6 +200,9 @@ def load_image(path: str | os.PathLike, prep: Preprocess) -> np.ndarray:
         Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
+ORIENTATION = 0x0112  # the EXIF tag
+
+
 @dataclass(frozen=True)
 class PlainJpeg:
     """A JPEG file's bytes, and the EXIF orientation (1-8) to apply once it is decoded."""
@@ -238,9 +241,6 @@ def read_plain_jpeg(path: str | os.PathLike, prep: Preprocess) -> PlainJpeg | No
     if not 0 < width * height <= prep.max_pixels:
         return None
     return PlainJpeg(data, orientation if orientation in range(1, 9) else 1, width * height)
-
-
-ORIENTATION = 0x0112  # the EXIF tag
 
 
 def keep_pixel_blocks(blocks: int = 4) -> None:
