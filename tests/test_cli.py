@@ -332,6 +332,17 @@ def test_exit_without_teardown_flushes_and_keeps_the_status(code, status, stderr
     assert (r.returncode, r.stdout, r.stderr) == (status, "buffered atexit ran", stderr)
 
 
+def test_exit_without_teardown_leaves_a_profiler_its_exit():
+    script = ("import sys\n"
+              "from vitembed.cli import _exit_without_teardown\n"
+              "sys.setprofile(lambda *a: None)\n"
+              "_exit_without_teardown(0)\n"
+              "sys.setprofile(None)\n"
+              "sys.stdout.write('returned')\n")
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout == "returned"
+
+
 def test_exit_without_teardown_waits_for_a_running_thread():
     script = ("import sys, threading, time\n"
               "from vitembed.cli import _exit_without_teardown\n"

@@ -513,11 +513,14 @@ def _exit_without_teardown(code: int | str | None) -> None:
     """Exit as `sys.exit(code)` would, less the interpreter's teardown of every module (numpy,
     Pillow, typer, pydantic): about 40 ms of every encode, spent after the work is done.
 
-    Only once `encode` has returned with this thread alone: its files are closed and its decoder
-    processes joined. The exit handlers still run, and the standard streams are flushed.
+    Only once `encode` has returned with this thread alone (its files are closed and its decoder
+    processes joined), and with no profiler or debugger attached. The exit handlers still run, and
+    the standard streams are flushed.
     """
     if threading.active_count() > 1:
         return  # a thread still runs; let the interpreter wait for it as usual
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        return  # a profiler or debugger (python -m cProfile ...) writes its results on the way out
     if code is None:
         code = 0
     elif not isinstance(code, int):
