@@ -218,3 +218,22 @@ def test_decode_choices(tmp_path, sample_paths, monkeypatch):
     shutil.copy(sample_paths[-1], tmp_path / "b.jpg")
     results, summary = _encode(tmp_path, tmp_path / "auto", decode="auto", workers=0)
     assert summary.ok == 2 and summary.errors == 0
+
+
+@pytest.mark.parametrize("out, fmt", [("-", "npy"), ("one.pt", "pt")])
+def test_device_decoding_to_stdout_and_to_one_file(tmp_path, sample_paths, monkeypatch, out, fmt):
+    """`-o -` and `-o FILE.pt` take the device-decoded tensor like any other (float16 here)."""
+    photo = _photo_jpegs(tmp_path / "in", sample_paths[:1])[0]
+    monkeypatch.setattr(pipeline, "_DEVICE_DECODE_TYPES", ("cuda", "cpu"))
+    layer = build_layer(PRESETS["seed"], seed=0)
+    stream = io.BytesIO()
+    options = EncodeOptions(device="cpu", engine="torch", decode="gpu", dtype="float16", workers=0)
+    target = out if out == "-" else str(tmp_path / out)
+    summary = encode(iter_sources([str(photo)]), layer, Preprocess(), OutputPlan.from_option(target, None), options,
+                     stdout=stream)
+    assert summary.ok == 1
+    z = np.load(io.BytesIO(stream.getvalue())) if fmt == "npy" else torch.load(tmp_path / out).numpy()
+    reference, _ = _encode(photo.parent, tmp_path / "cpu", decode="cpu", workers=0)
+    expected = np.load(reference[photo.name].output)
+    assert z.dtype == np.float16 and z.shape == expected.shape
+    assert np.abs(z.astype(np.float32) - expected).mean() < 5e-3 * np.abs(expected).mean()
