@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import make_image, run_cli
+from tests.layers import SMALL_CONFIGS, random_layer
 from vitembed.config import LayerConfig
 from vitembed.errors import ConfigError
 from vitembed.images import Preprocess, load_image
@@ -21,26 +22,7 @@ from vitembed.layer import PRESETS, build_layer
 from vitembed.pipeline import EncodeOptions, LazyLayer, encode
 from vitembed.writers import OutputPlan
 
-CONFIGS = [
-    LayerConfig(32, 8, 24),
-    LayerConfig(32, 8, 24, num_reg_tokens=2),
-    LayerConfig(32, 8, 24, num_reg_tokens=4, pos_embed_prefix=False),
-    LayerConfig(32, 8, 24, class_token=False),
-    LayerConfig(28, 7, 16, in_channels=1),
-    PRESETS["seed"],
-    PRESETS["vit-b16"],
-]
-
-
-def _random_layer(config: LayerConfig, bias: bool = True):
-    layer = build_layer(config, seed=2)
-    with torch.no_grad():
-        torch.nn.init.normal_(layer.pos_emb)
-        if layer.reg_token is not None:
-            torch.nn.init.normal_(layer.reg_token)
-    if not bias:
-        layer.patch_emb_layer.bias = None
-    return layer
+CONFIGS = [*SMALL_CONFIGS, PRESETS["seed"], PRESETS["vit-b16"]]
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -48,7 +30,7 @@ def _random_layer(config: LayerConfig, bias: bool = True):
 def test_kernel_equals_normalise_then_forward(config, bias):
     """Kernel (patchify in HWC order, normalisation folded into E, one matmul) gives the seed
     layer's forward on normalised images, to float32 rounding."""
-    layer = _random_layer(config, bias)
+    layer = random_layer(config, bias)
     c, s = config.in_channels, config.image_size
     pixels = torch.randint(0, 256, (3, s, s, c), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     mean, std = torch.rand(c) * 0.8, torch.rand(c) + 0.1

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from tests.layers import SMALL_CONFIGS, random_layer
 from tests.seed_reference import SeedVitInputLayer
 from vitembed.errors import ConfigError
 from vitembed.layer import PRESETS, LayerConfig, VitInputLayer, build_layer, patchify, resolve_config
@@ -175,23 +176,10 @@ def test_wrong_input_shape_names_expected():
         layer(torch.zeros(1, 3, 16, 16))
 
 
-@pytest.mark.parametrize(
-    "config",
-    [
-        LayerConfig(32, 8, 24),
-        LayerConfig(32, 8, 24, num_reg_tokens=2),
-        LayerConfig(32, 8, 24, num_reg_tokens=4, pos_embed_prefix=False),
-        LayerConfig(32, 8, 24, class_token=False),
-        LayerConfig(28, 7, 16, in_channels=1),
-    ],
-)
+@pytest.mark.parametrize("config", SMALL_CONFIGS, ids=str)
 def test_forward_pixels_equals_normalise_then_forward(config):
     """The pipeline's fused path (normalisation folded into E) gives forward's tokens."""
-    layer = build_layer(config, seed=2)
-    with torch.no_grad():
-        torch.nn.init.normal_(layer.pos_emb)
-        if layer.reg_token is not None:
-            torch.nn.init.normal_(layer.reg_token)
+    layer = random_layer(config)
     c, s = config.in_channels, config.image_size
     pixels = torch.randint(0, 256, (3, s, s, c), dtype=torch.uint8)
     mean, std = torch.rand(c), torch.rand(c) + 0.1
