@@ -320,35 +320,26 @@ def test_decoder_server_starts_early_unless_unused():
         assert not _decoders_wanted(args), args
 
 
+def _exit_script(*lines: str) -> subprocess.CompletedProcess:
+    """Python `lines` run after importing sys, atexit, threading, time and _exit_without_teardown."""
+    head = "import atexit, sys, threading, time\nfrom vitembed.cli import _exit_without_teardown\n"
+    return subprocess.run([sys.executable, "-c", head + "\n".join(lines)], capture_output=True, text=True, timeout=60)
+
+
 @pytest.mark.parametrize("code, status, stderr", [(None, 0, ""), (3, 3, ""), ("bad thing", 1, "bad thing\n")])
 def test_exit_without_teardown_flushes_and_keeps_the_status(code, status, stderr):
-    script = ("import atexit, sys\n"
-              "from vitembed.cli import _exit_without_teardown\n"
-              "atexit.register(lambda: sys.stdout.write('atexit ran'))\n"
-              "sys.stdout.write('buffered ')\n"
-              f"_exit_without_teardown({code!r})\n"
-              "sys.stdout.write('not reached')\n")
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    r = _exit_script("atexit.register(lambda: sys.stdout.write('atexit ran'))", "sys.stdout.write('buffered ')",
+                     f"_exit_without_teardown({code!r})", "sys.stdout.write('not reached')")
     assert (r.returncode, r.stdout, r.stderr) == (status, "buffered atexit ran", stderr)
 
 
 def test_exit_without_teardown_leaves_a_profiler_its_exit():
-    script = ("import sys\n"
-              "from vitembed.cli import _exit_without_teardown\n"
-              "sys.setprofile(lambda *a: None)\n"
-              "_exit_without_teardown(0)\n"
-              "sys.setprofile(None)\n"
-              "sys.stdout.write('returned')\n")
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    r = _exit_script("sys.setprofile(lambda *a: None)", "_exit_without_teardown(0)", "sys.setprofile(None)",
+                     "sys.stdout.write('returned')")
     assert r.returncode == 0 and r.stdout == "returned"
 
 
 def test_exit_without_teardown_waits_for_a_running_thread():
-    script = ("import sys, threading, time\n"
-              "from vitembed.cli import _exit_without_teardown\n"
-              "t = threading.Thread(target=lambda: (time.sleep(0.3), sys.stdout.write('thread done')))\n"
-              "t.start()\n"
-              "_exit_without_teardown(0)\n"
-              "sys.stdout.write(' returned ')\n")
-    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    r = _exit_script("t = threading.Thread(target=lambda: (time.sleep(0.3), sys.stdout.write('thread done')))",
+                     "t.start()", "_exit_without_teardown(0)", "sys.stdout.write(' returned ')")
     assert r.returncode == 0 and r.stdout == " returned thread done"
