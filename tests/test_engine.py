@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -202,3 +204,30 @@ def test_grey_images_through_the_engine(tmp_path):
 
     expected = encode_images([tmp_path / "g.png"], layer, prep)[0].numpy()
     np.testing.assert_allclose(np.load(tmp_path / "g.npy"), expected, rtol=1e-5, atol=5e-5)
+
+
+HEAP_SCRIPT = """
+import resource, sys, numpy as np
+from vitembed.processes import keep_heap
+if sys.argv[1] == "keep":
+    keep_heap()
+rng = np.random.default_rng(0)
+start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for i in range(200):  # a decoder's allocations for one small JPEG each
+    pixels = np.ones(int(rng.integers(400, 641)) * int(rng.integers(400, 641)) * 3, np.uint8)
+    patches = np.ones((256, 588), np.float32)
+    z = np.ones((257, 384), np.float32)
+    del pixels, patches, z
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_heap tunes glibc's allocator")
+def test_decoders_keep_their_heap():
+    """keep_heap (decoder processes) stops glibc returning the heap's top after every image, and
+    the pages being faulted in again: measured as minor page faults (here about 4x fewer)."""
+    faults = {}
+    for mode in ("default", "keep"):
+        r = subprocess.run([sys.executable, "-c", HEAP_SCRIPT, mode], capture_output=True, text=True, check=True, timeout=60)
+        faults[mode] = int(r.stdout)
+    assert faults["keep"] * 2 < faults["default"], faults

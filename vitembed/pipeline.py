@@ -33,7 +33,7 @@ from .config import LayerConfig
 from .images import PlainJpeg, Preprocess, keep_pixel_blocks, load_image, read_plain_jpeg
 from .inputs import Source
 from .kernel import Kernel, LayerParams, cached_random_layer, remember_random_layer, set_blas_threads, single_blas_thread
-from .processes import decoder_context, start_decoder_server
+from .processes import decoder_context, keep_heap, start_decoder_server
 from .writers import OutputPlan, atomic_write, clean_stale_temporaries, tensor_bytes, write_tensor
 
 __all__ = ["EncodeOptions", "LazyLayer", "Result", "Summary", "encode", "encode_images", "resolve_device"]
@@ -729,6 +729,7 @@ def _worker_init(max_pixels: int = 0, kernel: Kernel | None = None) -> None:
     if max_pixels:
         _limit_memory(max_pixels)
     keep_pixel_blocks()
+    keep_heap()
     if kernel is not None:
         _KERNEL = kernel
         set_blas_threads(1)  # one decoder per core already; and see kernel.single_blas_thread

@@ -48,3 +48,27 @@ def _environ(**values: str):
     finally:
         for name in added:
             os.environ.pop(name, None)
+
+
+def keep_heap() -> None:
+    """Let glibc serve a decoder's recurring large allocations from a heap it keeps.
+
+    A decoder allocates and frees the same few megabytes for every image (pixels, patches, z0).
+    By default glibc gives the top of the heap back to the OS after most of those frees, and the
+    next image faults the pages in again: about 0.5 ms of system time per small JPEG, a fifth of
+    a decoder's work. Here allocations up to 32 MB come from the heap, and it is trimmed only once
+    64 MB lie free at its top. (A larger M_TOP_PAD alone also stops the trimming, but it freezes
+    glibc's adaptive mmap threshold at 128 KB, and 12-megapixel images then pay more than before.)
+    Measured on 2 cores, one decoder, vit-b16: system time 0.23 -> 0.08 s for 256 small JPEGs,
+    0.10 -> 0.09 s for 64 of 12 megapixels. A no-op without glibc.
+    """
+    import ctypes
+
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # macOS, musl, Windows: their allocators differ
+        return
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    mallopt(M_MMAP_THRESHOLD, 32 << 20)
+    mallopt(M_TRIM_THRESHOLD, 64 << 20)
