@@ -172,14 +172,14 @@ def test_bomb_refused_before_decoding_and_limit_can_be_raised(tmp_path):
 
 def test_decoder_memory_is_capped(tmp_path):
     """A worker's address space is limited, so a header that lies past --max-pixels cannot exhaust RAM."""
-    from vitembed.pipeline import _limit_memory
+    from vitembed.decoders import limit_memory
 
     script = (
         "import resource, sys; sys.path.insert(0, %r)\n"
-        "from vitembed.pipeline import _limit_memory; _limit_memory(1000)\n"
+        "from vitembed.decoders import limit_memory; limit_memory(1000)\n"
         "try:\n    b = bytearray(8 << 30)\nexcept MemoryError:\n    print('refused')\n"
     ) % str(Path(__file__).resolve().parent.parent)
-    assert _limit_memory  # the cap exists on every platform; it is enforced where RLIMIT_AS is
+    assert limit_memory  # the cap exists on every platform; it is enforced where RLIMIT_AS is
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=60)
     assert r.stdout.strip() == b"refused"
 

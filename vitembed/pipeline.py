@@ -1,12 +1,12 @@
 """Inputs -> batches (parallel decode) -> the layer on its device -> files, streaming.
 
-    sources ──> decode workers (processes, Pillow) ──> batches of uint8 (B, S, S, C)
+    sources ──> decoder processes (decoders.py: Pillow) ──> batches of uint8 (B, S, S, C)
             ──> device: normalise, layer ──> writer threads (atomic files) ──> results
 
+With the numpy engine the decoder processes also compute z0 and write the files; with
+`--decode gpu` they pass plain JPEGs' bytes on, for the device to decode (devicedecode.py).
 Every stage holds a bounded number of images, so memory stays flat however many inputs there
-are; results are reported as they finish. A decoder process that dies costs only the images it
-held: the images that were in flight are retried one at a time, and only the one that kills its
-process again is reported as an error.
+are; results are reported as they finish.
 """
 
 from __future__ import annotations
@@ -14,27 +14,25 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
-import signal
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, InputError, OutputError, StdoutClosed, VitembedError
 from .config import LayerConfig
-from .images import PlainJpeg, Preprocess, keep_pixel_blocks, load_image, read_plain_jpeg
+from .decoders import Decoder, Job, WriteFailed, Written, window_size
+from .errors import ConfigError, OutputError, StdoutClosed
+from .images import PlainJpeg, Preprocess, load_image
 from .inputs import Source
-from .kernel import Kernel, LayerParams, cached_random_layer, remember_random_layer, set_blas_threads, single_blas_thread
-from .processes import decoder_context, keep_heap, start_decoder_server
-from .writers import OutputPlan, atomic_write, clean_stale_temporaries, tensor_bytes, write_tensor
+from .kernel import LayerParams, cached_random_layer, remember_random_layer
+from .writers import OutputPlan, atomic_write, tensor_bytes, write_tensor
 
 __all__ = ["EncodeOptions", "LazyLayer", "Result", "Summary", "encode", "encode_images", "resolve_device"]
 
@@ -234,17 +232,10 @@ def encode_images(images, layer, prep: Preprocess | None = None, device: str = "
 
 
 @dataclass
-class _Job:
-    source: Source
-    output: Path | None
-    index: int = 0  # position among all inputs; picks the shard and row with --shard-size
-
-
-@dataclass
 class _Pending:
     """A batch whose outputs are being written."""
 
-    jobs: list[_Job]
+    jobs: list[Job]
     futures: list[Future]
     shape: tuple[int, ...]
     dtype: str
@@ -258,7 +249,7 @@ class _Shard:
     path: Path
     size: int  # rows expected: K, or fewer for the last shard
     rows: np.ndarray | None = None  # (K, N+1, D), allocated with the first finished row
-    jobs: list[tuple[int, _Job]] = field(default_factory=list)
+    jobs: list[tuple[int, Job]] = field(default_factory=list)
     resolved: int = 0  # rows filled or failed
 
 
@@ -305,11 +296,11 @@ class _Run:
         except BaseException:
             writer.shutdown(wait=False, cancel_futures=True)
             raise
-        window = _window(self.prep, self.options.batch_size, workers, kernel, device_jpegs)
-        decoder = _Decoder(self.prep, workers, window=window, stop=self.stop, timeout=self.options.decode_timeout,
-                           kernel=kernel, device_jpegs=device_jpegs,
-                           encode_args=(self.plan.fmt, self.options.dtype, self.plan.mode != "stdout" and not self.shard_size))
-        batch: list[tuple[_Job, np.ndarray]] = []
+        window = window_size(self.prep, self.options.batch_size, workers, kernel, device_jpegs)
+        decoder = Decoder(self.prep, workers, window=window, stop=self.stop, timeout=self.options.decode_timeout,
+                          kernel=kernel, device_jpegs=device_jpegs,
+                          encode_args=(self.plan.fmt, self.options.dtype, self.plan.mode != "stdout" and not self.shard_size))
+        batch: list[tuple[Job, np.ndarray]] = []
         try:
             decoder.start(self._jobs(sources))
             if kernel is None:
@@ -329,9 +320,9 @@ class _Run:
                         self._report(Result(job.source.path, None, "error", error=item))
                         if self.shard_size:
                             self._resolve(job, None, writer)
-                    elif isinstance(item, _Written):
+                    elif isinstance(item, Written):
                         self._written(job, item.nbytes, kernel.table.shape)
-                    elif isinstance(item, _WriteFailed):
+                    elif isinstance(item, WriteFailed):
                         raise OutputError(item.message)
                     elif kernel is not None:  # tokens for a shard or stdout
                         self._take_tokens(job, item, writer)
@@ -410,12 +401,12 @@ class _Run:
                 return False  # ROCm: torchvision decodes JPEGs on NVIDIA GPUs only
         return device.type in _DEVICE_DECODE_TYPES
 
-    def _written(self, job: _Job, nbytes: int, shape: tuple[int, ...]) -> None:
+    def _written(self, job: Job, nbytes: int, shape: tuple[int, ...]) -> None:
         self.summary.bytes_written += nbytes
         self.summary.token_shape = tuple(shape)
         self._report(Result(job.source.path, job.output, "ok", tuple(shape), self.options.dtype, nbytes=nbytes))
 
-    def _take_tokens(self, job: _Job, z: np.ndarray, writer: ThreadPoolExecutor) -> None:
+    def _take_tokens(self, job: Job, z: np.ndarray, writer: ThreadPoolExecutor) -> None:
         """Tokens a decoder computed but did not write: a shard's row, or the tensor for stdout."""
         if self.shard_size:
             self._resolve(job, z, writer)
@@ -456,7 +447,7 @@ class _Run:
         if self.prep.channels != config.in_channels:
             raise ConfigError(f"the layer takes {config.in_channels} channels; images can be read with 1 or 3")
 
-    def _jobs(self, sources: Iterable[Source]) -> Iterator[_Job | Result]:
+    def _jobs(self, sources: Iterable[Source]) -> Iterator[Job | Result]:
         if self.shard_size:
             yield from self._shard_jobs(sources)
             return
@@ -467,15 +458,15 @@ class _Run:
             elif self.options.skip_existing and output is not None and self._made_from(output, source):
                 yield Result(source.path, output, "skipped", tuple(self.layer_source.config.token_shape), self.options.dtype)
             else:
-                yield _Job(source, output)
+                yield Job(source, output)
 
-    def _shard_jobs(self, sources: Iterable[Source]) -> Iterator[_Job | Result]:
+    def _shard_jobs(self, sources: Iterable[Source]) -> Iterator[Job | Result]:
         k = self.shard_size
         for index, source in enumerate(sources):
             self.count = index + 1
             shard, row = divmod(index, k)
             path = self.plan.target / f"shard-{shard:05d}.npy"
-            job = _Job(source, path, index)
+            job = Job(source, path, index)
             if self.options.skip_existing and self._shard_full(shard, path):
                 yield Result(source.path, path, "skipped", row=row)
             elif source.error:
@@ -494,7 +485,7 @@ class _Run:
             self.full_shards[shard] = rows == self.shard_size
         return self.full_shards[shard]
 
-    def _resolve(self, job: _Job, z, writer: ThreadPoolExecutor) -> None:
+    def _resolve(self, job: Job, z, writer: ThreadPoolExecutor) -> None:
         """Account for one input of a shard: its row (z) or a failure (None)."""
         index, row = divmod(job.index, self.shard_size)
         shard = self.shards.get(index)
@@ -536,7 +527,7 @@ class _Run:
         name = os.fsencode(source.path).decode("utf-8", "backslashreplace")  # as the manifest writes it
         return known.get(key, name) == name
 
-    def _run_batch(self, batch: list[tuple[_Job, Any]], writer: ThreadPoolExecutor) -> None:
+    def _run_batch(self, batch: list[tuple[Job, Any]], writer: ThreadPoolExecutor) -> None:
         if any(isinstance(item, PlainJpeg) for _, item in batch):
             batch = self._decode_jpegs(batch, writer)
             if not batch:
@@ -562,7 +553,7 @@ class _Run:
         while len(self.writes) > self.max_pending_batches:
             self._finish_oldest()
 
-    def _decode_jpegs(self, batch: list[tuple[_Job, Any]], writer: ThreadPoolExecutor) -> list[tuple[_Job, Any]]:
+    def _decode_jpegs(self, batch: list[tuple[Job, Any]], writer: ThreadPoolExecutor) -> list[tuple[Job, Any]]:
         """Decode the batch's JPEG bytes on the device; report the files that fail, keep the rest."""
         from .devicedecode import decode_jpegs
 
@@ -706,294 +697,3 @@ def _write_stream(stream, tensor, fmt: str) -> int:
     except BrokenPipeError:
         raise StdoutClosed("stdout was closed before the tensor was fully written") from None
     return len(data.obj)
-
-
-# --- decoding ------------------------------------------------------------------------------
-
-
-_KERNEL: Kernel | None = None  # a decoder process's layer, with the numpy engine
-
-
-def _worker_init(max_pixels: int = 0, kernel: Kernel | None = None) -> None:
-    global _KERNEL
-    # The parent decides when to stop: a terminal's Ctrl-C reaches the whole process group.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # C decoders (libtiff, ...) print their complaints straight to stderr; each bad file is
-    # reported once, by the parent, as a result.
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, 2)
-        os.close(devnull)
-    except OSError:
-        pass
-    if max_pixels:
-        _limit_memory(max_pixels)
-    keep_pixel_blocks()
-    keep_heap()
-    if kernel is not None:
-        _KERNEL = kernel
-        set_blas_threads(1)  # one decoder per core already; and see kernel.single_blas_thread
-
-
-def _limit_memory(max_pixels: int) -> None:
-    """Cap a decoder's address space, so that no file, whatever it claims, exhausts the machine.
-
-    --max-pixels already refuses large images from their header; this catches the allocations a
-    header does not announce. A decode of the largest allowed image needs about 24 bytes per
-    pixel at its peak (16-bit input scaled to 8 bits); an allocation beyond the cap is a
-    MemoryError, which fails that one file.
-    """
-    try:
-        import resource
-
-        limit = _BASE_ADDRESS_SPACE + 32 * max_pixels
-        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
-        if hard != resource.RLIM_INFINITY:
-            limit = min(limit, hard)
-        if soft == resource.RLIM_INFINITY or soft > limit:
-            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
-    except (ImportError, ValueError, OSError):  # not on this platform: --max-pixels still holds
-        pass
-
-
-_BASE_ADDRESS_SPACE = 4 << 30  # the interpreter, numpy and Pillow mapped, with room to spare
-
-
-def _decode(path: Path, prep: Preprocess) -> np.ndarray | str:
-    try:
-        return load_image(path, prep)
-    except InputError as exc:
-        return str(exc)
-
-
-def _read_for_device(path: Path, prep: Preprocess) -> PlainJpeg | np.ndarray | str:
-    """A plain JPEG's bytes, for the device to decode; any other file decoded here, by Pillow."""
-    jpeg = read_plain_jpeg(path, prep)
-    return _decode(path, prep) if jpeg is None else jpeg
-
-
-@dataclass(frozen=True)
-class _Written:
-    nbytes: int
-
-
-@dataclass(frozen=True)
-class _WriteFailed:
-    message: str
-
-
-def _encode(path: Path, prep: Preprocess, output: Path | None, fmt: str, dtype: str,
-            kernel: Kernel | None = None) -> np.ndarray | str | _Written | _WriteFailed:
-    """The numpy engine's work for one image: decode, embed, and write `output` (or return z0)."""
-    try:
-        pixels = load_image(path, prep)
-    except InputError as exc:
-        return str(exc)
-    z = (kernel or _KERNEL)(pixels)
-    if dtype != "float32":
-        z = z.astype(dtype)
-    if output is None:
-        return z
-    try:
-        return _Written(atomic_write(output, lambda f: write_tensor(f, z, fmt)))
-    except OutputError as exc:  # a full disk, say: it stops the run, in the parent
-        return _WriteFailed(str(exc))
-
-
-class _Decoder:
-    """Ordered, bounded parallel decoding that survives decoder processes dying."""
-
-    def __init__(self, prep: Preprocess, workers: int, window: int, stop: threading.Event,
-                 timeout: float | None = None, kernel: Kernel | None = None, device_jpegs: bool = False,
-                 encode_args: tuple[str, str, bool] = ("npy", "float32", True)):
-        self.prep = prep
-        self.device_jpegs = device_jpegs  # pass plain JPEGs on as bytes (see devicedecode)
-        self.kernel = kernel  # the numpy engine: decoders return tokens, or write them
-        self.encode_args = encode_args  # format, dtype, whether decoders write the outputs
-        self.workers = workers
-        self.window = max(window, 1)
-        self.stop = stop
-        self.timeout = timeout
-        self.pool: ProcessPoolExecutor | None = None
-        self.decoded = 0  # images that came back from a worker, errors included
-        self.deaths = 0  # workers that died on an image tried alone
-
-    def _new_pool(self) -> ProcessPoolExecutor:
-        start_decoder_server()
-        return ProcessPoolExecutor(self.workers, mp_context=decoder_context(), initializer=_worker_init,
-                                   initargs=(self.prep.max_pixels, self.kernel))
-
-    def _task(self, job: _Job) -> tuple[Callable, tuple]:
-        if self.device_jpegs:
-            return _read_for_device, (job.source.path, self.prep)
-        if self.kernel is None:
-            return _decode, (job.source.path, self.prep)
-        fmt, dtype, write = self.encode_args
-        return _encode, (job.source.path, self.prep, job.output if write else None, fmt, dtype)
-
-    def close(self) -> None:
-        if self.pool is not None:
-            killed = self.stop.is_set()
-            if killed:
-                self._kill_workers()  # a stop must not wait for a slow or hung decode
-            self.pool.shutdown(wait=True, cancel_futures=True)
-            self.pool = None
-            if killed and self.kernel is not None:
-                self._remove_temporaries()
-
-    def _remove_temporaries(self) -> None:
-        """Decoders killed while writing leave temporary files: remove them (their outputs are absent)."""
-        jobs = [j for j, _ in getattr(self, "_inflight", ())] + list(getattr(self, "_suspects", ()))
-        for folder in {j.output.parent for j in jobs if isinstance(j, _Job) and j.output is not None}:
-            clean_stale_temporaries(folder)
-
-    def _kill_workers(self) -> None:
-        assert self.pool is not None
-        processes = getattr(self.pool, "_processes", None) or {}
-        for process in list(processes.values()):
-            try:
-                process.kill()
-            except (OSError, ValueError, AttributeError):
-                pass
-
-    def start(self, jobs: Iterable[_Job | Result]) -> None:
-        """Begin decoding: the first `window` jobs go to the workers at once, before any result is
-        asked for, so that decoding overlaps whatever the caller does next (importing torch)."""
-        self._jobs = iter(jobs)
-        self._inflight: deque[tuple[_Job | Result, Future | None]] = deque()
-        self._suspects: deque[_Job | Result] = deque()  # in flight when a decoder died: retried alone
-        if self.workers:
-            self._fill()
-
-    def _fill(self) -> None:
-        while len(self._inflight) < self.window and not self.stop.is_set():
-            job = next(self._jobs, None)
-            if job is None:
-                break
-            self._inflight.append((job, None if isinstance(job, Result) else self._submit(job)))
-
-    def __iter__(self) -> Iterator[tuple[_Job | Result, np.ndarray | str | None]]:
-        """Yield (job, array or error message) in input order; Results pass through as (result, None)."""
-        if self.workers == 0:
-            for job in self._jobs:
-                if self.stop.is_set():
-                    return
-                if isinstance(job, Result):
-                    yield job, None
-                    continue
-                task, args = self._task(job)
-                if self.kernel is None:
-                    yield job, task(*args)
-                    continue
-                with single_blas_thread():
-                    value = task(*args, kernel=self.kernel)
-                yield job, value
-            return
-        inflight, suspects = self._inflight, self._suspects
-        while True:
-            if suspects:
-                job = suspects.popleft()
-                if isinstance(job, Result):
-                    yield job, None
-                    continue
-                value = self._result(self._submit(job))
-                if value is _STOPPED:
-                    return
-                if value is _BROKEN:
-                    self._restart()
-                    self.deaths += 1
-                    if self.deaths >= 3 and not self.decoded:
-                        raise VitembedError(
-                            "decoder processes die before decoding anything; a script that calls "
-                            "vitembed.encode must guard it with `if __name__ == '__main__':` "
-                            "(or pass EncodeOptions(workers=0))"
-                        )
-                    value = "the decoder process died while reading this file"
-                elif value is _TIMEOUT:
-                    self._restart(kill=True)
-                    value = self._timeout_message()
-                else:
-                    self.decoded += 1
-                yield job, value
-                continue
-            self._fill()
-            if not inflight:
-                return
-            job, future = inflight.popleft()
-            if future is None:
-                yield job, None
-                continue
-            value = self._result(future)
-            if value is _STOPPED:
-                return
-            if value is _BROKEN:
-                self._restart()
-                suspects.append(job)
-                suspects.extend(j for j, _ in inflight)
-                inflight.clear()
-                continue
-            if value is _TIMEOUT:
-                # The oldest job in flight has been decoding alone for the whole timeout: it is the
-                # one that hangs. The others lose their decoder with it and are retried.
-                self._restart(kill=True)
-                suspects.extend(j for j, _ in inflight)
-                inflight.clear()
-                yield job, self._timeout_message()
-                continue
-            self.decoded += 1
-            yield job, value
-
-    def _submit(self, job: _Job) -> Future:
-        if self.pool is None:
-            self.pool = self._new_pool()
-        try:
-            task, args = self._task(job)
-            return self.pool.submit(task, *args)
-        except (BrokenProcessPool, RuntimeError) as exc:  # a decoder died since the last look
-            future: Future = Future()
-            future.set_exception(exc if isinstance(exc, BrokenProcessPool) else BrokenProcessPool(str(exc)))
-            return future
-
-    def _restart(self, kill: bool = False) -> None:
-        if self.pool is not None:
-            if kill:
-                self._kill_workers()
-            self.pool.shutdown(wait=False, cancel_futures=True)
-        self.pool = None
-
-    def _timeout_message(self) -> str:
-        return f"decoding took longer than {self.timeout:g} s; the decoder was stopped"
-
-    def _result(self, future: Future):
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        while True:
-            done, _ = wait([future], timeout=0.2, return_when=FIRST_COMPLETED)
-            if done:
-                try:
-                    return future.result()
-                except BrokenProcessPool:
-                    return _BROKEN
-                except Exception as exc:  # a result that cannot come back costs this file only
-                    return f"the decoder failed: {type(exc).__name__}: {exc}"
-            if self.stop.is_set():
-                return _STOPPED
-            if deadline is not None and time.monotonic() > deadline:
-                return _TIMEOUT
-
-
-def _window(prep: Preprocess, batch_size: int, workers: int, kernel: Kernel | None = None,
-            device_jpegs: bool = False) -> int:
-    """Images decoded ahead: enough to cover start-up and a few batches, about 64 MB of pixels
-    (of tokens, when the decoders compute them). Files whose bytes go to the device are as large
-    as they come (megabytes for a photo): a few batches of them."""
-    if device_jpegs:
-        return max(4 * batch_size, 4 * workers)
-    per_image = prep.image_size * prep.image_size * prep.channels
-    if kernel is not None:
-        per_image = kernel.table.nbytes
-    return max(2 * batch_size, 4 * workers, min(1024, (64 << 20) // per_image))
-
-
-_BROKEN = object()
-_STOPPED = object()
-_TIMEOUT = object()

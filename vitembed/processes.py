@@ -12,7 +12,7 @@ import multiprocessing
 import os
 import sys
 
-PRELOAD = ["vitembed.pipeline"]
+PRELOAD = ["vitembed.decoders"]
 
 
 def decoder_context():
