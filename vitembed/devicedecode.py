@@ -29,9 +29,10 @@ DEVICE_INTERPOLATIONS = ("bilinear", "bicubic")  # those whose antialiased torch
 def unsupported(prep: Preprocess) -> str | None:
     """Why images prepared as `prep` cannot be decoded on the device, or None if they can."""
     if prep.channels != 3:
-        return "grey (1-channel) inputs are decoded by Pillow"
+        return "the layer takes grey (1-channel) images, which only Pillow decodes; use --decode cpu"
     if prep.interpolation not in DEVICE_INTERPOLATIONS:
-        return f"--interpolation {prep.interpolation} is Pillow's alone; use {' or '.join(DEVICE_INTERPOLATIONS)}"
+        return (f"--interpolation {prep.interpolation} is Pillow's alone; use "
+                f"{' or '.join(DEVICE_INTERPOLATIONS)}, or --decode cpu")
     return None
 
 
