@@ -21,7 +21,7 @@ from vitembed.devicedecode import decode_jpegs, orient
 from vitembed.errors import ConfigError
 from vitembed.images import PlainJpeg, Preprocess, load_image, read_plain_jpeg
 from vitembed.inputs import iter_sources
-from vitembed.layer import PRESETS, build_layer
+from vitembed.layer import PRESETS, LayerConfig, build_layer
 from vitembed.pipeline import EncodeOptions, encode
 from vitembed.writers import OutputPlan
 
@@ -210,6 +210,10 @@ def test_decode_choices(tmp_path, sample_paths, monkeypatch):
     with pytest.raises(ConfigError, match="interpolation lanczos is Pillow's alone"):
         layer = build_layer(PRESETS["seed"], seed=0)
         encode(iter_sources([str(tmp_path)]), layer, Preprocess(interpolation="lanczos"),
+               OutputPlan.from_option(str(tmp_path / "o"), None), EncodeOptions(device="cpu", engine="torch", decode="gpu"))
+    with pytest.raises(ConfigError, match="grey .* only Pillow decodes; use --decode cpu"):
+        grey = build_layer(LayerConfig(224, 16, 32, in_channels=1), seed=0)
+        encode(iter_sources([str(tmp_path)]), grey, Preprocess(channels=1),
                OutputPlan.from_option(str(tmp_path / "o"), None), EncodeOptions(device="cpu", engine="torch", decode="gpu"))
     with pytest.raises(ConfigError, match="unknown decode"):
         EncodeOptions(decode="nvjpeg")
