@@ -250,7 +250,6 @@ def keep_pixel_blocks(blocks: int = 4) -> None:
     Image.core.set_blocks_max(blocks)
 
 
-
 def _prepare(im: Image.Image, prep: Preprocess) -> np.ndarray:
     width, height = im.size
     if width < 1 or height < 1:

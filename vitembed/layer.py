@@ -128,7 +128,6 @@ class VitInputLayer(nn.Module):
         z = z + self.pos_emb
         return torch.cat([*prefix, z], dim=1)  # (B, N_p, D) -> (B, prefix + N_p, D)
 
-
     def forward_pixels(self, pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
         """z0 straight from uint8 pixels: `forward((pixels / 255 - mean) / std)` in fewer passes.
 
@@ -171,6 +170,7 @@ class VitInputLayer(nn.Module):
             out[:, :k] = prefix
         torch.add(z, self.pos_emb[:, -n:], out=out[:, k:])  # patches + their E_pos rows, one pass
         return out
+
 
 def build_layer(config: LayerConfig, seed: int = 0) -> VitInputLayer:
     """A layer with the seed's initialisation drawn from `seed`, on the CPU.
