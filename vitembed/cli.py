@@ -221,10 +221,6 @@ def encode(
     # This process computes nothing with numpy's BLAS (decoders do, on one thread each); its extra
     # OpenBLAS threads would only spin for a while after numpy loads.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    if workers != 0:
-        from .processes import start_decoder_server
-
-        start_decoder_server()  # its imports overlap ours
     from .images import parse_color
     from .inputs import iter_sources
     from .pipeline import EncodeOptions, LazyLayer, encode as run_encode

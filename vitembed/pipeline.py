@@ -238,7 +238,6 @@ class _Pending:
     jobs: list[Job]
     futures: list[Future]
     shape: tuple[int, ...]
-    dtype: str
     rows: list[int] | None = None  # a shard: its one future writes every job's row
 
 
@@ -317,9 +316,7 @@ class _Run:
                     if isinstance(job, Result):
                         self._report(job)
                     elif isinstance(item, str):
-                        self._report(Result(job.source.path, None, "error", error=item))
-                        if self.shard_size:
-                            self._resolve(job, None, writer)
+                        self._failed(job, item, writer)
                     elif isinstance(item, Written):
                         self._written(job, item.nbytes, kernel.table.shape)
                     elif isinstance(item, WriteFailed):
@@ -401,6 +398,11 @@ class _Run:
                 return False  # ROCm: torchvision decodes JPEGs on NVIDIA GPUs only
         return device.type in _DEVICE_DECODE_TYPES
 
+    def _failed(self, job: Job, error: str, writer: ThreadPoolExecutor) -> None:
+        self._report(Result(job.source.path, None, "error", error=error))
+        if self.shard_size:
+            self._resolve(job, None, writer)  # its row stays NaN
+
     def _written(self, job: Job, nbytes: int, shape: tuple[int, ...]) -> None:
         self.summary.bytes_written += nbytes
         self.summary.token_shape = tuple(shape)
@@ -412,9 +414,8 @@ class _Run:
             self._resolve(job, z, writer)
         else:
             future = writer.submit(_write_stream, self.stdout or sys.stdout.buffer, z, self.plan.fmt)
-            self.writes.append(_Pending([job], [future], tuple(z.shape), self.options.dtype))
-        while len(self.writes) > self.max_pending_batches:
-            self._finish_oldest()
+            self.writes.append(_Pending([job], [future], tuple(z.shape)))
+        self._bound_writes()
 
     def _setup_layer(self) -> None:
         import torch
@@ -509,8 +510,7 @@ class _Run:
             rows = rows[: min(self.shard_size, self.count - index * self.shard_size)]
         future = writer.submit(atomic_write, shard.path, lambda f: write_tensor(f, rows, "npy"))
         jobs = [job for _, job in shard.jobs]
-        self.writes.append(_Pending(jobs, [future], tuple(rows.shape[1:]), self.options.dtype,
-                                    rows=[row for row, _ in shard.jobs]))
+        self.writes.append(_Pending(jobs, [future], tuple(rows.shape[1:]), rows=[row for row, _ in shard.jobs]))
     def _made_from(self, output: Path, source: Source) -> bool:
         """Whether `output` exists and holds `source`'s tokens (as far as the manifest knows)."""
         if not output.exists():
@@ -536,22 +536,19 @@ class _Run:
         z = _forward(self.layer, _stack([a for _, a in batch], self.device), self.prep, self.device)
         z = z.to(self.out_dtype).cpu()
         shape = tuple(z.shape[1:])
-        dtype = self.options.dtype
         if self.shard_size:
             array = z.numpy()
             for i, job in enumerate(jobs):
                 self._resolve(job, array[i], writer)
-            while len(self.writes) > self.max_pending_batches:
-                self._finish_oldest()
+            self._bound_writes()
             return
         if self.plan.mode == "stdout":
             out = self.stdout or sys.stdout.buffer
             futures = [writer.submit(_write_stream, out, z[0], self.plan.fmt)]
         else:
             futures = [writer.submit(_write_file, job.output, z[i], self.plan.fmt) for i, job in enumerate(jobs)]
-        self.writes.append(_Pending(jobs, futures, shape, dtype))
-        while len(self.writes) > self.max_pending_batches:
-            self._finish_oldest()
+        self.writes.append(_Pending(jobs, futures, shape))
+        self._bound_writes()
 
     def _decode_jpegs(self, batch: list[tuple[Job, Any]], writer: ThreadPoolExecutor) -> list[tuple[Job, Any]]:
         """Decode the batch's JPEG bytes on the device; report the files that fail, keep the rest."""
@@ -563,12 +560,15 @@ class _Run:
         for i, (job, item) in enumerate(batch):
             item = decoded.get(i, item)
             if isinstance(item, str):
-                self._report(Result(job.source.path, None, "error", error=item))
-                if self.shard_size:
-                    self._resolve(job, None, writer)
+                self._failed(job, item, writer)
             else:
                 kept.append((job, item))
         return kept
+
+    def _bound_writes(self) -> None:
+        """Wait for the oldest writes while more than `max_pending_batches` are in flight."""
+        while len(self.writes) > self.max_pending_batches:
+            self._finish_oldest()
 
     def _drain_writes(self, block: bool, quiet: bool = False) -> None:
         while self.writes and (block or all(f.done() for f in self.writes[0].futures)):
@@ -590,9 +590,7 @@ class _Run:
             except OutputError as exc:
                 failure = failure or exc
                 continue
-            self.summary.bytes_written += nbytes
-            self.summary.token_shape = pending.shape
-            self._report(Result(job.source.path, job.output, "ok", pending.shape, pending.dtype, nbytes=nbytes))
+            self._written(job, nbytes, pending.shape)
         if failure is not None:
             raise failure
 
@@ -601,7 +599,7 @@ class _Run:
         self.summary.bytes_written += nbytes
         self.summary.token_shape = pending.shape
         for row, job in zip(pending.rows, pending.jobs):
-            self._report(Result(job.source.path, job.output, "ok", pending.shape, pending.dtype, row=row))
+            self._report(Result(job.source.path, job.output, "ok", pending.shape, self.options.dtype, row=row))
 
     def _report(self, result: Result) -> None:
         if result.status == "ok":
