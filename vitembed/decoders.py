@@ -7,10 +7,15 @@ A decoder process that dies costs only the images it held: the images in flight 
 at a time, and only the one that kills its process again is reported as an error. An image that
 decodes for longer than the timeout has its process killed and is reported. Everything a job
 returns is small (a path, a result), except pixels and tokens when the main process needs them.
+
+Jobs travel in chunks of consecutive images, sized so that a chunk is about 20 ms of a decoder's
+work: each task costs the main process about 0.1 ms of pool bookkeeping, whatever it holds, and
+on a GPU machine the main process is the one that sets the pace.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import threading
@@ -133,6 +138,24 @@ def _encode(path: Path, prep: Preprocess, output: Path | None, fmt: str, dtype: 
         return WriteFailed(str(exc))
 
 
+def _run_chunk(task: Callable, calls: list[tuple]) -> tuple[list[Any], float]:
+    """One decoder task: `task` on each of a chunk's images; returns what each gave, and the seconds
+    the chunk took (for the parent to size the next chunks)."""
+    start = time.perf_counter()
+    values = []
+    for args in calls:
+        try:
+            values.append(task(*args))
+        except Exception as exc:  # this file only; the rest of the chunk goes on
+            values.append(f"the decoder failed: {type(exc).__name__}: {exc}")
+    return values, time.perf_counter() - start
+
+
+_CHUNK_SECONDS = 0.02  # a decoder task's work: far above the pool's cost per task, and short
+# enough that the decoders still finish a run together
+_MAX_CHUNK = 16
+
+
 class Decoder:
     """Ordered, bounded parallel decoding that survives decoder processes dying."""
 
@@ -150,11 +173,24 @@ class Decoder:
         self.pool: ProcessPoolExecutor | None = None
         self.decoded = 0  # images that came back from a worker, errors included
         self.deaths = 0  # workers that died on an image tried alone
+        # Images per task: one until the first chunks have been timed, then about _CHUNK_SECONDS
+        # of work, with each decoder still holding a few tasks of the window.
+        self.chunk = 1
+        self.max_chunk = max(1, min(_MAX_CHUNK, self.window // (3 * max(workers, 1))))
+        self.seconds_per_image: float | None = None
 
     def _new_pool(self) -> ProcessPoolExecutor:
         start_decoder_server()
         return ProcessPoolExecutor(self.workers, mp_context=decoder_context(), initializer=worker_init,
                                    initargs=(self.prep.max_pixels, self.kernel))
+
+    def _learn(self, seconds: float, images: int) -> None:
+        """Size the next chunks from how long one took (a moving average per image)."""
+        per_image = seconds / images
+        if self.seconds_per_image is not None:
+            per_image = 0.8 * self.seconds_per_image + 0.2 * per_image
+        self.seconds_per_image = per_image
+        self.chunk = max(1, min(self.max_chunk, int(_CHUNK_SECONDS / max(per_image, 1e-6))))
 
     def _task(self, job: Job) -> tuple[Callable, tuple]:
         if self.device_jpegs:
@@ -176,7 +212,8 @@ class Decoder:
 
     def _remove_temporaries(self) -> None:
         """Decoders killed while writing leave temporary files: remove them (their outputs are absent)."""
-        jobs = [j for j, _ in getattr(self, "_inflight", ())] + list(getattr(self, "_suspects", ()))
+        held = [job for jobs, _ in getattr(self, "_inflight", ()) for job in jobs]
+        jobs = held + list(getattr(self, "_suspects", ()))
         for folder in {j.output.parent for j in jobs if isinstance(j, Job) and j.output is not None}:
             clean_stale_temporaries(folder)
 
@@ -193,17 +230,42 @@ class Decoder:
         """Begin decoding: the first `window` jobs go to the workers at once, before any result is
         asked for, so that decoding overlaps whatever the caller does next (importing torch)."""
         self._jobs = iter(jobs)
-        self._inflight: deque[tuple[Job | Any, Future | None]] = deque()
+        # Chunks of jobs with their task, in input order; an item that is not a Job is alone, with
+        # no task. `_held` counts the items.
+        self._inflight: deque[tuple[list[Job | Any], Future | None]] = deque()
+        self._held = 0
         self._suspects: deque[Job | Any] = deque()  # in flight when a decoder died: retried alone
         if self.workers:
             self._fill()
 
     def _fill(self) -> None:
-        while len(self._inflight) < self.window and not self.stop.is_set():
-            job = next(self._jobs, None)
-            if job is None:
-                break
-            self._inflight.append((job, self._submit(job) if isinstance(job, Job) else None))
+        """Submit chunks while the window has room for a whole one."""
+        while not self.stop.is_set() and (self._held == 0 or self.window - self._held >= self.chunk):
+            items = list(itertools.islice(self._jobs, self.chunk))
+            jobs: list[Job] = []
+            for item in items:
+                if isinstance(item, Job):
+                    jobs.append(item)
+                    continue
+                self._hold(jobs)  # what came before it goes first
+                jobs = []
+                self._inflight.append(([item], None))
+                self._held += 1
+            self._hold(jobs)
+            if len(items) < self.chunk:
+                return  # no more jobs
+
+    def _hold(self, jobs: list[Job]) -> None:
+        if jobs:
+            self._inflight.append((jobs, self._submit(jobs)))
+            self._held += len(jobs)
+
+    def _release(self) -> list[Job | Any]:
+        """Everything in flight, in order, taken back (to be retried alone)."""
+        items = [item for items, _ in self._inflight for item in items]
+        self._inflight.clear()
+        self._held = 0
+        return items
 
     def __iter__(self) -> Iterator[tuple[Job | Any, np.ndarray | str | None]]:
         """Yield (job, what its task returned) in input order; anything that is not a Job (the
@@ -230,7 +292,7 @@ class Decoder:
                 if not isinstance(job, Job):
                     yield job, None
                     continue
-                value = self._result(self._submit(job))
+                value = self._result(self._submit([job]))
                 if value is _STOPPED:
                     return
                 if value is _BROKEN:
@@ -248,41 +310,57 @@ class Decoder:
                     value = self._timeout_message()
                 else:
                     self.decoded += 1
+                    if not isinstance(value, str):
+                        value = value[0][0]
                 yield job, value
                 continue
             self._fill()
             if not inflight:
                 return
-            job, future = inflight.popleft()
+            jobs, future = inflight.popleft()
+            self._held -= len(jobs)
             if future is None:
-                yield job, None
+                yield jobs[0], None
                 continue
             value = self._result(future)
             if value is _STOPPED:
                 return
             if value is _BROKEN:
+                # Whichever image killed its decoder, every image in flight lost its task.
                 self._restart()
-                suspects.append(job)
-                suspects.extend(j for j, _ in inflight)
-                inflight.clear()
+                suspects.extend(jobs)
+                suspects.extend(self._release())
                 continue
             if value is _TIMEOUT:
-                # The oldest job in flight has been decoding alone for the whole timeout: it is the
-                # one that hangs. The others lose their decoder with it and are retried.
                 self._restart(kill=True)
-                suspects.extend(j for j, _ in inflight)
-                inflight.clear()
-                yield job, self._timeout_message()
+                rest = self._release()
+                if len(jobs) == 1:
+                    # The oldest job in flight has been decoding alone for the whole timeout: it is
+                    # the one that hangs. The others lose their decoder with it and are retried.
+                    suspects.extend(rest)
+                    yield jobs[0], self._timeout_message()
+                else:  # one image of the chunk hangs: each is tried alone, to find which
+                    suspects.extend(jobs)
+                    suspects.extend(rest)
                 continue
-            self.decoded += 1
-            yield job, value
+            if isinstance(value, str):  # the task's result could not come back
+                if len(jobs) == 1:
+                    self.decoded += 1
+                    yield jobs[0], value
+                else:
+                    suspects.extend(jobs)  # to find the image whose result cannot
+                continue
+            values, seconds = value
+            self._learn(seconds, len(values))
+            self.decoded += len(values)
+            yield from zip(jobs, values)
 
-    def _submit(self, job: Job) -> Future:
+    def _submit(self, jobs: list[Job]) -> Future:
         if self.pool is None:
             self.pool = self._new_pool()
         try:
-            task, args = self._task(job)
-            return self.pool.submit(task, *args)
+            calls = [self._task(job) for job in jobs]
+            return self.pool.submit(_run_chunk, calls[0][0], [args for _, args in calls])
         except (BrokenProcessPool, RuntimeError) as exc:  # a decoder died since the last look
             future: Future = Future()
             future.set_exception(exc if isinstance(exc, BrokenProcessPool) else BrokenProcessPool(str(exc)))

@@ -511,6 +511,7 @@ class _Run:
         future = writer.submit(atomic_write, shard.path, lambda f: write_tensor(f, rows, "npy"))
         jobs = [job for _, job in shard.jobs]
         self.writes.append(_Pending(jobs, [future], tuple(rows.shape[1:]), rows=[row for row, _ in shard.jobs]))
+
     def _made_from(self, output: Path, source: Source) -> bool:
         """Whether `output` exists and holds `source`'s tokens (as far as the manifest knows)."""
         if not output.exists():
