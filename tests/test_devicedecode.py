@@ -150,6 +150,27 @@ def test_a_file_the_device_refuses_goes_to_pillow(tmp_path, sample_paths):
     assert np.abs(one.numpy().astype(int) - load_image(io.BytesIO(broken), prep).astype(int)).max() <= 1
 
 
+def test_a_decode_that_is_not_rgb_goes_to_pillow(tmp_path, sample_paths, monkeypatch):
+    """A device decode of the wrong shape (one channel, say, from a grey JPEG) is not resized as
+    RGB: Pillow decodes that file instead."""
+    import torchvision.io
+
+    prep = Preprocess()
+    paths = _photo_jpegs(tmp_path, sample_paths[:1])[:3]
+    real = torchvision.io.decode_jpeg
+
+    def one_grey(encoded, **kwargs):
+        images = real(encoded, **kwargs)
+        return [im[:1] if i == 1 else im for i, im in enumerate(images)]
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", one_grey)
+    got = decode_jpegs([read_plain_jpeg(p, prep) for p in paths], prep, CPU)
+    assert got[1].shape == (224, 224, 3)
+    np.testing.assert_array_equal(got[1].numpy(), load_image(paths[1], prep))  # Pillow's own pixels
+    for i in (0, 2):
+        assert np.abs(got[i].numpy().astype(int) - load_image(paths[i], prep).astype(int)).max() <= 1
+
+
 def _encode(folder: Path, out: Path, **options) -> tuple[dict, pipeline.Summary]:
     results = {}
     layer = build_layer(PRESETS["seed"], seed=0)

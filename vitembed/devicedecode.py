@@ -75,16 +75,18 @@ def _decode_chunk(jpegs: list[PlainJpeg], prep: Preprocess, device) -> list:
         except (RuntimeError, ValueError):  # one file the device refuses fails the batch: one by one
             decoded = [_decode_one(e, kwargs) for e in encoded]
     out: list = [None] * len(jpegs)
-    raw = [i for i, im in enumerate(decoded) if im is not None]
+    # Anything but (3, H, W) is refused as well: the layer takes RGB, and nvJPEG's RGB output for
+    # grey JPEGs, read from torchvision's source, has not been seen on a GPU here.
+    raw = [i for i, im in enumerate(decoded) if im is not None and im.dim() == 3 and im.shape[0] == 3]
     upright = [orient(decoded[i], jpegs[i].orientation) for i in raw]
     for i, pixels in zip(raw, _resize(upright, prep)):
         out[i] = pixels
-    for i, im in enumerate(decoded):
-        if im is None:  # Pillow's turn, from the bytes in hand: pixels, or why it cannot either
-            try:
-                out[i] = torch.from_numpy(load_image(io.BytesIO(jpegs[i].data), prep)).to(device)
-            except InputError as exc:
-                out[i] = str(exc)
+    for i in sorted(set(range(len(jpegs))) - set(raw)):
+        # Pillow's turn, from the bytes in hand: pixels, or why it cannot either.
+        try:
+            out[i] = torch.from_numpy(load_image(io.BytesIO(jpegs[i].data), prep)).to(device)
+        except InputError as exc:
+            out[i] = str(exc)
     return out
 
 
