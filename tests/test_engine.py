@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
@@ -125,8 +126,8 @@ def test_write_failure_in_a_decoder_stops_the_run(tmp_path, sample_paths):
 
 
 def test_engine_numpy_refuses_what_it_cannot_write(tmp_path, sample_paths):
-    bad = run_cli("encode", sample_paths[0], "-o", tmp_path / "a.pt", "--engine", "numpy")
-    assert bad.returncode == 2 and b"--engine numpy" in bad.stderr
+    bad = run_cli("encode", sample_paths[0], "-o", tmp_path / "a.pt", "--engine", "numpy", "--dtype", "bfloat16")
+    assert bad.returncode == 2 and b"--engine numpy" in bad.stderr and b"float16" in bad.stderr
     with pytest.raises(ConfigError, match="engine"):
         EncodeOptions(engine="jax")
 
@@ -156,6 +157,35 @@ def test_second_run_imports_no_torch_and_gives_the_same_bytes(tmp_path, sample_p
     assert json.loads((tmp_path / "one/run.json").read_text())["config"] == json.loads((tmp_path / "two/run.json").read_text())["config"]
     resumed = run_cli("encode", *sample_paths[:2], "-o", tmp_path / "one", "-q", "--skip-existing", env=no_torch)
     assert resumed.returncode == 0, resumed.stderr
+
+
+def test_pt_outputs_without_torch(tmp_path, sample_paths):
+    """.pt files (a folder of them, or one on stdout) come from the numpy engine too, with no torch
+    in the run, and load with torch.load(weights_only=True) as the torch engine's do."""
+    env = {"VITEMBED_CACHE_DIR": str(tmp_path / "cache")}
+    warm = run_cli("encode", sample_paths[0], "-o", tmp_path / "warm", "-q", env=env)  # caches the layer
+    assert warm.returncode == 0, warm.stderr
+    reference = run_cli("encode", *sample_paths[:2], "-o", tmp_path / "torch", "-q", "--format", "pt",
+                        "--engine", "torch", "--dtype", "float16", env=env)
+    assert reference.returncode == 0, reference.stderr
+    fake = tmp_path / "fake"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text(POISONED_TORCH)
+    no_torch = {**env, "PYTHONPATH": os.pathsep.join([str(fake), *sys.path])}
+    folder = run_cli("encode", *sample_paths[:2], "-o", tmp_path / "numpy", "-q", "--format", "pt",
+                     "--dtype", "float16", env=no_torch)
+    assert folder.returncode == 0, folder.stderr
+    piped = run_cli("encode", sample_paths[0], "-o", "-", "-q", "--format", "pt", "--dtype", "float16", env=no_torch)
+    assert piped.returncode == 0, piped.stderr
+    outputs = sorted((tmp_path / "torch").glob("*.pt"))
+    assert len(outputs) == 2
+    for path in outputs:
+        a = torch.load(tmp_path / "numpy" / path.name, weights_only=True)
+        b = torch.load(path, weights_only=True)
+        assert a.dtype == b.dtype == torch.float16 and a.shape == b.shape == (257, 384)
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-3, atol=2e-3)
+    streamed = torch.load(io.BytesIO(piped.stdout), weights_only=True)
+    assert torch.equal(streamed, torch.load(tmp_path / "numpy" / outputs[0].name, weights_only=True))
 
 
 def test_cache_is_keyed_and_checked(tmp_path, monkeypatch, sample_paths):

@@ -203,22 +203,7 @@ def test_shard_size_needs_an_npy_folder(tmp_path):
         EncodeOptions(shard_size=0)
 
 
-# --- lazy imports --------------------------------------------------------------------------
-
-
-def test_info_and_help_do_not_import_torch():
-    code = ("import sys; from vitembed.cli import app; from typer.testing import CliRunner; "
-            "r = CliRunner().invoke(app, ['info', '--preset', 'vit-b16']); "
-            "assert r.exit_code == 0, r.output; "
-            "r = CliRunner().invoke(app, ['encode', '--help']); assert r.exit_code == 0; "
-            "bad = [m for m in ('torch', 'torchvision', 'numpy') if m in sys.modules]; "
-            "assert not bad, bad")
-    import subprocess
-    import sys
-
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, cwd=Path(__file__).parent.parent,
-                         env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)})
-    assert res.returncode == 0, res.stderr.decode()
+# --- writer threads ---------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("cores, writers, expected", [(64, None, 16), (1, None, 2), (8, None, 8), (64, 3, 3)])

@@ -62,7 +62,7 @@ class EncodeOptions:
     Attributes:
         device: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps.
         engine: where the layer runs. numpy: in the decoder processes, which also write the
-            files (CPU, .npy, float32/float16); torch: batches in the main process, on `device`.
+            files (CPU, float32/float16); torch: batches in the main process, on `device`.
             auto: numpy where it applies, else torch. A random layer is drawn with torch once per
             machine and then cached (`kernel.layer_cache_dir`), so that later runs import no torch.
         dtype: of the outputs; the layer computes in float32 and the result is cast.
@@ -353,14 +353,14 @@ class _Run:
 
     def _numpy_params(self) -> LayerParams | None:
         """The layer's parameters when the numpy engine runs it, else None (the torch engine)."""
-        engine, options, plan = self.options.engine, self.options, self.plan
+        engine, options = self.options.engine, self.options
         if engine == "torch":
             return None
         on_cpu = options.device == "cpu" or (options.device == "auto" and not _accelerator_present())
-        if not (on_cpu and plan.fmt == "npy" and options.dtype != "bfloat16"):
+        if not (on_cpu and options.dtype != "bfloat16"):  # numpy has no bfloat16
             if engine == "numpy":
-                raise ConfigError("--engine numpy runs on the CPU and writes .npy (float32 or float16); "
-                                  "use --device cpu, --format npy, or --engine torch")
+                raise ConfigError("--engine numpy runs on the CPU and writes float32 or float16; "
+                                  "use --device cpu, --dtype float32 or float16, or --engine torch")
             return None
         source = self.layer_source
         if not isinstance(source, LazyLayer):

@@ -21,6 +21,7 @@ import numpy as np
 
 from .errors import ConfigError, OutputError
 from .inputs import Source
+from .ptformat import write_pt
 
 __all__ = [
     "FORMATS",
@@ -107,18 +108,24 @@ class OutputPlan:
 
 
 def write_tensor(f: BinaryIO, tensor, fmt: str) -> None:
-    """Write one output to an open binary file: a .npy array, or a .pt tensor (weights_only-loadable)."""
+    """Write one output (a numpy array or a CPU torch tensor) to an open binary file: a .npy
+    array, or a .pt tensor as torch.save writes it (loadable with weights_only=True), written
+    without torch (`ptformat`), so that either engine writes the same bytes."""
     if fmt == "npy":
         array = np.ascontiguousarray(tensor if isinstance(tensor, np.ndarray) else tensor.numpy())
         # np.save's bytes, written with f.write: ndarray.tofile reports a full disk without errno.
         np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
         f.write(memoryview(array).cast("B"))
-    else:
-        import torch
+    elif isinstance(tensor, np.ndarray):
+        write_pt(f, tensor)
+    else:  # a torch tensor; numpy has no bfloat16: its bits, as int16
+        bfloat16 = str(tensor.dtype) == "torch.bfloat16"
+        elements = tensor.contiguous()
+        if bfloat16:
+            import torch
 
-        tensor = tensor if isinstance(tensor, torch.Tensor) else torch.from_numpy(np.asarray(tensor))
-        # A view would drag its whole batch's storage into the file: save a compact copy.
-        torch.save(tensor.clone(memory_format=torch.contiguous_format), f)
+            elements = elements.view(torch.int16)
+        write_pt(f, elements.numpy(), "bfloat16" if bfloat16 else None)
 
 
 def tensor_bytes(tensor, fmt: str) -> bytes:
