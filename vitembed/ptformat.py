@@ -43,7 +43,7 @@ def write_pt(f: BinaryIO, array: np.ndarray, dtype: str | None = None) -> None:
     """
     dtype = dtype or array.dtype.name
     if dtype not in STORAGES:
-        raise ValueError(f"no .pt storage for {dtype!r}")
+        raise ValueError(f"no .pt storage for {dtype!r}; one of {', '.join(STORAGES)}")
     data = np.asarray(array, order="C")  # (ascontiguousarray would make a 0-d array 1-d)
     if data.dtype.byteorder == ">":
         data = data.astype(data.dtype.newbyteorder("<"))
