@@ -116,7 +116,9 @@ def test_pt_output_and_dtypes(photo_dir, tmp_path):
     # A compact tensor: the file does not carry its batch's storage.
     assert tensor.untyped_storage().nbytes() == 257 * 384 * 2
     ref = torch.from_numpy(expected_tokens(photo_dir / "a.png"))
-    torch.testing.assert_close(tensor.float(), ref.bfloat16().float())
+    # The engines' float32 tolerance (5e-5, another order of sums), then bfloat16's rounding: a
+    # value that lands near a rounding boundary may go to the neighbouring step (2^-7 relative).
+    torch.testing.assert_close(tensor.float(), ref.bfloat16().float(), rtol=2.0 ** -7, atol=5e-5)
     half = run_cli("encode", photo_dir / "a.png", "-o", tmp_path / "h.npy", "--dtype", "float16", "-q")
     assert half.returncode == 0 and np.load(tmp_path / "h.npy").dtype == np.float16
     bad = run_cli("encode", photo_dir / "a.png", "-o", tmp_path / "b.npy", "--dtype", "bfloat16")

@@ -194,7 +194,7 @@ def encode(
     max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", help="Refuse images whose header claims more pixels (decompression bombs). Default: 178956970.", rich_help_panel=IMAGE)] = None,
     fast_decode: Annotated[bool, typer.Option("--fast-decode", help="Decode large JPEGs at 1/2, 1/4 or 1/8 scale (DCT scaling): much faster, pixels differ slightly.", rich_help_panel=IMAGE)] = False,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", rich_help_panel=RUN)] = "auto",
-    engine: Annotated[Engine, typer.Option("--engine", help="numpy: each decoder process embeds and writes its images (CPU, float32/float16; torch is imported only to draw a random layer the first time, then cached). torch: batches on --device. auto: numpy where it applies, else torch.", rich_help_panel=RUN)] = Engine.auto,
+    engine: Annotated[Engine, typer.Option("--engine", help="numpy: each decoder process embeds and writes its images (CPU; torch is imported only to draw a random layer the first time, then cached). torch: batches on --device. auto: numpy where it applies, else torch.", rich_help_panel=RUN)] = Engine.auto,
     decode: Annotated[Decode, typer.Option("--decode", help="Where JPEGs are decoded and resized: cpu (Pillow, in the decoder processes), gpu (nvJPEG on the CUDA device, in batches; other formats still by Pillow; not yet checked on a GPU), auto: cpu for now.", rich_help_panel=RUN)] = Decode.auto,
     dtype: Annotated[Dtype, typer.Option("--dtype", help="Output dtype (computed in float32).", rich_help_panel=RUN)] = Dtype.float32,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Images per layer call.", rich_help_panel=RUN)] = 32,

@@ -35,7 +35,7 @@ from .images import PlainJpeg, Preprocess, keep_pixel_blocks, load_image, read_p
 from .inputs import Source
 from .kernel import Kernel, set_blas_threads, single_blas_thread
 from .processes import decoder_context, keep_heap, start_decoder_server
-from .writers import atomic_write, clean_stale_temporaries, write_tensor
+from .writers import atomic_write, cast, clean_stale_temporaries, write_tensor
 
 __all__ = ["Decoder", "Job", "WriteFailed", "Written", "window_size"]
 
@@ -127,13 +127,11 @@ def _encode(path: Path, prep: Preprocess, output: Path | None, fmt: str, dtype: 
         pixels = load_image(path, prep)
     except InputError as exc:
         return str(exc)
-    z = (kernel or _KERNEL)(pixels)
-    if dtype != "float32":
-        z = z.astype(dtype)
+    z = cast((kernel or _KERNEL)(pixels), dtype)
     if output is None:
         return z
     try:
-        return Written(atomic_write(output, lambda f: write_tensor(f, z, fmt)))
+        return Written(atomic_write(output, lambda f: write_tensor(f, z, fmt, dtype)))
     except OutputError as exc:  # a full disk, say: it stops the run, in the parent
         return WriteFailed(str(exc))
 

@@ -62,7 +62,7 @@ class EncodeOptions:
     Attributes:
         device: auto (CUDA, else MPS, else CPU), cpu, cuda, cuda:N or mps.
         engine: where the layer runs. numpy: in the decoder processes, which also write the
-            files (CPU, float32/float16); torch: batches in the main process, on `device`.
+            files (CPU); torch: batches in the main process, on `device`.
             auto: numpy where it applies, else torch. A random layer is drawn with torch once per
             machine and then cached (`kernel.layer_cache_dir`), so that later runs import no torch.
         dtype: of the outputs; the layer computes in float32 and the result is cast.
@@ -357,10 +357,10 @@ class _Run:
         if engine == "torch":
             return None
         on_cpu = options.device == "cpu" or (options.device == "auto" and not _accelerator_present())
-        if not (on_cpu and options.dtype != "bfloat16"):  # numpy has no bfloat16
+        if not on_cpu:
             if engine == "numpy":
-                raise ConfigError("--engine numpy runs on the CPU and writes float32 or float16; "
-                                  "use --device cpu, --dtype float32 or float16, or --engine torch")
+                raise ConfigError(f"--engine numpy runs on the CPU, not on --device {options.device}; "
+                                  "use --device cpu or --engine torch")
             return None
         source = self.layer_source
         if not isinstance(source, LazyLayer):
@@ -413,7 +413,7 @@ class _Run:
         if self.shard_size:
             self._resolve(job, z, writer)
         else:
-            future = writer.submit(_write_stream, self.stdout or sys.stdout.buffer, z, self.plan.fmt)
+            future = writer.submit(_write_stream, self.stdout or sys.stdout.buffer, z, self.plan.fmt, self.options.dtype)
             self.writes.append(_Pending([job], [future], tuple(z.shape)))
         self._bound_writes()
 
@@ -685,8 +685,8 @@ def _write_file(path: Path, tensor, fmt: str) -> int:
     return atomic_write(path, lambda f: write_tensor(f, tensor, fmt))
 
 
-def _write_stream(stream, tensor, fmt: str) -> int:
-    data = memoryview(tensor_bytes(tensor, fmt))
+def _write_stream(stream, tensor, fmt: str, dtype: str | None = None) -> int:
+    data = memoryview(tensor_bytes(tensor, fmt, dtype))
     try:
         # A write cut short by the reader leaving returns a partial count instead of raising:
         # loop, so that the next write reports the closed pipe.

@@ -21,12 +21,13 @@ import numpy as np
 
 from .errors import ConfigError, OutputError
 from .inputs import Source
-from .ptformat import write_pt
+from .ptformat import bfloat16_bits, write_pt
 
 __all__ = [
     "FORMATS",
     "OutputPlan",
     "atomic_write",
+    "cast",
     "clean_stale_temporaries",
     "tensor_bytes",
     "write_tensor",
@@ -107,18 +108,22 @@ class OutputPlan:
         return "-" if path is None else str(path)
 
 
-def write_tensor(f: BinaryIO, tensor, fmt: str) -> None:
+def write_tensor(f: BinaryIO, tensor, fmt: str, dtype: str | None = None) -> None:
     """Write one output (a numpy array or a CPU torch tensor) to an open binary file: a .npy
     array, or a .pt tensor as torch.save writes it (loadable with weights_only=True), written
-    without torch (`ptformat`), so that either engine writes the same bytes."""
+    without torch (`ptformat`), so that either engine writes the same bytes.
+
+    Args:
+        dtype: "bfloat16" for a numpy array of bfloat16 bits (see `cast`); numpy has no bfloat16.
+    """
     if fmt == "npy":
         array = np.ascontiguousarray(tensor if isinstance(tensor, np.ndarray) else tensor.numpy())
         # np.save's bytes, written with f.write: ndarray.tofile reports a full disk without errno.
         np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
         f.write(memoryview(array).cast("B"))
     elif isinstance(tensor, np.ndarray):
-        write_pt(f, tensor)
-    else:  # a torch tensor; numpy has no bfloat16: its bits, as int16
+        write_pt(f, tensor, "bfloat16" if dtype == "bfloat16" else None)
+    else:  # a torch tensor: a bfloat16 one is written from its bits, as int16
         bfloat16 = str(tensor.dtype) == "torch.bfloat16"
         elements = tensor.contiguous()
         if bfloat16:
@@ -128,10 +133,17 @@ def write_tensor(f: BinaryIO, tensor, fmt: str) -> None:
         write_pt(f, elements.numpy(), "bfloat16" if bfloat16 else None)
 
 
-def tensor_bytes(tensor, fmt: str) -> bytes:
+def cast(z: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 tokens in an output dtype; bfloat16 as its bits (uint16), for `write_tensor`."""
+    if dtype == "bfloat16":
+        return bfloat16_bits(z)
+    return z if dtype == "float32" else z.astype(dtype)
+
+
+def tensor_bytes(tensor, fmt: str, dtype: str | None = None) -> bytes:
     """The bytes `write_tensor` writes, for a stream such as stdout."""
     buffer = io.BytesIO()
-    write_tensor(buffer, tensor, fmt)
+    write_tensor(buffer, tensor, fmt, dtype)
     return buffer.getvalue()
 
 
