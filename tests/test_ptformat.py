@@ -41,6 +41,11 @@ def test_round_trip(tmp_path, shape, dtype):
         np.testing.assert_array_equal(tensor.numpy(), array)
 
 
+def test_big_endian_arrays_written_little_endian():
+    array = np.arange(12, dtype=">f4").reshape(3, 4)
+    np.testing.assert_array_equal(_load(_write(array)).numpy(), array)
+
+
 def test_same_records_as_torch_save_and_aligned():
     """The records torch.save writes for one tensor (bar its random serialization id), each
     starting at a multiple of 64 bytes, so that mmap loading maps the storage in place."""

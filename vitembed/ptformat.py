@@ -44,9 +44,8 @@ def write_pt(f: BinaryIO, array: np.ndarray, dtype: str | None = None) -> None:
     dtype = dtype or array.dtype.name
     if dtype not in STORAGES:
         raise ValueError(f"no .pt storage for {dtype!r}; one of {', '.join(STORAGES)}")
-    data = np.asarray(array, order="C")  # (ascontiguousarray would make a 0-d array 1-d)
-    if data.dtype.byteorder == ">":
-        data = data.astype(data.dtype.newbyteorder("<"))
+    # C order and little-endian, copied only where needed (ascontiguousarray would make 0-d 1-d).
+    data = np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")
     records = [
         ("data.pkl", _pickle(dtype, data.shape)),
         (".format_version", b"1"),
