@@ -66,9 +66,11 @@ def write_pt(f: BinaryIO, array: np.ndarray, dtype: str | None = None) -> None:
 
 def bfloat16_bits(array: np.ndarray) -> np.ndarray:
     """float32 -> the bits of the nearest bfloat16 (ties to even), as torch rounds; NaN stays NaN."""
-    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    values = np.asarray(array, dtype=np.float32, order="C")
+    bits = values.view(np.uint32)
+    # Below the NaNs no sum overflows: the largest, -inf, is 0xFF800000.
     rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
-    return np.where(np.isnan(array), np.uint16(0x7FC0), rounded)
+    return np.where(np.isnan(values), np.uint16(0x7FC0), rounded)
 
 
 def _pickle(dtype: str, shape: tuple[int, ...]) -> bytes:
