@@ -15,6 +15,7 @@ per image and the wall time, medians over the turns.
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import sys
@@ -57,8 +58,6 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=3)
     parser.add_argument("--workers", type=int, default=None, help="decoder processes (default: one per core)")
     args = parser.parse_args()
-    import os
-
     workers = args.workers or os.cpu_count() or 1
     folder = build_small(args.work / f"small{args.images}", args.images)
     paths = sorted(p for p in folder.iterdir() if p.suffix == ".jpg")

@@ -145,8 +145,13 @@ def _run_chunk(task: Callable, calls: list[tuple]) -> tuple[list[Any], float]:
         try:
             values.append(task(*args))
         except Exception as exc:  # this file only; the rest of the chunk goes on
-            values.append(f"the decoder failed: {type(exc).__name__}: {exc}")
+            values.append(_failure(exc))
     return values, time.perf_counter() - start
+
+
+def _failure(exc: Exception) -> str:
+    """The report for a file whose task raised (rather than returning its error)."""
+    return f"the decoder failed: {type(exc).__name__}: {exc}"
 
 
 # A decoder task's work: far above the pool's cost per task (about 0.1 ms of the main process),
@@ -385,7 +390,7 @@ class Decoder:
                 except BrokenProcessPool:
                     return _BROKEN
                 except Exception as exc:  # a result that cannot come back costs this file only
-                    return f"the decoder failed: {type(exc).__name__}: {exc}"
+                    return _failure(exc)
             if self.stop.is_set():
                 return _STOPPED
             if deadline is not None and time.monotonic() > deadline:

@@ -81,7 +81,7 @@ def _decode_chunk(jpegs: list[PlainJpeg], prep: Preprocess, device) -> list:
     upright = [orient(decoded[i], jpegs[i].orientation) for i in raw]
     for i, pixels in zip(raw, _resize(upright, prep)):
         out[i] = pixels
-    for i in sorted(set(range(len(jpegs))) - set(raw)):
+    for i in [i for i, pixels in enumerate(out) if pixels is None]:
         # Pillow's turn, from the bytes in hand: pixels, or why it cannot either.
         try:
             out[i] = torch.from_numpy(load_image(io.BytesIO(jpegs[i].data), prep)).to(device)
