@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -63,3 +64,43 @@ def run_cli(*args: str, input: bytes | None = None, cwd: Path | None = None, tim
         [sys.executable, "-m", "vitembed", *map(str, args)],
         input=input, capture_output=True, cwd=cwd, timeout=timeout, env=full_env,
     )
+
+
+def json_lines(stdout: bytes | str) -> list[dict]:
+    """The JSON objects of `--json` output, one per line."""
+    text = stdout.decode() if isinstance(stdout, bytes) else stdout
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def read_manifest(folder: Path) -> list[dict]:
+    """The records of an -o folder's manifest.jsonl, in order."""
+    return json_lines((folder / "manifest.jsonl").read_text())
+
+
+def encode_with(inputs, out, layer, prep=None, *, engine: str = "auto", device: str = "cpu", dtype: str = "float32",
+                stdout=None, **options):
+    """The library's run (`pipeline.run`) over files or folders, with `layer` (any form an Encoder
+    takes); returns (summary, outcomes in the order they were reported)."""
+    from vitembed.encoder import Encoder
+    from vitembed.inputs import iter_sources
+    from vitembed.outputs import OutputPlan
+    from vitembed.pipeline import EncodeOptions, run
+
+    outcomes = []
+    encoder = Encoder(layer, prep, engine=engine, device=device, dtype=dtype)
+    plan = OutputPlan.from_option(None if out is None else str(out), None)
+    summary = run(iter_sources([str(i) for i in inputs]), encoder, plan, EncodeOptions(**options),
+                  on_result=outcomes.append, stdout=stdout)
+    return summary, outcomes
+
+
+POISONED_TORCH = "raise ImportError('torch was imported')\n"
+
+
+@pytest.fixture
+def no_torch_env(tmp_path) -> dict:
+    """Environment variables for a subprocess in which `import torch` fails."""
+    fake = tmp_path / "fake-torch"
+    (fake / "torch").mkdir(parents=True)
+    (fake / "torch" / "__init__.py").write_text(POISONED_TORCH)
+    return {"PYTHONPATH": os.pathsep.join([str(fake), *sys.path])}

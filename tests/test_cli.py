@@ -17,7 +17,7 @@ from PIL import Image
 from tests.conftest import make_image, run_cli
 from vitembed.images import Preprocess, load_image
 from vitembed.layer import PRESETS, build_layer, resolve_config
-from vitembed.pipeline import encode_images
+from vitembed.encoder import encode_images
 
 
 # The CLI on a CPU runs the numpy engine; expected_tokens runs the torch layer. They agree up to
@@ -315,7 +315,7 @@ def test_stdout_reader_leaving_early_ends_quietly(sample_paths):
 
 
 def test_decoder_server_starts_early_unless_unused():
-    from vitembed.cli import _decoders_wanted
+    from vitembed.startup import wants_decoders as _decoders_wanted
 
     assert _decoders_wanted(["photos/", "-o", "out/"]) and _decoders_wanted(["x", "-j", "2"])
     for args in (["x", "-j", "0"], ["x", "-j0"], ["x", "--workers", "0"], ["x", "--workers=0"], ["--help"], ["-h"]):
@@ -324,7 +324,7 @@ def test_decoder_server_starts_early_unless_unused():
 
 def _exit_script(*lines: str) -> subprocess.CompletedProcess:
     """Python `lines` run after importing sys, atexit, threading, time and _exit_without_teardown."""
-    head = "import atexit, sys, threading, time\nfrom vitembed.cli import _exit_without_teardown\n"
+    head = "import atexit, sys, threading, time\nfrom vitembed.startup import exit_without_teardown as _exit_without_teardown\n"
     return subprocess.run([sys.executable, "-c", head + "\n".join(lines)], capture_output=True, text=True, timeout=60)
 
 

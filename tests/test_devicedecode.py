@@ -15,15 +15,13 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from tests.conftest import make_image, run_cli
-from vitembed import pipeline
+from tests.conftest import encode_with, make_image, run_cli
+from vitembed import devicedecode, pipeline
 from vitembed.devicedecode import decode_jpegs, orient
 from vitembed.errors import ConfigError
 from vitembed.images import PlainJpeg, Preprocess, load_image, read_plain_jpeg
-from vitembed.inputs import iter_sources
 from vitembed.layer import PRESETS, LayerConfig, build_layer
-from vitembed.pipeline import EncodeOptions, encode
-from vitembed.writers import OutputPlan
+from vitembed.pipeline import EncodeOptions
 
 CPU = torch.device("cpu")
 
@@ -171,13 +169,10 @@ def test_a_decode_that_is_not_rgb_goes_to_pillow(tmp_path, sample_paths, monkeyp
         assert np.abs(got[i].numpy().astype(int) - load_image(paths[i], prep).astype(int)).max() <= 1
 
 
-def _encode(folder: Path, out: Path, **options) -> tuple[dict, pipeline.Summary]:
-    results = {}
-    layer = build_layer(PRESETS["seed"], seed=0)
-    summary = encode(iter_sources([str(folder)]), layer, Preprocess(), OutputPlan.from_option(str(out), None),
-                     EncodeOptions(device="cpu", engine="torch", **options),
-                     on_result=lambda r: results.__setitem__(r.input.name, r))
-    return results, summary
+def _encode(folder: Path, out: Path, **options) -> tuple[dict, object]:
+    summary, outcomes = encode_with([folder], out, build_layer(PRESETS["seed"], seed=0), Preprocess(),
+                                    engine="torch", **options)
+    return {r.input.name: r for r in outcomes}, summary
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -191,8 +186,8 @@ def test_encode_with_device_decoding(tmp_path, sample_paths, monkeypatch, worker
     with pytest.raises(ConfigError, match="--decode gpu decodes with nvJPEG on a CUDA device"):
         _encode(folder, tmp_path / "refused", decode="gpu", workers=workers)
     calls = []
-    real = pipeline._Run._decode_jpegs
-    monkeypatch.setattr(pipeline._Run, "_decode_jpegs", lambda self, batch, w: calls.append(len(batch)) or real(self, batch, w))
+    real = devicedecode.decode_jpegs
+    monkeypatch.setattr(devicedecode, "decode_jpegs", lambda jpegs, *a: calls.append(len(jpegs)) or real(jpegs, *a))
     monkeypatch.setattr(pipeline, "_DEVICE_DECODE_TYPES", ("cuda", "cpu"))
     gpu_results, summary = _encode(folder, tmp_path / "gpu", decode="gpu", workers=workers, batch_size=8)
     assert calls, "no batch went through the device decoder"
@@ -230,16 +225,14 @@ def test_decode_choices(tmp_path, sample_paths, monkeypatch):
     monkeypatch.setattr(pipeline, "_DEVICE_DECODE_TYPES", ("cuda", "cpu"))
     with pytest.raises(ConfigError, match="interpolation lanczos is Pillow's alone"):
         layer = build_layer(PRESETS["seed"], seed=0)
-        encode(iter_sources([str(tmp_path)]), layer, Preprocess(interpolation="lanczos"),
-               OutputPlan.from_option(str(tmp_path / "o"), None), EncodeOptions(device="cpu", engine="torch", decode="gpu"))
+        encode_with([tmp_path], tmp_path / "o", layer, Preprocess(interpolation="lanczos"), engine="torch", decode="gpu")
     with pytest.raises(ConfigError, match="grey .* only Pillow decodes; use --decode cpu"):
         grey = build_layer(LayerConfig(224, 16, 32, in_channels=1), seed=0)
-        encode(iter_sources([str(tmp_path)]), grey, Preprocess(channels=1),
-               OutputPlan.from_option(str(tmp_path / "o"), None), EncodeOptions(device="cpu", engine="torch", decode="gpu"))
+        encode_with([tmp_path], tmp_path / "o", grey, Preprocess(channels=1), engine="torch", decode="gpu")
     with pytest.raises(ConfigError, match="unknown decode"):
         EncodeOptions(decode="nvjpeg")
     # auto is Pillow until the nvJPEG path has been checked on a GPU, even where it could run
-    monkeypatch.setattr(pipeline._Run, "_decode_jpegs", lambda *a: pytest.fail("auto decoded on the device"))
+    monkeypatch.setattr(devicedecode, "decode_jpegs", lambda *a: pytest.fail("auto decoded on the device"))
     shutil.copy(sample_paths[-1], tmp_path / "b.jpg")
     results, summary = _encode(tmp_path, tmp_path / "auto", decode="auto", workers=0)
     assert summary.ok == 2 and summary.errors == 0
@@ -252,10 +245,9 @@ def test_device_decoding_to_stdout_and_to_one_file(tmp_path, sample_paths, monke
     monkeypatch.setattr(pipeline, "_DEVICE_DECODE_TYPES", ("cuda", "cpu"))
     layer = build_layer(PRESETS["seed"], seed=0)
     stream = io.BytesIO()
-    options = EncodeOptions(device="cpu", engine="torch", decode="gpu", dtype="float16", workers=0)
     target = out if out == "-" else str(tmp_path / out)
-    summary = encode(iter_sources([str(photo)]), layer, Preprocess(), OutputPlan.from_option(target, None), options,
-                     stdout=stream)
+    summary, _ = encode_with([photo], target, layer, Preprocess(), engine="torch", decode="gpu", dtype="float16",
+                             workers=0, stdout=stream)
     assert summary.ok == 1
     z = np.load(io.BytesIO(stream.getvalue())) if fmt == "npy" else torch.load(tmp_path / out).numpy()
     reference, _ = _encode(photo.parent, tmp_path / "cpu", decode="cpu", workers=0)

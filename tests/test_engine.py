@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import make_image, run_cli
+from tests.conftest import encode_with, make_image, run_cli
 from tests.layers import SMALL_CONFIGS, random_layer
+from vitembed.blas import blas_threads, set_blas_threads, single_blas_thread
 from vitembed.config import LayerConfig
+from vitembed.encoder import Encoder, encode_images
 from vitembed.errors import ConfigError
 from vitembed.images import Preprocess, load_image
-from vitembed.inputs import iter_sources
-from vitembed.kernel import LayerParams, cached_random_layer, fingerprint, single_blas_thread
+from vitembed.kernel import LayerParams, fingerprint
 from vitembed.layer import PRESETS, build_layer
-from vitembed.pipeline import EncodeOptions, LazyLayer, encode
-from vitembed.writers import OutputPlan
+from vitembed.layercache import cached_random_layer, random_layer_params
 
 CONFIGS = [*SMALL_CONFIGS, PRESETS["seed"], PRESETS["vit-b16"]]
 
@@ -68,13 +68,8 @@ def test_fingerprint_same_for_numpy_and_torch():
 
 
 def _encode(images: Path, out: Path, engine: str, **options) -> list:
-    results = []
-    plan = OutputPlan.from_option(str(out), None)
-    config = PRESETS["vit-ti16"]
-    layer = LazyLayer(config, lambda: build_layer(config, 0), seed=0)
-    summary = encode(iter_sources([str(images)]), layer, Preprocess(), plan,
-                     EncodeOptions(device="cpu", engine=engine, **options), on_result=results.append)
-    return summary, results
+    return encode_with([images], out, random_layer_params(PRESETS["vit-ti16"], 0), Preprocess(), engine=engine,
+                       **options)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -112,46 +107,46 @@ def test_tokens_do_not_depend_on_workers_or_blas_threads(sample_paths, tmp_path)
         _encode(images, tmp_path / f"w{workers}", "numpy", workers=workers)
         outputs[workers] = sorted((p.name, p.read_bytes()) for p in (tmp_path / f"w{workers}").glob("*.npy"))
     assert outputs[0] == outputs[1] == outputs[2] and len(outputs[0]) == 3
-    with single_blas_thread():  # and restores the caller's thread count afterwards
-        pass
+
+
+def test_single_blas_thread_restores_the_callers_count():
+    previous = set_blas_threads(2)
+    if previous is None:
+        pytest.skip("numpy's BLAS is not the bundled OpenBLAS")
+    try:
+        with single_blas_thread():
+            assert blas_threads() == 1
+        assert blas_threads() == 2
+    finally:
+        set_blas_threads(previous)
 
 
 def test_write_failure_in_a_decoder_stops_the_run(tmp_path, sample_paths):
     (tmp_path / "blocker").write_text("a file where the output folder should be")
-    plan = OutputPlan.from_option(str(tmp_path / "blocker" / "out"), None)
-    config = PRESETS["vit-ti16"]
-    summary = encode(iter_sources([str(p) for p in sample_paths]), LazyLayer(config, lambda: build_layer(config), seed=0),
-                     Preprocess(), plan, EncodeOptions(device="cpu", engine="numpy", workers=2))
+    summary, _ = encode_with(sample_paths, tmp_path / "blocker" / "out", build_layer(PRESETS["vit-ti16"]),
+                             engine="numpy", workers=2)
     assert summary.stopped and "blocker" in summary.stopped and summary.ok == 0
 
 
 def test_engine_numpy_refuses_a_gpu(tmp_path, sample_paths):
-    plan = OutputPlan.from_option(str(tmp_path / "out"), None)
     with pytest.raises(ConfigError, match="--engine numpy runs on the CPU"):
-        encode(iter_sources([str(sample_paths[0])]), build_layer(PRESETS["vit-ti16"]), Preprocess(), plan,
-               EncodeOptions(device="cuda", engine="numpy"))
+        encode_with([sample_paths[0]], tmp_path / "out", build_layer(PRESETS["vit-ti16"]), device="cuda", engine="numpy")
     assert not (tmp_path / "out").exists()
     with pytest.raises(ConfigError, match="engine"):
-        EncodeOptions(engine="jax")
+        Encoder(build_layer(PRESETS["vit-ti16"]), engine="jax")
 
 
 # --- the cache of random layers ------------------------------------------------------------
 
 
-POISONED_TORCH = "raise ImportError('torch was imported')\n"
-
-
-def test_second_run_imports_no_torch_and_gives_the_same_bytes(tmp_path, sample_paths):
+def test_second_run_imports_no_torch_and_gives_the_same_bytes(tmp_path, sample_paths, no_torch_env):
     """The first run draws the random layer with torch and caches it; the second runs with a
     torch that cannot be imported, and writes the same bytes."""
     env = {"VITEMBED_CACHE_DIR": str(tmp_path / "cache")}
     first = run_cli("encode", *sample_paths[:2], "-o", tmp_path / "one", "-q", env=env)
     assert first.returncode == 0, first.stderr
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
-    fake = tmp_path / "fake"
-    (fake / "torch").mkdir(parents=True)
-    (fake / "torch" / "__init__.py").write_text(POISONED_TORCH)
-    no_torch = {**env, "PYTHONPATH": os.pathsep.join([str(fake), *sys.path])}
+    no_torch = {**env, **no_torch_env}
     second = run_cli("encode", *sample_paths[:2], "-o", tmp_path / "two", "-q", env=no_torch)
     assert second.returncode == 0, second.stderr
     for p in sorted((tmp_path / "one").glob("*.npy")):
@@ -163,7 +158,7 @@ def test_second_run_imports_no_torch_and_gives_the_same_bytes(tmp_path, sample_p
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
-def test_pt_outputs_without_torch(tmp_path, sample_paths, dtype):
+def test_pt_outputs_without_torch(tmp_path, sample_paths, dtype, no_torch_env):
     """.pt files (a folder of them, or one on stdout) come from the numpy engine too, with no torch
     in the run, and load with torch.load(weights_only=True) as the torch engine's do."""
     env = {"VITEMBED_CACHE_DIR": str(tmp_path / "cache")}
@@ -172,10 +167,7 @@ def test_pt_outputs_without_torch(tmp_path, sample_paths, dtype):
     reference = run_cli("encode", *sample_paths[:2], "-o", tmp_path / "torch", "-q", "--format", "pt",
                         "--engine", "torch", "--dtype", dtype, env=env)
     assert reference.returncode == 0, reference.stderr
-    fake = tmp_path / "fake"
-    (fake / "torch").mkdir(parents=True)
-    (fake / "torch" / "__init__.py").write_text(POISONED_TORCH)
-    no_torch = {**env, "PYTHONPATH": os.pathsep.join([str(fake), *sys.path])}
+    no_torch = {**env, **no_torch_env}
     folder = run_cli("encode", *sample_paths[:2], "-o", tmp_path / "numpy", "-q", "--format", "pt",
                      "--dtype", dtype, env=no_torch)
     assert folder.returncode == 0, folder.stderr
@@ -222,10 +214,8 @@ def test_unwritable_cache_only_costs_time(tmp_path, sample_paths):
 
 
 def _encode_seed(tmp_path: Path, image: Path, seed: int) -> None:
-    config = PRESETS["vit-ti16"]
-    plan = OutputPlan.from_option(str(tmp_path / f"out-{seed}.npy"), None)
-    summary = encode([*iter_sources([str(image)])], LazyLayer(config, lambda: build_layer(config, seed), seed=seed),
-                     Preprocess(), plan, EncodeOptions(device="cpu", workers=0))
+    summary, _ = encode_with([image], tmp_path / f"out-{seed}.npy", random_layer_params(PRESETS["vit-ti16"], seed),
+                             workers=0)
     assert summary.ok == 1
 
 
@@ -235,8 +225,6 @@ def test_grey_images_through_the_engine(tmp_path):
     assert result.returncode == 0, result.stderr
     layer = build_layer(LayerConfig(224, 16, 192, in_channels=1))
     prep = Preprocess(channels=1)
-    from vitembed.pipeline import encode_images
-
     expected = encode_images([tmp_path / "g.png"], layer, prep)[0].numpy()
     np.testing.assert_allclose(np.load(tmp_path / "g.npy"), expected, rtol=1e-5, atol=5e-5)
 

@@ -15,7 +15,7 @@ from tests.conftest import make_image
 from vitembed.errors import ConfigError, InputError
 from vitembed.images import NORMALIZATIONS, Preprocess, is_image_path, load_image, parse_color
 from vitembed.layer import LayerConfig, build_layer
-from vitembed.pipeline import encode_images
+from vitembed.encoder import encode_images
 
 TV_INTERP = {
     "bilinear": transforms.InterpolationMode.BILINEAR,

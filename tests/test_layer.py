@@ -8,7 +8,9 @@ from torch import nn
 
 from tests.layers import SMALL_CONFIGS, random_layer
 from tests.seed_reference import SeedVitInputLayer
+from vitembed.encoder import Encoder
 from vitembed.errors import ConfigError
+from vitembed.images import Preprocess
 from vitembed.layer import PRESETS, LayerConfig, VitInputLayer, build_layer, patchify, resolve_config
 
 
@@ -177,15 +179,20 @@ def test_wrong_input_shape_names_expected():
 
 
 @pytest.mark.parametrize("config", SMALL_CONFIGS, ids=str)
-def test_forward_pixels_equals_normalise_then_forward(config):
-    """The pipeline's fused path (normalisation folded into E) gives forward's tokens."""
+def test_torch_engine_equals_normalise_then_forward(config):
+    """The torch engine's fused path (normalisation folded into E, `kernel.fold`) gives forward's tokens."""
     layer = random_layer(config)
     c, s = config.in_channels, config.image_size
     pixels = torch.randint(0, 256, (3, s, s, c), dtype=torch.uint8)
     mean, std = torch.rand(c), torch.rand(c) + 0.1
     x = (pixels.permute(0, 3, 1, 2).float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    prep = Preprocess(image_size=s, channels=c, mean=tuple(mean.tolist()), std=tuple(std.tolist()))
+
+    def fused(layer):
+        return Encoder(layer, prep, engine="torch", device="cpu").torch(pixels)
+
     with torch.no_grad():
-        torch.testing.assert_close(layer.forward_pixels(pixels, mean, std), layer(x), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(fused(layer), layer(x), rtol=1e-5, atol=1e-4)
     layer.patch_emb_layer.bias = None
     with torch.no_grad():
-        torch.testing.assert_close(layer.forward_pixels(pixels, mean, std), layer(x), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(fused(layer), layer(x), rtol=1e-5, atol=1e-4)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from vitembed.ptformat import STORAGES, bfloat16_bits, write_pt
-from vitembed.writers import tensor_bytes
+from vitembed.encoder import tokens_to_numpy
+from vitembed.formats import tensor_bytes
 
 
 def _load(data: bytes, tmp_path=None, mmap: bool = False) -> torch.Tensor:
@@ -77,7 +78,8 @@ def test_bfloat16_rounds_as_torch():
 def test_torch_tensors_and_views_written_compactly(dtype):
     """A row of a batch (the torch engine's outputs) is written alone, as a compact tensor."""
     batch = torch.randn(4, 197, 768).to(dtype)
-    data = tensor_bytes(batch[2], "pt")
+    name = str(dtype).removeprefix("torch.")
+    data = tensor_bytes(tokens_to_numpy(batch[2], name), "pt", name)
     assert len(data) < 197 * 768 * batch.element_size() + 4096
     loaded = _load(data)
     assert loaded.dtype == dtype and torch.equal(loaded, batch[2])

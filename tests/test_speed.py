@@ -12,27 +12,26 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from tests.conftest import make_image, run_cli
-from vitembed import pipeline
+from tests.conftest import encode_with, make_image, read_manifest, run_cli
+from vitembed import sinks
+from vitembed.encoder import Encoder, encode_images
 from vitembed.errors import ConfigError
 from vitembed.images import Preprocess, load_image
-from vitembed.inputs import iter_sources
 from vitembed.layer import PRESETS, build_layer
-from vitembed.pipeline import EncodeOptions, encode, encode_images
-from vitembed.writers import OutputPlan
+from vitembed.pipeline import EncodeOptions
 
 # --- the channels-last layer input ---------------------------------------------------------
 
 
 @pytest.mark.parametrize("preset", ["seed", "vit-b16", "vit-b32"])
 def test_channels_last_forward_matches_nchw(preset, sample_paths):
-    """pipeline._forward (channels-last, normalisation folded into E) gives the NCHW layer's tokens,
+    """The torch engine (channels-last, normalisation folded into E) gives the NCHW layer's tokens,
     to float32 rounding: sums of P^2*C products in another order (|z0| is about 1)."""
     layer = build_layer(PRESETS[preset])
     prep = Preprocess()
     pixels = torch.from_numpy(np.stack([load_image(p, prep) for p in sample_paths]))  # (B, S, S, C)
     with torch.inference_mode():
-        fast = pipeline._forward(layer, pixels, prep, torch.device("cpu"))
+        fast = Encoder(layer, prep, engine="torch", device="cpu").torch(pixels)
         mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
         std = torch.tensor(prep.std).view(1, 3, 1, 1)
         x = ((pixels.permute(0, 3, 1, 2).float() / 255.0 - mean) / std).contiguous()  # NCHW
@@ -51,7 +50,7 @@ def test_forward_convolves_in_full_float32(monkeypatch):
     torch.backends.cudnn.conv.fp32_precision = "tf32"
     try:
         with torch.inference_mode():
-            pipeline._forward(layer, torch.zeros(2, 224, 224, 3, dtype=torch.uint8), Preprocess(), torch.device("cpu"))
+            Encoder(layer, Preprocess(), engine="torch", device="cpu").torch(torch.zeros(2, 224, 224, 3, dtype=torch.uint8))
         assert seen == ["ieee"] and precision() == "tf32"
     finally:
         torch.backends.cudnn.conv.fp32_precision = saved
@@ -123,11 +122,7 @@ def _photos(folder: Path, count: int) -> Path:
     return folder
 
 
-def _manifest(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines()]
-
-
-def test_shards_layout_rows_and_manifest(tmp_path):
+def test_shards_layout_rows_andread_manifest(tmp_path):
     photos = _photos(tmp_path / "in", 7)
     single = run_cli("encode", photos, "-o", tmp_path / "single", "-q", "--preset", "vit-ti16", "-j", "0")
     assert single.returncode == 0, single.stderr
@@ -138,7 +133,7 @@ def test_shards_layout_rows_and_manifest(tmp_path):
     assert sorted(p.name for p in out.glob("*.npy")) == ["shard-00000.npy", "shard-00001.npy", "shard-00002.npy"]
     shapes = [np.load(out / f"shard-0000{i}.npy", mmap_mode="r").shape for i in range(3)]
     assert shapes == [(3, 197, 192), (3, 197, 192), (1, 197, 192)]
-    records = _manifest(out)
+    records = read_manifest(out)
     assert [(r["output"], r["row"]) for r in records] == [(f"shard-{i // 3:05d}.npy", i % 3) for i in range(7)]
     lines = [json.loads(x) for x in res.stdout.decode().splitlines()]
     assert [x["row"] for x in lines] == [i % 3 for i in range(7)]
@@ -157,7 +152,7 @@ def test_shard_with_failed_input_has_nan_row(tmp_path):
     shard = np.load(tmp_path / "sh" / "shard-00000.npy")
     assert shard.shape == (4, 197, 192)
     assert np.isnan(shard[1]).all() and not np.isnan(shard[[0, 2, 3]]).any()
-    failed = [r for r in _manifest(tmp_path / "sh") if r["status"] == "error"]
+    failed = [r for r in read_manifest(tmp_path / "sh") if r["status"] == "error"]
     assert len(failed) == 1 and failed[0]["input"].endswith("p01.png") and "row" not in failed[0]
 
 
@@ -180,14 +175,13 @@ def test_shard_write_is_atomic(tmp_path, monkeypatch):
     photos = _photos(tmp_path / "in", 3)
     out = tmp_path / "sh"
 
-    def failing_write(file, arr, fmt):
+    def failing_write(file, arr, fmt, dtype=None):
         file.write(b"\x93NUMPY partial")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(pipeline, "write_tensor", failing_write)
+    monkeypatch.setattr(sinks, "write_tensor", failing_write)
     layer = build_layer(PRESETS["vit-ti16"])
-    summary = encode(iter_sources([photos]), layer, Preprocess(), OutputPlan.from_option(str(out), None),
-                     EncodeOptions(device="cpu", workers=0, shard_size=2))
+    summary, _ = encode_with([photos], out, layer, Preprocess(), workers=0, shard_size=2)
     assert summary.stopped and "disk full" in summary.stopped
     assert summary.ok == 0
     assert os.listdir(out) == []  # neither a shard nor a temporary
@@ -211,12 +205,12 @@ def test_writer_threads_follow_the_cores(tmp_path, monkeypatch, cores, writers, 
     """One writer thread per core, 2 to 16 (a GPU outruns a few), unless set."""
     make_image(tmp_path / "in" / "a.png")
     sizes = []
-    real = pipeline.ThreadPoolExecutor
-    monkeypatch.setattr(pipeline, "ThreadPoolExecutor", lambda max_workers, **k: sizes.append(max_workers) or real(max_workers, **k))
-    monkeypatch.setattr(pipeline.os, "cpu_count", lambda: cores)
+    real = sinks.ThreadPoolExecutor
+    monkeypatch.setattr(sinks, "ThreadPoolExecutor", lambda max_workers, **k: sizes.append(max_workers) or real(max_workers, **k))
+    monkeypatch.setattr(sinks.os, "cpu_count", lambda: cores)
     layer = build_layer(PRESETS["seed"])
-    summary = encode(iter_sources([str(tmp_path / "in")]), layer, Preprocess(), OutputPlan.from_option(str(tmp_path / "out"), None),
-                     EncodeOptions(device="cpu", engine="torch", workers=0, writers=writers))
+    summary, _ = encode_with([tmp_path / "in"], tmp_path / "out", layer, Preprocess(), engine="torch", workers=0,
+                             writers=writers)
     assert summary.ok == 1 and sizes == [expected]
     with pytest.raises(ConfigError, match="writers must be at least 1"):
         EncodeOptions(writers=0)

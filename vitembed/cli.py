@@ -5,6 +5,7 @@ Heavy modules (torch, numpy, Pillow) are imported inside the commands, so that `
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -95,70 +96,23 @@ def _layer_config(preset, image_size, patch_size, num_patch_row, emb_dim, in_cha
     )
 
 
-def _random_layer(config, seed):
-    from .layer import build_layer
-
-    return build_layer(config, seed)
-
-
-def _load_weights(weights, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels):
-    """LoadedWeights for --weights; --image-size / --num-patch-row resample, the shape options must agree."""
-    from .weights import load_weights
-
-    if preset is not None:
-        raise ConfigError("--weights fixes the layer shape; drop --preset")
-    if image_size is not None and num_patch_row is not None:
-        raise ConfigError("give either --image-size or --num-patch-row with --weights, not both")
-    loaded = load_weights(weights)
-    cfg = loaded.config
-    mismatched = [
-        f"{flag} {value} (the weights have {actual})"
-        for flag, value, actual in (("--patch-size", patch_size, cfg.patch_size), ("--emb-dim", emb_dim, cfg.emb_dim),
-                                    ("--in-channels", in_channels, cfg.in_channels))
-        if value is not None and value != actual
-    ]
-    if mismatched:
-        raise ConfigError(f"--weights fixes the patch size, D and channels; drop {'; '.join(mismatched)} "
-                          "(only --image-size may change: the position embedding is resampled)")
-    if num_patch_row is not None:
-        image_size = num_patch_row * cfg.patch_size
-    if image_size is not None:
-        from .checkpoints import resize_weights
-
-        loaded = resize_weights(loaded, image_size)
-    return loaded
-
-
-def _notice(loaded, quiet: bool = False) -> None:
-    if loaded is None or quiet:
-        return
-    for note in loaded.notes:
-        typer.echo(f"note: {note}", err=True)
-
-
-def _preprocess(config, loaded, **user):
-    """Preprocess from, in order of precedence: the user's options, the weights' own, vitembed's defaults."""
-    from .images import NORMALIZATIONS, Preprocess
-
-    fields = dict(loaded.preprocess) if loaded is not None else {}
-    normalize = user.pop("normalize", None)
-    if normalize is not None:
-        fields["mean"], fields["std"] = NORMALIZATIONS[normalize]
-    fields.update({k: v for k, v in user.items() if v is not None})
-    return Preprocess(image_size=config.image_size, channels=config.in_channels, **fields)
+def _notice(notes, quiet: bool = False) -> None:
+    if not quiet:
+        for note in notes:
+            typer.echo(f"note: {note}", err=True)
 
 
 def _fail(message: str, code: int) -> typer.Exit:
     from rich.console import Console
 
-    Console(stderr=True, highlight=False).print(f"[red]error[/]: {message}", soft_wrap=True)
+    from rich.text import Text
+
+    Console(stderr=True, highlight=False).print(Text.assemble(("error", "red"), ": ", message), soft_wrap=True)
     return typer.Exit(code)
 
 
 def _guard(func):
     """Turn the library's expected failures into one red line and an exit code."""
-    import functools
-
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
@@ -221,55 +175,60 @@ def encode(
     # This process computes nothing with numpy's BLAS (decoders do, on one thread each); its extra
     # OpenBLAS threads would only spin for a while after numpy loads.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    from .images import parse_color
-    from .inputs import iter_sources
-    from .pipeline import EncodeOptions, LazyLayer, encode as run_encode
-    from .writers import OutputPlan
+    from .report import Reporter, silence_stream
+    from .request import encode as run_encode
 
-    plan = OutputPlan.from_option(output, fmt.value if fmt else None)
-    if plan.mode == "stdout" and json_lines:
+    if output == "-" and json_lines:
         raise ConfigError("-o - writes the tensor to stdout; it cannot be combined with --json")
-    if skip_existing and overwrite:
-        raise ConfigError("--skip-existing and --overwrite contradict each other; pick one")
-    if inputs.count("-") > 1:
-        raise ConfigError("- (read paths from stdin) may be given once")
-    stdin = sys.stdin.buffer if "-" in inputs else None
-    sources = iter_sources(inputs, stdin, null)
-    if plan.mode in ("file", "stdout"):
-        sources = list(sources)
-        if len(sources) != 1:
-            raise ConfigError(f"-o {output} takes exactly one input image, got {len(sources)}")
+    if max_pixels is not None:
+        from .images import set_pillow_limit
 
-    if weights is None:
-        # torch is not needed yet: the layer is built once decoding has started.
-        config, loaded = _layer_config(preset, image_size, patch_size, num_patch_row, emb_dim, in_channels), None
-        layer_source = LazyLayer(config, functools.partial(_random_layer, config, seed), seed=seed)
-    else:
-        loaded = _load_weights(weights, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels)
-        config = loaded.config
-        layer_source = LazyLayer(config, loaded.build)
-    _notice(loaded, quiet)
-    prep = _preprocess(
-        config, loaded, resize=resize.value if resize else None, crop_pct=crop_pct,
-        interpolation=interpolation.value if interpolation else None, normalize=normalize.value if normalize else None,
-        background=parse_color(background), fast_decode=fast_decode, max_pixels=max_pixels,
-    )
-
-    from .report import MANIFEST_FILE, Reporter, prepare_output_folder, silence_stream
-
-    options = EncodeOptions(device=device, engine=engine.value, decode=decode.value, dtype=dtype.value, batch_size=batch_size, workers=workers,
-                            skip_existing=skip_existing, shard_size=shard_size, decode_timeout=decode_timeout)
-    manifest = plan.target / MANIFEST_FILE if plan.mode == "dir" else None
-    if manifest is not None and skip_existing:
-        from .report import read_manifest
-
-        options.trusted_outputs = read_manifest(manifest)
-
-    def before_writing(layer) -> None:
-        if plan.mode == "dir":
-            prepare_output_folder(plan, layer, loaded, prep, options, seed, overwrite=overwrite)
-
+        set_pillow_limit(max_pixels)  # this process's Pillow (--workers 0); vitembed checks the limit itself
     stop = threading.Event()
+    reporter = Reporter(json_lines=json_lines, quiet=quiet, stop=stop)
+    if reporter.shows_progress and "-" not in inputs:
+        # The total for the bar, counted beside the run: inputs stream, they are never all held.
+        from .inputs import iter_sources
+
+        threading.Thread(target=lambda: reporter.set_total(sum(1 for _ in iter_sources(inputs))), daemon=True).start()
+    options = dict(
+        preset=preset, image_size=image_size, patch_size=patch_size, num_patch_row=num_patch_row, emb_dim=emb_dim,
+        in_channels=in_channels, weights=weights, seed=seed, resize=_value(resize), crop_pct=crop_pct,
+        interpolation=_value(interpolation), background=background, normalize=_value(normalize),
+        max_pixels=max_pixels, fast_decode=fast_decode, format=_value(fmt), device=device, engine=_value(engine),
+        decode=_value(decode), dtype=_value(dtype), batch_size=batch_size, workers=workers,
+        skip_existing=skip_existing, overwrite=overwrite, shard_size=shard_size, decode_timeout=decode_timeout,
+    )
+    with _signals(stop) as caught:
+        try:
+            summary = run_encode(inputs, output, on_result=reporter, stop=stop, null=null,
+                                 on_notice=lambda note: _notice([note], quiet), **options)
+        finally:
+            reporter.close()
+    reporter.finish(summary)
+    if reporter.pipe_closed or summary.pipe_closed:
+        silence_stream(sys.stdout)
+        raise typer.Exit(141)
+    if caught:
+        reporter.console.print(
+            f"interrupted: {summary.ok} encoded, {summary.skipped} skipped, {summary.errors} failed; "
+            "every output written is complete. Run the same command with --skip-existing to resume.", markup=False)
+        raise typer.Exit(128 + caught[0])
+    if summary.stopped:
+        raise _fail(f"stopped: {summary.stopped}", 1)
+    if summary.total == 0:
+        raise _fail("no images found in the given inputs", 2)
+    raise typer.Exit(1 if summary.errors else 0)
+
+
+def _value(option):
+    return option.value if isinstance(option, Enum) else option
+
+
+@contextlib.contextmanager
+def _signals(stop: threading.Event):
+    """SIGINT and SIGTERM set `stop` (the run ends cleanly); a second one leaves at once. Yields
+    the signals caught."""
     caught: list[int] = []
 
     def on_signal(signum, frame):
@@ -279,32 +238,11 @@ def encode(
         stop.set()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    reporter = Reporter(json_lines=json_lines, quiet=quiet, manifest=manifest, target=plan.target, stop=stop)
-    if reporter.shows_progress and stdin is None:
-        # The total for the bar, counted beside the run: inputs stream, they are never all held.
-        threading.Thread(target=lambda: reporter.set_total(sum(1 for _ in iter_sources(inputs))), daemon=True).start()
     try:
-        summary = run_encode(sources, layer_source, prep, plan, options, on_result=reporter, stop=stop,
-                             on_layer=before_writing)
+        yield caught
     finally:
-        reporter.close()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    reporter.finish(summary)
-    if reporter.pipe_closed or summary.pipe_closed:
-        silence_stream(sys.stdout)
-        raise typer.Exit(141)
-    if caught:
-        reporter.console.print(
-            f"interrupted: {summary.ok} encoded, {summary.skipped} skipped, {summary.errors} failed; "
-            "every output written is complete. Run the same command with --skip-existing to resume."
-        )
-        raise typer.Exit(128 + caught[0])
-    if summary.stopped:
-        raise _fail(f"stopped: {summary.stopped}", 1)
-    if summary.total == 0:
-        raise _fail("no images found in the given inputs", 2)
-    raise typer.Exit(1 if summary.errors else 0)
 
 
 @app.command()
@@ -368,18 +306,21 @@ def info(
         return
     source = loaded = None
     if weights is not None:
-        loaded = _load_weights(weights, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels)
-        _notice(loaded)
-        config, source = loaded.config, loaded.source
+        from .request import EncodeRequest, layer_from_options
+
+        loaded, source, notes, weights_prep = layer_from_options(preset, image_size, patch_size, num_patch_row,
+                                                                 emb_dim, in_channels, weights)
+        _notice(notes)
+        config = loaded.config
     else:
         config = resolve_config(preset, image_size=image_size, patch_size=patch_size, num_patch_row=num_patch_row,
                                 emb_dim=emb_dim, in_channels=in_channels)
     d = _describe(config)
     if source:
         d["source"] = source
-        prep = _preprocess(config, loaded)
+        prep = EncodeRequest().preprocess(config, weights_prep)
         d["preprocess"] = {k: getattr(prep, k) for k in ("image_size", "resize", "crop_pct", "interpolation", "mean", "std")}
-        d["preprocess_from_weights"] = sorted(loaded.preprocess)
+        d["preprocess_from_weights"] = sorted(weights_prep)
     if json_out:
         typer.echo(json.dumps(d))
         return
@@ -396,7 +337,7 @@ def info(
         p = d["preprocess"]
         resize = (f"crop (shorter side to {int(p['image_size'] / p['crop_pct'])}, centre {p['image_size']})"
                   if p["resize"] == "crop" else p["resize"])
-        origin = "the weights'" if loaded.preprocess else "vitembed's defaults"
+        origin = "the weights'" if weights_prep else "vitembed's defaults"
         lines.append(f"preprocess    {resize}, {p['interpolation']}, mean {_floats(p['mean'])}, std {_floats(p['std'])}  "
                      f"({origin})")
     typer.echo("\n".join(lines), err=True)
@@ -442,8 +383,8 @@ def inspect(
 
         vitembed inspect cat.npy tokens/*.npy
     """
-    from .report import display_path
-    from .report import tensor_stats
+    from .outcomes import display_path
+    from .stats import tensor_stats
 
     failed = 0
     rows = []
@@ -478,56 +419,16 @@ def _terminate(signum, frame):
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _terminate)
-    encoding = sys.argv[1:2] == ["encode"]
-    if encoding and _decoders_wanted(sys.argv[2:]):
-        from .processes import start_decoder_server
+    from .startup import exit_without_teardown, start_early
 
-        start_decoder_server()  # before typer's imports and parsing, which it then overlaps
+    signal.signal(signal.SIGTERM, _terminate)
+    start_early(sys.argv[1:])  # before typer's imports and parsing, which it then overlaps
     try:
         app(prog_name="vitembed")
     except KeyboardInterrupt:  # Ctrl-C before the encode loop took over: nothing half-done to report
         sys.stderr.write("interrupted\n")
         sys.exit(130)
     except SystemExit as exc:
-        if encoding:
-            _exit_without_teardown(exc.code)
+        if sys.argv[1:2] == ["encode"]:
+            exit_without_teardown(exc.code)
         raise
-
-
-def _decoders_wanted(args: list[str]) -> bool:
-    """Whether `encode ARGS` will start decoder processes: not for --help or --workers 0."""
-    if "--help" in args or "-h" in args:
-        return False
-    for i, arg in enumerate(args):
-        if arg in ("-j", "--workers") and args[i + 1:i + 2] == ["0"] or arg in ("-j0", "--workers=0"):
-            return False
-    return True
-
-
-def _exit_without_teardown(code: int | str | None) -> None:
-    """Exit as `sys.exit(code)` would, less the interpreter's teardown of every module (numpy,
-    Pillow, typer, pydantic): about 40 ms of every encode, spent after the work is done.
-
-    Only once `encode` has returned with this thread alone (its files are closed and its decoder
-    processes joined), and with no profiler or debugger attached. The exit handlers still run, and
-    the standard streams are flushed.
-    """
-    if threading.active_count() > 1:
-        return  # a thread still runs; let the interpreter wait for it as usual
-    if sys.getprofile() is not None or sys.gettrace() is not None:
-        return  # a profiler or debugger (python -m cProfile ...) writes its results on the way out
-    if code is None:
-        code = 0
-    elif not isinstance(code, int):
-        sys.stderr.write(f"{code}\n")
-        code = 1
-    import atexit
-
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            code = code or 120  # what the interpreter returns when its final flush fails
-    os._exit(code)

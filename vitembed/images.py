@@ -8,17 +8,20 @@ and `.std`). This module imports neither torch nor torchvision, so decoding work
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import os
 import warnings
 from dataclasses import dataclass
 from struct import error as struct_error
+from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageColor, ImageFile, ImageOps
+from PIL import Image, ImageColor, ImageOps
 
 from .errors import ConfigError, InputError, one_line
+from .files import NotRegularFile, open_regular
 
 __all__ = [
     "NORMALIZATIONS",
@@ -31,6 +34,7 @@ __all__ = [
     "parse_color",
     "read_plain_jpeg",
     "resize_plan",
+    "set_pillow_limit",
 ]
 
 # (mean, std) per channel, applied to pixels / 255.
@@ -158,23 +162,19 @@ def is_image_path(path: str | os.PathLike) -> bool:
     return Image.EXTENSION.get(ext) in Image.OPEN or ext in image_extensions()
 
 
-def load_image(path: str | os.PathLike, prep: Preprocess) -> np.ndarray:
-    """Read one image file as an (S, S, C) uint8 array ready for the layer.
+def load_image(path: str | os.PathLike | BinaryIO, prep: Preprocess) -> np.ndarray:
+    """Read one image file (a path, or an open binary file) as an (S, S, C) uint8 array ready for
+    the layer.
 
     Raises:
-        InputError: the file is missing, unreadable, not an image, too large or corrupt; the
-            message is one line and names the reason (the caller adds the path).
+        InputError: the file is missing, unreadable, not a regular file, not an image, too large
+            or corrupt; the message is one line and names the reason (the caller adds the path).
     """
-    pillow_limit = Image.MAX_IMAGE_PIXELS
     try:
-        # vitembed checks prep.max_pixels itself, from the header; Pillow's own bomb check
-        # (a warning at 89 MP, an error at twice that) must not stand below it.
-        if pillow_limit is not None and prep.max_pixels > pillow_limit // 2:
-            Image.MAX_IMAGE_PIXELS = prep.max_pixels
         with warnings.catch_warnings():
             # Pillow warns about odd headers, EXIF and palettes while opening; not ours to show.
             warnings.simplefilter("ignore")
-            with Image.open(path) as im:
+            with _open(path) as f, Image.open(f) as im:
                 return _prepare(im, prep)
     except InputError:
         raise
@@ -184,10 +184,13 @@ def load_image(path: str | os.PathLike, prep: Preprocess) -> np.ndarray:
         raise InputError("is a directory") from None
     except PermissionError:
         raise InputError("permission denied") from None
+    except NotRegularFile as exc:
+        raise InputError(str(exc)) from None
     except Image.UnidentifiedImageError:
         raise InputError("not an image Pillow can read") from None
     except Image.DecompressionBombError:
-        raise InputError(f"refused as a decompression bomb (over --max-pixels {prep.max_pixels})") from None
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        raise InputError(f"refused as a decompression bomb (over Pillow's limit of {limit} pixels)") from None
     except MemoryError:
         raise InputError("out of memory while decoding") from None
     except (OSError, ValueError, SyntaxError, EOFError, struct_error, IndexError, TypeError,
@@ -196,8 +199,23 @@ def load_image(path: str | os.PathLike, prep: Preprocess) -> np.ndarray:
         raise InputError(f"cannot decode: {one_line(exc)}") from None
     except Exception as exc:  # a plugin's bug on odd bytes costs this file, never the run
         raise InputError(f"cannot decode: {type(exc).__name__}: {one_line(exc)}") from None
-    finally:
-        Image.MAX_IMAGE_PIXELS = pillow_limit
+
+
+def _open(path: str | os.PathLike | BinaryIO):
+    """A file object for Pillow: a path is opened only if it is a regular file (never a FIFO)."""
+    if hasattr(path, "read"):
+        return contextlib.nullcontext(path)
+    return open_regular(path)
+
+
+def set_pillow_limit(max_pixels: int) -> None:
+    """Raise Pillow's own decompression-bomb limit so that it never refuses below `max_pixels`.
+
+    For vitembed's decoder processes only (their own Pillow): vitembed checks --max-pixels itself,
+    from the header, with a clear message. A program that imports vitembed keeps Pillow's limits.
+    """
+    if Image.MAX_IMAGE_PIXELS is not None and 2 * Image.MAX_IMAGE_PIXELS < max_pixels:
+        Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2
 
 
 ORIENTATION = 0x0112  # the EXIF tag
@@ -223,7 +241,9 @@ def read_plain_jpeg(path: str | os.PathLike, prep: Preprocess) -> PlainJpeg | No
     if prep.channels != 3:
         return None
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
+            if os.fstat(f.fileno()).st_size > 4 * prep.max_pixels:  # far over any JPEG of that many pixels
+                return None
             data = bytearray(f.read())
     except OSError:
         return None
@@ -287,15 +307,30 @@ _HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
 
 
 def _to_8bit(im: Image.Image) -> Image.Image:
-    """16-bit, 32-bit integer and float images -> mode L, scaled (not clipped) to 0..255."""
-    a = np.asarray(im)
+    """16-bit, 32-bit integer and float images -> mode L, scaled (not clipped) to 0..255.
+
+    Converted a band of rows at a time, so that a large 16-bit image costs about 6 bytes a pixel
+    at the peak (its decode, one copy, the 8-bit result) rather than several float64 copies.
+    """
+    a = np.asarray(im)  # (H, W), one copy of the decoded image
+    out = np.empty(a.shape, np.uint8)
+    bands = [slice(top, top + _BAND_ROWS) for top in range(0, a.shape[0], _BAND_ROWS)]
     if a.dtype.kind == "f":
-        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0)
-        scale = 255.0 if a.max(initial=0.0) <= 1.0 else 1.0  # floats in [0, 1], else pixel values
-        a = a * scale
-    elif a.max(initial=0) > 255 or im.mode.startswith("I;16"):
-        a = a.astype(np.float64) / 257.0  # 0..65535 -> 0..255
-    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), mode="L")
+        finite = lambda rows: np.nan_to_num(a[rows].astype(np.float64), nan=0.0, posinf=1.0, neginf=0.0)  # noqa: E731
+        top = max((finite(rows).max(initial=0.0) for rows in bands), default=0.0)
+        scale = 255.0 if top <= 1.0 else 1.0  # floats in [0, 1], else pixel values
+        for rows in bands:
+            out[rows] = np.clip(np.rint(finite(rows) * scale), 0, 255)
+    elif im.mode.startswith("I;16") or a.max(initial=0) > 255:
+        for rows in bands:  # 0..65535 -> 0..255: round(a / 257), exactly (257 is odd: no ties)
+            out[rows] = np.clip((a[rows].astype(np.int64) + 128) // 257, 0, 255)
+    else:
+        for rows in bands:
+            out[rows] = np.clip(a[rows], 0, 255)
+    return Image.fromarray(out, mode="L")
+
+
+_BAND_ROWS = 256
 
 
 def _to_rgb(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -368,6 +403,4 @@ def _grey(rgb: tuple[int, int, int]) -> int:
     r, g, b = rgb
     return (r * 299 + g * 587 + b * 114) // 1000  # ITU-R 601-2 luma, as Pillow's convert("L")
 
-
-ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey half-image
 

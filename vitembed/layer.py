@@ -128,49 +128,6 @@ class VitInputLayer(nn.Module):
         z = z + self.pos_emb
         return torch.cat([*prefix, z], dim=1)  # (B, N_p, D) -> (B, prefix + N_p, D)
 
-    def forward_pixels(self, pixels: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-        """z0 straight from uint8 pixels: `forward((pixels / 255 - mean) / std)` in fewer passes.
-
-        The pipeline's fast path; equal to `forward` up to float32 rounding. The normalisation is
-        affine per channel, so it folds into E and the bias (a = 1 / (255 std), b = -mean / std):
-        conv(W, x a + b) = conv(W a, x) + sum(W b) + bias. The class token and E_pos are then
-        written into one preallocated output instead of a concatenation and a sum.
-
-        Args:
-            pixels: (B, S, S, C) uint8 (or float) pixel values, 0..255.
-            mean, std: (C,) per-channel statistics of pixels / 255.
-
-        Returns:
-            z0, (B, N_p + prefix, D), float32.
-        """
-        cfg = self.config
-        if pixels.ndim != 4 or pixels.shape[1:] != (cfg.image_size, cfg.image_size, cfg.in_channels):
-            raise ValueError(
-                f"expected pixels of shape (B, {cfg.image_size}, {cfg.image_size}, {cfg.in_channels}), "
-                f"got {tuple(pixels.shape)}"
-            )
-        conv = self.patch_emb_layer
-        a = (1.0 / (255.0 * std)).view(1, -1, 1, 1)
-        b = (-mean / std).view(1, -1, 1, 1)
-        weight = conv.weight * a  # (D, C, P, P): E with the normalisation folded in
-        bias = (conv.weight * b).sum(dim=(1, 2, 3))  # (D,)
-        if conv.bias is not None:
-            bias = bias + conv.bias
-        x = pixels.permute(0, 3, 1, 2).float()  # (B, S, S, C) -> (B, C, S, S), channels-last in memory
-        z = nn.functional.conv2d(x, weight, bias, stride=cfg.patch_size)  # -> (B, D, S/P, S/P)
-        z = z.flatten(2).transpose(1, 2)  # (B, D, S/P, S/P) -> (B, N_p, D)
-
-        n, k = cfg.num_patches, cfg.num_prefix_tokens
-        out = z.new_empty(z.shape[0], n + k, cfg.emb_dim)  # (B, prefix + N_p, D)
-        if k:
-            tokens = [t for t in (self.cls_token, self.reg_token) if t is not None]
-            prefix = torch.cat(tokens, dim=1)  # (1, prefix, D)
-            if cfg.pos_embed_prefix:
-                prefix = prefix + self.pos_emb[:, :k]
-            out[:, :k] = prefix
-        torch.add(z, self.pos_emb[:, -n:], out=out[:, k:])  # patches + their E_pos rows, one pass
-        return out
-
 
 def build_layer(config: LayerConfig, seed: int = 0) -> VitInputLayer:
     """A layer with the seed's initialisation drawn from `seed`, on the CPU.

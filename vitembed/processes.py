@@ -10,9 +10,10 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import signal
 import sys
 
-PRELOAD = ["vitembed.decoders"]
+PRELOAD = ["vitembed.workers"]
 
 
 def decoder_context():
@@ -27,7 +28,7 @@ def decoder_context():
 def start_decoder_server() -> None:
     """Start the forkserver now, in the background; a no-op where there is none or it runs.
 
-    Its numpy gets one BLAS thread: a decoder computes on one core (see kernel.set_blas_threads),
+    Its numpy gets one BLAS thread: a decoder computes on one core (see blas.py),
     and OpenBLAS's extra threads would otherwise spin for a while in every process that loads it.
     """
     ctx = decoder_context()
@@ -75,3 +76,20 @@ def keep_heap() -> None:
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     mallopt(M_MMAP_THRESHOLD, 32 << 20)
     mallopt(M_TRIM_THRESHOLD, 64 << 20)
+
+
+def die_with_parent() -> None:
+    """Have the kernel end this process when its parent dies (Linux: PR_SET_PDEATHSIG), so that a
+    `kill -9` of vitembed leaves no decoder behind. A no-op elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return
+    PR_SET_PDEATHSIG = 1
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() == 1:  # the parent died before the call: nobody is left to signal it
+        os._exit(1)

@@ -15,13 +15,15 @@ Every record's bytes start at a multiple of 64 bytes of the file, as torch align
 
 from __future__ import annotations
 
+import io
+import pickle
 import struct
 import zipfile
 from typing import BinaryIO
 
 import numpy as np
 
-__all__ = ["STORAGES", "bfloat16_bits", "write_pt"]
+__all__ = ["STORAGES", "bfloat16_bits", "read_pt_header", "write_pt"]
 
 # The element type's name, as torch calls it -> its storage class in the pickle.
 STORAGES = {
@@ -108,3 +110,40 @@ def _int(value: int) -> bytes:
 
 def _tuple(items: list[bytes]) -> bytes:
     return b"(" + b"".join(items) + b"t"
+
+
+def read_pt_header(f: BinaryIO, limit: int = 1 << 20) -> tuple[tuple[int, ...], str]:
+    """The shape and dtype of a `.pt` file of one tensor, read from its `data.pkl` alone.
+
+    The pickle is read by an unpickler that knows only the names such a file uses, and returns
+    stand-ins for them: nothing is imported or called, and no tensor data is read.
+
+    Raises:
+        ValueError: not a .pt file of one plain tensor.
+    """
+    with zipfile.ZipFile(f) as archive:
+        names = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
+        if len(names) != 1 or archive.getinfo(names[0]).file_size > limit:
+            raise ValueError("not a .pt file of one tensor")
+        obj = _HeaderUnpickler(io.BytesIO(archive.read(names[0]))).load()
+    if not (isinstance(obj, tuple) and len(obj) == 2 and obj[0] == "tensor"):
+        raise ValueError("not a .pt file of one tensor")
+    return obj[1]
+
+
+class _HeaderUnpickler(pickle.Unpickler):
+    _DTYPES = {storage: dtype for dtype, storage in STORAGES.items()}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda storage, offset, size, *rest: ("tensor", (tuple(size), storage))
+        if module == "torch" and name in self._DTYPES:
+            return self._DTYPES[name]
+        if (module, name) == ("collections", "OrderedDict"):
+            return dict
+        raise pickle.UnpicklingError(f"{module}.{name} is not part of a tensor file")
+
+    def persistent_load(self, pid):
+        if isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], str):
+            return pid[1]  # the dtype name, from find_class
+        raise pickle.UnpicklingError("unknown storage record")

@@ -29,7 +29,7 @@ import torch
 from .errors import ConfigError, WeightsError
 from .kernel import fingerprint
 from .layer import LayerConfig, VitInputLayer
-from .writers import atomic_write
+from .files import atomic_write
 
 __all__ = [
     "LAYER_FORMAT",

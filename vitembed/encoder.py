@@ -1,0 +1,299 @@
+"""The Encoder: preprocessing + layer + engine. Images in, tokens out.
+
+Every way of running vitembed builds one `Encoder` and calls it on batches: the command line
+(through `pipeline.run`), a Python program, a Ray actor (`vitembed.ray`). It holds
+
+- the preprocessing (`images.Preprocess`: resize, normalisation), applied by `decode`;
+- the layer's parameters, folded with the normalisation into one affine map (`kernel.fold`);
+- the engine that applies it: **numpy** (the CPU's: one matrix product per image, no torch) or
+  **torch** (batches on a GPU, or the CPU, with JPEGs optionally decoded on the device).
+
+Tokens come back as numpy arrays in the output dtype (float32, float16, or bfloat16 as its bits
+in uint16, which `formats.write_tensor` writes as bfloat16).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .config import LayerConfig
+from .errors import ConfigError, InputError
+from .formats import DTYPES, cast
+from .images import PlainJpeg, Preprocess, load_image
+from .kernel import Kernel, LayerParams
+
+__all__ = ["ENGINES", "Encoder", "FileBatch", "TorchEngine", "encode_images", "resolve_device", "tokens_to_numpy"]
+
+ENGINES = ("auto", "numpy", "torch")
+
+
+@dataclass
+class FileBatch:
+    """Tokens of a batch of files: `tokens` (B, N+1, D), a NaN row where `errors[i]` says why."""
+
+    tokens: np.ndarray
+    errors: list[str | None]
+
+
+class Encoder:
+    """Preprocessing + layer + engine, built once and called on batches.
+
+    Args:
+        layer: a `VitInputLayer`, `LayerParams`, or `LoadedWeights` (`weights.load_weights`).
+        prep: how files become pixels (default: the layer's size and channels, squash, bilinear,
+            ImageNet normalisation).
+        engine: numpy (CPU), torch (any device), or auto: numpy on the CPU, else torch.
+        device: for torch: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps.
+        dtype: of the tokens returned: float32, float16 or bfloat16 (computed in float32).
+
+    Raises:
+        ConfigError: options that cannot work together (the message says which and how to fix it).
+    """
+
+    def __init__(self, layer: Any, prep: Preprocess | None = None, *, engine: str = "auto",
+                 device: str = "auto", dtype: str = "float32"):
+        self.params = as_params(layer)
+        self.config: LayerConfig = self.params.config
+        cfg = self.config
+        self.prep = prep or Preprocess(image_size=cfg.image_size, channels=cfg.in_channels)
+        _check(self.prep, cfg, engine, dtype)
+        self.dtype = dtype
+        self.kernel: Kernel = self.params.fold(self.prep.mean, self.prep.std)
+        self.engine = _engine(engine, device)
+        self.torch = TorchEngine(self.kernel, resolve_device(device)) if self.engine == "torch" else None
+        self.device = str(self.torch.device) if self.torch is not None else "cpu"
+
+    @property
+    def token_shape(self) -> tuple[int, int]:
+        return self.config.token_shape
+
+    def decode(self, file) -> np.ndarray:
+        """One image file (a path, bytes, or a binary file) -> (S, S, C) uint8 pixels.
+
+        Raises:
+            InputError: the file cannot be read or decoded.
+        """
+        if isinstance(file, (bytes, bytearray, memoryview)):
+            file = io.BytesIO(file)
+        return load_image(file, self.prep)
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        """(B, S, S, C) uint8 pixels -> (B, N+1, D) tokens in the encoder's dtype."""
+        if self.torch is None:
+            return cast(self.kernel(np.asarray(pixels)), self.dtype)
+        return self.torch.to_numpy(self.torch.from_host(np.asarray(pixels)), self.dtype)
+
+    def encode_files(self, files) -> FileBatch:
+        """Image files (paths, bytes or binary files) -> their tokens, with per-file errors."""
+        pixels, errors = [], []
+        for file in files:
+            try:
+                pixels.append(self.decode(file))
+                errors.append(None)
+            except InputError as exc:
+                pixels.append(None)
+                errors.append(str(exc))
+        tokens = np.full((len(errors), *self.token_shape), np.nan, np.float32)
+        good = [i for i, e in enumerate(errors) if e is None]
+        if good:
+            tokens[good] = self.kernel(np.stack([pixels[i] for i in good])) if self.torch is None else \
+                self.torch.to_numpy(self.torch.from_host(np.stack([pixels[i] for i in good])), "float32")
+        return FileBatch(cast(tokens, self.dtype), errors)
+
+    def encode_items(self, items: list) -> list[np.ndarray | InputError]:
+        """The pipeline's batches: (S, S, C) uint8 arrays, or `PlainJpeg` bytes for the device to
+        decode (torch engine) -> tokens per item, or the InputError of a file the device decoder
+        and Pillow both refused."""
+        if self.torch is None:
+            return list(cast(self.kernel(np.stack(items)), self.dtype))
+        return self.torch.encode_items(items, self.prep, self.dtype)
+
+
+def as_params(layer: Any) -> LayerParams:
+    """A layer in any of its forms -> its parameters as float32 numpy arrays."""
+    if isinstance(layer, LayerParams):
+        return layer
+    if hasattr(layer, "state_dict") and hasattr(layer, "config"):
+        state = layer.state_dict() if callable(layer.state_dict) else layer.state_dict
+        return LayerParams.from_state_dict(layer.config, state)  # a VitInputLayer, or LoadedWeights
+    raise TypeError(f"not a layer: {type(layer).__name__}; give a VitInputLayer, LayerParams or LoadedWeights")
+
+
+def _check(prep: Preprocess, config: LayerConfig, engine: str, dtype: str) -> None:
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}; choose {', '.join(ENGINES)}")
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPES)}")
+    if prep.image_size != config.image_size:
+        raise ConfigError(f"images are resized to {prep.image_size} but the layer takes {config.image_size}")
+    if prep.channels != config.in_channels:
+        raise ConfigError(f"the layer takes {config.in_channels} channels; images can be read with 1 or 3")
+
+
+def _engine(engine: str, device: str) -> str:
+    """numpy where the layer runs on the CPU (unless torch is asked for), else torch."""
+    if engine == "torch":
+        return "torch"
+    on_cpu = device == "cpu" or (device == "auto" and not _accelerator_present())
+    if on_cpu:
+        return "numpy"
+    if engine == "numpy":
+        raise ConfigError(f"--engine numpy runs on the CPU, not on --device {device}; "
+                          "use --device cpu or --engine torch")
+    return "torch"
+
+
+def _accelerator_present() -> bool:
+    """Whether --device auto may find a GPU; judged without importing torch where possible."""
+    if "torch" in sys.modules:  # imported already (--weights): ask it, as --device auto does
+        return resolve_device("auto").type != "cpu"
+    if sys.platform == "darwin":
+        return platform.machine() == "arm64"  # Apple silicon: MPS
+    if sys.platform.startswith("linux"):
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        nvidia = visible not in ("", "-1") and (os.path.exists("/proc/driver/nvidia/version")
+                                                 or os.path.exists("/dev/nvidiactl"))
+        return nvidia or os.path.exists("/dev/kfd")  # /dev/kfd: ROCm
+    return True  # elsewhere torch decides
+
+
+def resolve_device(name: str):
+    """A torch.device for --device, checking that it exists."""
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps") if mps is not None and mps.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(f"--device {name}: MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise ConfigError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+class TorchEngine:
+    """The folded layer (`kernel.Kernel`'s W and T) applied with torch on `device`, in batches:
+    a convolution with kernel = stride = P over channels-last uint8 pixels, then + T."""
+
+    def __init__(self, kernel: Kernel, device):
+        import torch
+
+        cfg = kernel.config
+        p, c, d = cfg.patch_size, cfg.in_channels, cfg.emb_dim
+        self.config, self.device = cfg, device
+        # W (P^2 C, D), rows in (P, P, C) order -> the convolution's weight (D, C, P, P)
+        weight = torch.from_numpy(kernel.weight).reshape(p, p, c, d).permute(3, 2, 0, 1)
+        self.weight = weight.contiguous().to(device)
+        self.table = torch.from_numpy(kernel.table).to(device)  # (N + k, D)
+
+    def __call__(self, pixels):
+        """(B, S, S, C) uint8 pixels on the device -> z0 (B, N + k, D) float32 there."""
+        import torch
+
+        cfg = self.config
+        s, c = cfg.image_size, cfg.in_channels
+        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (s, s, c):
+            raise ValueError(f"expected pixels of shape (B, {s}, {s}, {c}), got {tuple(pixels.shape)}")
+        x = pixels.permute(0, 3, 1, 2).float()  # (B, S, S, C) -> (B, C, S, S), channels-last in memory
+        with torch.inference_mode(), _ieee_float32():
+            z = torch.nn.functional.conv2d(x, self.weight, stride=cfg.patch_size)  # (1)-(3): (B, D, h, w)
+            z = z.flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
+            k = cfg.num_prefix_tokens
+            out = z.new_empty(z.shape[0], *self.table.shape)  # (B, N + k, D)
+            out[:, :k] = self.table[:k]  # (4)-(5): the prefix tokens with their E_pos rows
+            torch.add(z, self.table[k:], out=out[:, k:])  # (5): + bias + E_pos of each patch
+        return out
+
+    def from_host(self, pixels: np.ndarray):
+        """z0 of (B, S, S, C) uint8 pixels in host memory (copied to the device asynchronously)."""
+        import torch
+
+        batch = torch.from_numpy(np.ascontiguousarray(pixels))
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()  # page-locked, so that the copy below is asynchronous
+        return self(batch.to(self.device, non_blocking=True))
+
+    def encode_items(self, items: list, prep: Preprocess, dtype: str) -> list:
+        """Pixels (host arrays) and PlainJpegs (decoded here, on the device) -> tokens or InputError."""
+        import torch
+
+        items, out = list(items), [None] * len(items)
+        at = [i for i, item in enumerate(items) if isinstance(item, PlainJpeg)]
+        if at:
+            from .devicedecode import decode_jpegs
+
+            for i, decoded in zip(at, decode_jpegs([items[i] for i in at], prep, self.device)):
+                items[i], out[i] = (None, InputError(decoded)) if isinstance(decoded, str) else (decoded, None)
+        good = [i for i, item in enumerate(items) if item is not None]
+        if not good:
+            return out
+        if all(isinstance(items[i], np.ndarray) for i in good):
+            z = self.from_host(np.stack([items[i] for i in good]))
+        else:  # some decoded on the device already
+            z = self(torch.stack([torch.from_numpy(items[i]).to(self.device) if isinstance(items[i], np.ndarray)
+                                  else items[i] for i in good]))
+        for i, tokens in zip(good, self.to_numpy(z, dtype)):
+            out[i] = tokens
+        return out
+
+    def to_numpy(self, z, dtype: str) -> np.ndarray:
+        return tokens_to_numpy(z, dtype)
+
+
+def tokens_to_numpy(z, dtype: str) -> np.ndarray:
+    """Torch tokens (any device) -> a host array in `dtype` (bfloat16 as its uint16 bits)."""
+    import torch
+
+    z = z.to(getattr(torch, dtype)).cpu()
+    return z.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else z.numpy()
+
+
+@contextlib.contextmanager
+def _ieee_float32():
+    """Full float32 convolutions for a while. cuDNN on Ampere and later GPUs convolves float32 in
+    TF32 (a 10-bit mantissa) by default, which would put z0 about 1e-3 off; the layer is far too
+    small for that to buy any speed. The settings change nothing off CUDA."""
+    import torch
+
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
+        saved, conv.fp32_precision = conv.fp32_precision, "ieee"
+        try:
+            yield
+        finally:
+            conv.fp32_precision = saved
+        return
+    saved, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+
+
+def encode_images(images, layer, prep: Preprocess | None = None, device: str = "cpu"):
+    """z0 of in-memory images ((S, S, C) uint8 arrays) or files, as a float32 torch tensor
+    (B, N+1, D), computed by the torch engine on `device`."""
+    encoder = Encoder(layer, prep, engine="torch", device=device)
+    pixels = np.stack([np.asarray(x, np.uint8) if isinstance(x, np.ndarray) else encoder.decode(x) for x in images])
+    return encoder.torch.from_host(pixels).cpu()

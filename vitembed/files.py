@@ -1,0 +1,185 @@
+"""Files in and out, safely: atomic writes that never follow a link, and reads of regular files only.
+
+Every file vitembed writes is first created under a fresh, unpredictable temporary name in its
+own folder, with `O_CREAT | O_EXCL | O_NOFOLLOW` (a name that exists, or a planted symbolic link,
+is never opened: another name is drawn), then renamed over the target, which replaces a link
+rather than following it. At any instant an output either does not exist or is complete.
+Temporaries of a killed run are removed the next time a run writes into that folder. Temporary
+names are short (`.vitembed-PID-RANDOM.tmp`), so that they fit wherever the output's name fits.
+
+Files read from a user are opened without blocking and checked to be regular files before a byte
+is read: a FIFO, a device (`/dev/zero`) or a socket is refused, never waited on or read forever.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import secrets
+import stat
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import OutputError
+
+__all__ = ["atomic_write", "clean_stale_temporaries", "describe_os_error", "open_regular", "regular_file_error"]
+
+_TMP_RE = re.compile(r"^\.vitembed-(\d+)-[0-9a-f]+\.tmp$")
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_BINARY = getattr(os, "O_BINARY", 0)  # Windows
+
+
+def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], None]) -> int:
+    """Write `data` to `path` through a temporary file and a rename; returns the bytes written.
+
+    Raises:
+        OutputError: the folder cannot be made, the disk is full, the target is read-only, ...
+            No partial file is left behind.
+    """
+    folder = path.parent
+    tmp = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        _clean_once(folder)
+        tmp, fd = _create_temporary(folder)
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
+            size = f.tell()
+        os.replace(tmp, path)
+        return size
+    except OSError as exc:
+        _remove_quietly(tmp)
+        raise OutputError(f"{path}: {describe_os_error(exc)}") from None
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+
+
+def _create_temporary(folder: Path) -> tuple[Path, int]:
+    """A new file in `folder` under a name nobody could have predicted, opened for writing."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _BINARY
+    for _ in range(100):
+        tmp = folder / f".vitembed-{os.getpid()}-{secrets.token_hex(8)}.tmp"
+        try:
+            return tmp, os.open(tmp, flags, 0o666)
+        except FileExistsError:
+            continue  # planted, or (once in 2^64) drawn twice: draw again
+    raise FileExistsError(errno.EEXIST, "cannot create a temporary file", str(folder))
+
+
+def describe_os_error(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return "disk full (no space left on device)"
+    if exc.errno == errno.EDQUOT:
+        return "disk quota exceeded"
+    if exc.errno == errno.EROFS:
+        return "read-only file system"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    if exc.errno == errno.ENOTDIR:
+        return "a path component is a file, not a folder"
+    if exc.errno == errno.ENAMETOOLONG:
+        return "file name too long"
+    if exc.errno == errno.ELOOP:
+        return "is a symbolic link, which vitembed does not follow"
+    return exc.strerror or str(exc)
+
+
+def _remove_quietly(path: Path | None) -> None:
+    if path is None:
+        return
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+_cleaned: set[str] = set()
+_cleaned_lock = threading.Lock()
+
+
+def _clean_once(folder: Path) -> None:
+    key = os.path.abspath(folder)
+    with _cleaned_lock:  # writer threads: the first to reach a folder cleans it, the others wait
+        if key not in _cleaned:
+            _cleaned.add(key)
+            clean_stale_temporaries(folder)
+
+
+def clean_stale_temporaries(folder: Path) -> int:
+    """Remove temporaries of vitembed runs that no longer live; returns how many were removed.
+
+    Unlinking never follows a link: a planted one is removed itself, its target untouched.
+    """
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        match = _TMP_RE.match(entry.name)
+        if match and not _pid_alive(int(match.group(1))):
+            try:
+                os.unlink(entry.path)
+                removed += 1
+            except OSError:
+                pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    # A killed decoder whose parent died with it stays a zombie until init reaps it, which in a
+    # container may take long: it writes nothing more.
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True
+
+
+def regular_file_error(mode: int) -> str | None:
+    """Why a file of this st_mode cannot be read as a file, or None for a regular file."""
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a directory"
+    return "not a regular file (a FIFO, socket or device)"
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """Open a user's file for reading, only if it is a regular file (after following links).
+
+    The open does not block (a FIFO without a writer would), and the check is made on the open
+    file, so that the file cannot be swapped between the check and the read.
+
+    Raises:
+        OSError: the file cannot be opened (FileNotFoundError, PermissionError, ...), or
+            `NotRegularFile` when it is not a regular file.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _BINARY)
+    try:
+        reason = regular_file_error(os.fstat(fd).st_mode)
+        if reason is not None:
+            raise NotRegularFile(reason)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class NotRegularFile(OSError):
+    """A path that names a FIFO, a device, a socket or a folder where a file was expected."""

@@ -1,0 +1,236 @@
+"""An output folder (`-o DIR`): one configuration, one run at a time, and a record of every input.
+
+- **run.json** holds the configuration that decides the outputs' bytes (layer, weights
+  fingerprint, preprocessing, format, dtype, shard size) and the versions and device that made
+  them. A run whose configuration differs is refused (exit 2), unless `--overwrite`: then the
+  outputs the old manifest lists are removed first, before run.json changes, so that a run stopped
+  half-way leaves the old configuration with fewer files, never old outputs under a new run.json.
+- **manifest.jsonl** gets one JSON line per input as it finishes (`input`, `output` relative to
+  DIR, `shape`, `dtype`, `status`, `error`, and `row` for shards); on a resumed run the last line
+  for an input is the current one. A last line torn by a killed run is dropped on the next run.
+- **.vitembed.lock** holds an advisory lock (`flock`) while a run writes into DIR: a second run
+  into the same folder is refused with the first one's PID.
+- Nothing is left behind by a run that wrote no output: a folder it created is removed again,
+  and run.json and the manifest are written with the first output.
+Every file here is opened without following links: a planted symbolic link is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, OutputError
+from .files import atomic_write, describe_os_error
+from .outcomes import Outcome, Written, display_path
+
+__all__ = ["LOCK_FILE", "MANIFEST_FILE", "RUN_FILE", "OutputFolder", "read_manifest"]
+
+RUN_FILE = "run.json"
+MANIFEST_FILE = "manifest.jsonl"
+LOCK_FILE = ".vitembed.lock"
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_BUFFERED = 1000  # failures held before the first output; past that the folder is made anyway
+
+
+class OutputFolder:
+    """-o DIR for one run: locked, checked against `config`, recording each outcome.
+
+    Args:
+        folder: DIR.
+        config: what decides the outputs' bytes (see `run_record`); compared with run.json's.
+        record: written as run.json with the first output: {"config": config, versions, device}.
+        relative: maps an output path to the manifest's text (relative to DIR).
+        overwrite: re-encode into a folder of another configuration, removing its old outputs.
+
+    Raises:
+        ConfigError: DIR holds another configuration's outputs, or another run writes into it.
+        OutputError: DIR cannot be made, or a file in it is a link or cannot be written.
+    """
+
+    def __init__(self, folder: Path, config: dict, record: dict, relative, overwrite: bool = False):
+        self.folder, self.config, self.record_data, self.relative = folder, config, record, relative
+        self.created = not os.path.lexists(folder)
+        self._manifest = None
+        self._pending: list[str] = []
+        self._lock = None
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._lock = _lock(folder)
+            previous = _read_run_config(folder)
+            if previous is not None and previous != config:
+                if not overwrite:
+                    raise ConfigError(f"{display_path(folder)} holds outputs made with another configuration "
+                                      f"({'; '.join(_differences(previous, config)) or 'unreadable run.json'}); "
+                                      "use another -o folder, or --overwrite to re-encode into it")
+                self._remove_old_outputs()
+            elif overwrite:
+                (folder / MANIFEST_FILE).unlink(missing_ok=True)
+            self.made_from = read_manifest(folder / MANIFEST_FILE)
+        except OSError as exc:
+            self.close()
+            raise OutputError(f"{display_path(folder)}: {describe_os_error(exc)}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _remove_old_outputs(self) -> None:
+        """Remove the outputs the old manifest lists (inside DIR, with an output suffix), then it."""
+        root = self.folder.resolve()
+        for key in read_manifest(self.folder / MANIFEST_FILE):
+            rel = key[0] if isinstance(key, tuple) else key
+            path = (self.folder / rel).resolve()
+            if path.suffix.lower() in (".npy", ".pt") and root in path.parents:
+                path.unlink(missing_ok=True)
+        (self.folder / MANIFEST_FILE).unlink(missing_ok=True)
+
+    def record(self, outcome: Outcome) -> None:
+        """Append the outcome's manifest line (run.json and the manifest start with the first output)."""
+        line = json.dumps(outcome.record(self.relative(outcome.output))) + "\n"
+        if self._manifest is None:
+            self._pending.append(line)
+            if not isinstance(outcome, Written) and len(self._pending) < _BUFFERED:
+                return
+            self._open()
+            line = "".join(self._pending)
+            self._pending = []
+        try:
+            self._manifest.write(line)
+            self._manifest.flush()
+        except OSError as exc:
+            raise OutputError(f"{display_path(self.folder / MANIFEST_FILE)}: {describe_os_error(exc)}") from None
+
+    def _open(self) -> None:
+        atomic_write(self.folder / RUN_FILE, (json.dumps(self.record_data, indent=2) + "\n").encode())
+        self._manifest = _open_manifest(self.folder / MANIFEST_FILE)
+
+    def close(self) -> None:
+        """Close the manifest and release the lock; a folder this run made and left empty goes."""
+        if self._pending and not (self.created and os.listdir(self.folder) == [LOCK_FILE]):
+            try:  # outcomes without an output (skipped, failed) into a folder that holds outputs
+                self._open()
+                self._manifest.write("".join(self._pending))
+            except (OSError, OutputError):
+                pass
+            self._pending = []
+        if self._manifest is not None:
+            try:
+                self._manifest.close()
+            except OSError:  # a full disk: the lines that fit are whole, see _open_manifest
+                pass
+            self._manifest = None
+        if self._lock is not None:
+            os.close(self._lock)  # releases the flock
+            self._lock = None
+            if self.created and os.listdir(self.folder) == [LOCK_FILE]:
+                os.unlink(self.folder / LOCK_FILE)
+                os.rmdir(self.folder)
+
+
+def run_record(config: dict, device: str) -> dict[str, Any]:
+    """run.json: the configuration, and what made the outputs (not compared between runs)."""
+    from importlib import metadata
+
+    from . import __version__
+
+    def version(name: str) -> str | None:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    versions = {"python": platform.python_version(), **{n: version(n) for n in ("torch", "numpy", "pillow")}}
+    return {"config": config, "vitembed": __version__, "versions": versions, "device": device}
+
+
+def _lock(folder: Path) -> int:
+    """Hold DIR's lock file (created without following links), or say which run holds it."""
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o666)
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory lock; one run per folder is then the user's care
+        return fd
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ConfigError(f"{display_path(folder)} is being written by another vitembed run (PID {holder}); "
+                          "wait for it to finish, or use another -o folder") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _read_run_config(folder: Path) -> dict | None:
+    """run.json's configuration; None without one; {} for one that cannot be read."""
+    path = folder / RUN_FILE
+    if not os.path.lexists(path):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+        with os.fdopen(fd, encoding="utf-8") as f:
+            config = json.loads(f.read(1 << 20)).get("config", {})
+        return config if isinstance(config, dict) else {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _open_manifest(path: Path):
+    """Open manifest.jsonl for appending (never through a link), first dropping a last line torn
+    by a killed run."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o666)
+    except OSError as exc:
+        raise OutputError(f"{display_path(path)}: {describe_os_error(exc)}") from None
+    try:
+        size = os.fstat(fd).st_size
+        tail = os.pread(fd, 65536, max(0, size - 65536)) if size else b"\n"
+        if not tail.endswith(b"\n"):
+            cut = tail.rfind(b"\n")
+            os.ftruncate(fd, size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= 65536 else size))
+        return os.fdopen(fd, "a", encoding="utf-8")
+    except OSError as exc:
+        os.close(fd)
+        raise OutputError(f"{display_path(path)}: {describe_os_error(exc)}") from None
+
+
+def read_manifest(path: Path) -> dict:
+    """What each output was last made from, per a manifest.jsonl: output (relative to DIR) ->
+    input, and for shards (shard, row) -> input. Unreadable lines (a torn last line) are passed
+    over; a missing manifest or a link gives {}."""
+    made: dict = {}
+    latest: dict[str, object] = {}  # input -> its key in `made`, so that a later failure unsets it
+    try:
+        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    except OSError:
+        return made
+    with os.fdopen(fd, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+                source = record["input"]
+                previous = latest.pop(source, None)
+                if previous is not None and made.get(previous) == source:
+                    del made[previous]
+                if record.get("status") in ("ok", "skipped") and record.get("output"):
+                    key = (record["output"], record["row"]) if "row" in record else record["output"]
+                    made[key] = source
+                    latest[source] = key
+            except (ValueError, AttributeError, TypeError, KeyError):
+                continue
+    return made
+
+
+def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out.extend(_differences(a, b, f"{prefix}{key}."))
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} then, {b!r} now")
+    return out

@@ -1,0 +1,69 @@
+"""Output file formats: a token array as `.npy` or `.pt` bytes, and output dtypes.
+
+Both formats are written here, without torch (`.pt` through `ptformat`), so that every engine and
+every sink writes the same bytes. Tokens travel as numpy arrays; bfloat16, which numpy lacks,
+travels as its bits in a uint16 array (`cast`) and is written as a bfloat16 tensor.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import zipfile
+from typing import BinaryIO
+
+import numpy as np
+
+from .files import open_regular
+from .ptformat import bfloat16_bits, read_pt_header, write_pt
+
+__all__ = ["DTYPES", "FORMATS", "cast", "output_header", "tensor_bytes", "write_tensor"]
+
+FORMATS = ("npy", "pt")
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+def cast(z: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 tokens in an output dtype; bfloat16 as its bits (uint16), for `write_tensor`."""
+    if dtype == "bfloat16":
+        return bfloat16_bits(z)
+    return z if dtype == "float32" else z.astype(dtype)
+
+
+def write_tensor(f: BinaryIO, array: np.ndarray, fmt: str, dtype: str | None = None) -> None:
+    """Write one output to an open binary file: a .npy array, or a .pt tensor as torch.save
+    writes it (loadable with weights_only=True).
+
+    Args:
+        dtype: "bfloat16" for an array of bfloat16 bits (see `cast`).
+    """
+    array = np.ascontiguousarray(array)
+    if fmt == "npy":
+        # np.save's bytes, written with f.write: ndarray.tofile reports a full disk without errno.
+        np.lib.format.write_array_header_1_0(f, np.lib.format.header_data_from_array_1_0(array))
+        f.write(memoryview(array).cast("B"))
+    else:
+        write_pt(f, array, "bfloat16" if dtype == "bfloat16" else None)
+
+
+def tensor_bytes(array: np.ndarray, fmt: str, dtype: str | None = None) -> bytes:
+    """The bytes `write_tensor` writes, for a stream such as stdout."""
+    buffer = io.BytesIO()
+    write_tensor(buffer, array, fmt, dtype)
+    return buffer.getvalue()
+
+
+def output_header(path: os.PathLike | str) -> tuple[tuple[int, ...], str] | None:
+    """The shape and dtype of an existing `.npy` or `.pt` file of one array, from its header alone;
+    None when it is not one (or cannot be read)."""
+    try:
+        with open_regular(path) as f:
+            if os.fspath(path).lower().endswith(".pt"):
+                return read_pt_header(f)
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+            return tuple(shape), dtype.name
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError):
+        return None

@@ -1,0 +1,94 @@
+"""The cache of random layers: a layer drawn with torch once per machine, read back without torch.
+
+The default layer is random, drawn from torch's generator (`layer.build_layer`). Its parameters
+are kept in a small cache after the first run (`layer_cache_dir()`, one .npz per layer: 0.5 MB
+for the seed layer, 3 MB for vit-b16, up to 11 MB for vit-g14), keyed by the layer shape, the
+position-embedding init, the seed and the torch version, so that later runs import no torch
+(about 1.6 s of a core). A file that cannot be read or does not fit is drawn again; a cache that
+cannot be written only costs time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+
+from .config import LayerConfig
+from .kernel import LayerParams
+
+__all__ = ["cached_random_layer", "layer_cache_dir", "random_layer_params", "remember_random_layer", "torch_version"]
+
+
+def layer_cache_dir() -> Path:
+    """Where random layers' parameters are kept: $VITEMBED_CACHE_DIR, else the user's cache folder."""
+    explicit = os.environ.get("VITEMBED_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Caches"
+    else:
+        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "vitembed"
+
+
+def torch_version() -> str:
+    """torch's installed version, read without importing it (once: a search of sys.path)."""
+    global _TORCH_VERSION
+    if _TORCH_VERSION is not None:
+        return _TORCH_VERSION
+    try:
+        _TORCH_VERSION = metadata.version("torch")
+        return _TORCH_VERSION
+    except metadata.PackageNotFoundError:
+        torch = sys.modules.get("torch")
+        return torch.__version__ if torch is not None else "none"
+
+
+_TORCH_VERSION: str | None = None
+
+
+def _cache_file(config: LayerConfig, seed: int) -> Path:
+    # The numbers come from torch's generator: another torch version may draw others.
+    key = json.dumps({"config": config.to_dict(), "seed": seed, "torch": torch_version()}, sort_keys=True)
+    return layer_cache_dir() / f"random-layer-{hashlib.sha256(key.encode()).hexdigest()[:24]}.npz"
+
+
+def cached_random_layer(config: LayerConfig, seed: int) -> LayerParams | None:
+    """The parameters of `build_layer(config, seed)` from the cache, or None."""
+    path = _cache_file(config, seed)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            tensors = {name: data[name] for name in data.files}
+        return LayerParams(config, tensors)
+    except Exception:  # absent, unreadable, damaged or not this layer's: drawn again
+        return None
+
+
+def remember_random_layer(params: LayerParams, seed: int) -> None:
+    """Keep a random layer's parameters for the next run; a cache that cannot be written is skipped."""
+    from .files import atomic_write
+
+    path = _cache_file(params.config, seed)
+    try:
+        atomic_write(path, lambda f: np.savez(f, **params.tensors))
+    except Exception:  # OutputError, ...: the cache only saves time
+        pass
+
+
+def random_layer_params(config: LayerConfig, seed: int) -> LayerParams:
+    """The parameters of `build_layer(config, seed)`: from the cache, else drawn with torch and cached."""
+    params = cached_random_layer(config, seed)
+    if params is None:  # the first run of this layer on this machine draws it with torch, once
+        from .layer import build_layer
+
+        params = LayerParams.from_module(build_layer(config, seed))
+        remember_random_layer(params, seed)
+    return params

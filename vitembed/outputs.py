@@ -1,0 +1,214 @@
+"""Where each input's tokens go, and which inputs a resumed run can skip.
+
+`OutputPlan` maps inputs to output paths; `plan_jobs` turns the stream of inputs into jobs, in
+input order, deciding on the way which ones need no work (`Skipped`) or cannot be done (`Failed`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError
+from .formats import FORMATS, output_header
+from .inputs import Source
+from .outcomes import Failed, Job, Skipped, display_path
+
+__all__ = ["OutputPlan", "Resume", "plan_jobs"]
+
+
+class ClaimedPaths:
+    """A set of paths held as 8-byte digests in an open-addressing table (8 to 16 bytes a path,
+    against about 130 for a set of the strings): memory that a run of millions of inputs can
+    afford. Two different paths share a digest with odds of about n / 2^64; the cost would be a
+    longer name for the second (`pet.png.npy`), never an overwrite.
+    """
+
+    def __init__(self, capacity: int = 1024):
+        self.table = np.zeros(capacity, np.uint64)  # 0: empty
+        self.count = 0
+
+    def add(self, key: str) -> bool:
+        """Add `key`; False if it was there already."""
+        digest = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
+        digest = np.uint64(digest or 1)
+        if 2 * (self.count + 1) > len(self.table):
+            self._grow()
+        return self._insert(digest)
+
+    def _insert(self, digest: np.uint64) -> bool:
+        mask = len(self.table) - 1
+        slot = int(digest) & mask
+        while self.table[slot]:
+            if self.table[slot] == digest:
+                return False
+            slot = (slot + 1) & mask
+        self.table[slot] = digest
+        self.count += 1
+        return True
+
+    def _grow(self) -> None:
+        old = self.table[self.table != 0]
+        self.table = np.zeros(2 * len(self.table), np.uint64)
+        self.count = 0
+        for digest in old:
+            self._insert(digest)
+
+
+@dataclass
+class OutputPlan:
+    """Maps each input to its output path.
+
+    Modes: `beside` (no -o: next to the input), `dir` (-o DIR: the input's relative path under
+    DIR), `file` (-o FILE.npy / FILE.pt: exactly there, one input only) and `stdout` (-o -).
+
+    Two inputs that would map to the same output both get their own file: the first keeps the
+    plain name (`pet.npy`), each later one keeps its own extension too (`pet.png.npy`), then a
+    counter (`pet.png.1.npy`) if even that is taken.
+    """
+
+    mode: str
+    fmt: str
+    target: Path | None = None
+    _claimed: ClaimedPaths = field(default_factory=ClaimedPaths, repr=False)
+
+    @classmethod
+    def from_option(cls, out: str | None, fmt: str | None) -> OutputPlan:
+        if fmt is not None and fmt not in FORMATS:
+            raise ConfigError(f"unknown format {fmt!r}; choose {' or '.join(FORMATS)}")
+        if out is None:
+            return cls("beside", fmt or "npy")
+        if out == "-":
+            return cls("stdout", fmt or "npy")
+        path = Path(out)
+        suffix = path.suffix.lower().lstrip(".")
+        if suffix in FORMATS and not path.is_dir():
+            if fmt is not None and fmt != suffix:
+                raise ConfigError(f"-o {out} names a .{suffix} file but --format is {fmt}")
+            return cls("file", suffix, path)
+        return cls("dir", fmt or "npy", path)
+
+    def assign(self, source: Source) -> Path | None:
+        """The output path for `source` (None for stdout), unique within this run."""
+        if self.mode == "stdout":
+            return None
+        if self.mode == "file":
+            return self.target
+        base = self.target / source.rel if self.mode == "dir" else source.path
+        stem = base.with_suffix("") if base.suffix else base
+        candidates = [stem.with_name(f"{stem.name}.{self.fmt}"), base.with_name(f"{base.name}.{self.fmt}")]
+        for path in candidates:
+            if self._claim(path):
+                return path
+        n = 1
+        while not self._claim(path := base.with_name(f"{base.name}.{n}.{self.fmt}")):
+            n += 1
+        return path
+
+    def _claim(self, path: Path) -> bool:
+        return self._claimed.add(os.path.normcase(os.path.abspath(path)))
+
+    def relative(self, path: Path | None) -> str | None:
+        """An output path as the manifest records it: relative to -o DIR where it lies inside."""
+        if path is None:
+            return None
+        if self.target is not None and self.mode == "dir":
+            try:
+                return display_path(path.relative_to(self.target))
+            except ValueError:
+                pass
+        return display_path(path)
+
+
+@dataclass
+class Resume:
+    """What a run may skip (`--skip-existing`) or must not overwrite, and what it knows of
+    earlier outputs.
+
+    Attributes:
+        skip_existing: skip inputs whose output is there, made from them with this configuration.
+        overwrite: replace files that are not this configuration's outputs.
+        shape, dtype: of this run's outputs (per input).
+        made_from: from -o DIR's manifest, output (relative to DIR) -> the input it was made from;
+            for shards, (shard, row) -> input. None without a manifest.
+    """
+
+    skip_existing: bool = False
+    overwrite: bool = False
+    shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+    made_from: dict | None = None
+
+
+def plan_jobs(sources: Iterable[Source], plan: OutputPlan, resume: Resume,
+              shard_size: int | None = None) -> Iterator[Job | Failed | Skipped]:
+    """Jobs for the inputs, in order, and the inputs that need none (skipped, or known bad)."""
+    if shard_size:
+        yield from _shard_jobs(sources, plan, resume, shard_size)
+        return
+    for index, source in enumerate(sources):
+        if source.error:
+            yield Failed(source, source.error)
+            continue
+        output = plan.assign(source)
+        job = Job(source, output, index)
+        yield job if output is None else _existing(job, plan, resume)
+
+
+def _existing(job: Job, plan: OutputPlan, resume: Resume) -> Job | Failed | Skipped:
+    """The job, unless its output exists: then skipped, or refused if it is not this run's kind."""
+    output = job.output
+    if resume.overwrite or not os.path.lexists(output):
+        return job
+    found = output_header(output)
+    if found != (resume.shape, resume.dtype):
+        what = "not a .npy/.pt output" if found is None else f"{_shape(found[0])} {found[1]}"
+        return Failed(job.source, f"{display_path(output)} exists and holds {what}, not this run's "
+                                  f"{_shape(resume.shape)} {resume.dtype}; use --overwrite to replace it")
+    made_from = resume.made_from
+    name = display_path(job.source.path)
+    # An output the manifest gives to another input (an input set that changed between runs
+    # moves collision names) is made again, never taken for this input's.
+    if resume.skip_existing and (made_from is None or made_from.get(plan.relative(output), name) == name):
+        return Skipped(job.source, output, resume.shape, resume.dtype)
+    return job  # this configuration's output, to be made again (or made from another input)
+
+
+def _shape(shape) -> str:
+    return "(" + ", ".join(map(str, shape)) + ")"
+
+
+def _shard_jobs(sources: Iterable[Source], plan: OutputPlan, resume: Resume, k: int) -> Iterator[Job | Failed | Skipped]:
+    """Jobs a shard at a time: a shard is skipped only when the file holds K rows of this run's
+    shape and dtype and the manifest gives each row to this run's input for it, as ok."""
+    batch: list[Source] = []
+    shard = 0
+    for source in sources:
+        batch.append(source)
+        if len(batch) == k:
+            yield from _shard(batch, shard, plan, resume, k)
+            batch, shard = [], shard + 1
+    if batch:
+        yield from _shard(batch, shard, plan, resume, k)
+
+
+def _shard(sources: list[Source], shard: int, plan: OutputPlan, resume: Resume, k: int) -> Iterator[Job | Failed | Skipped]:
+    path = plan.target / f"shard-{shard:05d}.npy"
+    name = plan.relative(path)
+    rows = resume.made_from or {}
+    done = (resume.skip_existing and len(sources) == k
+            and output_header(path) == ((k, *resume.shape), resume.dtype)
+            and all(rows.get((name, row)) == display_path(s.path) for row, s in enumerate(sources)))
+    for row, source in enumerate(sources):
+        job = Job(source, path, shard * k + row)
+        if done:
+            yield Skipped(source, path, resume.shape, resume.dtype, row)
+        elif source.error:
+            yield Failed(source, source.error, job)
+        else:
+            yield job

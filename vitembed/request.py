@@ -1,0 +1,236 @@
+"""One encode request: every option of `vitembed encode`, checked together, and the run it makes.
+
+`EncodeRequest` holds the options as a user gives them (the command line's, or keyword arguments
+of `vitembed.encode`), and owns every rule between them, so that the library refuses what the
+command line refuses, with the same message. `encode` runs a request over inputs: it is what
+`vitembed encode` calls.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import LayerConfig, resolve_config
+from .errors import ConfigError
+from .formats import DTYPES
+
+__all__ = ["DTYPE_ALIASES", "EncodeRequest", "encode", "layer_from_options"]
+
+DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "single": "float32", "fp16": "float16", "half": "float16",
+                 "bf16": "bfloat16"}
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits
+
+
+@dataclass
+class EncodeRequest:
+    """Everything `vitembed encode` takes besides its inputs; see `vitembed encode --help`.
+
+    Layer: `preset`, `image_size`, `patch_size` (or `num_patch_row`), `emb_dim`, `in_channels`,
+    `seed` for a random layer; or `weights` (a file, folder or pretrained name), which fixes the
+    shape (only `image_size` may change it: the position embedding is resampled).
+    Images: `resize`, `crop_pct`, `interpolation`, `background`, `normalize`, `max_pixels`,
+    `fast_decode` (None: the weights' own, else vitembed's defaults).
+    Run: `output` (None: beside each input; a folder; FILE.npy / FILE.pt; "-" for stdout),
+    `format`, `device`, `engine`, `decode`, `dtype`, `batch_size`, `workers`, `writers`,
+    `skip_existing`, `overwrite`, `shard_size`, `decode_timeout`.
+    """
+
+    preset: str | None = None
+    image_size: int | None = None
+    patch_size: int | None = None
+    num_patch_row: int | None = None
+    emb_dim: int | None = None
+    in_channels: int | None = None
+    weights: str | None = None
+    seed: int = 0
+    resize: str | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    background: str | tuple[int, int, int] = "white"
+    normalize: str | None = None
+    max_pixels: int | None = None
+    fast_decode: bool = False
+    output: str | os.PathLike | None = None
+    format: str | None = None
+    device: str = "auto"
+    engine: str = "auto"
+    decode: str = "auto"
+    dtype: str = "float32"
+    batch_size: int = 32
+    workers: int | None = None
+    writers: int | None = None
+    skip_existing: bool = False
+    overwrite: bool = False
+    shard_size: int | None = None
+    decode_timeout: float | None = 120.0
+
+    def __post_init__(self) -> None:
+        self.dtype = DTYPE_ALIASES.get(str(self.dtype).lower(), self.dtype)
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown dtype {self.dtype!r}; choose {', '.join(DTYPES)} "
+                              f"(or {', '.join(DTYPE_ALIASES)})")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
+        if self.output is not None:
+            self.output = os.fspath(self.output)
+        self.options()  # the run options' own checks, now
+
+    def options(self):
+        from .pipeline import EncodeOptions
+
+        return EncodeOptions(decode=self.decode, batch_size=self.batch_size, workers=self.workers,
+                             writers=self.writers, skip_existing=self.skip_existing, overwrite=self.overwrite,
+                             shard_size=self.shard_size, decode_timeout=self.decode_timeout)
+
+    def layer(self) -> tuple[Any, str, list[str], dict]:
+        """(the layer, where it came from, notices for the user, the weights' preprocessing)."""
+        return layer_from_options(self.preset, self.image_size, self.patch_size, self.num_patch_row,
+                                  self.emb_dim, self.in_channels, self.weights, self.seed)
+
+    def preprocess(self, config: LayerConfig, weights_prep: dict):
+        """The preprocessing: the user's options, then the weights' own, then vitembed's defaults."""
+        from .images import NORMALIZATIONS, Preprocess, parse_color
+
+        fields = dict(weights_prep)
+        if self.normalize is not None:
+            if self.normalize not in NORMALIZATIONS:
+                raise ConfigError(f"unknown normalization {self.normalize!r}; choose {', '.join(NORMALIZATIONS)}")
+            fields["mean"], fields["std"] = NORMALIZATIONS[self.normalize]
+        user = {"resize": self.resize, "crop_pct": self.crop_pct, "interpolation": self.interpolation,
+                "max_pixels": self.max_pixels}
+        fields.update({k: v for k, v in user.items() if v is not None})
+        background = parse_color(self.background) if isinstance(self.background, str) else tuple(self.background)
+        return Preprocess(image_size=config.image_size, channels=config.in_channels, background=background,
+                          fast_decode=self.fast_decode, **fields)
+
+    def encoder(self):
+        """The Encoder, and the run configuration run.json records (what decides the outputs' bytes)."""
+        from .encoder import Encoder
+        from .kernel import fingerprint
+
+        layer, source, notes, weights_prep = self.layer()
+        prep = self.preprocess(layer.config, weights_prep)
+        encoder = Encoder(layer, prep, engine=self.engine, device=self.device, dtype=self.dtype)
+        prep_record = {k: list(v) if isinstance(v, tuple) else v for k, v in prep.to_dict().items() if k != "max_pixels"}
+        config = {
+            "layer": encoder.config.to_dict(),
+            "weights": {"source": source, "fingerprint": fingerprint(encoder.params.state_dict())},
+            "preprocess": prep_record,
+            "format": None,  # set with the output plan
+            "dtype": self.dtype,
+            # Only when set, so that folders written before shards existed still match.
+            **({"shard_size": self.shard_size} if self.shard_size else {}),
+        }
+        return encoder, config, notes
+
+
+def layer_from_options(preset=None, image_size=None, patch_size=None, num_patch_row=None, emb_dim=None,
+                       in_channels=None, weights=None, seed=0) -> tuple[Any, str, list[str], dict]:
+    """A layer from the layer options: (the layer, its source, notices, the weights' preprocessing).
+
+    Without `weights` it is the random layer of `seed`, as `LayerParams` (from the cache of random
+    layers when it can, so that no torch is needed); with `weights`, the `LoadedWeights`.
+    """
+    if weights is None:
+        from .layercache import random_layer_params
+
+        config = resolve_config(preset, image_size=image_size, patch_size=patch_size,
+                                num_patch_row=num_patch_row, emb_dim=emb_dim, in_channels=in_channels)
+        return random_layer_params(config, seed), f"random, seed {seed}", [], {}
+    loaded = _load_weights(weights, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels)
+    return loaded, loaded.source, list(loaded.notes), dict(loaded.preprocess)
+
+
+def _load_weights(weights, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels):
+    """LoadedWeights for --weights; --image-size / --num-patch-row resample, the shape options must agree."""
+    from .weights import load_weights
+
+    if preset is not None:
+        raise ConfigError("--weights fixes the layer shape; drop --preset")
+    if image_size is not None and num_patch_row is not None:
+        raise ConfigError("give either --image-size or --num-patch-row with --weights, not both")
+    loaded = load_weights(weights)
+    cfg = loaded.config
+    mismatched = [
+        f"{flag} {value} (the weights have {actual})"
+        for flag, value, actual in (("--patch-size", patch_size, cfg.patch_size), ("--emb-dim", emb_dim, cfg.emb_dim),
+                                    ("--in-channels", in_channels, cfg.in_channels))
+        if value is not None and value != actual
+    ]
+    if mismatched:
+        raise ConfigError(f"--weights fixes the patch size, D and channels; drop {'; '.join(mismatched)} "
+                          "(only --image-size may change: the position embedding is resampled)")
+    if num_patch_row is not None:
+        image_size = num_patch_row * cfg.patch_size
+    if image_size is not None:
+        from .checkpoints import resize_weights
+
+        loaded = resize_weights(loaded, image_size)
+    return loaded
+
+
+def encode(inputs: Iterable[str | os.PathLike], output: str | os.PathLike | None = None, *,
+           on_result: Callable | None = None, stop: threading.Event | None = None, null: bool = False,
+           stdin=None, stdout=None, on_notice: Callable[[str], None] | None = None, **options):
+    """Encode image files and folders, as `vitembed encode` does; returns the run's `Summary`.
+
+    Args:
+        inputs: files, folders (walked recursively), or "-" to read paths from `stdin`.
+        output: None (beside each input), a folder, FILE.npy / FILE.pt (one input), or "-".
+        on_result: called with each input's outcome (`Written`, `Failed`, `Skipped`) as it finishes.
+        stop: set it to stop the run early; every output written is whole.
+        null: paths on stdin are NUL-separated.
+        on_notice: called with one-line notices (a resampled position embedding, ...).
+        **options: the fields of `EncodeRequest` (preset, weights, dtype, workers, ...).
+
+    Raises:
+        ConfigError: options that cannot work together, or an -o folder of another configuration.
+        WeightsError: weights that cannot be read.
+    """
+    from .folder import MANIFEST_FILE, OutputFolder, run_record
+    from .inputs import iter_sources
+    from .outputs import OutputPlan
+    from .pipeline import check, run
+
+    request = EncodeRequest(output=output, **options)
+    plan = OutputPlan.from_option(request.output, request.format)
+    inputs = [os.fspath(i) for i in inputs]
+    if inputs.count("-") > 1:
+        raise ConfigError("- (read paths from stdin) may be given once")
+    stdin = stdin if stdin is not None else (sys.stdin.buffer if "-" in inputs else None)
+    sources = iter_sources(inputs, stdin, null)
+    if plan.mode in ("file", "stdout"):
+        sources = list(sources)
+        if len(sources) != 1:
+            raise ConfigError(f"-o {output} takes exactly one input image, got {len(sources)}")
+    encoder, config, notes = request.encoder()
+    for note in notes:
+        (on_notice or (lambda text: None))(note)
+    options_ = request.options()
+    check(encoder, plan, options_)
+    config["format"] = plan.fmt
+    folder = None
+    if plan.mode == "dir":
+        folder = OutputFolder(plan.target, config, run_record(config, encoder.device), plan.relative,
+                              overwrite=request.overwrite)
+    report = on_result or (lambda outcome: None)
+
+    def record(outcome) -> None:
+        if folder is not None:
+            folder.record(outcome)
+        report(outcome)
+
+    try:
+        return run(sources, encoder, plan, options_, on_result=record, stop=stop, stdout=stdout,
+                   made_from=folder.made_from if folder is not None else None)
+    finally:
+        if folder is not None:
+            folder.close()

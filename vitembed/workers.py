@@ -1,0 +1,114 @@
+"""What a decoder process is and does: its set-up, and its task for one input.
+
+A decoder opens the file and decodes it with Pillow (`images.load_image`). Where the layer runs
+in numpy (the CPU's engine) it also computes z0 (`kernel.Kernel`), and for one-file-per-image
+outputs writes the file itself (`sinks.FileWriter`): an image is then decoded, embedded and
+written by one process, and only a short `Written` record crosses back. Otherwise it returns the
+pixels (`Decoded`), or the tokens for a shard or stdout (`Encoded`). With `--decode gpu` it only
+reads plain JPEGs' bytes, for the device to decode.
+
+The ordered, crash- and timeout-proof pool that runs these tasks is `pool.OrderedPool`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from dataclasses import dataclass
+
+from .errors import InputError, OutputError
+from .formats import cast
+from .images import Preprocess, keep_pixel_blocks, load_image, read_plain_jpeg, set_pillow_limit
+from .kernel import Kernel
+from .outcomes import Decoded, Encoded, Failed, Job, OutputFailed, Written
+from .sinks import FileWriter
+
+__all__ = ["WorkerTask", "init_worker", "limit_memory"]
+
+
+def init_worker(max_pixels: int = 0, numpy_engine: bool = False) -> None:
+    """Set up a decoder process (its own: nothing here reaches a program that imports vitembed)."""
+    from .blas import set_blas_threads
+    from .processes import die_with_parent, keep_heap
+
+    die_with_parent()
+    # The parent decides when to stop: a terminal's Ctrl-C reaches the whole process group.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # C decoders (libtiff, ...) print their complaints straight to stderr; each bad file is
+    # reported once, by the parent, as a result.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+    except OSError:
+        pass
+    if max_pixels:
+        set_pillow_limit(max_pixels)  # this process's Pillow: vitembed checks --max-pixels itself
+        limit_memory(max_pixels)
+    keep_pixel_blocks()
+    keep_heap()
+    if numpy_engine:
+        set_blas_threads(1)  # one decoder per core already; see blas.py
+
+
+def limit_memory(max_pixels: int) -> None:
+    """Cap a decoder's address space, so that no file, whatever it claims, exhausts the machine.
+
+    --max-pixels already refuses large images from their header; this catches the allocations a
+    header does not announce. A decode of the largest allowed image needs about 24 bytes per
+    pixel at its peak (16-bit input scaled to 8 bits); an allocation beyond the cap is a
+    MemoryError, which fails that one file.
+    """
+    try:
+        import resource
+
+        limit = _BASE_ADDRESS_SPACE + 32 * max_pixels
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        if hard != resource.RLIM_INFINITY:
+            limit = min(limit, hard)
+        if soft == resource.RLIM_INFINITY or soft > limit:
+            resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    except (ImportError, ValueError, OSError):  # not on this platform: --max-pixels still holds
+        pass
+
+
+_BASE_ADDRESS_SPACE = 4 << 30  # the interpreter, numpy and Pillow mapped, with room to spare
+
+
+@dataclass(frozen=True)
+class WorkerTask:
+    """A decoder's work for one job: decode; then encode with `kernel`, and write with `writer`,
+    where given. Sent to each decoder process once (the kernel is megabytes).
+
+    Attributes:
+        kernel: the numpy engine's layer; None: return the pixels.
+        dtype: of the tokens the kernel returns.
+        writer: writes one file per image; None: return the tokens.
+        device_jpegs: return plain JPEGs' bytes for the device to decode (`--decode gpu`).
+    """
+
+    prep: Preprocess
+    kernel: Kernel | None = None
+    dtype: str = "float32"
+    writer: FileWriter | None = None
+    device_jpegs: bool = False
+
+    def __call__(self, job: Job) -> Decoded | Encoded | Written | Failed | OutputFailed:
+        path = job.source.path
+        if self.device_jpegs:
+            jpeg = read_plain_jpeg(path, self.prep)
+            if jpeg is not None:
+                return Decoded(job, jpeg)
+        try:
+            pixels = load_image(path, self.prep)
+        except InputError as exc:
+            return Failed(job.source, str(exc), job)
+        if self.kernel is None:
+            return Decoded(job, pixels)
+        tokens = cast(self.kernel(pixels), self.dtype)
+        if self.writer is None:
+            return Encoded(job, tokens)
+        try:
+            return self.writer.write(job, tokens)
+        except OutputError as exc:  # a full disk, say: it stops the run, in the parent
+            return OutputFailed(str(exc))
