@@ -73,22 +73,21 @@ def _create_temporary(folder: Path) -> tuple[Path, int]:
     raise FileExistsError(errno.EEXIST, "cannot create a temporary file", str(folder))
 
 
+_REASONS = {
+    errno.ENOSPC: "disk full (no space left on device)",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.ENOTDIR: "a path component is a file, not a folder",
+    errno.ENAMETOOLONG: "file name too long",
+    errno.ELOOP: "is a symbolic link, which vitembed does not follow",
+}
+
+
 def describe_os_error(exc: OSError) -> str:
-    if exc.errno == errno.ENOSPC:
-        return "disk full (no space left on device)"
-    if exc.errno == errno.EDQUOT:
-        return "disk quota exceeded"
-    if exc.errno == errno.EROFS:
-        return "read-only file system"
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied"
-    if exc.errno == errno.ENOTDIR:
-        return "a path component is a file, not a folder"
-    if exc.errno == errno.ENAMETOOLONG:
-        return "file name too long"
-    if exc.errno == errno.ELOOP:
-        return "is a symbolic link, which vitembed does not follow"
-    return exc.strerror or str(exc)
+    """An OSError's reason in a few plain words."""
+    return _REASONS.get(exc.errno) or exc.strerror or str(exc)
 
 
 def _remove_quietly(path: Path | None) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 from .config import LayerConfig, resolve_config
 from .errors import ConfigError
 from .formats import DTYPES
+from .pipeline import EncodeOptions
 
 __all__ = ["DTYPE_ALIASES", "EncodeRequest", "encode", "layer_from_options"]
 
@@ -38,9 +39,9 @@ class EncodeRequest:
     shape (only `image_size` may change it: the position embedding is resampled).
     Images: `resize`, `crop_pct`, `interpolation`, `background`, `normalize`, `max_pixels`,
     `fast_decode` (None: the weights' own, else vitembed's defaults).
-    Run: `output` (None: beside each input; a folder; FILE.npy / FILE.pt; "-" for stdout),
-    `format`, `device`, `engine`, `decode`, `dtype`, `batch_size`, `workers`, `writers`,
-    `skip_existing`, `overwrite`, `shard_size`, `decode_timeout`.
+    Outputs and compute: `output` (None: beside each input; a folder; FILE.npy / FILE.pt; "-" for
+    stdout), `format`, `device`, `engine`, `dtype`; how the run goes: `run` (`EncodeOptions`:
+    decode, batch size, workers, skip-existing, overwrite, shards, decode timeout).
     """
 
     preset: str | None = None
@@ -62,15 +63,15 @@ class EncodeRequest:
     format: str | None = None
     device: str = "auto"
     engine: str = "auto"
-    decode: str = "auto"
     dtype: str = "float32"
-    batch_size: int = 32
-    workers: int | None = None
-    writers: int | None = None
-    skip_existing: bool = False
-    overwrite: bool = False
-    shard_size: int | None = None
-    decode_timeout: float | None = 120.0
+    run: EncodeOptions = dataclasses.field(default_factory=EncodeOptions)
+
+    @classmethod
+    def from_options(cls, **options) -> EncodeRequest:
+        """From flat keyword arguments (`vitembed.encode`'s): `EncodeOptions`' fields go to `run`."""
+        names = {f.name for f in dataclasses.fields(EncodeOptions)}
+        run = EncodeOptions(**{k: v for k, v in options.items() if k in names})
+        return cls(**{k: v for k, v in options.items() if k not in names}, run=run)
 
     def __post_init__(self) -> None:
         self.dtype = DTYPE_ALIASES.get(str(self.dtype).lower(), self.dtype)
@@ -81,14 +82,6 @@ class EncodeRequest:
             raise ConfigError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
         if self.output is not None:
             self.output = os.fspath(self.output)
-        self.options()  # the run options' own checks, now
-
-    def options(self):
-        from .pipeline import EncodeOptions
-
-        return EncodeOptions(decode=self.decode, batch_size=self.batch_size, workers=self.workers,
-                             writers=self.writers, skip_existing=self.skip_existing, overwrite=self.overwrite,
-                             shard_size=self.shard_size, decode_timeout=self.decode_timeout)
 
     def layer(self) -> tuple[Any, str, list[str], dict]:
         """(the layer, where it came from, notices for the user, the weights' preprocessing)."""
@@ -127,7 +120,7 @@ class EncodeRequest:
             "format": None,  # set with the output plan
             "dtype": self.dtype,
             # Only when set, so that folders written before shards existed still match.
-            **({"shard_size": self.shard_size} if self.shard_size else {}),
+            **({"shard_size": self.run.shard_size} if self.run.shard_size else {}),
         }
         return encoder, config, notes
 
@@ -200,7 +193,7 @@ def encode(inputs: Iterable[str | os.PathLike], output: str | os.PathLike | None
     from .outputs import OutputPlan
     from .pipeline import check, run
 
-    request = EncodeRequest(output=output, **options)
+    request = EncodeRequest.from_options(output=output, **options)
     plan = OutputPlan.from_option(request.output, request.format)
     inputs = [os.fspath(i) for i in inputs]
     if inputs.count("-") > 1:
@@ -214,13 +207,12 @@ def encode(inputs: Iterable[str | os.PathLike], output: str | os.PathLike | None
     encoder, config, notes = request.encoder()
     for note in notes:
         (on_notice or (lambda text: None))(note)
-    options_ = request.options()
-    check(encoder, plan, options_)
+    check(encoder, plan, request.run)
     config["format"] = plan.fmt
     folder = None
     if plan.mode == "dir":
         folder = OutputFolder(plan.target, config, run_record(config, encoder.device), plan.relative,
-                              overwrite=request.overwrite)
+                              overwrite=request.run.overwrite)
     report = on_result or (lambda outcome: None)
 
     def record(outcome) -> None:
@@ -229,7 +221,7 @@ def encode(inputs: Iterable[str | os.PathLike], output: str | os.PathLike | None
         report(outcome)
 
     try:
-        return run(sources, encoder, plan, options_, on_result=record, stop=stop, stdout=stdout,
+        return run(sources, encoder, plan, request.run, on_result=record, stop=stop, stdout=stdout,
                    made_from=folder.made_from if folder is not None else None)
     finally:
         if folder is not None:
