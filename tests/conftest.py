@@ -56,14 +56,40 @@ def make_image(path: Path, size=(64, 48), mode="RGB", seed=0, **save_kwargs) -> 
     return path
 
 
+_READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TORCH_HOME")  # settings libraries read once, when imported
+
+
 def run_cli(*args: str, input: bytes | None = None, cwd: Path | None = None, timeout: float = 300,
-            env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m vitembed ARGS` in a subprocess, bytes in and out."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "vitembed", *map(str, args)],
-        input=input, capture_output=True, cwd=cwd, timeout=timeout, env=full_env,
-    )
+            env: dict | None = None, process: bool = False) -> subprocess.CompletedProcess:
+    """`vitembed ARGS`, bytes in and out: in this process with Typer's CliRunner, or, with
+    `process` (signals, start-up, an environment that must not leak: PYTHONPATH), as
+    `python -m vitembed` in a subprocess. An exception that escapes the command comes back as a
+    traceback on stderr and exit code 1, as from a real process."""
+    if process or any(k == "PYTHONPATH" or k.startswith(_READ_AT_IMPORT) for k in env or {}):
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        return subprocess.run([sys.executable, "-m", "vitembed", *map(str, args)], input=input,
+                              capture_output=True, cwd=cwd, timeout=timeout, env=full_env)
+    import traceback
+
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from vitembed.cli import app
+
+    pillow_limit, here = Image.MAX_IMAGE_PIXELS, os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        result = CliRunner().invoke(app, [str(a) for a in args], input=input, env=env, catch_exceptions=True)
+    finally:
+        os.chdir(here)
+        Image.MAX_IMAGE_PIXELS = pillow_limit  # --max-pixels raises the command's own process's limit
+    stderr = result.stderr_bytes or b""
+    code = result.exit_code
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        stderr += "".join(traceback.format_exception(result.exception)).encode()
+        code = 1
+    return subprocess.CompletedProcess(["vitembed", *map(str, args)], code, result.stdout_bytes, stderr)
 
 
 def json_lines(stdout: bytes | str) -> list[dict]:

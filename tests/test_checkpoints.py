@@ -199,6 +199,7 @@ def test_torchvision_named_weights_from_the_hub_cache(tmp_path, monkeypatch):
     assert info["preprocess"]["resize"] == "crop" and info["preprocess"]["interpolation"] == "bilinear"
 
 
+@pytest.mark.slow
 def test_named_weights_without_network_is_one_line(tmp_path):
     env = {"TORCH_HOME": str(tmp_path / "empty"), "https_proxy": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
            "no_proxy": "", "NO_PROXY": "", "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hf")}
@@ -265,6 +266,7 @@ def fill_hf_cache(cache: Path, repo: str, files: dict[str, Path | bytes]) -> Non
         (snap / name).write_bytes(content if isinstance(content, bytes) else content.read_bytes())
 
 
+@pytest.mark.slow
 def test_hf_repo_name_from_the_hub_cache(image, tmp_path):
     from transformers import ViTImageProcessor
 
@@ -282,6 +284,7 @@ def test_hf_repo_name_from_the_hub_cache(image, tmp_path):
     torch.testing.assert_close(z0, hf_z0(m, pixels(image)), atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.slow
 def test_timm_name_from_the_hub_cache(tmp_path):
     """timm:MODEL.TAG fetches timm's hub file through the HF cache; preprocessing comes from timm's cfg."""
     m = timm_vit()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -139,6 +138,7 @@ def test_engine_numpy_refuses_a_gpu(tmp_path, sample_paths):
 # --- the cache of random layers ------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_second_run_imports_no_torch_and_gives_the_same_bytes(tmp_path, sample_paths, no_torch_env):
     """The first run draws the random layer with torch and caches it; the second runs with a
     torch that cannot be imported, and writes the same bytes."""
@@ -157,6 +157,7 @@ def test_second_run_imports_no_torch_and_gives_the_same_bytes(tmp_path, sample_p
     assert resumed.returncode == 0, resumed.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_pt_outputs_without_torch(tmp_path, sample_paths, dtype, no_torch_env):
     """.pt files (a folder of them, or one on stdout) come from the numpy engine too, with no torch
@@ -205,6 +206,7 @@ def test_cache_is_keyed_and_checked(tmp_path, monkeypatch, sample_paths):
     assert (tmp_path / "out-1.npy").read_bytes() == good
 
 
+@pytest.mark.slow
 def test_unwritable_cache_only_costs_time(tmp_path, sample_paths):
     (tmp_path / "cache").write_text("a file, not a folder")
     env = {"VITEMBED_CACHE_DIR": str(tmp_path / "cache")}
@@ -245,6 +247,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_heap tunes glibc's allocator")
 def test_decoders_keep_their_heap():
     """keep_heap (decoder processes) stops glibc returning the heap's top after every image, and

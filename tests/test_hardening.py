@@ -170,6 +170,7 @@ def test_bomb_refused_before_decoding_and_limit_can_be_raised(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_decoder_memory_is_capped(tmp_path):
     """A worker's address space is limited, so a header that lies past --max-pixels cannot exhaust RAM."""
     script = (
@@ -361,6 +362,7 @@ def _same_as_reference(out: Path, reference: Path) -> None:
     assert not list(out.glob(".vitembed-*.tmp"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_stops_cleanly_and_resume_is_byte_identical(many_images, reference_run, tmp_path, signum, code):
     out = tmp_path / "out"
@@ -388,6 +390,7 @@ def test_signal_stops_cleanly_and_resume_is_byte_identical(many_images, referenc
     assert len(last) == 300 and all(r["status"] in ("ok", "skipped") and r["shape"] == [17, 16] for r in last.values())
 
 
+@pytest.mark.slow
 def test_sigkill_leaves_only_whole_files_and_resume_cleans_up(many_images, reference_run, tmp_path):
     out = tmp_path / "out"
     proc = _start("encode", many_images, "-o", out, "--json", "-b", "4", "-j", "1", *SMALL)
@@ -427,6 +430,7 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the decoder processes")
 def test_ctrl_c_does_not_wait_for_a_hung_decode(many_images, tmp_path):
     """A decoder that hangs (stopped with SIGSTOP here) does not hold up Ctrl-C: it is killed."""
@@ -446,6 +450,7 @@ def _parent(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the decoder processes")
 def test_killed_decoder_costs_no_result(many_images, reference_run, tmp_path):
     out = tmp_path / "out"
@@ -463,6 +468,7 @@ def test_killed_decoder_costs_no_result(many_images, reference_run, tmp_path):
     _same_as_reference(out, reference_run)
 
 
+@pytest.mark.slow
 def test_closed_pipe_ends_quietly(many_images, tmp_path):
     proc = _start("encode", many_images, "-o", tmp_path / "out", "--json", "-b", "4", *SMALL)
     proc.stdout.readline()
@@ -523,6 +529,7 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_full_disk_stops_with_one_clear_message(many_images, small_disk):
     out = small_disk / "out"
     r = run_cli("encode", many_images, "-o", out, "--image-size", "64", "--patch-size", "8", "--emb-dim", "64",
@@ -536,6 +543,7 @@ def test_full_disk_stops_with_one_clear_message(many_images, small_disk):
     assert not list(out.glob(".vitembed-*.tmp"))
 
 
+@pytest.mark.slow
 def test_read_only_target(photo_dir, small_disk):
     (small_disk / "out").mkdir()
     if subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], capture_output=True).returncode:
@@ -563,6 +571,7 @@ def test_inputs_untouched_and_nothing_written_outside_output(tmp_path):
     assert everything - {a, b} == {p for p in everything if p.is_relative_to(out)}
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork") or not Path("/proc/self/stat").exists(), reason="needs fork and /proc")
 def test_temporary_of_a_zombie_writer_is_stale(tmp_path):
     """A decoder killed with its parent is a zombie until init reaps it (slowly, in some

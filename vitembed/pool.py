@@ -1,6 +1,5 @@
 """TEMPORARY scratch pool for local testing (replaced by the real pool)."""
 from __future__ import annotations
-import itertools
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass

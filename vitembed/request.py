@@ -9,13 +9,11 @@ command line refuses, with the same message. `encode` runs a request over inputs
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .config import LayerConfig, resolve_config
@@ -188,7 +186,7 @@ def encode(inputs: Iterable[str | os.PathLike], output: str | os.PathLike | None
         ConfigError: options that cannot work together, or an -o folder of another configuration.
         WeightsError: weights that cannot be read.
     """
-    from .folder import MANIFEST_FILE, OutputFolder, run_record
+    from .folder import OutputFolder, run_record
     from .inputs import iter_sources
     from .outputs import OutputPlan
     from .pipeline import check, run
