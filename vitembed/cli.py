@@ -175,7 +175,8 @@ def encode(
     # This process computes nothing with numpy's BLAS (decoders do, on one thread each); its extra
     # OpenBLAS threads would only spin for a while after numpy loads.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-    from .report import Reporter, silence_stream
+    from .files import silence_stream
+    from .report import Reporter
     from .request import encode as run_encode
 
     if output == "-" and json_lines:

@@ -13,6 +13,12 @@ from .errors import ConfigError
 __all__ = ["DEFAULT_PRESET", "PRESETS", "LayerConfig", "nearest_valid_sizes", "resolve_config"]
 
 
+# Far above every ViT (ViT-G: 224 px, P = 14, D = 1664; 896 px grids exist), far below what would
+# exhaust a machine before a check could say so.
+LIMITS = {"image_size": 8192, "patch_size": 1024, "emb_dim": 16384, "in_channels": 4, "num_reg_tokens": 64}
+MAX_PARAMS = 1 << 30  # 4 GB of float32
+
+
 @dataclass(frozen=True)
 class LayerConfig:
     """Hyper-parameters of the input layer.
@@ -41,8 +47,12 @@ class LayerConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if self.num_reg_tokens < 0:
-            raise ConfigError(f"num-reg-tokens must be >= 0, got {self.num_reg_tokens}")
+            if value > LIMITS[name]:
+                raise ConfigError(f"{name.replace('_', '-')} ({value}) is over the limit of {LIMITS[name]}")
+        if not 0 <= self.num_reg_tokens <= LIMITS["num_reg_tokens"]:
+            raise ConfigError(f"num-reg-tokens must be 0 to {LIMITS['num_reg_tokens']}, got {self.num_reg_tokens}")
+        if self.num_params > MAX_PARAMS:
+            raise ConfigError(f"this layer would have {self.num_params:,} parameters, over the limit of {MAX_PARAMS:,}")
         if self.image_size % self.patch_size:
             lower, upper = nearest_valid_sizes(self.image_size, self.patch_size)
             hint = f"--image-size {lower} or {upper}" if lower else f"--image-size {upper}"

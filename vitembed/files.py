@@ -25,7 +25,8 @@ from typing import BinaryIO
 
 from .errors import OutputError
 
-__all__ = ["atomic_write", "clean_stale_temporaries", "describe_os_error", "open_regular", "regular_file_error"]
+__all__ = ["atomic_write", "clean_stale_temporaries", "describe_os_error", "open_regular", "regular_file_error",
+           "silence_stream"]
 
 _TMP_RE = re.compile(r"^\.vitembed-(\d+)-[0-9a-f]+\.tmp$")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -178,6 +179,18 @@ def open_regular(path: str | os.PathLike) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def silence_stream(stream) -> None:
+    """Point a stream whose reader went away (or whose disk is full) at /dev/null: later writes,
+    and the interpreter's own flush at exit, must not raise again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+    finally:
+        os.close(devnull)
 
 
 class NotRegularFile(OSError):

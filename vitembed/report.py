@@ -8,11 +8,12 @@ printed without markup, so that a `[` in a file name is shown as it is.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import threading
 from typing import IO, TYPE_CHECKING
 
+from .errors import OutputError
+from .files import describe_os_error, silence_stream
 from .outcomes import Outcome, Summary, display_path
 
 if TYPE_CHECKING:
@@ -21,18 +22,6 @@ if TYPE_CHECKING:
 __all__ = ["Reporter", "format_bytes", "silence_stream"]
 
 TABLE_ROWS = 20  # rows of the final table; the rest are counted
-
-
-def silence_stream(stream: IO) -> None:
-    """Point a stream whose reader went away at /dev/null: later writes, and the interpreter's
-    own flush at exit, must not raise again."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, stream.fileno())
-    except (OSError, ValueError, AttributeError):
-        pass
-    finally:
-        os.close(devnull)
 
 
 def format_bytes(n: float) -> str:
@@ -102,6 +91,9 @@ class Reporter:
                 self.stdout.flush()
             except BrokenPipeError:
                 self._on_pipe_closed()
+            except OSError as exc:  # a full disk behind a redirection, say: the run stops
+                silence_stream(self.stdout)
+                raise OutputError(f"stdout: {describe_os_error(exc)}") from None
         if self._progress is not None:
             self._progress.advance(self._task)
 

@@ -25,7 +25,7 @@ from typing import BinaryIO
 import numpy as np
 
 from .errors import OutputError, StdoutClosed
-from .files import atomic_write
+from .files import atomic_write, describe_os_error, silence_stream
 from .formats import tensor_bytes, write_tensor
 from .outcomes import Encoded, Failed, Job, Outcome, Written
 
@@ -168,6 +168,9 @@ class StdoutSink(Sink):
             self.stream.flush()
         except BrokenPipeError:
             raise StdoutClosed("stdout was closed before the tensor was fully written") from None
+        except OSError as exc:  # a full disk behind a redirection, say
+            silence_stream(self.stream)
+            raise OutputError(f"stdout: {describe_os_error(exc)}") from None
         yield Written(item.job.source, None, tuple(item.tokens.shape), self.dtype, len(data.obj))
 
 
