@@ -162,9 +162,14 @@ def is_image_path(path: str | os.PathLike) -> bool:
     return Image.EXTENSION.get(ext) in Image.OPEN or ext in image_extensions()
 
 
-def load_image(path: str | os.PathLike | BinaryIO, prep: Preprocess) -> np.ndarray:
+def load_image(path: str | os.PathLike | BinaryIO, prep: Preprocess, gate=None) -> np.ndarray:
     """Read one image file (a path, or an open binary file) as an (S, S, C) uint8 array ready for
     the layer.
+
+    Args:
+        gate: a lock (a semaphore shared by a run's decoder processes) held while an image of more
+            than LARGE_PIXELS is decoded, so that the decoders' memory adds up to one large image
+            at a time, not one per core.
 
     Raises:
         InputError: the file is missing, unreadable, not a regular file, not an image, too large
@@ -175,7 +180,7 @@ def load_image(path: str | os.PathLike | BinaryIO, prep: Preprocess) -> np.ndarr
             # Pillow warns about odd headers, EXIF and palettes while opening; not ours to show.
             warnings.simplefilter("ignore")
             with _open(path) as f, Image.open(f) as im:
-                return _prepare(im, prep)
+                return _prepare(im, prep, gate)
     except InputError:
         raise
     except FileNotFoundError:
@@ -270,7 +275,10 @@ def keep_pixel_blocks(blocks: int = 4) -> None:
     Image.core.set_blocks_max(blocks)
 
 
-def _prepare(im: Image.Image, prep: Preprocess) -> np.ndarray:
+LARGE_PIXELS = 16_000_000  # decoded one at a time across a run's decoders (`load_image`'s `gate`)
+
+
+def _prepare(im: Image.Image, prep: Preprocess, gate=None) -> np.ndarray:
     width, height = im.size
     if width < 1 or height < 1:
         raise InputError(f"image has no pixels ({width} x {height})")
@@ -283,12 +291,13 @@ def _prepare(im: Image.Image, prep: Preprocess) -> np.ndarray:
         im.seek(0)  # the first frame of an animation or a multi-page file
     if prep.fast_decode and im.format == "JPEG":
         _draft(im, prep)
-    with warnings.catch_warnings():
+    large = gate is not None and width * height > LARGE_PIXELS
+    with gate if large else contextlib.nullcontext(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow warns about odd EXIF and palettes; not ours to show
         im.load()
         ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of an unrotated image
         im = _to_rgb(im, prep.background) if prep.channels == 3 else _to_grey(im, prep.background)
-    im = _resize(im, prep)
+        im = _resize(im, prep)
     array = np.array(im, dtype=np.uint8)  # a writable copy, safe to hand to torch.from_numpy
     if array.ndim == 2:
         array = array[:, :, None]  # (S, S) -> (S, S, 1)

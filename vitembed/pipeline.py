@@ -13,6 +13,7 @@ inputs there are; outcomes are reported as they become final.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import threading
@@ -172,19 +173,18 @@ def _report(outcome: Outcome, summary: Summary, on_result: Callable[[Outcome], N
 def _stages(encoder: Encoder, plan: OutputPlan, options: EncodeOptions,
             stdout: BinaryIO | None) -> tuple[WorkerTask, Sink]:
     """What the decoder processes do, and the sink for what they leave to this process."""
-    device_jpegs = decodes_on_device(encoder, options)
     numpy_engine = encoder.engine == "numpy"
-    kernel = encoder.kernel if numpy_engine else None
+    task = WorkerTask(encoder.prep, encoder.kernel if numpy_engine else None, encoder.dtype,
+                      device_jpegs=decodes_on_device(encoder, options),
+                      gate=decoder_context().Lock() if options.workers != 0 else None)
     if plan.mode == "stdout":
-        return WorkerTask(encoder.prep, kernel, encoder.dtype, None, device_jpegs), StdoutSink(plan.fmt, encoder.dtype, stdout)
+        return task, StdoutSink(plan.fmt, encoder.dtype, stdout)
     if options.shard_size:
-        sink = ShardSink(plan.target, options.shard_size, encoder.dtype, options.writers)
-        return WorkerTask(encoder.prep, kernel, encoder.dtype, None, device_jpegs), sink
-    root = plan.target.resolve() if plan.mode == "dir" else None
-    writer = FileWriter(plan.fmt, encoder.dtype, root)
-    # The numpy engine writes where the tokens are: in the decoder processes.
-    return (WorkerTask(encoder.prep, kernel, encoder.dtype, writer if numpy_engine else None, device_jpegs),
-            FileSink(writer, options.writers))
+        return task, ShardSink(plan.target, options.shard_size, encoder.dtype, options.writers)
+    writer = FileWriter(plan.fmt, encoder.dtype, plan.target.resolve() if plan.mode == "dir" else None)
+    if numpy_engine:  # the numpy engine writes where the tokens are: in the decoder processes
+        task = dataclasses.replace(task, writer=writer)
+    return task, FileSink(writer, options.writers)
 
 
 def check(encoder: Encoder, plan: OutputPlan, options: EncodeOptions) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import InputError, OutputError
 from .formats import cast
@@ -85,6 +86,8 @@ class WorkerTask:
         dtype: of the tokens the kernel returns.
         writer: writes one file per image; None: return the tokens.
         device_jpegs: return plain JPEGs' bytes for the device to decode (`--decode gpu`).
+        gate: shared by the run's decoders, so that their memory stays within one large image
+            (up to about 8 bytes a pixel of --max-pixels) plus 16 megapixels' worth per decoder.
     """
 
     prep: Preprocess
@@ -92,6 +95,7 @@ class WorkerTask:
     dtype: str = "float32"
     writer: FileWriter | None = None
     device_jpegs: bool = False
+    gate: Any = None  # a multiprocessing lock: one large image decoded at a time (images.LARGE_PIXELS)
 
     def __call__(self, job: Job) -> Decoded | Encoded | Written | Failed | OutputFailed:
         path = job.source.path
@@ -100,7 +104,7 @@ class WorkerTask:
             if jpeg is not None:
                 return Decoded(job, jpeg)
         try:
-            pixels = load_image(path, self.prep)
+            pixels = load_image(path, self.prep, self.gate)
         except InputError as exc:
             return Failed(job.source, str(exc), job)
         if self.kernel is None:
