@@ -305,3 +305,41 @@ def test_15_large_images_are_decoded_one_at_a_time_across_decoders(tmp_path):
         assert not done.wait(1.0)
     worker.join(60)
     assert done.is_set()
+
+
+# --- 9. a killed run leaves no orphans ------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the processes")
+def test_9_children_die_with_a_killed_run(tmp_path):
+    """`kill -9` of the main process: the forkserver, the decoders and the resource tracker follow
+    it within seconds instead of staying blocked for minutes."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.test_hardening import _descendants
+
+    photos = tmp_path / "many"
+    for i in range(200):
+        make_image(photos / f"i{i:03d}.png", size=(200, 200), seed=i)
+    proc = subprocess.Popen([sys.executable, "-m", "vitembed", "encode", str(photos), "-o", str(tmp_path / "out"),
+                             "--json", "-j", "2", *SMALL], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc.stdout.readline()
+    children = _descendants(proc.pid)
+    assert len(children) >= 3  # the resource tracker, the forkserver, its decoders
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() and not _zombie(pid) for pid in children):
+        time.sleep(0.1)
+    assert [pid for pid in children if Path(f"/proc/{pid}").exists() and not _zombie(pid)] == []
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False

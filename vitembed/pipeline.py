@@ -109,7 +109,8 @@ def run(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOp
     workers = options.workers if options.workers is not None else (os.cpu_count() or 1)
     pool = OrderedPool(task, workers, window=window_size(encoder, task, options.batch_size, workers),
                        timeout=options.decode_timeout, stop=stop, initializer=init_worker,
-                       initargs=(encoder.prep.max_pixels, task.kernel is not None), context=decoder_context())
+                       initargs=(encoder.prep.max_pixels, task.kernel is not None, os.getpid()),
+                       context=decoder_context())
     start = time.perf_counter()
     try:
         pool.start(plan_jobs(sources, plan, resume, options.shard_size), is_task=lambda item: isinstance(item, Job))

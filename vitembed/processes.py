@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import signal
+import select
 import sys
+import threading
+import time
 
 PRELOAD = ["vitembed.workers"]
 
@@ -78,18 +80,33 @@ def keep_heap() -> None:
     mallopt(M_TRIM_THRESHOLD, 64 << 20)
 
 
-def die_with_parent() -> None:
-    """Have the kernel end this process when its parent dies (Linux: PR_SET_PDEATHSIG), so that a
-    `kill -9` of vitembed leaves no decoder behind. A no-op elsewhere."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
+def exit_with(pid: int) -> None:
+    """End this process (a decoder) as soon as process `pid` (the run's main process) ends.
 
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return
-    PR_SET_PDEATHSIG = 1
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() == 1:  # the parent died before the call: nobody is left to signal it
+    A decoder's parent is the forkserver, which lives on while any decoder holds its pipes, and
+    a decoder waits on a queue that nobody will close: after a `kill -9` of the run they would all
+    stay, blocked, for good. A daemon thread waits for `pid` to end (on a pidfd, where Linux has
+    them; else by looking once a second) and exits the process; the forkserver and the resource
+    tracker then see their pipes close and exit too.
+    """
+    def watch() -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):  # not Linux 5.3+, or `pid` is gone already
+            while _alive(pid):
+                time.sleep(1.0)
+        else:
+            select.select([fd], [], [])  # readable once the process has ended
         os._exit(1)
+
+    threading.Thread(target=watch, name="vitembed-watch-run", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True

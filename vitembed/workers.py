@@ -27,12 +27,13 @@ from .sinks import FileWriter
 __all__ = ["WorkerTask", "init_worker", "limit_memory"]
 
 
-def init_worker(max_pixels: int = 0, numpy_engine: bool = False) -> None:
+def init_worker(max_pixels: int = 0, numpy_engine: bool = False, run_pid: int | None = None) -> None:
     """Set up a decoder process (its own: nothing here reaches a program that imports vitembed)."""
     from .blas import set_blas_threads
-    from .processes import die_with_parent, keep_heap
+    from .processes import exit_with, keep_heap
 
-    die_with_parent()
+    if run_pid is not None:
+        exit_with(run_pid)  # a killed run leaves no decoder behind
     # The parent decides when to stop: a terminal's Ctrl-C reaches the whole process group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # C decoders (libtiff, ...) print their complaints straight to stderr; each bad file is
