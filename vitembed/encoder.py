@@ -26,7 +26,7 @@ import numpy as np
 
 from .config import LayerConfig
 from .errors import ConfigError, InputError
-from .formats import DTYPES, cast
+from .formats import cast, output_dtype
 from .images import PlainJpeg, Preprocess, load_image
 from .kernel import Kernel, LayerParams
 
@@ -52,7 +52,8 @@ class Encoder:
             ImageNet normalisation).
         engine: numpy (CPU), torch (any device), or auto: numpy on the CPU, else torch.
         device: for torch: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps.
-        dtype: of the tokens returned: float32, float16 or bfloat16 (computed in float32).
+        dtype: of the tokens returned: float32, float16 or bfloat16, or an alias such as fp16 or
+            bf16 (computed in float32).
 
     Raises:
         ConfigError: options that cannot work together (the message says which and how to fix it).
@@ -64,8 +65,8 @@ class Encoder:
         self.config: LayerConfig = self.params.config
         cfg = self.config
         self.prep = prep or Preprocess(image_size=cfg.image_size, channels=cfg.in_channels)
-        _check(self.prep, cfg, engine, dtype)
-        self.dtype = dtype
+        self.dtype = output_dtype(dtype)
+        _check(self.prep, cfg, engine)
         self.kernel: Kernel = self.params.fold(self.prep.mean, self.prep.std)
         self.engine = _engine(engine, device)
         self.torch = TorchEngine(self.kernel, resolve_device(device)) if self.engine == "torch" else None
@@ -127,11 +128,9 @@ def as_params(layer: Any) -> LayerParams:
     raise TypeError(f"not a layer: {type(layer).__name__}; give a VitInputLayer, LayerParams or LoadedWeights")
 
 
-def _check(prep: Preprocess, config: LayerConfig, engine: str, dtype: str) -> None:
+def _check(prep: Preprocess, config: LayerConfig, engine: str) -> None:
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}; choose {', '.join(ENGINES)}")
-    if dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype {dtype!r}; choose {', '.join(DTYPES)}")
     if prep.image_size != config.image_size:
         raise ConfigError(f"images are resized to {prep.image_size} but the layer takes {config.image_size}")
     if prep.channels != config.in_channels:

@@ -15,13 +15,28 @@ from typing import BinaryIO
 
 import numpy as np
 
+from .errors import ConfigError
 from .files import open_regular
 from .ptformat import bfloat16_bits, read_pt_header, write_pt
 
-__all__ = ["DTYPES", "FORMATS", "cast", "output_header", "tensor_bytes", "write_tensor"]
+__all__ = ["DTYPES", "DTYPE_ALIASES", "FORMATS", "cast", "output_dtype", "output_header", "tensor_bytes", "write_tensor"]
 
 FORMATS = ("npy", "pt")
 DTYPES = ("float32", "float16", "bfloat16")
+DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "single": "float32", "fp16": "float16", "half": "float16",
+                 "bf16": "bfloat16"}
+
+
+def output_dtype(name: str) -> str:
+    """An output dtype by its name or a usual alias (fp16, half, bf16, ...).
+
+    Raises:
+        ConfigError: not one of them; the message lists the spellings.
+    """
+    dtype = DTYPE_ALIASES.get(str(name).lower(), str(name).lower())
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {name!r}; choose {', '.join(DTYPES)} (or {', '.join(DTYPE_ALIASES)})")
+    return dtype
 
 
 def cast(z: np.ndarray, dtype: str) -> np.ndarray:

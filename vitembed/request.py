@@ -18,13 +18,11 @@ from typing import Any
 
 from .config import LayerConfig, resolve_config
 from .errors import ConfigError
-from .formats import DTYPES
+from .formats import output_dtype
 from .pipeline import EncodeOptions
 
-__all__ = ["DTYPE_ALIASES", "EncodeRequest", "encode", "layer_from_options"]
+__all__ = ["EncodeRequest", "encode", "layer_from_options"]
 
-DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "single": "float32", "fp16": "float16", "half": "float16",
-                 "bf16": "bfloat16"}
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits
 
 
@@ -72,10 +70,7 @@ class EncodeRequest:
         return cls(**{k: v for k, v in options.items() if k not in names}, run=run)
 
     def __post_init__(self) -> None:
-        self.dtype = DTYPE_ALIASES.get(str(self.dtype).lower(), self.dtype)
-        if self.dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {self.dtype!r}; choose {', '.join(DTYPES)} "
-                              f"(or {', '.join(DTYPE_ALIASES)})")
+        self.dtype = output_dtype(self.dtype)
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
         if self.output is not None:
