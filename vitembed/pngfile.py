@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .errors import ConfigError, OutputError
 
-__all__ = ["PNG_SIGNATURE", "picture_target", "write_png"]
+__all__ = ["PNG_SIGNATURE", "check_replaceable", "picture_target", "write_png"]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -79,6 +79,19 @@ def _refusal(path: Path, protected: tuple[Path, ...]) -> str | None:
     return None
 
 
+def check_replaceable(path: Path, protected: tuple[Path, ...] = ()) -> None:
+    """Raise OutputError now if `path` holds something `write_png` would refuse to replace (so
+    that a command fails before its work, not after it); `write_png` checks again.
+
+    Args:
+        path: the target.
+        protected: files that must never be replaced (the inputs).
+    """
+    reason = _refusal(path, protected)
+    if reason:
+        raise OutputError(f"{path}: {reason}")
+
+
 def write_png(data: bytes, path: Path, protected: tuple[Path, ...] = ()) -> bool:
     """Write PNG bytes to `path` atomically, never through a link.
 
@@ -94,9 +107,7 @@ def write_png(data: bytes, path: Path, protected: tuple[Path, ...] = ()) -> bool
         OutputError: the target must not be replaced (see the module's docstring), or the write
             failed (no such folder, permission, full disk); no temporary file is left behind.
     """
-    reason = _refusal(path, protected)
-    if reason:
-        raise OutputError(f"{path}: {reason}")
+    check_replaceable(path, protected)
     existed = os.path.lexists(path)
     folder = path.parent if str(path.parent) else Path(".")
     tmp = None

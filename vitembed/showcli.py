@@ -9,12 +9,13 @@ cli.py's; the helpers that turn them into a layer (`_layer_config`, `_load_weigh
 from __future__ import annotations
 
 import functools
+import os
+import sys
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
-import click
 import typer
 
 __all__ = ["PosInit", "PosInitOpt", "show_app"]
@@ -61,6 +62,10 @@ def _guard(func):
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        # The PCAs and products here are small: one BLAS thread does them fastest, and OpenBLAS's
+        # threads would contend with torch's on few cores (seconds instead of 50 ms). Takes effect
+        # when numpy is first imported, as in a `vitembed show` process.
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
         from .cli import _guard as guard
 
         return guard(func)(*args, **kwargs)
@@ -151,17 +156,26 @@ def _load_pixels(path: Path, prep):
         raise InputError(f"{path}: {exc}") from None
 
 
-def _emit(picture, output: str | None, kind: str, source: Path | None) -> None:
-    """Write the picture where -o says; report on stderr (stdout carries only the PNG)."""
-    from .pngfile import picture_target, write_png
+def _target(output: str | None, kind: str, source: Path | None) -> Path | None:
+    """The -o target, checked before any work, so that a bad -o fails fast."""
+    from .pngfile import check_replaceable, picture_target
 
     target = picture_target(output, kind, source)
+    if target is not None:
+        check_replaceable(target, (source,) if source is not None else ())
+    return target
+
+
+def _emit(picture, target: Path | None, source: Path | None) -> None:
+    """Write the picture to `target` (None: stdout); report on stderr (stdout carries only the PNG)."""
+    from .pngfile import write_png
+
     data = picture.png()
     if target is None:
-        stream = click.get_binary_stream("stdout")
         try:
-            stream.write(data)
-            stream.flush()
+            sys.stdout.flush()
+            sys.stdout.buffer.write(data)
+            sys.stdout.buffer.flush()
         except BrokenPipeError:
             raise typer.Exit(141) from None
         return
@@ -194,13 +208,14 @@ def patches(
     """
     from .pictures import draw_patches
 
+    target = _target(output, "patches", image)
     layer = _choose_layer(preset, image_size, patch_size, num_patch_row, emb_dim, in_channels, weights)
     prep = _prep(layer, resize, crop_pct, interpolation, background)
     pixels = _load_pixels(image, prep)
     s, g = layer.config.image_size, layer.config.num_patch_row
     title = f"{image.name} as the layer sees it: {s} x {s} px in {g} x {g} patches, numbered in token order"
     picture = draw_patches(pixels, layer.config, title, [_describe_prep(prep, False), layer.describe()])
-    _emit(picture, output, "patches", image)
+    _emit(picture, target, image)
 
 
 @show_app.command()
@@ -229,6 +244,7 @@ def tokens(
     from .figures import grid_tokens, token_norms, token_pca
     from .pictures import draw_tokens
 
+    target = _target(output, "tokens", source)
     layer = _choose_layer(preset, image_size, patch_size, num_patch_row, emb_dim, in_channels, weights, seed, pos_init)
     prep = _prep(layer, resize, crop_pct, interpolation, background, normalize)
     saved = source.suffix.lower() in (".npy", ".pt")
@@ -243,7 +259,7 @@ def tokens(
     pca = token_pca(patch_tokens, 3)
     title = f"Patch tokens of {source.name}: L2 norm and first principal components (D = {layer.config.emb_dim})"
     picture = draw_tokens(token_norms(patch_tokens), pca.values, pca.explained, title, pixels, notes)
-    _emit(picture, output, "tokens", source)
+    _emit(picture, target, source)
 
 
 def _tokens_of(layer: _Layer, pixels, prep):
@@ -307,13 +323,14 @@ def filters(
     from .figures import filter_pca
     from .pictures import draw_filters
 
+    target = _target(output, "filters", None)
     layer = _choose_layer(preset, image_size, patch_size, num_patch_row, emb_dim, in_channels, weights, seed)
     weight = layer.parameters()["patch_emb_layer.weight"]  # (D, C, P, P)
     pca = filter_pca(weight, 28)
     k = pca.values.shape[0]
     title = f"Patch embedding filters: the first {k} principal components"
     picture = draw_filters(pca.values, pca.explained, weight.shape[0], title, [layer.describe()])
-    _emit(picture, output, "filters", None)
+    _emit(picture, target, None)
 
 
 @show_app.command()
@@ -338,10 +355,11 @@ def positions(
     from .figures import grid_positions, position_similarity
     from .pictures import draw_positions
 
+    target = _target(output, "positions", None)
     layer = _choose_layer(preset, image_size, patch_size, num_patch_row, emb_dim, in_channels, weights, seed, pos_init)
     pos = layer.parameters()["pos_emb"]  # (1, rows, D)
     similarity = position_similarity(grid_positions(pos, layer.config))  # (g, g, g, g)
     g = layer.config.num_patch_row
     title = f"Position embedding similarity: E_pos of each of the {g} x {g} patches against all others"
     picture = draw_positions(similarity, title, [layer.describe()])
-    _emit(picture, output, "positions", None)
+    _emit(picture, target, None)
