@@ -81,10 +81,12 @@ class _Layer:
     loaded: Any = None
     seed: int = 0
     pos_init: str = "normal"
+    weights: str = ""
 
     def describe(self) -> str:
         if self.loaded is not None:
-            return f"Layer: {self.loaded.source}."
+            name = Path(self.weights).name if Path(self.weights).exists() else self.weights
+            return f"Layer: {self.loaded.source}, from {name}."
         e_pos = "MAE's sine-cosine table" if self.pos_init == "sincos" else "N(0, 1)"
         return f"Layer: random (--seed {self.seed}), E_pos {e_pos}."
 
@@ -119,7 +121,7 @@ def _choose_layer(preset, image_size, patch_size, num_patch_row, emb_dim, in_cha
         raise ConfigError("--pos-init applies to a random layer; --weights brings its own E_pos: drop one of them")
     loaded = _load_weights(weights, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels)
     _notice(loaded)
-    return _Layer(loaded.config, loaded)
+    return _Layer(loaded.config, loaded, weights=str(weights))
 
 
 def _prep(layer: _Layer, resize, crop_pct, interpolation, background, normalize=None):
