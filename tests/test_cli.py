@@ -260,7 +260,8 @@ def test_inspect(photo_dir, tmp_path):
     assert bad.returncode == 1 and b"junk.npy" in bad.stderr and b"Traceback" not in bad.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["encode"], ["init"], ["info"], ["inspect"]])
+@pytest.mark.parametrize("command", [[], ["encode"], ["init"], ["info"], ["inspect"], ["show"], ["show", "patches"],
+                                     ["show", "tokens"], ["show", "filters"], ["show", "positions"]])
 def test_every_command_has_help(command):
     result = run_cli(*command, "--help")
     assert result.returncode == 0
@@ -277,7 +278,10 @@ def test_help_and_info_do_not_import_torch():
         "assert r.exit_code == 0, r.output\n"
         "r = CliRunner().invoke(app, ['encode', '--help'])\n"
         "assert r.exit_code == 0, r.output\n"
-        "print(sorted(m for m in ('torch', 'torchvision', 'numpy') if m in sys.modules))\n"
+        "for args in (['show', '--help'], ['show', 'tokens', '--help'], ['show', 'positions', '--help']):\n"
+        "    r = CliRunner().invoke(app, args)\n"
+        "    assert r.exit_code == 0 and 'Usage' in r.output, r.output\n"
+        "print(sorted(m for m in ('torch', 'torchvision', 'numpy', 'PIL') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

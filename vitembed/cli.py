@@ -19,6 +19,7 @@ from typing import Annotated, Optional
 import typer
 
 from .errors import ConfigError, InputError, OutputError, VitembedError, WeightsError
+from .showcli import PosInit, PosInitOpt, show_app
 
 app = typer.Typer(
     add_completion=False,
@@ -257,22 +258,26 @@ def init(
     emb_dim: EmbDimOpt = None,
     in_channels: InChannelsOpt = None,
     seed: SeedOpt = 0,
+    pos_init: PosInitOpt = PosInit.normal,
 ) -> None:
     """Write a freshly initialised layer to a file, to encode with later via --weights.
 
     Example:
 
         vitembed init --preset vit-b16 --seed 7 -o layer.pt
+
+        vitembed init --pos-init sincos -o sincos.pt     # MAE's fixed 2-D sine-cosine E_pos
     """
     from .layer import build_layer
     from .weights import save_layer
 
     config = _layer_config(preset, image_size, patch_size, num_patch_row, emb_dim, in_channels)
-    size = save_layer(build_layer(config, seed), output)
+    size = save_layer(build_layer(config, seed, pos_init.value), output)
     from rich.console import Console
 
     Console(stderr=True, highlight=False).print(
         f"wrote {output}: tokens {config.num_tokens} x {config.emb_dim}, {config.num_params} parameters, {size} bytes"
+        f"{', E_pos: sincos (MAE)' if pos_init is PosInit.sincos else ''}"
     )
 
 
@@ -413,6 +418,9 @@ def inspect(
                           fmt(s["std"]), fmt(s["max"]))
         Console(stderr=True, highlight=False).print(table)
     raise typer.Exit(1 if failed else 0)
+
+
+app.add_typer(show_app, name="show")
 
 
 def _terminate(signum, frame):

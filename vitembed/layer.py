@@ -129,14 +129,31 @@ class VitInputLayer(nn.Module):
         return torch.cat([*prefix, z], dim=1)  # (B, N_p, D) -> (B, prefix + N_p, D)
 
 
-def build_layer(config: LayerConfig, seed: int = 0) -> VitInputLayer:
+def build_layer(config: LayerConfig, seed: int = 0, pos_init: str = "normal") -> VitInputLayer:
     """A layer with the seed's initialisation drawn from `seed`, on the CPU.
 
     The numbers come from a CPU generator whatever the device the layer later moves to, and
     match the seed's class built after `torch.manual_seed(seed)`. torch's global RNG state is
     left as it was.
+
+    Args:
+        config: the layer shape.
+        seed: seed of torch's generator for E, the bias, x_class and (with "normal") E_pos.
+        pos_init: "normal", the seed's E_pos ~ N(0, 1); or "sincos", MAE's fixed 2-D sine-cosine
+            table (`posembed.sincos_2d`, prefix rows zero), which replaces the drawn E_pos, so
+            that E and x_class stay those of "normal" for the same seed.
     """
+    from .posembed import POS_INITS, sincos_2d
+
+    if pos_init not in POS_INITS:
+        raise ConfigError(f"unknown position init {pos_init!r}; choose {' or '.join(POS_INITS)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         layer = VitInputLayer(config=config)
+    if pos_init == "sincos":
+        prefix = config.num_prefix_tokens if config.pos_embed_prefix else 0
+        grid = (config.num_patch_row, config.num_patch_row)
+        table = sincos_2d(config.emb_dim, grid, num_prefix=prefix)  # (num_pos_rows, D)
+        with torch.no_grad():
+            layer.pos_emb.copy_(torch.from_numpy(table)[None])  # (rows, D) -> (1, rows, D)
     return layer.eval()
