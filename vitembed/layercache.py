@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import LayerConfig
+from .errors import ConfigError
+from .files import open_regular
 from .kernel import LayerParams
 
 __all__ = ["cached_random_layer", "layer_cache_dir", "random_layer_params", "remember_random_layer", "torch_version"]
@@ -65,8 +67,11 @@ def cached_random_layer(config: LayerConfig, seed: int) -> LayerParams | None:
     """The parameters of `build_layer(config, seed)` from the cache, or None."""
     path = _cache_file(config, seed)
     try:
-        with np.load(path, allow_pickle=False) as data:
-            tensors = {name: data[name] for name in data.files}
+        with open_regular(path) as f:
+            if os.fstat(f.fileno()).st_size > 4 * config.num_params + (1 << 20):
+                return None  # not this layer's file, whatever it is
+            with np.load(f, allow_pickle=False) as data:
+                tensors = {name: data[name] for name in data.files}
         return LayerParams(config, tensors)
     except Exception:  # absent, unreadable, damaged or not this layer's: drawn again
         return None
@@ -83,12 +88,21 @@ def remember_random_layer(params: LayerParams, seed: int) -> None:
         pass
 
 
-def random_layer_params(config: LayerConfig, seed: int) -> LayerParams:
-    """The parameters of `build_layer(config, seed)`: from the cache, else drawn with torch and cached."""
+def random_layer_params(config: LayerConfig, seed: int, pos_init: str = "normal") -> LayerParams:
+    """The parameters of `build_layer(config, seed, pos_init)`: from the cache, else drawn with torch
+    and cached. A sine-cosine E_pos is computed (it is no draw): the cache holds the normal layer."""
+    from .posembed import POS_INITS, sincos_2d
+
+    if pos_init not in POS_INITS:
+        raise ConfigError(f"unknown position init {pos_init!r}; choose {' or '.join(POS_INITS)}")
     params = cached_random_layer(config, seed)
     if params is None:  # the first run of this layer on this machine draws it with torch, once
         from .layer import build_layer
 
         params = LayerParams.from_module(build_layer(config, seed))
         remember_random_layer(params, seed)
+    if pos_init == "sincos":
+        prefix = config.num_prefix_tokens if config.pos_embed_prefix else 0
+        table = sincos_2d(config.emb_dim, (config.num_patch_row, config.num_patch_row), num_prefix=prefix)
+        params = LayerParams(config, {**params.tensors, "pos_emb": table.astype(np.float32)[None]})
     return params

@@ -31,7 +31,7 @@ class EncodeRequest:
     """Everything `vitembed encode` takes besides its inputs; see `vitembed encode --help`.
 
     Layer: `preset`, `image_size`, `patch_size` (or `num_patch_row`), `emb_dim`, `in_channels`,
-    `seed` for a random layer; or `weights` (a file, folder or pretrained name), which fixes the
+    `seed` and `pos_init` (normal, or sincos: MAE's fixed table) for a random layer; or `weights` (a file, folder or pretrained name), which fixes the
     shape (only `image_size` may change it: the position embedding is resampled).
     Images: `resize`, `crop_pct`, `interpolation`, `background`, `normalize`, `max_pixels`,
     `fast_decode` (None: the weights' own, else vitembed's defaults).
@@ -48,6 +48,7 @@ class EncodeRequest:
     in_channels: int | None = None
     weights: str | None = None
     seed: int = 0
+    pos_init: str = "normal"
     resize: str | None = None
     crop_pct: float | None = None
     interpolation: str | None = None
@@ -79,7 +80,7 @@ class EncodeRequest:
     def layer(self) -> tuple[Any, str, list[str], dict]:
         """(the layer, where it came from, notices for the user, the weights' preprocessing)."""
         return layer_from_options(self.preset, self.image_size, self.patch_size, self.num_patch_row,
-                                  self.emb_dim, self.in_channels, self.weights, self.seed)
+                                  self.emb_dim, self.in_channels, self.weights, self.seed, self.pos_init)
 
     def preprocess(self, config: LayerConfig, weights_prep: dict):
         """The preprocessing: the user's options, then the weights' own, then vitembed's defaults."""
@@ -119,7 +120,7 @@ class EncodeRequest:
 
 
 def layer_from_options(preset=None, image_size=None, patch_size=None, num_patch_row=None, emb_dim=None,
-                       in_channels=None, weights=None, seed=0) -> tuple[Any, str, list[str], dict]:
+                       in_channels=None, weights=None, seed=0, pos_init="normal") -> tuple[Any, str, list[str], dict]:
     """A layer from the layer options: (the layer, its source, notices, the weights' preprocessing).
 
     Without `weights` it is the random layer of `seed`, as `LayerParams` (from the cache of random
@@ -130,7 +131,10 @@ def layer_from_options(preset=None, image_size=None, patch_size=None, num_patch_
 
         config = resolve_config(preset, image_size=image_size, patch_size=patch_size,
                                 num_patch_row=num_patch_row, emb_dim=emb_dim, in_channels=in_channels)
-        return random_layer_params(config, seed), f"random, seed {seed}", [], {}
+        source = f"random, seed {seed}" + (f", E_pos {pos_init}" if pos_init != "normal" else "")
+        return random_layer_params(config, seed, pos_init), source, [], {}
+    if pos_init != "normal":
+        raise ConfigError("--pos-init applies to a random layer; --weights brings its own E_pos: drop one of them")
     loaded = _load_weights(weights, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels)
     return loaded, loaded.source, list(loaded.notes), dict(loaded.preprocess)
 
