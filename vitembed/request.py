@@ -72,9 +72,10 @@ class EncodeRequest:
         return cls(**{k: v for k, v in options.items() if k not in names}, run=run)
 
     def __post_init__(self) -> None:
-        self.dtype = DTYPE_ALIASES.get(str(self.dtype).lower(), self.dtype)
+        name = str(self.dtype).lower()
+        self.dtype = DTYPE_ALIASES.get(name, name)
         if self.dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {self.dtype!r}; choose {', '.join(DTYPES)} "
+            raise ConfigError(f"unknown dtype {self.dtype!r}{_did_you_mean(name)}; choose {', '.join(DTYPES)} "
                               f"(or {', '.join(DTYPE_ALIASES)})")
         if not 0 <= self.seed <= MAX_SEED:
             raise ConfigError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
@@ -121,6 +122,13 @@ class EncodeRequest:
             **({"shard_size": self.run.shard_size} if self.run.shard_size else {}),
         }
         return encoder, config, notes
+
+
+def _did_you_mean(dtype: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(dtype, [*DTYPES, *DTYPE_ALIASES], n=1, cutoff=0.5)
+    return f" (did you mean {DTYPE_ALIASES.get(close[0], close[0])}?)" if close else ""
 
 
 def layer_from_options(preset=None, image_size=None, patch_size=None, num_patch_row=None, emb_dim=None,
