@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import shutil
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import read_manifest, run_cli
 from vitembed.request import DTYPE_ALIASES
 
 COMMANDS = [[], ["encode"], ["init"], ["info"], ["inspect"]]
@@ -69,3 +71,81 @@ def test_wrong_dtype_suggests_the_spelling(sample_paths):
     result = run_cli("encode", sample_paths[0], "--dtype", "flaot16")
     assert result.returncode == 2
     assert b"did you mean float16?" in result.stderr and b"Traceback" not in result.stderr
+
+
+def test_markup_in_names_and_options_is_printed_as_is(sample_paths, tmp_path):
+    """Rich markup never eats a `[` from a user, a file system or another library."""
+    holiday = tmp_path / "holiday [draft]"
+    holiday.mkdir()
+    shutil.copy(sample_paths[0], holiday / "cat.png")
+    (tmp_path / "d[").mkdir()
+    shutil.copy(sample_paths[1], tmp_path / "d[/x].png")  # a file name that closes a tag
+    shutil.copy(sample_paths[2], tmp_path / "[bold]b.png")
+    out = tmp_path / "out [/]"
+    result = run_cli("encode", holiday, tmp_path / "d[/x].png", tmp_path / "[bold]b.png", tmp_path / "[red]gone.png",
+                     "-o", out)
+    assert result.returncode == 1, result.stderr
+    err = result.stderr.decode()
+    assert "Traceback" not in err and "MarkupError" not in err
+    for name in ("holiday [draft]/cat.png", "d[/x].png", "[bold]b.png", "[red]gone.png: no such file",
+                 "[bold]b.npy", "out [/]"):
+        assert name in err, name
+    assert [r["status"] for r in read_manifest(out)] == ["ok", "ok", "ok", "error"]
+
+    listed = run_cli("inspect", out / "[bold]b.npy", out / "x].npy", out / "[/nope].npy")
+    assert listed.returncode == 1
+    assert "[bold]b.npy" in listed.stdout.decode() and "x].npy" in listed.stdout.decode()
+    assert "[/nope].npy" in listed.stderr.decode()
+
+    made = run_cli("init", "-o", tmp_path / "layer [bold].pt")
+    assert made.returncode == 0 and "layer [bold].pt" in made.stderr.decode()
+
+
+@pytest.mark.parametrize("command", [["encode", "x.png"], ["info"]])
+@pytest.mark.parametrize("weights", ["timm:x[pretrained]", "missing [bold]w.pt"])
+def test_markup_in_weights_is_printed_as_is(tmp_path, command, weights):
+    result = run_cli(*command, "--weights", weights, cwd=tmp_path)
+    assert result.returncode in (1, 2)
+    err = result.stderr.decode()
+    assert "Traceback" not in err
+    # timm's own message names the model; without timm, the hint is pip install 'vitembed[pretrained]'.
+    assert ("[pretrained]" if weights.startswith("timm") else weights) in err
+
+
+def test_table_never_wraps_a_file_name():
+    from rich.console import Console
+
+    from vitembed.report import print_table
+
+    name = "photos/" + "a-long-folder-name/" * 5 + "astronaut.png"
+    rows = [(name, "tokens/astronaut.npy", "257 x 384", "float32", "ok")]
+    header = ("input", "output", "shape", "dtype", "status")
+    log = io.StringIO()  # not a terminal: one line per file, however long
+    print_table(Console(file=log, width=40), header, rows, paths=(0, 1))
+    assert name in log.getvalue() and len(log.getvalue().splitlines()) == 2
+    terminal = io.StringIO()  # a terminal: the path is shortened from the left to fit
+    print_table(Console(file=terminal, width=70, force_terminal=True, color_system=None), header, rows, paths=(0, 1))
+    lines = terminal.getvalue().splitlines()
+    assert len(lines) == 2 and all(len(line) <= 70 for line in lines)
+    assert "…" in lines[1] and "astronaut.png" in lines[1]
+
+
+def test_what_was_asked_for_goes_to_stdout(sample_paths, tmp_path):
+    presets = run_cli("info", "--presets")
+    assert presets.returncode == 0 and presets.stderr == b""
+    assert [line for line in presets.stdout.decode().splitlines() if "b16" in line]
+    assert run_cli("encode", sample_paths[0], "-o", tmp_path / "a.npy", "-q").returncode == 0
+    listed = run_cli("inspect", tmp_path / "a.npy")
+    assert listed.returncode == 0 and b"257 x 384" in listed.stdout and listed.stderr == b""
+
+
+def test_a_run_that_wrote_nothing_leaves_no_folder(tmp_path):
+    result = run_cli("encode", "nope/", "-o", "t/", cwd=tmp_path)
+    assert result.returncode == 1 and b"nope" in result.stderr
+    assert not (tmp_path / "t").exists()
+
+
+def test_run_json_records_the_device_used(sample_paths, tmp_path):
+    assert run_cli("encode", sample_paths[0], "-o", tmp_path / "out", "-q").returncode == 0  # --device auto
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["device"] == "cpu"

@@ -306,8 +306,8 @@ def init(
     from rich.console import Console
 
     Console(stderr=True, highlight=False).print(
-        f"wrote {output}: tokens {config.num_tokens} x {config.emb_dim}, {config.num_params} parameters, {size} bytes"
-    )
+        f"wrote {output}: tokens {config.num_tokens} x {config.emb_dim}, {config.num_params} parameters, {size} bytes",
+        markup=False, soft_wrap=True)
 
 
 @app.command(cls=_Command)
@@ -337,7 +337,7 @@ def info(
             typer.echo(json.dumps(rows))
         else:
             for name, d in rows.items():
-                typer.echo(f"{name:9} image {d['image_size']:4}  patch {d['patch_size']:2}  D {d['emb_dim']:5}  tokens {d['tokens'][0]} x {d['tokens'][1]}", err=True)
+                typer.echo(f"{name:9} image {d['image_size']:4}  patch {d['patch_size']:2}  D {d['emb_dim']:5}  tokens {d['tokens'][0]} x {d['tokens'][1]}")
         return
     source = loaded = None
     if weights is not None:
@@ -375,7 +375,7 @@ def info(
         origin = "the weights'" if weights_prep else "vitembed's defaults"
         lines.append(f"preprocess    {resize}, {p['interpolation']}, mean {_floats(p['mean'])}, std {_floats(p['std'])}  "
                      f"({origin})")
-    typer.echo("\n".join(lines), err=True)
+    typer.echo("\n".join(lines))
 
 
 def _token_layout(config) -> str:
@@ -436,16 +436,13 @@ def inspect(
         rows.append(stats)
     if rows and not json_out:
         from rich.console import Console
-        from rich.table import Table
 
-        table = Table(box=None, header_style="bold", pad_edge=False)
-        for col in ("file", "shape", "dtype", "min", "mean", "std", "max"):
-            table.add_column(col, overflow="fold")
-        for s in rows:
-            fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
-            table.add_row(s["file"], " x ".join(map(str, s["shape"])), s["dtype"], fmt(s["min"]), fmt(s["mean"]),
-                          fmt(s["std"]), fmt(s["max"]))
-        Console(stderr=True, highlight=False).print(table)
+        from .report import print_table
+
+        fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+        print_table(Console(highlight=False), ("file", "shape", "dtype", "min", "mean", "std", "max"),
+                    [(s["file"], " x ".join(map(str, s["shape"])), s["dtype"], fmt(s["min"]), fmt(s["mean"]),
+                      fmt(s["std"]), fmt(s["max"])) for s in rows], paths=(0,))
     raise typer.Exit(1 if failed else 0)
 
 
