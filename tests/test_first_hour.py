@@ -6,6 +6,8 @@ import io
 import json
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -149,3 +151,25 @@ def test_run_json_records_the_device_used(sample_paths, tmp_path):
     assert run_cli("encode", sample_paths[0], "-o", tmp_path / "out", "-q").returncode == 0  # --device auto
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["device"] == "cpu"
+
+
+def test_version():
+    from importlib import metadata
+
+    import vitembed
+
+    result = run_cli("--version")
+    assert result.returncode == 0
+    line = result.stdout.decode()
+    assert line.startswith(f"vitembed {vitembed.__version__} (")
+    for name in ("torch", "Pillow", "numpy"):
+        assert f"{name} {metadata.version(name)}" in line
+
+
+@pytest.mark.slow
+def test_version_imports_no_torch():
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom vitembed.cli import app\n"
+            "assert CliRunner().invoke(app, ['--version']).exit_code == 0\n"
+            "print(sorted(m for m in ('torch', 'numpy', 'PIL') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

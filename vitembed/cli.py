@@ -99,6 +99,34 @@ class Decode(str, Enum):
     gpu = "gpu"
 
 
+def _version(value: bool) -> None:
+    """--version: vitembed's, and the libraries' that decide its outputs (read without importing them)."""
+    if not value:
+        return
+    import platform
+    from importlib import metadata
+
+    from . import __version__
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    libraries = ", ".join(f"{name} {version(name)}" for name in ("torch", "torchvision", "Pillow", "numpy"))
+    typer.echo(f"vitembed {__version__} ({libraries}; Python {platform.python_version()})")
+    raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Show vitembed's version, torch's, Pillow's and numpy's, and exit.")] = False,
+) -> None:
+    pass
+
+
 def _choices(enum: type[Enum]) -> str:
     return "[" + "|".join(member.value for member in enum) + "]"
 
