@@ -173,3 +173,56 @@ def test_version_imports_no_torch():
             "print(sorted(m for m in ('torch', 'numpy', 'PIL') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", ["cat.npz", "cat.jpg", "cat.safetensors", "tokens.v2"])
+def test_output_with_another_suffix_is_refused(sample_paths, tmp_path, name):
+    result = run_cli("encode", sample_paths[0], "-o", name, cwd=tmp_path)
+    assert result.returncode == 2
+    err = result.stderr.decode()
+    assert f"not .{name.rsplit('.', 1)[1]}" in err and f"-o {name}/ for a folder" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_pth_is_a_pt_file(sample_paths, tmp_path):
+    import torch
+
+    result = run_cli("encode", sample_paths[0], "-o", "cat.pth", "-q", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert torch.load(tmp_path / "cat.pth", weights_only=True).shape == (257, 384)
+    again = run_cli("encode", sample_paths[0], "-o", "cat.pth", "--skip-existing", "--json", cwd=tmp_path)
+    assert again.returncode == 0 and json.loads(again.stdout)["status"] == "skipped"
+
+
+@pytest.mark.parametrize("name", ["tokens", "tokens.v2/", "cat.npy/"])
+def test_output_folders(sample_paths, tmp_path, name):
+    result = run_cli("encode", sample_paths[0], "-o", name, "-q", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / name / f"{sample_paths[0].stem}.npy").is_file()
+
+
+@pytest.mark.slow
+def test_stdout_on_a_terminal_is_refused(sample_paths, tmp_path):
+    """`-o -` with stdout on a terminal: refused (as gzip does), nothing binary written to it."""
+    import os
+    import pty
+
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "vitembed", "encode", str(sample_paths[0]), "-o", "-"],
+                              stdout=follower, stderr=subprocess.PIPE, timeout=120, cwd=tmp_path)
+        os.close(follower)
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the terminal's other end is closed and drained
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(leader)
+    assert proc.returncode == 2
+    assert b"terminal" in proc.stderr and b"> cat.npy" in proc.stderr
+    assert shown == b""

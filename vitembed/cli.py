@@ -241,6 +241,9 @@ def encode(
 
     if output == "-" and json_lines:
         raise ConfigError("-o - writes the tensor to stdout; it cannot be combined with --json")
+    if output == "-" and sys.stdout.isatty():  # as gzip does: binary is not for a terminal
+        raise ConfigError("-o - writes the tensor's bytes to stdout, which is a terminal; redirect it "
+                          "(-o - > cat.npy) or pipe it to a reader, or give -o cat.npy")
     if max_pixels is not None:
         from .images import set_pillow_limit
 

@@ -59,7 +59,7 @@ def output_header(path: os.PathLike | str) -> tuple[tuple[int, ...], str] | None
     None when it is not one (or cannot be read)."""
     try:
         with open_regular(path) as f:
-            if os.fspath(path).lower().endswith(".pt"):
+            if os.fspath(path).lower().endswith((".pt", ".pth")):
                 return read_pt_header(f)
             version = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
