@@ -9,9 +9,11 @@ import shutil
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 
-from tests.conftest import read_manifest, run_cli
+from tests.conftest import json_lines, read_manifest, run_cli
 from vitembed.request import DTYPE_ALIASES
 
 COMMANDS = [[], ["encode"], ["init"], ["info"], ["inspect"]]
@@ -226,3 +228,32 @@ def test_stdout_on_a_terminal_is_refused(sample_paths, tmp_path):
     assert proc.returncode == 2
     assert b"terminal" in proc.stderr and b"> cat.npy" in proc.stderr
     assert shown == b""
+
+
+def test_a_url_is_not_read_and_the_message_says_so(tmp_path):
+    url = "https://upload.wikimedia.org/wikipedia/commons/cat.jpg"
+    for result in (run_cli("encode", url, "-o", "out", cwd=tmp_path),
+                   run_cli("encode", "-", "-o", "out", input=url.encode() + b"\n", cwd=tmp_path)):
+        assert result.returncode == 1
+        err = result.stderr.decode()
+        assert "a URL; vitembed reads only local files" in err and "download it first" in err
+    assert f"curl -O {url})" in run_cli("encode", url, cwd=tmp_path).stderr.decode()  # as typed, // kept
+
+
+def test_outputs_given_by_a_glob_are_passed_over(sample_paths, tmp_path):
+    """`encode photos/*` after a run beside the photos: the .npy files are no inputs, and every
+    photo keeps its plain output name."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in sample_paths:
+        shutil.copy(path, photos / path.name)
+    assert run_cli("encode", *sorted(photos.iterdir()), "-q").returncode == 0  # beside: photos/*.npy
+    globbed = sorted(photos.iterdir())  # what the shell makes of photos/*
+    assert len(globbed) == 2 * len(sample_paths)
+    result = run_cli("encode", *globbed, "-o", tmp_path / "out", "--json")
+    assert result.returncode == 0, result.stderr
+    records = json_lines(result.stdout)
+    assert [r["status"] for r in records] == ["ok"] * len(sample_paths)
+    assert sorted(Path(r["output"]).name for r in records) == sorted(f"{p.stem}.npy" for p in sample_paths)
+    notes = [line for line in result.stderr.decode().splitlines() if line.startswith("note:")]
+    assert len(notes) == 1 and f"and {len(sample_paths) - 1} more" in notes[0] and "outputs, not images" in notes[0]

@@ -254,7 +254,7 @@ def encode(
         # The total for the bar, counted beside the run: inputs stream, they are never all held.
         from .inputs import iter_sources
 
-        threading.Thread(target=lambda: reporter.set_total(sum(1 for _ in iter_sources(inputs))), daemon=True).start()
+        threading.Thread(target=lambda: reporter.set_total(sum(1 for _ in iter_sources(inputs, on_own_output=lambda path: None))), daemon=True).start()
     options = dict(
         preset=preset, image_size=image_size, patch_size=patch_size, num_patch_row=num_patch_row, emb_dim=emb_dim,
         in_channels=in_channels, weights=weights, seed=seed, resize=_value(resize), crop_pct=crop_pct,
