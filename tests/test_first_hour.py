@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -257,3 +258,13 @@ def test_outputs_given_by_a_glob_are_passed_over(sample_paths, tmp_path):
     assert sorted(Path(r["output"]).name for r in records) == sorted(f"{p.stem}.npy" for p in sample_paths)
     notes = [line for line in result.stderr.decode().splitlines() if line.startswith("note:")]
     assert len(notes) == 1 and f"and {len(sample_paths) - 1} more" in notes[0] and "outputs, not images" in notes[0]
+
+
+def test_missing_extra_hint_keeps_its_brackets(tmp_path):
+    """Without timm, the hint names the extra: pip install 'vitembed[pretrained]'."""
+    (tmp_path / "timm").mkdir()
+    (tmp_path / "timm" / "__init__.py").write_text("raise ImportError('no timm here')\n")
+    result = run_cli("info", "--weights", "timm:vit_base_patch16_224",
+                     env={"PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
+    assert result.returncode == 1
+    assert b"vitembed[pretrained]" in result.stderr and b"Traceback" not in result.stderr

@@ -189,7 +189,7 @@ def _guard(func):
 @_guard
 def encode(
     inputs: Annotated[list[str], typer.Argument(metavar="INPUTS...", help="Image files, folders (walked recursively), or - to read paths from stdin.", show_default=False)],
-    output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="PATH", help="Output folder, a FILE.npy / FILE.pt for one input, or - for stdout. Default: beside each input.", rich_help_panel=RUN)] = None,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="PATH", help="Output folder (one that exists, ends with / or has no suffix), a FILE.npy / FILE.pt / FILE.pth for one input, or - for stdout. Default: beside each input.", rich_help_panel=RUN)] = None,
     fmt: Annotated[Optional[Format], typer.Option("--format", "-f", metavar=_choices(Format), help="Output file format (default npy, or the -o file's suffix).", rich_help_panel=RUN)] = None,
     null: Annotated[bool, typer.Option("--null", "-0", help="Paths on stdin are NUL-separated (find -print0).", rich_help_panel=RUN)] = False,
     preset: PresetOpt = None,
@@ -254,7 +254,8 @@ def encode(
         # The total for the bar, counted beside the run: inputs stream, they are never all held.
         from .inputs import iter_sources
 
-        threading.Thread(target=lambda: reporter.set_total(sum(1 for _ in iter_sources(inputs, on_own_output=lambda path: None))), daemon=True).start()
+        count = lambda: reporter.set_total(sum(1 for _ in iter_sources(inputs, on_own_output=lambda path: None)))  # noqa: E731
+        threading.Thread(target=count, daemon=True).start()
     options = dict(
         preset=preset, image_size=image_size, patch_size=patch_size, num_patch_row=num_patch_row, emb_dim=emb_dim,
         in_channels=in_channels, weights=weights, seed=seed, resize=_value(resize), crop_pct=crop_pct,
