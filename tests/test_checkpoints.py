@@ -322,11 +322,11 @@ def test_seed_class(prefix, image, tmp_path):
 def test_info_shows_what_was_detected(tmp_path):
     ckpt = save(timm_vit(reg_tokens=4).state_dict(), tmp_path / "timm.safetensors")
     r = run_cli("info", "--weights", ckpt)
-    err = r.stderr.decode()
-    assert r.returncode == 0, err
+    out = r.stdout.decode()
+    assert r.returncode == 0, r.stderr
     for s in ("timm VisionTransformer", "patch         8 x 8", "4 x 4 = 16 patches", "D = 48", "21 x 48",
               "rows 1..4: register tokens", "preprocess", "squash"):
-        assert s in err, err
+        assert s in out, out
     r = run_cli("info", "--weights", ckpt, "--json")
     info = json.loads(r.stdout)
     assert (info["patch_size"], info["grid"], info["emb_dim"], info["num_reg_tokens"]) == (8, [4, 4], 48, 4)

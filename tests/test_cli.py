@@ -239,7 +239,8 @@ def test_bad_weights_file(photo_dir, tmp_path):
 def test_info_text_and_json():
     text = run_cli("info", "--preset", "vit-b16")
     assert text.returncode == 0
-    assert b"197 x 768" in text.stderr and b"768" in text.stderr and text.stdout == b""
+    # What the command was asked for goes to stdout (`vitembed info | grep`), as with --json.
+    assert b"197 x 768" in text.stdout and b"768" in text.stdout and text.stderr == b""
     data = json.loads(run_cli("info", "--json").stdout)
     assert data["tokens"] == [257, 384] and data["patch_dim"] == 588 and data["grid"] == [16, 16]
     assert data["parameters"] == 588 * 384 + 384 + 384 + 257 * 384

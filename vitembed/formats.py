@@ -33,9 +33,14 @@ def output_dtype(name: str) -> str:
     Raises:
         ConfigError: not one of them; the message lists the spellings.
     """
-    dtype = DTYPE_ALIASES.get(str(name).lower(), str(name).lower())
+    text = str(name).lower()
+    dtype = DTYPE_ALIASES.get(text, text)
     if dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype {name!r}; choose {', '.join(DTYPES)} (or {', '.join(DTYPE_ALIASES)})")
+        import difflib
+
+        close = difflib.get_close_matches(text, [*DTYPES, *DTYPE_ALIASES], n=1, cutoff=0.5)
+        hint = f" (did you mean {DTYPE_ALIASES.get(close[0], close[0])}?)" if close else ""
+        raise ConfigError(f"unknown dtype {text!r}{hint}; choose {', '.join(DTYPES)} (or {', '.join(DTYPE_ALIASES)})")
     return dtype
 
 
@@ -74,7 +79,7 @@ def output_header(path: os.PathLike | str) -> tuple[tuple[int, ...], str] | None
     None when it is not one (or cannot be read)."""
     try:
         with open_regular(path) as f:
-            if os.fspath(path).lower().endswith(".pt"):
+            if os.fspath(path).lower().endswith((".pt", ".pth")):
                 return read_pt_header(f)
             version = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0

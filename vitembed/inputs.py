@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import BinaryIO
 
 from .images import is_image_path
 
-__all__ = ["Source", "iter_sources", "read_path_list"]
+__all__ = ["OWN_OUTPUTS", "Source", "iter_sources", "read_path_list"]
+
+OWN_OUTPUTS = (".npy", ".pt", ".pth")  # what vitembed writes; never images
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")  # https://host/x.jpg (a Path keeps one slash of the two)
 
 
 @dataclass(frozen=True)
@@ -30,7 +34,8 @@ class Source:
 
 
 def iter_sources(
-    args: Iterable[str | os.PathLike], stdin: BinaryIO | None = None, null: bool = False
+    args: Iterable[str | os.PathLike], stdin: BinaryIO | None = None, null: bool = False,
+    on_own_output: Callable[[Path], None] | None = None,
 ) -> Iterator[Source]:
     """Expand command-line inputs lazily, in order.
 
@@ -38,19 +43,23 @@ def iter_sources(
     Pillow registers, recursively, in sorted order; `-` reads paths from `stdin` (one per line,
     or NUL-separated with `null`). Paths read from stdin keep their relative path under an
     output folder, made safe the way tar does it: the root and any `..` parts are dropped.
+
+    With `on_own_output`, a file named directly that is one of vitembed's outputs (.npy, .pt:
+    `photos/*` after a run that wrote beside the photos) goes to it instead: it is no image.
     """
     for arg in args:
         if os.fspath(arg) == "-":
             if stdin is None:
                 raise ValueError("'-' given but no stdin to read paths from")
             for path in read_path_list(stdin, null):
-                yield from _expand(path, _safe_relative(path))
+                yield from _expand(path, _safe_relative(path), on_own_output)
         else:
             path = Path(arg)
-            yield from _expand(path, PurePath(path.name))
+            yield from _expand(path, PurePath(path.name), on_own_output, os.fspath(arg))
 
 
-def _expand(path: Path, rel: PurePath) -> Iterator[Source]:
+def _expand(path: Path, rel: PurePath, on_own_output: Callable[[Path], None] | None,
+            typed: str | None = None) -> Iterator[Source]:
     try:
         is_dir = path.is_dir()
     except OSError:  # a symlink loop or an unreadable parent
@@ -60,9 +69,18 @@ def _expand(path: Path, rel: PurePath) -> Iterator[Source]:
     elif os.path.lexists(path) and not os.path.exists(path):
         yield Source(path, rel, "broken symbolic link")
     elif not os.path.lexists(path):
-        yield Source(path, rel, "no such file or folder")
+        yield Source(path, rel, _missing(typed or os.fspath(path)))
+    elif on_own_output is not None and path.suffix.lower() in OWN_OUTPUTS:
+        on_own_output(path)
     else:
         yield Source(path, rel)
+
+
+def _missing(typed: str) -> str:
+    if _URL.match(typed):
+        return (f"a URL; vitembed reads only local files: download it first (curl -O {typed}) and give its "
+                "path, or a list of downloaded paths on stdin with -")
+    return "no such file or folder"
 
 
 def _walk(root: Path) -> Iterator[Source]:

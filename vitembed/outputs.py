@@ -19,7 +19,9 @@ from .formats import FORMATS, output_header
 from .inputs import Source
 from .outcomes import Failed, Job, Skipped, display_path
 
-__all__ = ["OutputPlan", "Resume", "plan_jobs"]
+__all__ = ["FILE_SUFFIXES", "OutputPlan", "Resume", "plan_jobs"]
+
+FILE_SUFFIXES = {"npy": "npy", "pt": "pt", "pth": "pt"}  # -o FILE's suffix -> its format; .pth is torch's other name
 
 
 class ClaimedPaths:
@@ -65,7 +67,9 @@ class OutputPlan:
     """Maps each input to its output path.
 
     Modes: `beside` (no -o: next to the input), `dir` (-o DIR: the input's relative path under
-    DIR), `file` (-o FILE.npy / FILE.pt: exactly there, one input only) and `stdout` (-o -).
+    DIR; a folder that exists, ends with /, or has no suffix), `file` (-o FILE.npy / FILE.pt /
+    FILE.pth: exactly there, one input only) and `stdout` (-o -). Any other suffix is refused:
+    `-o cat.npz` is a mistake far more often than a folder's name.
 
     Two inputs that would map to the same output both get their own file: the first keeps the
     plain name (`pet.npy`), each later one keeps its own extension too (`pet.png.npy`), then a
@@ -87,11 +91,16 @@ class OutputPlan:
             return cls("stdout", fmt or "npy")
         path = Path(out)
         suffix = path.suffix.lower().lstrip(".")
-        if suffix in FORMATS and not path.is_dir():
-            if fmt is not None and fmt != suffix:
-                raise ConfigError(f"-o {out} names a .{suffix} file but --format is {fmt}")
-            return cls("file", suffix, path)
-        return cls("dir", fmt or "npy", path)
+        # A folder exists, or ends with /, or has no suffix; any other suffix names a file.
+        if not suffix or path.is_dir() or out.endswith(("/", os.sep)):
+            return cls("dir", fmt or "npy", path)
+        if suffix not in FILE_SUFFIXES:
+            raise ConfigError(f"-o {out}: vitembed writes .npy or .pt files, not .{suffix}; give "
+                              f"-o {path.with_suffix('.npy')} or -o {path.with_suffix('.pt')} for one input, "
+                              f"or -o {out}/ for a folder")
+        if fmt is not None and fmt != FILE_SUFFIXES[suffix]:
+            raise ConfigError(f"-o {out} names a .{suffix} file but --format is {fmt}")
+        return cls("file", FILE_SUFFIXES[suffix], path)
 
     def assign(self, source: Source) -> Path | None:
         """The output path for `source` (None for stdout), unique within this run."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+from collections.abc import Container, Iterable, Sequence
 from typing import IO, TYPE_CHECKING
 
 from .errors import OutputError
@@ -19,7 +20,7 @@ from .outcomes import Outcome, Summary, display_path
 if TYPE_CHECKING:
     from rich.console import Console
 
-__all__ = ["Reporter", "format_bytes", "silence_stream"]
+__all__ = ["Reporter", "format_bytes", "print_table", "silence_stream"]
 
 TABLE_ROWS = 20  # rows of the final table; the rest are counted
 
@@ -30,6 +31,54 @@ def format_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def print_table(console: Console, header: Sequence[str], rows: Iterable[Sequence[str]], paths: Container[int] = ()) -> None:
+    """Columns of text, one line per row, printed as they are (no markup).
+
+    A file name is never wrapped: on a terminal, the columns numbered in `paths` are shortened
+    from the left to fit its width (`…/photos/cat.png`); elsewhere (a log, a pipe) each line is
+    as long as it needs to be, whole names for grep.
+    """
+    from rich.cells import cell_len
+    from rich.text import Text
+
+    rows = [list(header), *([_printable(cell) for cell in row] for row in rows)]
+    widths = [max(cell_len(cell) for cell in column) for column in zip(*rows)]
+    if console.is_terminal:
+        room = console.width - 2 * (len(widths) - 1)
+        shortened = [i for i in range(len(widths)) if i in paths]
+        while shortened and sum(widths) > room:
+            widest = max(shortened, key=lambda i: widths[i])
+            if widths[widest] <= _SHORTEST:
+                break
+            widths[widest] -= 1
+    for n, row in enumerate(rows):
+        cells = [_fit(cell, width) for cell, width in zip(row, widths)]
+        console.print(Text("  ".join(cells).rstrip(), style="bold" if n == 0 else ""), soft_wrap=True)
+
+
+_SHORTEST = 16  # a path column is not shortened below this many cells
+
+
+def _printable(text: str) -> str:
+    """A newline or another control character in a file name, escaped: one row stays one line."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _fit(text: str, width: int) -> str:
+    """`text` padded to `width` cells, or its end after an ellipsis if it is wider."""
+    from rich.cells import cell_len
+
+    if cell_len(text) > width:
+        tail, used = [], 1
+        for char in reversed(text):
+            used += cell_len(char)
+            if used > width:
+                break
+            tail.append(char)
+        text = "…" + "".join(reversed(tail))
+    return text + " " * (width - cell_len(text))
 
 
 class Reporter:
@@ -114,9 +163,10 @@ class Reporter:
         if self.quiet or self.pipe_closed or summary.pipe_closed or summary.total == 0:
             return
         if self.rows:
-            self.console.print(self._table())
+            print_table(self.console, ("input", "output", "shape", "dtype", "status"), map(self._row, self.rows),
+                        paths=(0, 1))
             if summary.total > len(self.rows):
-                self.console.print(f"... and {summary.total - len(self.rows)} more", markup=False)
+                self.console.print(f"... and {summary.total - len(self.rows)} more", markup=False, soft_wrap=True)
         rate = summary.ok / summary.elapsed if summary.elapsed > 0 else 0.0
         shape = " x ".join(map(str, summary.token_shape)) if summary.token_shape else "-"
         parts = [f"{summary.ok} encoded"]
@@ -125,17 +175,9 @@ class Reporter:
         if summary.errors:
             parts.append(f"{summary.errors} failed")
         self.console.print(f"{', '.join(parts)}; tokens {shape}; {format_bytes(summary.bytes_written)} written; "
-                           f"{summary.elapsed:.2f} s, {rate:.1f} images/s on {summary.device}", markup=False)
+                           f"{summary.elapsed:.2f} s, {rate:.1f} images/s on {summary.device}", markup=False, soft_wrap=True)
 
-    def _table(self):
-        from rich.table import Table
-        from rich.text import Text
-
-        table = Table(box=None, header_style="bold", pad_edge=False)
-        for column in ("input", "output", "shape", "dtype", "status"):
-            table.add_column(column, overflow="fold")
-        for r in self.rows:
-            shape = " x ".join(map(str, r.shape)) if r.shape else "-"
-            cells = (display_path(r.input), display_path(r.output) or "-", shape, r.dtype or "-", r.status)
-            table.add_row(*(Text(cell) for cell in cells))
-        return table
+    @staticmethod
+    def _row(r: Outcome) -> tuple[str, ...]:
+        shape = " x ".join(map(str, r.shape)) if r.shape else "-"
+        return display_path(r.input), display_path(r.output) or "-", shape, r.dtype or "-", r.status

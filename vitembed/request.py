@@ -190,20 +190,23 @@ def encode(inputs: Iterable[str | os.PathLike], output: str | os.PathLike | None
     from .outputs import OutputPlan
     from .pipeline import check, run
 
+    notice = on_notice or (lambda text: None)
     request = EncodeRequest.from_options(output=output, **options)
     plan = OutputPlan.from_option(request.output, request.format)
     inputs = [os.fspath(i) for i in inputs]
     if inputs.count("-") > 1:
         raise ConfigError("- (read paths from stdin) may be given once")
     stdin = stdin if stdin is not None else (sys.stdin.buffer if "-" in inputs else None)
-    sources = iter_sources(inputs, stdin, null)
+    own_outputs = _OwnOutputs(notice)
+    sources = iter_sources(inputs, stdin, null, on_own_output=own_outputs)
     if plan.mode in ("file", "stdout"):
         sources = list(sources)
+        own_outputs.tell()
         if len(sources) != 1:
             raise ConfigError(f"-o {output} takes exactly one input image, got {len(sources)}")
     encoder, config, notes = request.encoder()
     for note in notes:
-        (on_notice or (lambda text: None))(note)
+        notice(note)
     check(encoder, plan, request.run)
     config["format"] = plan.fmt
     folder = None
@@ -218,8 +221,31 @@ def encode(inputs: Iterable[str | os.PathLike], output: str | os.PathLike | None
         report(outcome)
 
     try:
-        return run(sources, encoder, plan, request.run, on_result=record, stop=stop, stdout=stdout,
-                   made_from=folder.made_from if folder is not None else None)
+        summary = run(sources, encoder, plan, request.run, on_result=record, stop=stop, stdout=stdout,
+                      made_from=folder.made_from if folder is not None else None)
     finally:
         if folder is not None:
             folder.close()
+    own_outputs.tell()
+    return summary
+
+
+class _OwnOutputs:
+    """vitembed's own outputs among the inputs (`photos/*` over a folder it wrote into): passed
+    over, and told in one note."""
+
+    def __init__(self, notice: Callable[[str], None]) -> None:
+        self.notice, self.count, self.first = notice, 0, None
+
+    def __call__(self, path) -> None:
+        self.count += 1
+        self.first = self.first or path
+
+    def tell(self) -> None:
+        if self.count:
+            from .outcomes import display_path
+
+            more = f" and {self.count - 1} more" if self.count > 1 else ""
+            self.notice(f"passed over {display_path(self.first)}{more}: .npy/.pt files are vitembed's outputs, "
+                        "not images")
+            self.count = 0
