@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import json_lines, read_manifest, run_cli
-from vitembed.request import DTYPE_ALIASES
+from vitembed.formats import DTYPE_ALIASES
 
 COMMANDS = [[], ["encode"], ["init"], ["info"], ["inspect"]]
 

@@ -6,98 +6,33 @@ Heavy modules (torch, numpy, Pillow) are imported inside the commands, so that `
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import signal
 import sys
 import threading
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperCommand, TyperGroup
 
-from .errors import ConfigError, InputError, OutputError, VitembedError, WeightsError
-from .showcli import PosInit, PosInitOpt, show_app
-
-
-class _ClickHelp:
-    """Help as Click shows it: `INPUTS...` in the usage line, no placeholder after a flag, and the
-    metavars the options declare (INTEGER, PATH, [npy|pt]), rather than Typer's type labels
-    (`{inputs}...`, `<bool>`, `<list[str]>`)."""
-
-    def get_params(self, ctx) -> list:
-        params = super().get_params(ctx)
-        for param in params:
-            if param.param_type_name == "option" and getattr(param, "is_flag", False) and param.metavar is None:
-                param.metavar = ""  # a flag takes no value: nothing to show after it (--help included)
-            elif param.param_type_name == "argument":
-                # Its metavar says it all (INPUTS...); Typer would add its type label (<list[str]>).
-                param.display_type_rich = lambda ctx: None
-        return params
-
-
-class _Command(_ClickHelp, TyperCommand):
-    def collect_usage_pieces(self, ctx) -> list[str]:
-        pieces = [self.options_metavar] if self.options_metavar else []
-        for param in self.get_params(ctx):
-            if param.param_type_name == "argument":
-                name = param.metavar or param.name.upper() + ("..." if param.nargs != 1 else "")
-                pieces.append(name if param.required else f"[{name}]")
-        return pieces
-
-
-class _Group(_ClickHelp, TyperGroup):
-    pass
+from .errors import ConfigError, InputError
+from .options import (
+    IMAGE, IMAGE_OPTIONS, LAYER_OPTIONS, RUN, Command, Decode, Engine, Format, Group,
+    InitSeedOpt, JsonOpt, NormalizeOpt, PosInit, PosInitOpt, SeedOpt, WeightsOpt, choice_metavar, fail, guard, notice,
+    value, with_options,
+)
+from .showcli import show_app
 
 
 app = typer.Typer(
-    cls=_Group,
+    cls=Group,
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Turn images into Vision Transformer input-layer tokens z0, shape (N+1) x D.",
 )
-
-
-class Resize(str, Enum):
-    squash = "squash"
-    crop = "crop"
-    pad = "pad"
-
-
-class Interpolation(str, Enum):
-    nearest = "nearest"
-    bilinear = "bilinear"
-    bicubic = "bicubic"
-    lanczos = "lanczos"
-
-
-class Normalize(str, Enum):
-    imagenet = "imagenet"
-    inception = "inception"
-    clip = "clip"
-    none = "none"
-
-
-class Format(str, Enum):
-    npy = "npy"
-    pt = "pt"
-
-
-class Engine(str, Enum):
-    auto = "auto"
-    numpy = "numpy"
-    torch = "torch"
-
-
-class Decode(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    gpu = "gpu"
 
 
 def _version(value: bool) -> None:
@@ -128,89 +63,26 @@ def _main(
     pass
 
 
-def _choices(enum: type[Enum]) -> str:
-    return "[" + "|".join(member.value for member in enum) + "]"
-
-
-LAYER = "Layer"
-IMAGE = "Image"
-RUN = "Run"
-
-PresetOpt = Annotated[Optional[str], typer.Option("--preset", "-p", metavar="NAME", help="Layer shape: seed (default: 224 px, P=14, D=384), vit-b16, vit-l14, ... (see `vitembed info --presets`).", rich_help_panel=LAYER)]
-ImageSizeOpt = Annotated[Optional[int], typer.Option("--image-size", metavar="PIXELS", help="Side S of the square input, pixels.", rich_help_panel=LAYER)]
-PatchSizeOpt = Annotated[Optional[int], typer.Option("--patch-size", metavar="PIXELS", help="Side P of a patch, pixels.", rich_help_panel=LAYER)]
-NumPatchRowOpt = Annotated[Optional[int], typer.Option("--num-patch-row", metavar="INTEGER", help="Patches per side (the seed's way to set P = S / rows).", rich_help_panel=LAYER)]
-EmbDimOpt = Annotated[Optional[int], typer.Option("--emb-dim", metavar="INTEGER", help="Token length D.", rich_help_panel=LAYER)]
-InChannelsOpt = Annotated[Optional[int], typer.Option("--in-channels", metavar="INTEGER", help="Image channels C: 3 (RGB) or 1 (grey).", rich_help_panel=LAYER)]
-WeightsOpt = Annotated[Optional[str], typer.Option("--weights", "-w", metavar="FILE|NAME", help="Layer file from `vitembed init`; a timm, torchvision, transformers or seed state dict (.pt/.pth/.bin/.safetensors) or save_pretrained folder; or torchvision:vit_b_16, timm:MODEL.TAG, hf:ORG/REPO. Fixes P, D, C; --image-size resamples the position embedding.", rich_help_panel=LAYER)]
-SeedOpt = Annotated[int, typer.Option("--seed", metavar="INTEGER", help="Seed of the random layer (ignored with --weights).", rich_help_panel=LAYER)]
-InitSeedOpt = Annotated[int, typer.Option("--seed", metavar="INTEGER", help="Seed of the random layer.", rich_help_panel=LAYER)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
-
-
-def _layer_config(preset, image_size, patch_size, num_patch_row, emb_dim, in_channels):
-    from .config import resolve_config
-
-    return resolve_config(
-        preset, image_size=image_size, patch_size=patch_size, num_patch_row=num_patch_row,
-        emb_dim=emb_dim, in_channels=in_channels,
-    )
-
-
-def _notice(notes, quiet: bool = False) -> None:
-    if not quiet:
-        for note in notes:
-            typer.echo(f"note: {note}", err=True)
-
-
-def _fail(message: str, code: int) -> typer.Exit:
-    from rich.console import Console
-
-    from rich.text import Text
-
-    Console(stderr=True, highlight=False).print(Text.assemble(("error", "red"), ": ", message), soft_wrap=True)
-    return typer.Exit(code)
-
-
-def _guard(func):
-    """Turn the library's expected failures into one red line and an exit code."""
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        except ConfigError as exc:
-            raise _fail(str(exc), 2) from None
-        except (WeightsError, InputError, OutputError, VitembedError) as exc:
-            raise _fail(str(exc), 1) from None
-
-    return wrapper
-
-
-@app.command(cls=_Command)
-@_guard
+@app.command(cls=Command)
+@guard
+@with_options("layer", LAYER_OPTIONS)
+@with_options("preprocessing", IMAGE_OPTIONS)
 def encode(
     inputs: Annotated[list[str], typer.Argument(metavar="INPUTS...", help="Image files, folders (walked recursively), or - to read paths from stdin.", show_default=False)],
     output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="PATH", help="Output folder (one that exists, ends with / or has no suffix), a FILE.npy / FILE.pt / FILE.pth for one input, or - for stdout. Default: beside each input.", rich_help_panel=RUN)] = None,
-    fmt: Annotated[Optional[Format], typer.Option("--format", "-f", metavar=_choices(Format), help="Output file format (default npy, or the -o file's suffix).", rich_help_panel=RUN)] = None,
+    fmt: Annotated[Optional[Format], typer.Option("--format", "-f", metavar=choice_metavar(Format), help="Output file format (default npy, or the -o file's suffix).", rich_help_panel=RUN)] = None,
     null: Annotated[bool, typer.Option("--null", "-0", help="Paths on stdin are NUL-separated (find -print0).", rich_help_panel=RUN)] = False,
-    preset: PresetOpt = None,
-    image_size: ImageSizeOpt = None,
-    patch_size: PatchSizeOpt = None,
-    num_patch_row: NumPatchRowOpt = None,
-    emb_dim: EmbDimOpt = None,
-    in_channels: InChannelsOpt = None,
+    layer: dict = None,
     weights: WeightsOpt = None,
     seed: SeedOpt = 0,
-    resize: Annotated[Optional[Resize], typer.Option("--resize", metavar=_choices(Resize), help="squash: straight to S x S; crop: shorter side to S/crop-pct, centre crop; pad: keep aspect, pad to square. Default: the weights' own, else squash.", show_default=False, rich_help_panel=IMAGE)] = None,
-    crop_pct: Annotated[Optional[float], typer.Option("--crop-pct", metavar="FLOAT", help="For --resize crop: 0.875 is 256 -> 224. Default: the weights' own, else 0.875.", show_default=False, rich_help_panel=IMAGE)] = None,
-    interpolation: Annotated[Optional[Interpolation], typer.Option("--interpolation", metavar="FILTER", help="Resampling filter, antialiased: nearest, bilinear, bicubic or lanczos. Default: the weights' own, else bilinear.", show_default=False, rich_help_panel=IMAGE)] = None,
-    background: Annotated[str, typer.Option("--background", metavar="COLOUR", help="Colour under transparency and around --resize pad: a name, #rrggbb or r,g,b.", rich_help_panel=IMAGE)] = "white",
-    normalize: Annotated[Optional[Normalize], typer.Option("--normalize", metavar="NAME", help="Per-channel mean and std: imagenet, inception, clip, or none (pixels / 255). Default: the weights' own, else imagenet.", show_default=False, rich_help_panel=IMAGE)] = None,
+    pos_init: PosInitOpt = PosInit.normal,
+    preprocessing: dict = None,
+    normalize: NormalizeOpt = None,
     max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", metavar="INTEGER", help="Refuse images whose header claims more pixels (decompression bombs). Default: 178956970.", rich_help_panel=IMAGE)] = None,
     fast_decode: Annotated[bool, typer.Option("--fast-decode", help="Decode large JPEGs at 1/2, 1/4 or 1/8 scale (DCT scaling): much faster, pixels differ slightly.", rich_help_panel=IMAGE)] = False,
     device: Annotated[str, typer.Option("--device", metavar="DEVICE", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps.", rich_help_panel=RUN)] = "auto",
-    engine: Annotated[Engine, typer.Option("--engine", metavar=_choices(Engine), help="numpy: each decoder process embeds and writes its images (CPU; torch is imported only to draw a random layer the first time, then cached). torch: batches on --device. auto: numpy where it applies, else torch.", rich_help_panel=RUN)] = Engine.auto,
-    decode: Annotated[Decode, typer.Option("--decode", metavar=_choices(Decode), help="Where JPEGs are decoded and resized: cpu (Pillow, in the decoder processes), gpu (nvJPEG on the CUDA device, in batches; other formats still by Pillow; not yet checked on a GPU), auto: cpu for now.", rich_help_panel=RUN)] = Decode.auto,
+    engine: Annotated[Engine, typer.Option("--engine", metavar=choice_metavar(Engine), help="numpy: each decoder process embeds and writes its images (CPU; torch is imported only to draw a random layer the first time, then cached). torch: batches on --device. auto: numpy where it applies, else torch.", rich_help_panel=RUN)] = Engine.auto,
+    decode: Annotated[Decode, typer.Option("--decode", metavar=choice_metavar(Decode), help="Where JPEGs are decoded and resized: cpu (Pillow, in the decoder processes), gpu (nvJPEG on the CUDA device, in batches; other formats still by Pillow; not yet checked on a GPU), auto: cpu for now.", rich_help_panel=RUN)] = Decode.auto,
     dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="Output dtype: float32, float16 or bfloat16 (also fp32, fp16, bf16, half, float, single); computed in float32.", rich_help_panel=RUN)] = "float32",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", metavar="INTEGER", help="Images per layer call.", rich_help_panel=RUN)] = 32,
     workers: Annotated[Optional[int], typer.Option("--workers", "-j", metavar="INTEGER", help="Decoding processes (default: one per core; 0: decode in the main process).", rich_help_panel=RUN)] = None,
@@ -259,17 +131,15 @@ def encode(
         count = lambda: reporter.set_total(sum(1 for _ in iter_sources(inputs, on_own_output=lambda path: None)))  # noqa: E731
         threading.Thread(target=count, daemon=True).start()
     options = dict(
-        preset=preset, image_size=image_size, patch_size=patch_size, num_patch_row=num_patch_row, emb_dim=emb_dim,
-        in_channels=in_channels, weights=weights, seed=seed, resize=_value(resize), crop_pct=crop_pct,
-        interpolation=_value(interpolation), background=background, normalize=_value(normalize),
-        max_pixels=max_pixels, fast_decode=fast_decode, format=_value(fmt), device=device, engine=_value(engine),
-        decode=_value(decode), dtype=_value(dtype), batch_size=batch_size, workers=workers,
+        **layer, weights=weights, seed=seed, pos_init=value(pos_init), **preprocessing, normalize=value(normalize),
+        max_pixels=max_pixels, fast_decode=fast_decode, format=value(fmt), device=device, engine=value(engine),
+        decode=value(decode), dtype=value(dtype), batch_size=batch_size, workers=workers,
         skip_existing=skip_existing, overwrite=overwrite, shard_size=shard_size, decode_timeout=decode_timeout,
     )
     with _signals(stop) as caught:
         try:
             summary = run_encode(inputs, output, on_result=reporter, stop=stop, null=null,
-                                 on_notice=lambda note: _notice([note], quiet), **options)
+                                 on_notice=lambda note: notice([note], quiet), **options)
         finally:
             reporter.close()
     reporter.finish(summary)
@@ -282,14 +152,10 @@ def encode(
             "every output written is complete. Run the same command with --skip-existing to resume.", markup=False)
         raise typer.Exit(128 + caught[0])
     if summary.stopped:
-        raise _fail(f"stopped: {summary.stopped}", 1)
+        raise fail(f"stopped: {summary.stopped}", 1)
     if summary.total == 0:
-        raise _fail("no images found in the given inputs", 2)
+        raise fail("no images found in the given inputs", 2)
     raise typer.Exit(1 if summary.errors else 0)
-
-
-def _value(option):
-    return option.value if isinstance(option, Enum) else option
 
 
 @contextlib.contextmanager
@@ -312,16 +178,12 @@ def _signals(stop: threading.Event):
             signal.signal(s, handler)
 
 
-@app.command(cls=_Command)
-@_guard
+@app.command(cls=Command)
+@guard
+@with_options("layer", LAYER_OPTIONS)
 def init(
     output: Annotated[Path, typer.Option("--output", "-o", metavar="PATH", help="Layer file to write: .pt or .safetensors.", show_default=False)],
-    preset: PresetOpt = None,
-    image_size: ImageSizeOpt = None,
-    patch_size: PatchSizeOpt = None,
-    num_patch_row: NumPatchRowOpt = None,
-    emb_dim: EmbDimOpt = None,
-    in_channels: InChannelsOpt = None,
+    layer: dict = None,
     seed: InitSeedOpt = 0,
     pos_init: PosInitOpt = PosInit.normal,
 ) -> None:
@@ -335,10 +197,11 @@ def init(
 
         vitembed init --pos-init sincos -o sincos.pt     # MAE's fixed 2-D sine-cosine E_pos
     """
+    from .config import resolve_config
     from .layer import build_layer
     from .weights import save_layer
 
-    config = _layer_config(preset, image_size, patch_size, num_patch_row, emb_dim, in_channels)
+    config = resolve_config(**layer)
     size = save_layer(build_layer(config, seed, pos_init.value), output)
     from rich.console import Console
 
@@ -347,15 +210,11 @@ def init(
         f"{', E_pos: sincos (MAE)' if pos_init is PosInit.sincos else ''}", markup=False, soft_wrap=True)
 
 
-@app.command(cls=_Command)
-@_guard
+@app.command(cls=Command)
+@guard
+@with_options("layer", LAYER_OPTIONS)
 def info(
-    preset: PresetOpt = None,
-    image_size: ImageSizeOpt = None,
-    patch_size: PatchSizeOpt = None,
-    num_patch_row: NumPatchRowOpt = None,
-    emb_dim: EmbDimOpt = None,
-    in_channels: InChannelsOpt = None,
+    layer: dict = None,
     weights: WeightsOpt = None,
     presets: Annotated[bool, typer.Option("--presets", help="List the presets.")] = False,
     json_out: JsonOpt = False,
@@ -380,13 +239,11 @@ def info(
     if weights is not None:
         from .request import EncodeRequest, layer_from_options
 
-        loaded, source, notes, weights_prep = layer_from_options(preset, image_size, patch_size, num_patch_row,
-                                                                 emb_dim, in_channels, weights)
-        _notice(notes)
+        loaded, source, notes, weights_prep = layer_from_options(**layer, weights=weights)
+        notice(notes)
         config = loaded.config
     else:
-        config = resolve_config(preset, image_size=image_size, patch_size=patch_size, num_patch_row=num_patch_row,
-                                emb_dim=emb_dim, in_channels=in_channels)
+        config = resolve_config(**layer)
     d = _describe(config)
     if source:
         d["source"] = source
@@ -443,8 +300,8 @@ def _describe(config) -> dict:
     }
 
 
-@app.command(cls=_Command)
-@_guard
+@app.command(cls=Command)
+@guard
 def inspect(
     files: Annotated[list[Path], typer.Argument(metavar="FILES...", help="Saved outputs (.npy or .pt).", show_default=False)],
     json_out: JsonOpt = False,
@@ -465,7 +322,7 @@ def inspect(
             stats = tensor_stats(path)
         except InputError as exc:
             failed += 1
-            _fail(f"{display_path(path)}: {exc}", 1)
+            fail(f"{display_path(path)}: {exc}", 1)
             continue
         stats = {"file": display_path(path), **stats}
         if json_out:

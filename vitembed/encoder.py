@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from .choices import ENGINES
 from .config import LayerConfig
 from .errors import ConfigError, InputError
 from .formats import cast, output_dtype
@@ -32,7 +33,6 @@ from .kernel import Kernel, LayerParams
 
 __all__ = ["ENGINES", "Encoder", "FileBatch", "TorchEngine", "encode_images", "resolve_device", "tokens_to_numpy"]
 
-ENGINES = ("auto", "numpy", "torch")
 
 
 @dataclass

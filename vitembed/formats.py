@@ -15,16 +15,13 @@ from typing import BinaryIO
 
 import numpy as np
 
+from .choices import DTYPE_ALIASES, DTYPES, FORMATS
 from .errors import ConfigError
 from .files import open_regular
 from .ptformat import bfloat16_bits, read_pt_header, write_pt
 
 __all__ = ["DTYPES", "DTYPE_ALIASES", "FORMATS", "cast", "output_dtype", "output_header", "tensor_bytes", "write_tensor"]
 
-FORMATS = ("npy", "pt")
-DTYPES = ("float32", "float16", "bfloat16")
-DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "single": "float32", "fp16": "float16", "half": "float16",
-                 "bf16": "bfloat16"}
 
 
 def output_dtype(name: str) -> str:

@@ -20,6 +20,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageColor, ImageOps
 
+from .choices import RESIZE_MODES
 from .errors import ConfigError, InputError, one_line
 from .files import NotRegularFile, open_regular
 
@@ -44,8 +45,7 @@ NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
     "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
-RESIZE_MODES = ("squash", "crop", "pad")
-INTERPOLATIONS = {
+INTERPOLATIONS = {  # choices.INTERPOLATIONS -> Pillow's filter
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,

@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from .choices import DECODES
 from .encoder import Encoder
 from .errors import ConfigError, InputError, OutputError, StdoutClosed
 from .files import clean_stale_temporaries
@@ -34,7 +35,6 @@ from .workers import WorkerTask, init_worker
 
 __all__ = ["DECODES", "EncodeOptions", "run"]
 
-DECODES = ("auto", "cpu", "gpu")
 _DEVICE_DECODE_TYPES = ("cuda",)  # devices whose JPEG decoder (nvJPEG) beats Pillow processes
 
 

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from .choices import POS_INITS  # normal: the seed's E_pos ~ N(0, 1); sincos: MAE's fixed table
 from .errors import ConfigError
 
 __all__ = ["POS_INITS", "sincos_1d", "sincos_2d"]
 
-POS_INITS = ("normal", "sincos")  # normal: the seed's E_pos ~ N(0, 1); sincos: MAE's fixed table
 
 
 def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:

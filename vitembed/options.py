@@ -1,0 +1,161 @@
+"""The command line's shared parts: option types (every command's --preset is the same option),
+the choices they offer (from `choices`), help as Click users expect it, and the mapping of the
+library's errors to one red line and an exit code. Light to import: typer only.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from enum import Enum
+from typing import Annotated, Optional
+
+import typer
+from typer.core import TyperCommand, TyperGroup
+
+from . import choices
+from .errors import ConfigError, InputError, OutputError, VitembedError, WeightsError
+
+__all__ = ["IMAGE_OPTIONS", "LAYER_OPTIONS", "Command", "Group", "fail", "guard", "notice", "value", "with_options"]
+
+
+def _choice(name: str, values) -> type[Enum]:
+    """A str Enum of the values, as Typer wants choices (no import of the modules that use them)."""
+    return Enum(name, {v: v for v in values}, type=str)
+
+
+Resize = _choice("Resize", choices.RESIZE_MODES)
+Interpolation = _choice("Interpolation", choices.INTERPOLATIONS)
+Normalize = _choice("Normalize", choices.NORMALIZATIONS)
+Format = _choice("Format", choices.FORMATS)
+Engine = _choice("Engine", choices.ENGINES)
+Decode = _choice("Decode", choices.DECODES)
+PosInit = _choice("PosInit", choices.POS_INITS)
+
+
+def choice_metavar(enum: type[Enum]) -> str:
+    return "[" + "|".join(member.value for member in enum) + "]"
+
+
+def value(option):
+    """An option's value: an Enum member's string, anything else as it is."""
+    return option.value if isinstance(option, Enum) else option
+
+
+class _ClickHelp:
+    """Help as Click shows it: `INPUTS...` in the usage line, no placeholder after a flag, and the
+    metavars the options declare (INTEGER, PATH, [npy|pt]), rather than Typer's type labels
+    (`{inputs}...`, `<bool>`, `<list[str]>`)."""
+
+    def get_params(self, ctx) -> list:
+        params = super().get_params(ctx)
+        for param in params:
+            if param.param_type_name == "option" and getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""  # a flag takes no value: nothing to show after it (--help included)
+            elif param.param_type_name == "argument":
+                # Its metavar says it all (INPUTS...); Typer would add its type label (<list[str]>).
+                param.display_type_rich = lambda ctx: None
+        return params
+
+
+class Command(_ClickHelp, TyperCommand):
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = param.metavar or param.name.upper() + ("..." if param.nargs != 1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+class Group(_ClickHelp, TyperGroup):
+    pass
+
+
+LAYER = "Layer"
+IMAGE = "Image"
+RUN = "Run"
+
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", "-p", metavar="NAME", help="Layer shape: seed (default: 224 px, P=14, D=384), vit-b16, vit-l14, ... (see `vitembed info --presets`).", rich_help_panel=LAYER)]
+ImageSizeOpt = Annotated[Optional[int], typer.Option("--image-size", metavar="PIXELS", help="Side S of the square input, pixels.", rich_help_panel=LAYER)]
+PatchSizeOpt = Annotated[Optional[int], typer.Option("--patch-size", metavar="PIXELS", help="Side P of a patch, pixels.", rich_help_panel=LAYER)]
+NumPatchRowOpt = Annotated[Optional[int], typer.Option("--num-patch-row", metavar="INTEGER", help="Patches per side (the seed's way to set P = S / rows).", rich_help_panel=LAYER)]
+EmbDimOpt = Annotated[Optional[int], typer.Option("--emb-dim", metavar="INTEGER", help="Token length D.", rich_help_panel=LAYER)]
+InChannelsOpt = Annotated[Optional[int], typer.Option("--in-channels", metavar="INTEGER", help="Image channels C: 3 (RGB) or 1 (grey).", rich_help_panel=LAYER)]
+WeightsOpt = Annotated[Optional[str], typer.Option("--weights", "-w", metavar="FILE|NAME", help="Layer file from `vitembed init`; a timm, torchvision, transformers or seed state dict (.pt/.pth/.bin/.safetensors) or save_pretrained folder; or torchvision:vit_b_16, timm:MODEL.TAG, hf:ORG/REPO. Fixes P, D, C; --image-size resamples the position embedding.", rich_help_panel=LAYER)]
+SeedOpt = Annotated[int, typer.Option("--seed", metavar="INTEGER", help="Seed of the random layer (ignored with --weights).", rich_help_panel=LAYER)]
+InitSeedOpt = Annotated[int, typer.Option("--seed", metavar="INTEGER", help="Seed of the random layer.", rich_help_panel=LAYER)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
+
+
+PosInitOpt = Annotated[PosInit, typer.Option("--pos-init", metavar=choice_metavar(PosInit), help="E_pos of a random layer: normal (the seed's N(0, 1)) or sincos (MAE's fixed 2-D sine-cosine table, class token row 0).", rich_help_panel=LAYER)]
+ResizeOpt = Annotated[Optional[Resize], typer.Option("--resize", metavar=choice_metavar(Resize), help="squash: straight to S x S; crop: shorter side to S/crop-pct, centre crop; pad: keep aspect, pad to square. Default: the weights' own, else squash.", show_default=False, rich_help_panel=IMAGE)]
+CropPctOpt = Annotated[Optional[float], typer.Option("--crop-pct", metavar="FLOAT", help="For --resize crop: 0.875 is 256 -> 224. Default: the weights' own, else 0.875.", show_default=False, rich_help_panel=IMAGE)]
+InterpolationOpt = Annotated[Optional[Interpolation], typer.Option("--interpolation", metavar="FILTER", help="Resampling filter, antialiased: nearest, bilinear, bicubic or lanczos. Default: the weights' own, else bilinear.", show_default=False, rich_help_panel=IMAGE)]
+BackgroundOpt = Annotated[str, typer.Option("--background", metavar="COLOUR", help="Colour under transparency and around --resize pad: a name, #rrggbb or r,g,b.", rich_help_panel=IMAGE)]
+NormalizeOpt = Annotated[Optional[Normalize], typer.Option("--normalize", metavar="NAME", help="Per-channel mean and std: imagenet, inception, clip, or none (pixels / 255). Default: the weights' own, else imagenet.", show_default=False, rich_help_panel=IMAGE)]
+
+
+def notice(notes, quiet: bool = False) -> None:
+    if not quiet:
+        for note in notes:
+            typer.echo(f"note: {note}", err=True)
+
+
+def fail(message: str, code: int) -> typer.Exit:
+    from rich.console import Console
+
+    from rich.text import Text
+
+    Console(stderr=True, highlight=False).print(Text.assemble(("error", "red"), ": ", message), soft_wrap=True)
+    return typer.Exit(code)
+
+
+def guard(func):
+    """Turn the library's expected failures into one red line and an exit code."""
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except ConfigError as exc:
+            raise fail(str(exc), 2) from None
+        except (WeightsError, InputError, OutputError, VitembedError) as exc:
+            raise fail(str(exc), 1) from None
+
+    return wrapper
+
+
+
+
+# Option groups: several commands take the same options; each group reaches a command as one dict.
+LAYER_OPTIONS = {
+    "preset": (PresetOpt, None), "image_size": (ImageSizeOpt, None), "patch_size": (PatchSizeOpt, None),
+    "num_patch_row": (NumPatchRowOpt, None), "emb_dim": (EmbDimOpt, None), "in_channels": (InChannelsOpt, None),
+}
+IMAGE_OPTIONS = {
+    "resize": (ResizeOpt, None), "crop_pct": (CropPctOpt, None), "interpolation": (InterpolationOpt, None),
+    "background": (BackgroundOpt, "white"),
+}
+
+
+def with_options(name: str, group: dict):
+    """A decorator that gives a command the options of `group`, which reach it as one dict
+    argument `name` (Enum choices as their strings): the group is declared once for every
+    command that takes it, and Typer sees each option as usual."""
+
+    def decorate(func):
+        signature = inspect.signature(func, eval_str=True)
+        params = [p for p in signature.parameters.values() if p.name != name]
+        params += [inspect.Parameter(option, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+                   for option, (annotation, default) in group.items()]
+
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            kwargs[name] = {option: value(kwargs.pop(option)) for option in group}
+            return func(*args, **kwargs)
+
+        wrapper.__signature__ = signature.replace(parameters=params)
+        wrapper.__annotations__ = {p.name: p.annotation for p in params}
+        return wrapper
+
+    return decorate
