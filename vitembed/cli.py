@@ -35,6 +35,12 @@ app = typer.Typer(
 )
 
 
+def _command(**groups):
+    """A command: Click-style help, the library's errors as one line and an exit code, and the
+    option `groups` (see `options.with_options`)."""
+    return lambda func: app.command(cls=Command)(guard(with_options(**groups)(func)))
+
+
 def _version(value: bool) -> None:
     """--version: vitembed's, and the libraries' that decide its outputs (read without importing them)."""
     if not value:
@@ -63,10 +69,7 @@ def _main(
     pass
 
 
-@app.command(cls=Command)
-@guard
-@with_options("layer", LAYER_OPTIONS)
-@with_options("preprocessing", IMAGE_OPTIONS)
+@_command(layer=LAYER_OPTIONS, preprocessing=IMAGE_OPTIONS)
 def encode(
     inputs: Annotated[list[str], typer.Argument(metavar="INPUTS...", help="Image files, folders (walked recursively), or - to read paths from stdin.", show_default=False)],
     output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="PATH", help="Output folder (one that exists, ends with / or has no suffix), a FILE.npy / FILE.pt / FILE.pth for one input, or - for stdout. Default: beside each input.", rich_help_panel=RUN)] = None,
@@ -178,9 +181,7 @@ def _signals(stop: threading.Event):
             signal.signal(s, handler)
 
 
-@app.command(cls=Command)
-@guard
-@with_options("layer", LAYER_OPTIONS)
+@_command(layer=LAYER_OPTIONS)
 def init(
     output: Annotated[Path, typer.Option("--output", "-o", metavar="PATH", help="Layer file to write: .pt or .safetensors.", show_default=False)],
     layer: dict = None,
@@ -210,9 +211,7 @@ def init(
         f"{', E_pos: sincos (MAE)' if pos_init is PosInit.sincos else ''}", markup=False, soft_wrap=True)
 
 
-@app.command(cls=Command)
-@guard
-@with_options("layer", LAYER_OPTIONS)
+@_command(layer=LAYER_OPTIONS)
 def info(
     layer: dict = None,
     weights: WeightsOpt = None,
@@ -273,16 +272,9 @@ def info(
 
 
 def _token_layout(config) -> str:
-    parts, row = [], 0
-    if config.class_token:
-        parts.append("row 0: class token")
-        row = 1
-    if config.num_reg_tokens:
-        last = row + config.num_reg_tokens - 1
-        parts.append(f"rows {row}..{last}: register tokens" if last > row else f"row {row}: register token")
-        row = last + 1
-    parts.append(f"rows {row}..{row + config.num_patches - 1}: patches")
-    return ", ".join(parts)
+    """'row 0: class token, rows 1..256: patches'."""
+    return ", ".join(f"row {first}: {what.removesuffix('s')}" if first == last else f"rows {first}..{last}: {what}"
+                     for first, last, what in config.token_rows())
 
 
 def _floats(values) -> str:
@@ -300,8 +292,7 @@ def _describe(config) -> dict:
     }
 
 
-@app.command(cls=Command)
-@guard
+@_command()
 def inspect(
     files: Annotated[list[Path], typer.Argument(metavar="FILES...", help="Saved outputs (.npy or .pt).", show_default=False)],
     json_out: JsonOpt = False,

@@ -98,6 +98,18 @@ class LayerConfig:
         conv = self.patch_dim * self.emb_dim + self.emb_dim
         return conv + (self.num_prefix_tokens + self.num_pos_rows) * self.emb_dim
 
+    def token_rows(self) -> list[tuple[int, int, str]]:
+        """What the rows of z0 hold: (first row, last row, "class token" | "register tokens" | "patches")."""
+        rows, row = [], 0
+        if self.class_token:
+            rows.append((0, 0, "class token"))
+            row = 1
+        if self.num_reg_tokens:
+            rows.append((row, row + self.num_reg_tokens - 1, "register tokens"))
+            row += self.num_reg_tokens
+        rows.append((row, row + self.num_patches - 1, "patches"))
+        return rows
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 

@@ -138,20 +138,21 @@ IMAGE_OPTIONS = {
 }
 
 
-def with_options(name: str, group: dict):
-    """A decorator that gives a command the options of `group`, which reach it as one dict
-    argument `name` (Enum choices as their strings): the group is declared once for every
-    command that takes it, and Typer sees each option as usual."""
+def with_options(**groups: dict):
+    """A decorator that gives a command the options of each group, which reach it as one dict
+    argument per group, named by its keyword (Enum choices as their strings): a group is
+    declared once for every command that takes it, and Typer sees each option as usual."""
 
     def decorate(func):
         signature = inspect.signature(func, eval_str=True)
-        params = [p for p in signature.parameters.values() if p.name != name]
+        params = [p for p in signature.parameters.values() if p.name not in groups]
         params += [inspect.Parameter(option, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
-                   for option, (annotation, default) in group.items()]
+                   for group in groups.values() for option, (annotation, default) in group.items()]
 
         @functools.wraps(func)
         def wrapper(*args, **kwargs):
-            kwargs[name] = {option: value(kwargs.pop(option)) for option in group}
+            for name, group in groups.items():
+                kwargs[name] = {option: value(kwargs.pop(option)) for option in group}
             return func(*args, **kwargs)
 
         wrapper.__signature__ = signature.replace(parameters=params)

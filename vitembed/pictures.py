@@ -32,17 +32,13 @@ FILTER_COLUMNS = 7  # the ViT paper's Figure 7 left: 4 rows x 7 components
 
 
 def token_layout(config: LayerConfig) -> str:
-    """Which rows of z0 are what, in words: 'Token 0: class token; tokens 1..256: patches'."""
-    parts, row = [], 0
-    if config.class_token:
-        parts.append("Token 0: class token (no patch)")
-        row = 1
-    if config.num_reg_tokens:
-        last = row + config.num_reg_tokens - 1
-        parts.append(f"{'t' if parts else 'T'}okens {row}..{last}: register tokens")
-        row = last + 1
-    parts.append(f"{'t' if parts else 'T'}okens {row}..{row + config.num_patches - 1}: the patches, row-major")
-    return "; ".join(parts)
+    """Which rows of z0 are what, in words: 'Token 0: class token (no patch); tokens 1..256: the patches, row-major'."""
+    words = {"class token": "class token (no patch)", "register tokens": "register tokens",
+             "patches": "the patches, row-major"}
+    parts = [f"token {first}: {words[what]}" if first == last else f"tokens {first}..{last}: {words[what]}"
+             for first, last, what in config.token_rows()]
+    text = "; ".join(parts)
+    return text[0].upper() + text[1:]
 
 
 def _patch_scale(patch: int, image: int, digits: int) -> int:

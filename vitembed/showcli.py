@@ -51,6 +51,11 @@ def _guard(func):
     return wrapper
 
 
+def _command(**groups):
+    """A `show` command: Click-style help, errors as one line, and the option `groups`."""
+    return lambda func: show_app.command(cls=Command)(_guard(with_options(**groups)(func)))
+
+
 @dataclass
 class _Layer:
     """The layer the options chose, as `request.layer_from_options` gives it."""
@@ -140,10 +145,7 @@ def _emit(picture, target: Path | None, source: Path | None) -> None:
     typer.echo(f"{'replaced' if replaced else 'wrote'} {target} ({w} x {h} px)", err=True)
 
 
-@show_app.command(cls=Command)
-@_guard
-@with_options("layer", LAYER_OPTIONS)
-@with_options("preprocessing", IMAGE_OPTIONS)
+@_command(layer=LAYER_OPTIONS, preprocessing=IMAGE_OPTIONS)
 def patches(
     image: Annotated[Path, typer.Argument(help="An image file.", show_default=False)],
     output: OutputOpt = None,
@@ -174,10 +176,7 @@ def patches(
     _emit(picture, target, image)
 
 
-@show_app.command(cls=Command)
-@_guard
-@with_options("layer", LAYER_OPTIONS)
-@with_options("preprocessing", IMAGE_OPTIONS)
+@_command(layer=LAYER_OPTIONS, preprocessing=IMAGE_OPTIONS)
 def tokens(
     source: Annotated[Path, typer.Argument(help="An image, or tokens saved by `vitembed encode` (.npy / .pt; give the layer options they were made with).", show_default=False)],
     output: OutputOpt = None,
@@ -254,9 +253,7 @@ def _read_tokens(path: Path, config):
     return array
 
 
-@show_app.command(cls=Command)
-@_guard
-@with_options("layer", LAYER_OPTIONS)
+@_command(layer=LAYER_OPTIONS)
 def filters(
     output: OutputOpt = None,
     layer: dict = None,
@@ -286,9 +283,7 @@ def filters(
     _emit(picture, target, None)
 
 
-@show_app.command(cls=Command)
-@_guard
-@with_options("layer", LAYER_OPTIONS)
+@_command(layer=LAYER_OPTIONS)
 def positions(
     output: OutputOpt = None,
     layer: dict = None,
