@@ -22,9 +22,8 @@ embedding as timm does. Files are read by `weightfiles.py`; named weights are `p
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,16 @@ import torch.nn.functional as F
 
 from .config import LayerConfig, nearest_valid_sizes
 from .errors import ConfigError, WeightsError
-from .weightfiles import LazyTensors, LoadedWeights, read_state_dict
+from .weightfiles import (
+    MAX_LAYER_VALUES,
+    LazyTensors,
+    LoadedWeights,
+    check_size,
+    check_storage,
+    read_json,
+    read_weight_file,
+    shape_of,
+)
 
 __all__ = [
     "FAMILIES",
@@ -46,8 +54,6 @@ __all__ = [
     "folder_preprocess",
     "hf_preprocess",
     "load_folder",
-    "read_json",
-    "read_weight_file",
     "resample_pos_embed",
     "resize_weights",
     "timm_preprocess",
@@ -136,60 +142,69 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], where: str) -> LoadedW
 
 
 def _convert(state: Mapping[str, torch.Tensor], family: KeyFamily, prefix: str, where: str) -> LoadedWeights:
-    def get(name: str) -> torch.Tensor | None:
-        return state[prefix + name] if prefix + name in state else None
-
-    bad = functools.partial(_bad_shape, where, prefix)
-
-    weight = get(family.proj_weight)
-    if weight.ndim != 4 or weight.shape[2] != weight.shape[3]:
-        raise bad(family.proj_weight, weight, "(D, C, P, P), a convolution over square patches")
-    d, c, p = weight.shape[0], weight.shape[1], weight.shape[2]
     if prefix + "patch_embed.norm.weight" in state:
         raise WeightsError(f"{where}: its patch embedding ends in a norm layer ({prefix}patch_embed.norm), "
                            "which the ViT input layer does not have")
-    bias = get(family.proj_bias)
-    if bias is None:
-        bias = torch.zeros(d, dtype=weight.dtype)  # timm's bias=False models (CLIP-style): exactly no bias
-    elif tuple(bias.shape) != (d,):
-        raise bad(family.proj_bias, bias, f"({d},) for D = {d} from {prefix + family.proj_weight}")
-
-    cls = get(family.cls)
-    if cls is not None and tuple(cls.shape) != (1, 1, d):
-        raise bad(family.cls, cls, f"(1, 1, {d})")
-    extra_name = next((n for n in family.extra if get(n) is not None), None)
-    extra = get(extra_name) if extra_name else None
-    if extra is not None and (extra.ndim != 3 or extra.shape[0] != 1 or extra.shape[2] != d):
-        raise bad(extra_name, extra, f"(1, R, {d})")
-
-    pos = get(family.pos)
-    if pos.ndim == 2:
-        pos = pos[None]  # (rows, D) -> (1, rows, D)
-    if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != d:
-        raise bad(family.pos, pos, f"(1, rows, {d}) for D = {d} from {prefix + family.proj_weight}")
-    num_prefix = int(cls is not None) + (extra.shape[1] if extra is not None else 0)
-    rows = pos.shape[1]
-    grid, pos_embed_prefix = _grid(rows, num_prefix)
-    if grid is None:
-        raise bad(family.pos, pos, f"N + {num_prefix} or N rows with N a square number of patches "
-                                   f"({num_prefix} prefix token(s))")
-
-    config = LayerConfig(
-        image_size=grid * p, patch_size=p, emb_dim=d, in_channels=c, class_token=cls is not None,
-        num_reg_tokens=extra.shape[1] if extra is not None else 0, pos_embed_prefix=pos_embed_prefix,
-    )
-    tensors = {"patch_emb_layer.weight": weight, "patch_emb_layer.bias": bias, "pos_emb": pos}
-    if cls is not None:
-        tensors["cls_token"] = cls
-    if extra is not None:
-        tensors["reg_token"] = extra
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    config, keys = _config_from_shapes(state, family, prefix, where)
+    # Nothing is copied before every check has passed: torch.load's tensors cost nothing to check
+    # (memory-mapped), a safetensors file's are read only once the layer's size is known to be sane.
+    for key in keys.values() if not isinstance(state, LazyTensors) else ():
+        check_storage(state[key], key, where)
+    check_size(config, where)
+    tensors = {}
+    for ours, key in keys.items():
+        tensor = state[key]
+        check_storage(tensor, key, where)
+        tensors[ours] = tensor.detach().to("cpu").contiguous()
+    if tensors["pos_emb"].ndim == 2:
+        tensors["pos_emb"] = tensors["pos_emb"][None]  # (rows, D) -> (1, rows, D)
+    if "patch_emb_layer.bias" not in tensors:  # timm's bias=False models (CLIP-style): exactly no bias
+        tensors["patch_emb_layer.bias"] = torch.zeros(config.emb_dim, dtype=tensors["patch_emb_layer.weight"].dtype)
     source = family.source + (f" (under {prefix[:-1]!r})" if prefix else "")
     return LoadedWeights(config, tensors, source=source)
 
 
-def _bad_shape(where: str, prefix: str, name: str, t: torch.Tensor, expected: str) -> WeightsError:
-    return WeightsError(f"{where}: {prefix + name} has shape {tuple(t.shape)}; expected {expected}")
+def _config_from_shapes(state: Mapping[str, torch.Tensor], family: KeyFamily, prefix: str,
+                        where: str) -> tuple[LayerConfig, dict[str, str]]:
+    """The layer's shape from the tensors' shapes alone (no tensor read), and vitembed's name -> key."""
+
+    def shape(name: str | None) -> tuple[int, ...] | None:
+        return shape_of(state, prefix + name) if name and prefix + name in state else None
+
+    def bad(name: str, actual: tuple[int, ...], expected: str) -> WeightsError:
+        return WeightsError(f"{where}: {prefix + name} has shape {actual}; expected {expected}")
+
+    weight = shape(family.proj_weight)
+    if len(weight) != 4 or weight[2] != weight[3]:
+        raise bad(family.proj_weight, weight, "(D, C, P, P), a convolution over square patches")
+    d, c, p = weight[:3]
+    bias = shape(family.proj_bias)
+    if bias is not None and bias != (d,):
+        raise bad(family.proj_bias, bias, f"({d},) for D = {d} from {prefix + family.proj_weight}")
+    cls = shape(family.cls)
+    if cls is not None and cls != (1, 1, d):
+        raise bad(family.cls, cls, f"(1, 1, {d})")
+    extra_name = next((n for n in family.extra if prefix + n in state), None)
+    extra = shape(extra_name)
+    if extra is not None and (len(extra) != 3 or extra[0] != 1 or extra[2] != d):
+        raise bad(extra_name, extra, f"(1, R, {d})")
+    pos = shape(family.pos)
+    pos = (1, *pos) if len(pos) == 2 else pos  # (rows, D) -> (1, rows, D)
+    if len(pos) != 3 or pos[0] != 1 or pos[2] != d:
+        raise bad(family.pos, pos, f"(1, rows, {d}) for D = {d} from {prefix + family.proj_weight}")
+    num_prefix = int(cls is not None) + (extra[1] if extra is not None else 0)
+    grid, pos_embed_prefix = _grid(pos[1], num_prefix)
+    if grid is None:
+        raise bad(family.pos, pos, f"N + {num_prefix} or N rows with N a square number of patches "
+                                   f"({num_prefix} prefix token(s))")
+    try:
+        config = LayerConfig(image_size=grid * p, patch_size=p, emb_dim=d, in_channels=c, class_token=cls is not None,
+                             num_reg_tokens=extra[1] if extra is not None else 0, pos_embed_prefix=pos_embed_prefix)
+    except ConfigError as exc:  # a dimension of 0
+        raise WeightsError(f"{where}: {prefix + family.proj_weight} has shape {weight}: {exc}") from None
+    names = {"patch_emb_layer.weight": family.proj_weight, "patch_emb_layer.bias": family.proj_bias if bias is not None else None,
+             "cls_token": family.cls if cls is not None else None, "reg_token": extra_name, "pos_emb": family.pos}
+    return config, {ours: prefix + theirs for ours, theirs in names.items() if theirs}
 
 
 def _grid(rows: int, num_prefix: int) -> tuple[int | None, bool]:
@@ -228,7 +243,7 @@ def resize_weights(loaded: LoadedWeights, image_size: int) -> LoadedWeights:
     """The same weights for another image size: the position embedding resampled to the new grid.
 
     Raises:
-        ConfigError: `image_size` is not a multiple of the checkpoint's patch size.
+        ConfigError: `image_size` is not a multiple of the checkpoint's patch size, or too large.
     """
     cfg = loaded.config
     if image_size == cfg.image_size:
@@ -239,6 +254,10 @@ def resize_weights(loaded: LoadedWeights, image_size: int) -> LoadedWeights:
         raise ConfigError(f"image size ({image_size}) is not a multiple of the weights' patch size "
                           f"({cfg.patch_size}); pass {hint}")
     new_cfg = dataclasses.replace(cfg, image_size=image_size)
+    if new_cfg.num_params > MAX_LAYER_VALUES:  # checked before the resampling allocates it
+        raise ConfigError(f"--image-size {image_size} would need a position embedding of {new_cfg.num_pos_rows:,} x "
+                          f"{cfg.emb_dim} values, over vitembed's limit of {MAX_LAYER_VALUES:,} for a layer; "
+                          "pass a smaller --image-size")
     num_prefix = cfg.num_prefix_tokens if cfg.pos_embed_prefix else 0
     state = dict(loaded.state_dict)
     state["pos_emb"] = resample_pos_embed(state["pos_emb"], new_cfg.num_patch_row, cfg.num_patch_row, num_prefix)
@@ -258,7 +277,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 def load_folder(path: Path) -> LoadedWeights:
     """A `save_pretrained` folder (transformers or timm): weights, sharded or not, plus its preprocessing."""
     for name in WEIGHT_FILES:
-        if (path / name).is_file():
+        if os.path.lexists(path / name):  # a link to a device, or a FIFO, is refused, not passed over
             state = read_weight_file(path / name)
             break
     else:
@@ -268,34 +287,15 @@ def load_folder(path: Path) -> LoadedWeights:
     return loaded
 
 
-def read_weight_file(path: Path) -> Mapping[str, torch.Tensor]:
-    if not path.name.endswith(".index.json"):
-        return read_state_dict(path)[0]
-    try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise WeightsError(f"{path}: not a shard index with a 'weight_map': {exc}") from None
-    return LazyTensors({k: path.parent / v for k, v in weight_map.items()})
-
-
 def folder_preprocess(path: Path) -> dict[str, Any]:
+    """The preprocessing a weights folder comes with: its HF processor's, or timm's pretrained cfg's."""
     proc = read_json(path / "preprocessor_config.json")
     if proc:
-        return hf_preprocess(proc)
+        return hf_preprocess(proc, str(path / "preprocessor_config.json"))
     config = read_json(path / "config.json")
     if isinstance(config.get("pretrained_cfg"), dict):  # a timm folder (push_to_hf_hub / save_for_hf)
-        return timm_preprocess(config["pretrained_cfg"])
+        return timm_preprocess(config["pretrained_cfg"], str(path / "config.json"))
     return {}
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise WeightsError(f"{path}: not valid JSON: {exc}") from None
-    return data if isinstance(data, dict) else {}
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -303,44 +303,54 @@ def read_json(path: Path) -> dict[str, Any]:
 
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bilinear"}
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+_MAX_SIDE = 1 << 16  # pixels on a side in a processor config; far beyond any ViT's input
+_MAX_STAT = 1e4  # |mean|, std: they are of pixels / 255 (0..1); far beyond, a config is broken
 
 
-def hf_preprocess(proc: dict[str, Any]) -> dict[str, Any]:
-    """An HF image processor config (ViTImageProcessor and kin) -> `images.Preprocess` fields."""
+def hf_preprocess(proc: dict[str, Any], where: str = "preprocessor_config.json") -> dict[str, Any]:
+    """An HF image processor config (ViTImageProcessor and kin) -> `images.Preprocess` fields.
+
+    Raises:
+        WeightsError: a size that is not a number of pixels, a mean or std that is not 1 or 3
+            finite numbers (std > 0), naming `where` and the field.
+    """
     out: dict[str, Any] = {}
     resample = proc.get("resample")
     if isinstance(resample, int):
         out["interpolation"] = _PIL_RESAMPLE.get(resample, "bilinear")
-    size = proc.get("size") or {}
-    crop = proc.get("crop_size") or {}
-    if isinstance(size, int):
-        size = {"shortest_edge": size}
-    if isinstance(crop, int):
-        crop = {"height": crop, "width": crop}
+    size = _size(proc.get("size"), "size", where, ("shortest_edge",))
+    crop = _size(proc.get("crop_size"), "crop_size", where, ("height", "width"))
     if proc.get("do_center_crop") and crop.get("height") and size.get("shortest_edge"):
         out["resize"] = "crop"
-        out["crop_pct"] = _crop_pct(int(crop["height"]), int(size["shortest_edge"]))
+        out["crop_pct"] = _crop_pct(crop["height"], size["shortest_edge"])
     elif proc.get("do_resize", True):
         out["resize"] = "squash"
     if proc.get("do_normalize", True) and proc.get("image_mean") is not None:
-        out["mean"] = tuple(float(v) for v in proc["image_mean"])
-        out["std"] = tuple(float(v) for v in proc["image_std"])
+        out["mean"] = _channel_stats(proc["image_mean"], "image_mean", where)
+        out["std"] = _channel_stats(proc.get("image_std"), "image_std", where, std=True)
     elif not proc.get("do_normalize", True):
         out["mean"], out["std"] = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     return out
 
 
-def timm_preprocess(cfg: dict[str, Any]) -> dict[str, Any]:
-    """A timm pretrained cfg -> `images.Preprocess` fields (timm: Resize(floor(S / crop_pct)) + CenterCrop)."""
+def timm_preprocess(cfg: dict[str, Any], where: str = "timm pretrained_cfg") -> dict[str, Any]:
+    """A timm pretrained cfg -> `images.Preprocess` fields (timm: Resize(floor(S / crop_pct)) + CenterCrop).
+
+    Raises:
+        WeightsError: a crop_pct outside (0, 1], a mean or std as in `hf_preprocess`.
+    """
     out: dict[str, Any] = {}
     if cfg.get("interpolation") in _INTERPOLATIONS:
         out["interpolation"] = cfg["interpolation"]
     out["resize"] = "squash" if cfg.get("crop_mode") == "squash" else "crop"
-    if cfg.get("crop_pct"):
-        out["crop_pct"] = float(cfg["crop_pct"])
+    if cfg.get("crop_pct") is not None:
+        pct = _number(cfg["crop_pct"])
+        if pct is None or not 0 < pct <= 1:
+            raise WeightsError(f"{where}: crop_pct must be a number in (0, 1], got {_show(cfg['crop_pct'])}")
+        out["crop_pct"] = pct
     if cfg.get("mean") is not None and cfg.get("std") is not None:
-        out["mean"] = tuple(float(v) for v in cfg["mean"])
-        out["std"] = tuple(float(v) for v in cfg["std"])
+        out["mean"] = _channel_stats(cfg["mean"], "mean", where)
+        out["std"] = _channel_stats(cfg["std"], "std", where, std=True)
     return out
 
 
@@ -355,6 +365,55 @@ def torchvision_preprocess(transforms: Any) -> dict[str, Any]:
         "mean": tuple(float(v) for v in transforms.mean),
         "std": tuple(float(v) for v in transforms.std),
     }
+
+
+def _number(value: Any) -> float | None:
+    """A JSON number as a float; None for a bool, a string, or an int too large for a float (10**400)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
+def _channel_stats(value: Any, name: str, where: str, std: bool = False) -> tuple[float, ...]:
+    """A per-channel mean or std: 1 or 3 numbers (one stands for all channels), finite and in range."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    numbers = [_number(v) for v in values] if len(values) in (1, 3) else [None]
+    low = 1e-6 if std else -_MAX_STAT
+    if any(v is None or not low <= v <= _MAX_STAT for v in numbers):  # NaN fails every comparison
+        raise WeightsError(f"{where}: {name} must be 1 or 3 finite numbers from {low:g} to {_MAX_STAT:g} "
+                           f"(of pixels / 255), got {_show(value)}")
+    return tuple(numbers * 3 if len(numbers) == 1 else numbers)
+
+
+def _size(value: Any, name: str, where: str, plain: tuple[str, ...]) -> dict[str, int]:
+    """An HF size: a number (standing for the `plain` keys), [height, width] or a dict; in pixels."""
+    if value is None:
+        return {}
+    if _number(value) is not None:
+        value = dict.fromkeys(plain, value)
+    elif isinstance(value, (list, tuple)) and len(value) == 2:  # as transformers' get_size_dict reads it
+        value = {"height": value[0], "width": value[1]}
+    if not isinstance(value, dict):
+        raise WeightsError(f"{where}: {name} must be a number of pixels, [height, width] or a dict such as "
+                           f'{{"shortest_edge": 224}}, got {_show(value)}')
+    return {k: _pixels(v, f"{name}.{k}", where) for k, v in value.items()
+            if k in ("height", "width", "shortest_edge", "longest_edge") and v is not None}
+
+
+def _pixels(value: Any, name: str, where: str) -> int:
+    number = _number(value)
+    if number is None or not number.is_integer() or not 1 <= number <= _MAX_SIDE:
+        raise WeightsError(f"{where}: {name} must be a whole number of pixels from 1 to {_MAX_SIDE}, "
+                           f"got {_show(value)}")
+    return int(number)
+
+
+def _show(value: Any) -> str:
+    text = "nothing" if value is None else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _crop_pct(crop: int, resize: int) -> float:

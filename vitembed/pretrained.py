@@ -16,13 +16,11 @@ from .checkpoints import (
     convert_state_dict,
     find_input_layer,
     folder_preprocess,
-    read_json,
-    read_weight_file,
     timm_preprocess,
     torchvision_preprocess,
 )
 from .errors import WeightsError, one_line
-from .weightfiles import LoadedWeights, read_state_dict
+from .weightfiles import LoadedWeights, read_index, read_state_dict, read_weight_file
 
 __all__ = ["PRETRAINED_SCHEMES", "is_pretrained_name", "load_pretrained"]
 
@@ -116,7 +114,7 @@ def _timm(name: str, spec: str) -> LoadedWeights:
     loaded = convert_state_dict(read_state_dict(path)[0], spec)
     tag = cfg.get("tag")
     loaded.source = f"timm {cfg.get('architecture', name)}{'.' + tag if tag else ''} ({loaded.source})"
-    loaded.preprocess = timm_preprocess(cfg)
+    loaded.preprocess = timm_preprocess(cfg, spec)
     return loaded
 
 
@@ -129,7 +127,7 @@ def _hf(repo: str, spec: str) -> LoadedWeights:
         except WeightsError:
             pass  # optional
     if weights.name.endswith(".index.json"):
-        for shard in _shards_for_input_layer(read_json(weights).get("weight_map", {})):
+        for shard in _shards_for_input_layer(read_index(weights)):
             _hf_file(repo, (shard,), spec)  # only the shards that hold the input layer
     loaded = convert_state_dict(read_weight_file(weights), spec)
     loaded.source = f"hf {repo} ({loaded.source})"
