@@ -443,7 +443,7 @@ def inspect(
         vitembed inspect cat.npy tokens/*.npy
     """
     from .report import display_path
-    from .report import tensor_stats
+    from .stats import tensor_stats
 
     failed = 0
     rows = []

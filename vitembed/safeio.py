@@ -34,7 +34,7 @@ _MAGIC = (
     (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"), (b"BM", "a BMP image"),
     (b"\x00\x00\x01\x00", "an ICO image"), (b"PK\x03\x04", "a zip archive"), (b"PK\x05\x06", "an empty zip archive"),
     (b"\x1f\x8b", "a gzip file"), (b"%PDF", "a PDF document"), (b"\x93NUMPY", "a .npy array"),
-    (b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19", "an old-format (not zip) torch.save file"),
+    (b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19", "an old-format torch.save file, not a zip"),
 )
 
 
@@ -87,7 +87,7 @@ def compressed_record(path: str | os.PathLike) -> str | None:
     Reads the archive's central directory only (its size is bounded by the file's).
     """
     try:
-        with zipfile.ZipFile(open_regular(path)) as archive:
+        with open_regular(path) as f, zipfile.ZipFile(f) as archive:
             for info in archive.infolist():
                 if info.compress_type != zipfile.ZIP_STORED:
                     method = {zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2",
