@@ -169,6 +169,7 @@ def test_torchvision_tokens(wrap, image, tmp_path):
     torch.testing.assert_close(z0, expected, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.slow
 def test_torchvision_named_weights_from_the_hub_cache(tmp_path, monkeypatch):
     """torchvision:vit_b_16 reads $TORCH_HOME/hub/checkpoints/vit_b_16-c867db91.pth, as torchvision would."""
     from torchvision.models import ViT_B_16_Weights

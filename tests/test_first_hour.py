@@ -259,6 +259,7 @@ def test_outputs_given_by_a_glob_are_passed_over(sample_paths, tmp_path):
     assert len(notes) == 1 and f"and {len(sample_paths) - 1} more" in notes[0] and "outputs, not images" in notes[0]
 
 
+@pytest.mark.slow
 def test_missing_extra_hint_keeps_its_brackets(tmp_path):
     """Without timm, the hint names the extra: pip install 'vitembed[pretrained]'."""
     (tmp_path / "timm").mkdir()

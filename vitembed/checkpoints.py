@@ -1,4 +1,5 @@
-"""Other libraries' Vision Transformer checkpoints -> vitembed's input layer.
+"""Other libraries' Vision Transformer checkpoints -> vitembed's input layer: layouts, folders,
+preprocessing configs and resolution.
 
 A ViT's input layer is the same four tensors in every library, under different names:
 
@@ -13,16 +14,14 @@ key names, the layer shape (P, C, D, grid, prefix tokens) from the tensors' shap
 tokens (`reg_token`) and DeiT's distillation token come right after the class token, as in timm's
 `_pos_embed`; `no_embed_class` models are recognised by a position table without prefix rows.
 
-Named pretrained weights (`torchvision:vit_b_16`, `timm:vit_base_patch16_224.augreg2_in21k_ft_in1k`,
-`hf:google/vit-base-patch16-224`) are fetched through each library's own cache; only the files are
-downloaded, then read here like any other checkpoint (weights_only=True or safetensors), and the
-weights' preprocessing becomes the default.
+A `save_pretrained` folder (transformers or timm) is read with its preprocessing config
+(`preprocessor_config.json`, timm's `pretrained_cfg`); `--image-size` resamples the position
+embedding as timm does. Files are read by `weightfiles.py`; named weights are `pretrained.py`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -33,20 +32,32 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .errors import ConfigError, WeightsError, one_line
 from .config import LayerConfig, nearest_valid_sizes
-from .weights import LazyTensors, LoadedWeights, read_state_dict
+from .errors import ConfigError, WeightsError
+from .weightfiles import (
+    MAX_LAYER_VALUES,
+    LazyTensors,
+    LoadedWeights,
+    check_size,
+    check_storage,
+    read_json,
+    read_weight_file,
+    shape_of,
+)
 
 __all__ = [
     "FAMILIES",
     "KeyFamily",
-    "PRETRAINED_SCHEMES",
+    "WEIGHT_FILES",
     "convert_state_dict",
-    "is_pretrained_name",
+    "find_input_layer",
+    "folder_preprocess",
+    "hf_preprocess",
     "load_folder",
-    "load_pretrained",
     "resample_pos_embed",
     "resize_weights",
+    "timm_preprocess",
+    "torchvision_preprocess",
 ]
 
 
@@ -85,8 +96,6 @@ FAMILIES: tuple[KeyFamily, ...] = (
               "embeddings.patch_embeddings.projection.bias", "embeddings.position_embeddings", "embeddings.cls_token",
               ("embeddings.distillation_token",)),
 )
-
-PRETRAINED_SCHEMES = ("torchvision:", "timm:", "hf:")
 
 
 # --------------------------------------------------------------------------- state dicts
@@ -133,57 +142,69 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], where: str) -> LoadedW
 
 
 def _convert(state: Mapping[str, torch.Tensor], family: KeyFamily, prefix: str, where: str) -> LoadedWeights:
-    def get(name: str) -> torch.Tensor | None:
-        return state[prefix + name] if prefix + name in state else None
-
-    def bad(name: str, t: torch.Tensor, expected: str) -> WeightsError:
-        return WeightsError(f"{where}: {prefix + name} has shape {tuple(t.shape)}; expected {expected}")
-
-    weight = get(family.proj_weight)
-    if weight.ndim != 4 or weight.shape[2] != weight.shape[3]:
-        raise bad(family.proj_weight, weight, "(D, C, P, P), a convolution over square patches")
-    d, c, p = weight.shape[0], weight.shape[1], weight.shape[2]
     if prefix + "patch_embed.norm.weight" in state:
         raise WeightsError(f"{where}: its patch embedding ends in a norm layer ({prefix}patch_embed.norm), "
                            "which the ViT input layer does not have")
-    bias = get(family.proj_bias)
-    if bias is None:
-        bias = torch.zeros(d, dtype=weight.dtype)  # timm's bias=False models (CLIP-style): exactly no bias
-    elif tuple(bias.shape) != (d,):
+    config, keys = _config_from_shapes(state, family, prefix, where)
+    # Nothing is copied before every check has passed: torch.load's tensors cost nothing to check
+    # (memory-mapped), a safetensors file's are read only once the layer's size is known to be sane.
+    for key in keys.values() if not isinstance(state, LazyTensors) else ():
+        check_storage(state[key], key, where)
+    check_size(config, where)
+    tensors = {}
+    for ours, key in keys.items():
+        tensor = state[key]
+        check_storage(tensor, key, where)
+        tensors[ours] = tensor.detach().to("cpu").contiguous()
+    if tensors["pos_emb"].ndim == 2:
+        tensors["pos_emb"] = tensors["pos_emb"][None]  # (rows, D) -> (1, rows, D)
+    if "patch_emb_layer.bias" not in tensors:  # timm's bias=False models (CLIP-style): exactly no bias
+        tensors["patch_emb_layer.bias"] = torch.zeros(config.emb_dim, dtype=tensors["patch_emb_layer.weight"].dtype)
+    source = family.source + (f" (under {prefix[:-1]!r})" if prefix else "")
+    return LoadedWeights(config, tensors, source=source)
+
+
+def _config_from_shapes(state: Mapping[str, torch.Tensor], family: KeyFamily, prefix: str,
+                        where: str) -> tuple[LayerConfig, dict[str, str]]:
+    """The layer's shape from the tensors' shapes alone (no tensor read), and vitembed's name -> key."""
+
+    def shape(name: str | None) -> tuple[int, ...] | None:
+        return shape_of(state, prefix + name) if name and prefix + name in state else None
+
+    def bad(name: str, actual: tuple[int, ...], expected: str) -> WeightsError:
+        return WeightsError(f"{where}: {prefix + name} has shape {actual}; expected {expected}")
+
+    weight = shape(family.proj_weight)
+    if len(weight) != 4 or weight[2] != weight[3]:
+        raise bad(family.proj_weight, weight, "(D, C, P, P), a convolution over square patches")
+    d, c, p = weight[:3]
+    bias = shape(family.proj_bias)
+    if bias is not None and bias != (d,):
         raise bad(family.proj_bias, bias, f"({d},) for D = {d} from {prefix + family.proj_weight}")
-
-    cls = get(family.cls)
-    if cls is not None and tuple(cls.shape) != (1, 1, d):
+    cls = shape(family.cls)
+    if cls is not None and cls != (1, 1, d):
         raise bad(family.cls, cls, f"(1, 1, {d})")
-    extra_name = next((n for n in family.extra if get(n) is not None), None)
-    extra = get(extra_name) if extra_name else None
-    if extra is not None and (extra.ndim != 3 or extra.shape[0] != 1 or extra.shape[2] != d):
+    extra_name = next((n for n in family.extra if prefix + n in state), None)
+    extra = shape(extra_name)
+    if extra is not None and (len(extra) != 3 or extra[0] != 1 or extra[2] != d):
         raise bad(extra_name, extra, f"(1, R, {d})")
-
-    pos = get(family.pos)
-    if pos.ndim == 2:
-        pos = pos[None]  # (rows, D) -> (1, rows, D)
-    if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != d:
+    pos = shape(family.pos)
+    pos = (1, *pos) if len(pos) == 2 else pos  # (rows, D) -> (1, rows, D)
+    if len(pos) != 3 or pos[0] != 1 or pos[2] != d:
         raise bad(family.pos, pos, f"(1, rows, {d}) for D = {d} from {prefix + family.proj_weight}")
-    num_prefix = int(cls is not None) + (extra.shape[1] if extra is not None else 0)
-    rows = pos.shape[1]
-    grid, pos_embed_prefix = _grid(rows, num_prefix)
+    num_prefix = int(cls is not None) + (extra[1] if extra is not None else 0)
+    grid, pos_embed_prefix = _grid(pos[1], num_prefix)
     if grid is None:
         raise bad(family.pos, pos, f"N + {num_prefix} or N rows with N a square number of patches "
                                    f"({num_prefix} prefix token(s))")
-
-    config = LayerConfig(
-        image_size=grid * p, patch_size=p, emb_dim=d, in_channels=c, class_token=cls is not None,
-        num_reg_tokens=extra.shape[1] if extra is not None else 0, pos_embed_prefix=pos_embed_prefix,
-    )
-    tensors = {"patch_emb_layer.weight": weight, "patch_emb_layer.bias": bias, "pos_emb": pos}
-    if cls is not None:
-        tensors["cls_token"] = cls
-    if extra is not None:
-        tensors["reg_token"] = extra
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    source = family.source + (f" (under {prefix[:-1]!r})" if prefix else "")
-    return LoadedWeights(config, tensors, source=source)
+    try:
+        config = LayerConfig(image_size=grid * p, patch_size=p, emb_dim=d, in_channels=c, class_token=cls is not None,
+                             num_reg_tokens=extra[1] if extra is not None else 0, pos_embed_prefix=pos_embed_prefix)
+    except ConfigError as exc:  # a dimension of 0
+        raise WeightsError(f"{where}: {prefix + family.proj_weight} has shape {weight}: {exc}") from None
+    names = {"patch_emb_layer.weight": family.proj_weight, "patch_emb_layer.bias": family.proj_bias if bias is not None else None,
+             "cls_token": family.cls if cls is not None else None, "reg_token": extra_name, "pos_emb": family.pos}
+    return config, {ours: prefix + theirs for ours, theirs in names.items() if theirs}
 
 
 def _grid(rows: int, num_prefix: int) -> tuple[int | None, bool]:
@@ -222,7 +243,7 @@ def resize_weights(loaded: LoadedWeights, image_size: int) -> LoadedWeights:
     """The same weights for another image size: the position embedding resampled to the new grid.
 
     Raises:
-        ConfigError: `image_size` is not a multiple of the checkpoint's patch size.
+        ConfigError: `image_size` is not a multiple of the checkpoint's patch size, or too large.
     """
     cfg = loaded.config
     if image_size == cfg.image_size:
@@ -233,6 +254,10 @@ def resize_weights(loaded: LoadedWeights, image_size: int) -> LoadedWeights:
         raise ConfigError(f"image size ({image_size}) is not a multiple of the weights' patch size "
                           f"({cfg.patch_size}); pass {hint}")
     new_cfg = dataclasses.replace(cfg, image_size=image_size)
+    if new_cfg.num_params > MAX_LAYER_VALUES:  # checked before the resampling allocates it
+        raise ConfigError(f"--image-size {image_size} would need a position embedding of {new_cfg.num_pos_rows:,} x "
+                          f"{cfg.emb_dim} values, over vitembed's limit of {MAX_LAYER_VALUES:,} for a layer; "
+                          "pass a smaller --image-size")
     num_prefix = cfg.num_prefix_tokens if cfg.pos_embed_prefix else 0
     state = dict(loaded.state_dict)
     state["pos_emb"] = resample_pos_embed(state["pos_emb"], new_cfg.num_patch_row, cfg.num_patch_row, num_prefix)
@@ -245,51 +270,32 @@ def resize_weights(loaded: LoadedWeights, image_size: int) -> LoadedWeights:
 # --------------------------------------------------------------------------- folders
 
 
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                  "pytorch_model.bin.index.json", "open_clip_model.safetensors")
 
 
 def load_folder(path: Path) -> LoadedWeights:
     """A `save_pretrained` folder (transformers or timm): weights, sharded or not, plus its preprocessing."""
-    for name in _WEIGHT_FILES:
-        if (path / name).is_file():
-            state = _read_weight_file(path / name)
+    for name in WEIGHT_FILES:
+        if os.path.lexists(path / name):  # a link to a device, or a FIFO, is refused, not passed over
+            state = read_weight_file(path / name)
             break
     else:
-        raise WeightsError(f"{path}: a folder without weights; expected one of {', '.join(_WEIGHT_FILES)}")
+        raise WeightsError(f"{path}: a folder without weights; expected one of {', '.join(WEIGHT_FILES)}")
     loaded = convert_state_dict(state, str(path))
-    loaded.preprocess = _folder_preprocess(path)
+    loaded.preprocess = folder_preprocess(path)
     return loaded
 
 
-def _read_weight_file(path: Path) -> Mapping[str, torch.Tensor]:
-    if not path.name.endswith(".index.json"):
-        return read_state_dict(path)[0]
-    try:
-        weight_map = json.loads(path.read_text())["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise WeightsError(f"{path}: not a shard index with a 'weight_map': {exc}") from None
-    return LazyTensors({k: path.parent / v for k, v in weight_map.items()})
-
-
-def _folder_preprocess(path: Path) -> dict[str, Any]:
-    proc = _read_json(path / "preprocessor_config.json")
+def folder_preprocess(path: Path) -> dict[str, Any]:
+    """The preprocessing a weights folder comes with: its HF processor's, or timm's pretrained cfg's."""
+    proc = read_json(path / "preprocessor_config.json")
     if proc:
-        return hf_preprocess(proc)
-    config = _read_json(path / "config.json")
+        return hf_preprocess(proc, str(path / "preprocessor_config.json"))
+    config = read_json(path / "config.json")
     if isinstance(config.get("pretrained_cfg"), dict):  # a timm folder (push_to_hf_hub / save_for_hf)
-        return timm_preprocess(config["pretrained_cfg"])
+        return timm_preprocess(config["pretrained_cfg"], str(path / "config.json"))
     return {}
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise WeightsError(f"{path}: not valid JSON: {exc}") from None
-    return data if isinstance(data, dict) else {}
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -297,44 +303,54 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 _PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "bilinear", 5: "bilinear"}
 _INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
+_MAX_SIDE = 1 << 16  # pixels on a side in a processor config; far beyond any ViT's input
+_MAX_STAT = 1e4  # |mean|, std: they are of pixels / 255 (0..1); far beyond, a config is broken
 
 
-def hf_preprocess(proc: dict[str, Any]) -> dict[str, Any]:
-    """An HF image processor config (ViTImageProcessor and kin) -> `images.Preprocess` fields."""
+def hf_preprocess(proc: dict[str, Any], where: str = "preprocessor_config.json") -> dict[str, Any]:
+    """An HF image processor config (ViTImageProcessor and kin) -> `images.Preprocess` fields.
+
+    Raises:
+        WeightsError: a size that is not a number of pixels, a mean or std that is not 1 or 3
+            finite numbers (std > 0), naming `where` and the field.
+    """
     out: dict[str, Any] = {}
     resample = proc.get("resample")
     if isinstance(resample, int):
         out["interpolation"] = _PIL_RESAMPLE.get(resample, "bilinear")
-    size = proc.get("size") or {}
-    crop = proc.get("crop_size") or {}
-    if isinstance(size, int):
-        size = {"shortest_edge": size}
-    if isinstance(crop, int):
-        crop = {"height": crop, "width": crop}
+    size = _size(proc.get("size"), "size", where, ("shortest_edge",))
+    crop = _size(proc.get("crop_size"), "crop_size", where, ("height", "width"))
     if proc.get("do_center_crop") and crop.get("height") and size.get("shortest_edge"):
         out["resize"] = "crop"
-        out["crop_pct"] = _crop_pct(int(crop["height"]), int(size["shortest_edge"]))
+        out["crop_pct"] = _crop_pct(crop["height"], size["shortest_edge"])
     elif proc.get("do_resize", True):
         out["resize"] = "squash"
     if proc.get("do_normalize", True) and proc.get("image_mean") is not None:
-        out["mean"] = tuple(float(v) for v in proc["image_mean"])
-        out["std"] = tuple(float(v) for v in proc["image_std"])
+        out["mean"] = _channel_stats(proc["image_mean"], "image_mean", where)
+        out["std"] = _channel_stats(proc.get("image_std"), "image_std", where, std=True)
     elif not proc.get("do_normalize", True):
         out["mean"], out["std"] = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
     return out
 
 
-def timm_preprocess(cfg: dict[str, Any]) -> dict[str, Any]:
-    """A timm pretrained cfg -> `images.Preprocess` fields (timm: Resize(floor(S / crop_pct)) + CenterCrop)."""
+def timm_preprocess(cfg: dict[str, Any], where: str = "timm pretrained_cfg") -> dict[str, Any]:
+    """A timm pretrained cfg -> `images.Preprocess` fields (timm: Resize(floor(S / crop_pct)) + CenterCrop).
+
+    Raises:
+        WeightsError: a crop_pct outside (0, 1], a mean or std as in `hf_preprocess`.
+    """
     out: dict[str, Any] = {}
     if cfg.get("interpolation") in _INTERPOLATIONS:
         out["interpolation"] = cfg["interpolation"]
     out["resize"] = "squash" if cfg.get("crop_mode") == "squash" else "crop"
-    if cfg.get("crop_pct"):
-        out["crop_pct"] = float(cfg["crop_pct"])
+    if cfg.get("crop_pct") is not None:
+        pct = _number(cfg["crop_pct"])
+        if pct is None or not 0 < pct <= 1:
+            raise WeightsError(f"{where}: crop_pct must be a number in (0, 1], got {_show(cfg['crop_pct'])}")
+        out["crop_pct"] = pct
     if cfg.get("mean") is not None and cfg.get("std") is not None:
-        out["mean"] = tuple(float(v) for v in cfg["mean"])
-        out["std"] = tuple(float(v) for v in cfg["std"])
+        out["mean"] = _channel_stats(cfg["mean"], "mean", where)
+        out["std"] = _channel_stats(cfg["std"], "std", where, std=True)
     return out
 
 
@@ -351,172 +367,58 @@ def torchvision_preprocess(transforms: Any) -> dict[str, Any]:
     }
 
 
+def _number(value: Any) -> float | None:
+    """A JSON number as a float; None for a bool, a string, or an int too large for a float (10**400)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return None
+
+
+def _channel_stats(value: Any, name: str, where: str, std: bool = False) -> tuple[float, ...]:
+    """A per-channel mean or std: 1 or 3 numbers (one stands for all channels), finite and in range."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    numbers = [_number(v) for v in values] if len(values) in (1, 3) else [None]
+    low = 1e-6 if std else -_MAX_STAT
+    if any(v is None or not low <= v <= _MAX_STAT for v in numbers):  # NaN fails every comparison
+        raise WeightsError(f"{where}: {name} must be 1 or 3 finite numbers from {low:g} to {_MAX_STAT:g} "
+                           f"(of pixels / 255), got {_show(value)}")
+    return tuple(numbers * 3 if len(numbers) == 1 else numbers)
+
+
+def _size(value: Any, name: str, where: str, plain: tuple[str, ...]) -> dict[str, int]:
+    """An HF size: a number (standing for the `plain` keys), [height, width] or a dict; in pixels."""
+    if value is None:
+        return {}
+    if _number(value) is not None:
+        value = dict.fromkeys(plain, value)
+    elif isinstance(value, (list, tuple)) and len(value) == 2:  # as transformers' get_size_dict reads it
+        value = {"height": value[0], "width": value[1]}
+    if not isinstance(value, dict):
+        raise WeightsError(f"{where}: {name} must be a number of pixels, [height, width] or a dict such as "
+                           f'{{"shortest_edge": 224}}, got {_show(value)}')
+    return {k: _pixels(v, f"{name}.{k}", where) for k, v in value.items()
+            if k in ("height", "width", "shortest_edge", "longest_edge") and v is not None}
+
+
+def _pixels(value: Any, name: str, where: str) -> int:
+    number = _number(value)
+    if number is None or not number.is_integer() or not 1 <= number <= _MAX_SIDE:
+        raise WeightsError(f"{where}: {name} must be a whole number of pixels from 1 to {_MAX_SIDE}, "
+                           f"got {_show(value)}")
+    return int(number)
+
+
+def _show(value: Any) -> str:
+    text = "nothing" if value is None else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _crop_pct(crop: int, resize: int) -> float:
     """crop / resize, nudged so that int(crop / crop_pct) is exactly `resize` (images.py's formula)."""
     pct = crop / resize
     while int(crop / pct) < resize:
         pct = math.nextafter(pct, 0.0)
     return min(pct, 1.0)
-
-
-# --------------------------------------------------------------------------- named pretrained weights
-
-
-def is_pretrained_name(spec: str) -> bool:
-    return any(spec.startswith(s) and len(spec) > len(s) for s in PRETRAINED_SCHEMES)
-
-
-def load_pretrained(spec: str) -> LoadedWeights:
-    """`torchvision:NAME[.WEIGHTS]`, `timm:MODEL[.TAG]` or `hf:ORG/REPO`, through the libraries' caches.
-
-    Raises:
-        WeightsError: unknown name, missing optional package, or no network and nothing cached.
-    """
-    scheme, _, name = spec.partition(":")
-    if scheme == "torchvision":
-        return _torchvision(name, spec)
-    if scheme == "timm":
-        return _timm(name, spec)
-    return _hf(name, spec)
-
-
-def _torchvision(name: str, spec: str) -> LoadedWeights:
-    import torchvision
-    from torchvision.models import vision_transformer
-
-    model, _, tag = name.partition(".")
-    vit_names = sorted(n for n in torchvision.models.list_models(module=torchvision.models) if n.startswith("vit_"))
-    if model not in vit_names:
-        raise WeightsError(f"{spec}: unknown torchvision ViT {model!r}; choose one of {', '.join(vit_names)}")
-    enum = torchvision.models.get_model_weights(model)
-    assert enum.__module__ == vision_transformer.__name__
-    if tag:
-        try:
-            weights = enum[tag]
-        except KeyError:
-            raise WeightsError(f"{spec}: {enum.__name__} has no {tag!r}; choose one of "
-                               f"{', '.join(w.name for w in enum)} (or none for DEFAULT)") from None
-    else:
-        weights = enum.DEFAULT
-    path = _torch_hub_file(weights.url, spec)
-    loaded = convert_state_dict(read_state_dict(path)[0], spec)
-    loaded.source = f"torchvision {enum.__name__}.{weights.name} ({loaded.source})"
-    loaded.preprocess = torchvision_preprocess(weights.transforms())
-    return loaded
-
-
-def _torch_hub_file(url: str, spec: str) -> Path:
-    """The file at `url` in torch hub's checkpoint cache ($TORCH_HOME/hub/checkpoints), downloaded once."""
-    from torch.hub import HASH_REGEX, download_url_to_file, get_dir
-
-    folder = Path(get_dir()) / "checkpoints"
-    path = folder / os.path.basename(url.split("?")[0])
-    if not path.is_file():
-        match = HASH_REGEX.search(path.name)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            download_url_to_file(url, str(path), match.group(1) if match else None, progress=False)
-        except Exception as exc:  # urllib, socket and hash errors alike: nothing usable arrived
-            raise WeightsError(f"{spec}: cannot download {url} ({one_line(exc)}); check the network, "
-                               f"or put the file at {path}") from None
-    return path
-
-
-def _timm(name: str, spec: str) -> LoadedWeights:
-    try:
-        import timm  # noqa: F401  (registers the models)
-        from timm.models import get_pretrained_cfg
-    except ImportError:
-        raise WeightsError(f"{spec}: needs timm (pip install 'vitembed[pretrained]')") from None
-    try:
-        cfg = get_pretrained_cfg(name)
-    except RuntimeError as exc:
-        raise WeightsError(f"{spec}: {one_line(exc)}") from None
-    if cfg is None:
-        raise WeightsError(f"{spec}: timm has no pretrained weights named {name!r} (see timm.list_pretrained())")
-    cfg = cfg.to_dict()
-    if cfg.get("hf_hub_id"):
-        repo = cfg["hf_hub_id"]
-        files = (cfg["hf_hub_filename"],) if cfg.get("hf_hub_filename") else ("model.safetensors", "pytorch_model.bin")
-        path = _hf_file(repo, files, spec)
-    elif cfg.get("url"):
-        path = _torch_hub_file(cfg["url"], spec)
-    else:
-        raise WeightsError(f"{spec}: timm's config for {name!r} names no file to download")
-    if path.suffix == ".npz":
-        raise WeightsError(f"{spec}: its weights are a JAX .npz file, which vitembed does not read; "
-                           "load the model with timm and save its state_dict() as .safetensors")
-    loaded = convert_state_dict(read_state_dict(path)[0], spec)
-    tag = cfg.get("tag")
-    loaded.source = f"timm {cfg.get('architecture', name)}{'.' + tag if tag else ''} ({loaded.source})"
-    loaded.preprocess = timm_preprocess(cfg)
-    return loaded
-
-
-def _hf(repo: str, spec: str) -> LoadedWeights:
-    weights = _hf_file(repo, _WEIGHT_FILES, spec)
-    folder = weights.parent
-    for extra in ("config.json", "preprocessor_config.json"):
-        try:
-            _hf_file(repo, (extra,), spec)
-        except WeightsError:
-            pass  # optional
-    if weights.name.endswith(".index.json"):
-        for shard in _shards_for_input_layer(_read_json(weights).get("weight_map", {})):
-            _hf_file(repo, (shard,), spec)  # only the shards that hold the input layer
-    loaded = convert_state_dict(_read_weight_file(weights), spec)
-    loaded.source = f"hf {repo} ({loaded.source})"
-    loaded.preprocess = _folder_preprocess(folder)
-    return loaded
-
-
-def _shards_for_input_layer(weight_map: dict[str, str]) -> list[str]:
-    """The shard files that hold the input layer's tensors (all of them when none is recognised)."""
-    found = find_input_layer(list(weight_map))
-    if len(found) != 1:
-        return sorted(set(weight_map.values()))
-    family, prefix = found[0]
-    return sorted({weight_map[prefix + k] for k in family.keys() if prefix + k in weight_map})
-
-
-def _hf_file(repo: str, names: tuple[str, ...], spec: str) -> Path:
-    """The first of `names` that the Hub repo has, from (or into) the HF cache.
-
-    Files already cached are tried first; a file neither cached nor reachable ends the search at
-    once (huggingface_hub has already retried), a file the repo lacks moves on to the next name.
-    """
-    try:
-        from huggingface_hub import hf_hub_download, try_to_load_from_cache
-        from huggingface_hub import errors as hub_errors
-        from huggingface_hub.utils import logging as hub_logging
-    except ImportError:
-        raise WeightsError(f"{spec}: needs huggingface_hub (pip install 'vitembed[pretrained]')") from None
-    cached = [n for n in names if isinstance(_quiet(try_to_load_from_cache, repo, n), str)]
-    logger = hub_logging.get_logger("huggingface_hub")
-    level = logger.level
-    logger.setLevel("ERROR")  # its retry warnings would bury our one line
-    try:
-        for name in [*cached, *(n for n in names if n not in cached)]:
-            try:
-                return Path(hf_hub_download(repo, name))
-            except hub_errors.LocalEntryNotFoundError:
-                offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-                why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
-                raise WeightsError(f"{spec}: {name} of {repo} is not in the Hugging Face cache and {why}; "
-                                   "check the network (or HF_HUB_CACHE)") from None
-            except hub_errors.EntryNotFoundError:
-                continue  # the repo has no such file: try the next name
-            except Exception as exc:  # unknown or gated repo, HTTP errors, a bad repo id
-                raise WeightsError(f"{spec}: cannot fetch {repo}: {one_line(exc)}") from None
-    finally:
-        logger.setLevel(level)
-    raise WeightsError(f"{spec}: {repo} has none of {', '.join(names)}")
-
-
-def _quiet(func, *args):
-    try:
-        return func(*args)
-    except Exception:  # a malformed repo id: hf_hub_download will say so
-        return None
-
-

@@ -1,4 +1,4 @@
-"""Files in and out, safely: atomic writes that never follow a link, and reads of regular files only.
+"""Files out, safely: atomic writes that never follow a link. (Files in: `safeio`.)
 
 Every file vitembed writes is first created under a fresh, unpredictable temporary name in its
 own folder, with `O_CREAT | O_EXCL | O_NOFOLLOW` (a name that exists, or a planted symbolic link,
@@ -6,9 +6,6 @@ is never opened: another name is drawn), then renamed over the target, which rep
 rather than following it. At any instant an output either does not exist or is complete.
 Temporaries of a killed run are removed the next time a run writes into that folder. Temporary
 names are short (`.vitembed-PID-RANDOM.tmp`), so that they fit wherever the output's name fits.
-
-Files read from a user are opened without blocking and checked to be regular files before a byte
-is read: a FIFO, a device (`/dev/zero`) or a socket is refused, never waited on or read forever.
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ import errno
 import os
 import re
 import secrets
-import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -25,8 +21,7 @@ from typing import BinaryIO
 
 from .errors import OutputError
 
-__all__ = ["atomic_write", "clean_stale_temporaries", "describe_os_error", "open_regular", "regular_file_error",
-           "silence_stream"]
+__all__ = ["atomic_write", "clean_stale_temporaries", "describe_os_error", "silence_stream"]
 
 _TMP_RE = re.compile(r"^\.vitembed-(\d+)-[0-9a-f]+\.tmp$")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -149,38 +144,6 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def regular_file_error(mode: int) -> str | None:
-    """Why a file of this st_mode cannot be read as a file, or None for a regular file."""
-    if stat.S_ISREG(mode):
-        return None
-    if stat.S_ISDIR(mode):
-        return "is a directory"
-    return "not a regular file (a FIFO, socket or device)"
-
-
-def open_regular(path: str | os.PathLike) -> BinaryIO:
-    """Open a user's file for reading, only if it is a regular file (after following links).
-
-    The open does not block (a FIFO without a writer would), and the check is made on the open
-    file, so that the file cannot be swapped between the check and the read.
-
-    Raises:
-        OSError: the file cannot be opened (FileNotFoundError, PermissionError, ...), or
-            `NotRegularFile` when it is not a regular file.
-    """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | _BINARY)
-    try:
-        reason = regular_file_error(os.fstat(fd).st_mode)
-        if reason is not None:
-            raise NotRegularFile(reason)
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
-
-
 def silence_stream(stream) -> None:
     """Point a stream whose reader went away (or whose disk is full) at /dev/null: later writes,
     and the interpreter's own flush at exit, must not raise again."""
@@ -191,7 +154,3 @@ def silence_stream(stream) -> None:
         pass
     finally:
         os.close(devnull)
-
-
-class NotRegularFile(OSError):
-    """A path that names a FIFO, a device, a socket or a folder where a file was expected."""

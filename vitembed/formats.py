@@ -17,7 +17,7 @@ import numpy as np
 
 from .choices import DTYPE_ALIASES, DTYPES, FORMATS
 from .errors import ConfigError
-from .files import open_regular
+from .safeio import open_regular
 from .ptformat import bfloat16_bits, read_pt_header, write_pt
 
 __all__ = ["DTYPES", "DTYPE_ALIASES", "FORMATS", "cast", "output_dtype", "output_header", "tensor_bytes", "write_tensor"]

@@ -22,7 +22,7 @@ from PIL import Image, ImageColor, ImageOps
 
 from .choices import RESIZE_MODES
 from .errors import ConfigError, InputError, one_line
-from .files import NotRegularFile, open_regular
+from .safeio import NotRegularFile, open_regular
 
 __all__ = [
     "NORMALIZATIONS",
@@ -250,7 +250,7 @@ def read_plain_jpeg(path: str | os.PathLike, prep: Preprocess) -> PlainJpeg | No
             if os.fstat(f.fileno()).st_size > 4 * prep.max_pixels:  # far over any JPEG of that many pixels
                 return None
             data = bytearray(f.read())
-    except OSError:
+    except (OSError, NotRegularFile):
         return None
     if data[:3] != b"\xff\xd8\xff" or data[-2:] != b"\xff\xd9":
         return None

@@ -21,7 +21,7 @@ import numpy as np
 
 from .config import LayerConfig
 from .errors import ConfigError
-from .files import open_regular
+from .safeio import open_regular
 from .kernel import LayerParams
 
 __all__ = ["cached_random_layer", "layer_cache_dir", "random_layer_params", "remember_random_layer", "torch_version"]
