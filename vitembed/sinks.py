@@ -71,13 +71,20 @@ class FileWriter:
 
 
 def _inside(folder: Path, root: Path) -> bool:
-    """Whether `folder` (made if missing) resolves to `root` or below it."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return True  # atomic_write reports why it cannot be made
-    resolved = folder.resolve()
-    return resolved == root or root in resolved.parents
+    """Whether `folder` (made if missing) resolves to `root` or below it. Checked once per folder
+    and process: a folder holds many outputs."""
+    key = (folder, root)
+    if key not in _INSIDE:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return True  # atomic_write reports why it cannot be made
+        resolved = folder.resolve()
+        _INSIDE[key] = resolved == root or root in resolved.parents
+    return _INSIDE[key]
+
+
+_INSIDE: dict[tuple[Path, Path], bool] = {}  # bounded by the folders of a run
 
 
 class Sink:
