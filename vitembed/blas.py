@@ -78,13 +78,19 @@ def blas_core() -> str | None:
 
 @contextlib.contextmanager
 def single_blas_thread():
-    """One BLAS thread for a while (the numpy engine's products), then the caller's count again."""
-    previous = set_blas_threads(1)
+    """One BLAS thread for a while (the numpy engine's products), then the caller's count again.
+
+    Where there is one already (a decoder process), nothing is set: OpenBLAS's setter is not free.
+    """
+    previous = blas_threads()
+    if previous in (None, 1):
+        yield
+        return
+    set_blas_threads(1)
     try:
         yield
     finally:
-        if previous is not None and previous != 1:
-            set_blas_threads(previous)
+        set_blas_threads(previous)
 
 
 def blas_threads() -> int | None:
