@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 
-PRELOAD = ["vitembed.workers"]
+PRELOAD = ["vitembed.workers", "vitembed.pool"]  # the decoders' code, and pebble for the pool
 
 
 def decoder_context():
