@@ -9,7 +9,10 @@ import time
 
 def name_of(name: str) -> str:
     """The item itself; an item with `die` kills its worker process, `hang` never returns, `raise`
-    raises, `slow` takes 50 ms, `unpicklable` returns what cannot come back."""
+    raises, `slow` takes 50 ms, `unpicklable` returns what cannot come back, `locked` exits holding
+    the lock of pebble's channel (as a worker killed while it passes a message)."""
+    if "locked" in name:
+        _exit_holding_the_channel_lock()
     if "die" in name:
         os._exit(1)
     if "hang" in name:
@@ -68,3 +71,13 @@ class Counted:
 
     def __call__(self, name: str) -> tuple[str, int]:
         return name, len(self.payload)
+
+
+def _exit_holding_the_channel_lock() -> None:
+    import gc
+
+    from pebble.pool.channel import WorkerChannel  # pebble's internals: this test's only reach into them
+
+    for channel in (o for o in gc.get_objects() if isinstance(o, WorkerChannel)):
+        channel.mutex.acquire()
+    os._exit(1)

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -109,6 +108,16 @@ def test_a_worker_dying_in_a_chunk_costs_only_its_item(sent):
     assert sent[1] == ["img04", "die05", "img06", "img07"]  # sent in a chunk,
     assert ["die05"] in sent and ["img04"] in sent  # then its items alone
     assert killed.count("die05") == 2 and "img00" not in killed  # for the caller to clean up after
+
+
+def test_a_worker_dying_with_the_channel_locked_stalls_nothing():
+    """pebble issue #163: a worker that dies holding its pool's channel lock would stall the other
+    workers for 60 s; its pool is replaced at once."""
+    names = ["slow00", "locked01"] + [f"img{i:02d}" for i in range(2, 12)]  # the head waits on the other worker
+    start = time.monotonic()
+    out, _ = _run(names)
+    assert out == [(n, DIED if n == "locked01" else n) for n in names]
+    assert time.monotonic() - start < 10
 
 
 def test_an_exception_fails_only_its_item():

@@ -21,45 +21,59 @@ each worker still holds a few chunks of the window.
 
 Failures. Each costs only its own item, which gets `TaskFailed(reason)`:
   - a task that raises: "the decoder failed: Error: message"; the rest of its chunk goes on;
-  - a worker that dies in a chunk: each of the chunk's items is sent again alone, and only the one
-    whose worker dies again is reported, "the decoder process died while reading this file";
-  - a chunk that runs past `timeout` seconds (from the moment a worker took it): its worker is
-    killed and replaced, and the items are sent again alone; an item alone past the timeout is
-    reported, "decoding took longer than {timeout:g} s; the decoder was stopped";
-  - a result that cannot come back (it does not pickle): as a task that raised, once alone.
-Three worker deaths before any task has finished (items dying alone, or workers dying before they
-could take a task) raise `WorkersDied`: the workers cannot start, most often a script that calls
-vitembed without an `if __name__ == '__main__':` guard.
+  - a result that cannot come back (it does not pickle): the same, for that item only;
+  - a worker that dies: pebble knows which chunk it held. Its items are sent again, each alone,
+    and one that kills its worker again, alone, is reported, "the decoder process died while
+    reading this file";
+  - a chunk that runs past `timeout` seconds, counted from the moment a worker took it: pebble
+    kills and replaces that worker; the items are sent again alone, and an item alone past the
+    timeout is reported, "decoding took longer than {timeout:g} s; the decoder was stopped".
+A pool that loses a worker in any way (pebble replaced one: each worker says when it starts; or it
+broke) is replaced at once, and every chunk it had not finished goes to the new pool as it was:
+a worker that dies while it holds pebble's channel lock (killed from outside while it passes a
+message) would otherwise stall the other workers for 60 s (pebble issue #163), and a broken pebble
+pool can leave tasks unanswered. Three deaths before any task has finished (items dying alone, or
+pools whose workers all die before they take a task) raise `WorkersDied`: the workers cannot
+start, most often a script that calls vitembed without an `if __name__ == '__main__':` guard.
 
-Stop and close. When `stop` is set, iteration returns within 0.1 s and `close()` kills the workers
-at once (pebble's `stop()`, with the workers' SIGTERM left at its default, so that a worker stuck in
-C code dies too) and returns the task items that were in flight, for the caller to clean up after
-(a killed task may leave a temporary file). `close()` without a stop lets each worker finish the
-item it is on, drops the rest of its chunk, and kills nothing.
+Stop and close. When `stop` is set, iteration returns within 0.1 s, and `close()` kills the
+workers at once (pebble's public `stop()`; a worker's SIGTERM is left at its default, so that one
+stuck in C code dies too). `close()` without a stop lets each worker finish the item it is on and
+drop the rest. `close()` returns the task items whose worker was killed, or died, while it held
+them (stop, timeout, death, replaced pool), for the caller to clean up after (a killed task may
+leave a temporary file); an item may come twice.
 
 workers=0 runs each task in this process, when it is asked for: the same results, TaskFailed for a
 task that raises, no timeout, no initializer.
 
-Why pebble (a library) and not our own pool over concurrent.futures: pebble's ProcessPool gives
-per-task timeouts (counted from the moment a worker takes the task), replaces a worker that dies
-or times out and fails only that worker's task, and stops its workers through a public API; the
-pool over ProcessPoolExecutor needed the executor's private `_processes` to kill a hung worker,
-lost every task in flight when one worker died, and timed chunks from the parent. Measured on 2
-cores (AMD EPYC, KVM), 1024 small JPEGs, 2 workers, medians of 3 turns, main process's CPU per
-image (`env -u OPENBLAS_CORETYPE python benchmarks/pool_cost.py --work /tmp/vb`, run at this
-revision and at the one before it):
-    POOL_COST_NUMBERS
-End to end, POOL_AB_NUMBERS.
-One pebble hazard is handled here: a worker that dies while it holds pebble's channel lock (a
-kill from outside while it passes a message) would stall the other workers for 60 s (pebble
-issue #163). So a dead worker retires its whole pool: a new one takes every chunk not finished,
-and only a kill in the few microseconds a worker takes a task from the channel can still stall.
+The task travels once per worker: it rides in the worker's initializer arguments, never in a chunk.
+
+Why pebble (a library), and what it costs. pebble's ProcessPool (loky was glanced at: one dead
+worker breaks its whole executor, and it has no per-task timeout) gives per-task timeouts counted
+from the moment a worker takes the task, blames a death on the one task its worker held (the pool
+over concurrent.futures lost every task in flight and had to retry them one at a time), and stops
+its workers through a public API (that pool killed them through the executor's private
+`_processes`, which is no longer allowed). Measured on 2 cores (AMD EPYC, KVM guest, shared with
+other jobs), 2 workers, this revision (B) against the ProcessPoolExecutor pool of 9189685 (A):
+  - the main process's CPU per image, 1024 small JPEGs, medians of 3 runs of 3 turns
+    (`env -u OPENBLAS_CORETYPE python benchmarks/pool_cost.py --work /tmp/vb`, at each revision):
+    read for the device, chunks: A 55, B 51 us (one per task: A 199, B 180 us);
+    decoded to pixels, chunks: A 209, B 212 us (one per task: A 496, B 412 us). Equal.
+  - end to end, numpy engine writing .npy (`python benchmarks/ab.py 9189685 HEAD --turns 10 --
+    /tmp/vb/small1024 --preset vit-b16`, and with A and B swapped): B/A = 1.116 and 1/0.905
+    (medians 4.39 vs 3.94 s, 4.12 vs 3.73 s); earlier runs 1.07-1.13. On 48 images, +43 ms
+    (0.593 vs 0.550 s): importing pebble (it imports asyncio) costs about 25 ms.
+    The pool alone (1024 images, tasks timed in the workers) is equal within the noise, and the
+    main process's CPU too: the cause of the gap is not found. By the project's rule it counts
+    against pebble; pebble stays until a pool of our own in this shape (ProcessPoolExecutor,
+    killed through public APIs) is measured against it, since the old one cannot stay as it was.
 """
 
 from __future__ import annotations
 
 import io
 import itertools
+import multiprocessing
 import signal
 import threading
 import time
@@ -69,6 +83,7 @@ from concurrent.futures import Future, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
@@ -132,11 +147,12 @@ _TASK: Callable[[Any], Any] | None = None
 _DROP: Any = None  # a shared byte: 1 once close() asks the workers to drop what they hold
 
 
-def _start_worker(task: Callable[[Any], Any], drop: Any, initializer: Callable[..., None] | None,
-                  initargs: tuple) -> None:
+def _start_worker(task: Callable[[Any], Any], drop: Any, started: Connection,
+                  initializer: Callable[..., None] | None, initargs: tuple) -> None:
     """A worker's start: the task arrives here, once, however large it is."""
     global _TASK, _DROP
     _TASK, _DROP = task, drop
+    started.send_bytes(b"")  # one write of 4 bytes: atomic, no lock a death could leave held
     # pebble's SIGTERM handler exits through Python, which a worker stuck in C never reaches: a
     # stop or a timeout must kill at once.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -149,13 +165,18 @@ def _run_chunk(items: list[Any]) -> tuple[list[Any], float]:
     start = time.perf_counter()
     values = []
     for item in items:
-        if _DROP is not None and _DROP.value:
+        if _DROP.value:
             break  # close(): the items left are not wanted
         values.append(_sendable(_call(_TASK, item)))
     return values, time.perf_counter() - start
 
 
 # --- in the main process ---------------------------------------------------------------------
+
+
+def _everything(item: Any) -> bool:
+    return True
+
 
 _CHUNK_SECONDS = 0.02  # a chunk's work: far above the cost of its messages (about 0.1 ms)
 _MAX_CHUNK = 16
@@ -168,7 +189,41 @@ class _Chunk:
     items: list[Any]
     future: Future | None = None
     generation: int = 0  # the pool it went to
-    retry: bool = False  # sent again, alone, after its chunk failed
+    retry: bool = False  # sent again, alone, after its worker died
+
+
+class _Workers:
+    """One pebble pool, and what tells that it lost a worker: each worker says when it starts."""
+
+    def __init__(self, workers: int, context, worker_args: tuple):
+        self.workers = workers
+        self.drop = context.RawValue("b", 0)
+        self.starts, started = context.Pipe(duplex=False)
+        self.started = 0
+        self.pool = ProcessPool(workers, initializer=_start_worker, context=context,
+                                initargs=(worker_args[0], self.drop, started, *worker_args[1:]))
+        self._started_end = started
+
+    def failing(self) -> bool:
+        """Whether pebble replaced a worker (one died, or ran past the timeout) or the pool broke."""
+        while self.starts.poll(0):
+            self.starts.recv_bytes()
+            self.started += 1
+        return self.started > self.workers or not self.pool.active
+
+    def stop(self, wait: bool = True) -> None:
+        """Stop the workers (killed, those still busy); without `wait`, in the background (pebble's
+        join takes up to 0.1 s, the period of its loops)."""
+        self.pool.stop()
+        if wait:
+            self._join()
+        else:
+            threading.Thread(target=self._join, name="vitembed-pool-join", daemon=True).start()
+
+    def _join(self) -> None:
+        self.pool.join()
+        self.starts.close()
+        self._started_end.close()
 
 
 class OrderedPool:
@@ -184,17 +239,16 @@ class OrderedPool:
         self.timeout = timeout
         self.stop = stop if stop is not None else threading.Event()
         self.initializer, self.initargs = initializer, initargs
-        self.context = context
+        self.context = context if context is not None else multiprocessing.get_context()
         self.finished = 0  # task items that came back from a worker, TaskFailed included
-        self.deaths = 0  # workers that died on an item alone, or before taking any task
+        self.deaths = 0  # items that killed their worker alone, and pools whose workers all died
         self.chunk = 1  # items per chunk: one until chunks have been timed
         self.max_chunk = max(1, min(_MAX_CHUNK, self.window // (3 * max(workers, 1))))
         self.seconds_per_item: float | None = None
-        self._pool: ProcessPool | None = None
+        self._workers: _Workers | None = None
         self._generation = 0
-        self._drop: Any = None
         self._items: Iterator[Any] = iter(())
-        self._is_task: Callable[[Any], bool] = lambda item: True
+        self._is_task: Callable[[Any], bool] = _everything
         self._inflight: deque[_Chunk] = deque()
         self._held = 0  # items in _inflight
         self._killed: list[Any] = []  # task items whose worker was killed, or died, while it held them
@@ -205,7 +259,7 @@ class OrderedPool:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def start(self, items: Iterable[Any], is_task: Callable[[Any], bool] = lambda item: True) -> None:
+    def start(self, items: Iterable[Any], is_task: Callable[[Any], bool] = _everything) -> None:
         """Take `items` (lazily) and send the first window now, before anything is asked for."""
         self._items, self._is_task = iter(items), is_task
         self._inflight.clear()
@@ -216,41 +270,47 @@ class OrderedPool:
     def __iter__(self) -> Iterator[tuple[Any, Any]]:
         """(item, task(item) or TaskFailed) in input order; pass-through items as (item, None)."""
         if self.workers == 0:
-            yield from self._run_here()
+            yield from _run_here(self)
             return
         while not self.stop.is_set():
             self._fill()
             if not self._inflight:
                 return
             head = self._inflight[0]
+            values: list[Any] | None = [None]
             if head.future is not None:
-                if not self._wait(head.future):
+                if not self._wait(head):
                     return  # stopped
                 values = self._settle(head)
                 if values is None:
-                    continue  # its items went back to the workers, alone
-            else:
-                values = [None]
+                    continue  # its items went back to the workers
             self._inflight.popleft()
             self._held -= len(head.items)
             yield from zip(head.items, values)
 
     def close(self) -> list[Any]:
-        """Shut the workers down (after a stop, kill them at once). Returns the task items whose
-        worker was killed, or died, while it held them, the stop's included (the caller cleans up
-        after them; an item may come twice)."""
-        pool, self._pool = self._pool, None
-        if pool is not None and self.stop.is_set():
+        """Shut the workers down: after a stop, kill them at once; else let each finish the item it
+        is on. Returns the task items whose worker was killed, or died, while it held them (the
+        caller cleans up after them; an item may come twice)."""
+        workers, self._workers = self._workers, None
+        if workers is not None:
+            idle = not self.stop.is_set() and self._drain(workers)
             self._killed.extend(item for chunk in self._inflight if chunk.future is not None
                                 and not chunk.future.done() for item in chunk.items)
-            pool.stop()
-            pool.join()
-        elif pool is not None:
-            self._drop.value = 1  # each worker finishes the item it is on
-            pool.close()
-            pool.join()
+            workers.stop(wait=not idle)
         killed, self._killed = self._killed, []
         return killed
+
+    def _drain(self, workers: _Workers) -> bool:
+        """Ask the workers to drop what they hold, and wait for each to finish its item (not for a
+        pool that lost a worker: a task it lost would never finish). True: they are all idle."""
+        workers.drop.value = 1
+        pending = [chunk.future for chunk in self._inflight if chunk.future is not None]
+        while not all(future.done() for future in pending):
+            if workers.failing():
+                return False
+            wait(pending, timeout=0.1)
+        return True
 
     # --- sending -----------------------------------------------------------------------------
 
@@ -273,45 +333,43 @@ class OrderedPool:
 
     def _hold(self, items: list[Any]) -> None:
         if items:
-            self._inflight.append(self._send(items))
+            self._inflight.append(_Chunk(items, self._send(items), self._generation))
             self._held += len(items)
 
-    def _send(self, items: list[Any]) -> _Chunk:
-        if self._pool is None:
-            self._pool = self._new_pool()
+    def _send(self, items: list[Any]) -> Future:
+        if self._workers is None:
+            self._workers = _Workers(self.workers, self.context, (self.task, self.initializer, self.initargs))
         try:
-            future = self._pool.schedule(_run_chunk, args=(items,), timeout=self.timeout)
+            return self._workers.pool.schedule(_run_chunk, args=(items,), timeout=self.timeout)
         except RuntimeError as exc:  # the pool broke since the last look
-            future = Future()
+            future: Future = Future()
             future.set_exception(BrokenProcessPool(str(exc)))
-        return _Chunk(items, future, self._generation)
-
-    def _new_pool(self) -> ProcessPool:
-        context = self.context
-        if context is None:
-            import multiprocessing as context
-        self._drop = context.RawValue("b", 0)
-        return ProcessPool(self.workers, initializer=_start_worker, context=context,
-                           initargs=(self.task, self._drop, self.initializer, self.initargs))
+            return future
 
     # --- receiving ---------------------------------------------------------------------------
 
-    def _wait(self, future: Future) -> bool:
-        """Wait for `future`; False if stopped first."""
-        while not future.done():
+    def _wait(self, chunk: _Chunk) -> bool:
+        """Wait for `chunk` to finish, replacing a pool that lost a worker; False if stopped first."""
+        while not chunk.future.done():
             if self.stop.is_set():
                 return False
-            wait([future], timeout=0.1)
+            if chunk.generation == self._generation and self._workers.failing():
+                self._retire(broken=not self._workers.pool.active)
+                continue
+            wait([chunk.future], timeout=0.1)
         return True
 
     def _settle(self, chunk: _Chunk) -> list[Any] | None:
         """A finished chunk's values (TaskFailed for a failed item alone), or None when its items
         went back to the workers: alone, to find the one that fails, or as they were."""
-        assert chunk.future is not None
         try:
             values, seconds = chunk.future.result()
-        except (ProcessExpired, BrokenProcessPool) as exc:
-            return self._died(chunk, broken=isinstance(exc, BrokenProcessPool))
+        except BrokenProcessPool:  # every worker died before it could take a task: not this chunk's fault
+            if chunk.generation == self._generation:
+                self._retire(broken=True)  # sends it again, as it was
+            return None
+        except ProcessExpired:
+            return self._died(chunk)
         except FutureTimeout:  # pebble killed its worker
             self._killed.extend(chunk.items)
             return self._alone(chunk, TaskFailed(TIMED_OUT.format(timeout=self.timeout)))
@@ -321,18 +379,14 @@ class OrderedPool:
         self.finished += len(values)
         return values
 
-    def _died(self, chunk: _Chunk, broken: bool) -> list[Any] | None:
-        """The head chunk's worker died (broken: every worker died before it could take a task)."""
-        if chunk.generation == self._generation:
-            self._retire()  # see the module docstring: pebble issue #163
-            if broken:
-                self._count_death()
-        if broken:  # not this chunk's fault: it goes again as it was
-            self._resend(chunk, alone=False)
-            return None
+    def _died(self, chunk: _Chunk) -> list[Any] | None:
+        """The head chunk's worker died while it ran it: each item goes again alone, and one that
+        dies again is to blame."""
         self._killed.extend(chunk.items)
-        if not chunk.retry:  # an item dies twice, alone the second time, before it is blamed
-            self._resend(chunk, alone=True)
+        if chunk.generation == self._generation:
+            self._retire()
+        if not chunk.retry:
+            self._resend_alone(chunk, retry=True)
             return None
         self._count_death()
         return [TaskFailed(DIED)]
@@ -340,36 +394,34 @@ class OrderedPool:
     def _alone(self, chunk: _Chunk, failure: TaskFailed, ran: bool = False) -> list[Any] | None:
         """`failure` for an item alone; a chunk's items are sent again, each alone, to find which."""
         if len(chunk.items) > 1:
-            self._resend(chunk, alone=True)
+            self._resend_alone(chunk, retry=chunk.retry)
             return None
         if ran:
             self.finished += 1
         return [failure]
 
-    def _resend(self, chunk: _Chunk, alone: bool) -> None:
-        """Send the head chunk's items again: each alone (a new chunk each, in its place), or together."""
+    def _resend_alone(self, chunk: _Chunk, retry: bool) -> None:
+        """Send the head chunk's items again, each alone, in its place."""
         assert self._inflight[0] is chunk
         self._inflight.popleft()
-        parts = [[item] for item in chunk.items] if alone else [chunk.items]
-        chunks = [self._send(part) for part in parts]
-        for part in chunks:
-            part.retry = alone or chunk.retry
-        self._inflight.extendleft(reversed(chunks))
+        alone = [_Chunk([item], self._send([item]), self._generation, retry) for item in chunk.items]
+        self._inflight.extendleft(reversed(alone))
 
-    def _retire(self) -> None:
-        """Replace the pool: a worker died, and may hold pebble's channel lock. Every chunk the old
-        pool had not finished goes to the new one as it was."""
-        if self._pool is not None:
-            self._pool.stop()
-            self._pool.join()
-            self._pool = None
+    def _retire(self, broken: bool = False) -> None:
+        """Replace the pool, which lost a worker (broken: all of them, before they took a task).
+        A worker that died holding pebble's channel lock would stall the others (pebble issue
+        #163), and a broken pebble pool can leave tasks unanswered: every chunk not finished goes
+        to a new pool, as it was."""
+        self._killed.extend(item for chunk in self._inflight if chunk.future is not None
+                            and not chunk.future.done() for item in chunk.items)
+        self._workers.stop()
+        self._workers = None
         self._generation += 1
-        for chunk in list(self._inflight)[1:]:
+        for chunk in self._inflight:
             if chunk.future is not None and (not chunk.future.done() or _broken(chunk.future)):
-                if not chunk.future.done():
-                    self._killed.extend(chunk.items)
-                chunk.future = self._send(chunk.items).future
-                chunk.generation = self._generation
+                chunk.future, chunk.generation = self._send(chunk.items), self._generation
+        if broken:
+            self._count_death()
 
     def _count_death(self) -> None:
         self.deaths += 1
@@ -384,17 +436,18 @@ class OrderedPool:
         self.seconds_per_item = per_item
         self.chunk = max(1, min(self.max_chunk, int(_CHUNK_SECONDS / max(per_item, 1e-6))))
 
-    def _run_here(self) -> Iterator[tuple[Any, Any]]:
-        """workers=0: each task in this process, as it is asked for."""
-        for item in self._items:
-            if self.stop.is_set():
-                return
-            if not self._is_task(item):
-                yield item, None
-                continue
-            value = _call(self.task, item)
-            self.finished += 1
-            yield item, value
+
+def _run_here(pool: OrderedPool) -> Iterator[tuple[Any, Any]]:
+    """workers=0: each task in this process, as it is asked for."""
+    for item in pool._items:
+        if pool.stop.is_set():
+            return
+        if not pool._is_task(item):
+            yield item, None
+            continue
+        value = _call(pool.task, item)
+        pool.finished += 1
+        yield item, value
 
 
 def _broken(future: Future) -> bool:

@@ -45,11 +45,12 @@ def wants_decoders(args: list[str]) -> bool:
 def exit_without_teardown(code: int | str | None) -> None:
     """Exit as `sys.exit(code)` would, less the interpreter's teardown of every module.
 
-    Only with this thread alone (the run's files are closed and its decoders joined), and with no
-    profiler or debugger attached: otherwise this returns, for the caller to exit as usual.
+    Only with no other thread the interpreter would wait for (the run's files are closed and its
+    decoders stopped; a daemon thread ends with the process either way), and with no profiler or
+    debugger attached: otherwise this returns, for the caller to exit as usual.
     """
-    if threading.active_count() > 1:
-        return  # a thread still runs; let the interpreter wait for it as usual
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.current_thread()):
+        return  # a thread still runs; let the interpreter wait for it as usual (daemon threads it would not)
     if sys.getprofile() is not None or sys.gettrace() is not None:
         return  # a profiler or debugger (python -m cProfile ...) writes its results on the way out
     if code is None:
