@@ -65,13 +65,22 @@ def test_1_manifest_link_is_refused_and_its_target_untouched(tmp_path):
     assert victim.read_text() == "keep me\n"
 
 
-def test_1_run_json_link_is_replaced_not_followed(tmp_path):
+def test_1_planted_run_json_temporaries_are_never_followed(tmp_path):
+    """`.run.json.<pid>.vitembed-tmp` links planted in -o DIR for every nearby PID (and a link
+    as run.json itself) are not written through."""
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me\n")
     out = tmp_path / "out"
     out.mkdir()
+    for pid in range(max(2, os.getpid() - 300), os.getpid() + 3000):
+        (out / f".run.json.{pid}.vitembed-tmp").symlink_to(victim)
+    r = run_cli("encode", _photos(tmp_path / "in", ["a.png"]), "-o", out, *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert victim.read_text() == "keep me\n"
+    assert not (out / "run.json").is_symlink()
+    (out / "run.json").unlink()
     (out / "run.json").symlink_to(victim)
-    r = run_cli("encode", _photos(tmp_path / "in", ["a.png"]), "-o", out, "--overwrite", *SMALL)
+    r = run_cli("encode", tmp_path / "in", "-o", out, "--overwrite", *SMALL)
     assert r.returncode == 0, r.stderr
     assert victim.read_text() == "keep me\n"
     assert json.loads((out / "run.json").read_text())["config"]["layer"]["emb_dim"] == 16
