@@ -313,34 +313,40 @@ def _prepare(im: Image.Image, prep: Preprocess, gate=None) -> np.ndarray:
         )
     if getattr(im, "n_frames", 1) > 1:
         im.seek(0)  # the first frame of an animation or a multi-page file
-    if prep.fast_decode and im.format == "JPEG":
-        _draft(im, prep)
+    shown = _draft(im, prep) if prep.fast_decode and im.format == "JPEG" else None
     large = gate is not None and width * height > LARGE_PIXELS
     with gate if large else contextlib.nullcontext(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow warns about odd EXIF and palettes; not ours to show
         im.load()
         ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of an unrotated image
         im = _to_rgb(im, prep.background) if prep.channels == 3 else _to_grey(im, prep.background)
-        im = _resize(im, prep)
+        # native: the grid of the image as it is, not as DCT scaling rounded it
+        im = _resize(im, prep, shown if prep.resize == "native" else None)
     array = np.array(im, dtype=np.uint8)  # a writable copy, safe to hand to torch.from_numpy
     if array.ndim == 2:
-        array = array[:, :, None]  # (S, S) -> (S, S, 1)
+        array = array[:, :, None]  # (H, W) -> (H, W, 1)
     return array
 
 
-def _draft(im: Image.Image, prep: Preprocess) -> None:
+def _draft(im: Image.Image, prep: Preprocess) -> tuple[int, int]:
     """JPEG DCT scaling: decode at 1/2, 1/4 or 1/8 size while the image stays at least twice the
-    size it is resized to (for crop, the size it covers: (W, H) / crop_pct)."""
+    size it is resized to (for crop, the size it covers: (W, H) / crop_pct).
+
+    Returns:
+        The image's size before the scaling, as shown (EXIF orientation applied): (width, height).
+    """
     h, w = prep.size
-    turned = (w != h or prep.resize == "native") and im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)
+    turned = im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)
+    shown = im.size[::-1] if turned else im.size
     if prep.resize == "crop":
         need = (int(2 * w / prep.crop_pct), int(2 * h / prep.crop_pct))
     elif prep.resize == "native":
-        target = resize_plan(*(im.size[::-1] if turned else im.size), prep).target
+        target = resize_plan(*shown, prep).target
         need = (2 * target[0], 2 * target[1])
     else:
         need = (2 * w, 2 * h)
     im.draft("RGB" if prep.channels == 3 else "L", need[::-1] if turned else need)  # in the file's orientation
+    return shown
 
 
 _HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
@@ -394,8 +400,9 @@ def _to_grey(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     return _to_rgb(im, background).convert("L") if im.mode != "L" else im
 
 
-def _resize(im: Image.Image, prep: Preprocess) -> Image.Image:
-    plan = resize_plan(*im.size, prep)
+def _resize(im: Image.Image, prep: Preprocess, source: tuple[int, int] | None = None) -> Image.Image:
+    """`resolution.resize_plan` carried out with Pillow; `source`: the size to plan for, if not im's."""
+    plan = resize_plan(*(source or im.size), prep)
     if plan.size != im.size:
         im = im.resize(plan.size, INTERPOLATIONS[prep.interpolation])
     if plan.crop is not None:
