@@ -226,3 +226,18 @@ def test_rectangular_api(tmp_path, shapes):
         assert r.returncode == 2 and message in r.stderr.decode()
     r = run_cli("info", "--image-size", "24x40", "--num-patch-row", "3")
     assert r.returncode == 2 and "--num-patch-row is for square images" in r.stderr.decode()
+
+
+def test_show_draws_rectangular_grids(tmp_path, shapes):
+    """`vitembed show` follows a rectangular layer's grid; native (a grid per image) is encode's."""
+    out = tmp_path / "p.png"
+    r = run_cli("show", "patches", shapes / "0-64x48.png", *SMALL[2:], "--image-size", "24x40", "-o", out)
+    assert r.returncode == 0, r.stderr.decode()
+    with Image.open(out) as im:
+        boxes = json.loads(im.text["vitembed"])
+    left, top, right, bottom = boxes["panels"]["image"]
+    assert (right - left) * 24 == (bottom - top) * 40
+    r = run_cli("show", "positions", *SMALL[2:], "--image-size", "24x40", "--emb-dim", "16", "-o", tmp_path / "q.png")
+    assert r.returncode == 0, r.stderr.decode()
+    r = run_cli("show", "patches", shapes / "0-64x48.png", "--resize", "native", "-o", tmp_path / "n.png")
+    assert r.returncode == 2 and "--resize native is encode's" in r.stderr.decode()
