@@ -258,7 +258,7 @@ class TorchEngine:
         import torch
 
         if grid not in self.tables:
-            if len(self.tables) > GridTables.KEEP:
+            while sum(t.nbytes for t in self.tables.values()) > GridTables.KEEP_BYTES:
                 del self.tables[next(iter(self.tables))]
             self.tables[grid] = torch.from_numpy(self.kernel.table_for(grid)).to(self.device)
         return self.tables[grid]
