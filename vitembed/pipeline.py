@@ -233,7 +233,7 @@ def window_size(encoder: Encoder, task: WorkerTask, batch_size: int, workers: in
     if task.device_jpegs:
         return max(4 * batch_size, 4 * workers)
     per_image = encoder.kernel.table.nbytes if task.kernel is not None else (
-        encoder.prep.image_size ** 2 * encoder.prep.channels)
+        encoder.prep.size[0] * encoder.prep.size[1] * encoder.prep.channels)
     return max(2 * batch_size, 4 * workers, min(1024, (64 << 20) // per_image))
 
 
