@@ -7,13 +7,15 @@ import torch
 from vitembed.layer import LayerConfig, build_layer
 
 # Small shapes covering the prefix variants: class token, register tokens (with and without
-# position embeddings of their own), no class token, and a grey input.
+# position embeddings of their own), no class token, a grey input, and rectangular inputs (H x W).
 SMALL_CONFIGS = [
     LayerConfig(32, 8, 24),
     LayerConfig(32, 8, 24, num_reg_tokens=2),
     LayerConfig(32, 8, 24, num_reg_tokens=4, pos_embed_prefix=False),
     LayerConfig(32, 8, 24, class_token=False),
     LayerConfig(28, 7, 16, in_channels=1),
+    LayerConfig(32, 8, 24, image_width=48),
+    LayerConfig(40, 8, 24, num_reg_tokens=2, pos_embed_prefix=False, image_width=16),
 ]
 
 

@@ -33,8 +33,8 @@ def test_kernel_equals_normalise_then_forward(config, bias):
     """Kernel (patchify in HWC order, normalisation folded into E, one matmul) gives the seed
     layer's forward on normalised images, to float32 rounding."""
     layer = random_layer(config, bias)
-    c, s = config.in_channels, config.image_size
-    pixels = torch.randint(0, 256, (3, s, s, c), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    c, (h, w) = config.in_channels, config.size
+    pixels = torch.randint(0, 256, (3, h, w, c), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     mean, std = torch.rand(c) * 0.8, torch.rand(c) + 0.1
     x = (pixels.permute(0, 3, 1, 2).float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
     kernel = LayerParams.from_module(layer).fold(tuple(mean.tolist()), tuple(std.tolist()))

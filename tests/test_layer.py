@@ -182,11 +182,11 @@ def test_wrong_input_shape_names_expected():
 def test_torch_engine_equals_normalise_then_forward(config):
     """The torch engine's fused path (normalisation folded into E, `kernel.fold`) gives forward's tokens."""
     layer = random_layer(config)
-    c, s = config.in_channels, config.image_size
-    pixels = torch.randint(0, 256, (3, s, s, c), dtype=torch.uint8)
+    c, (h, w) = config.in_channels, config.size
+    pixels = torch.randint(0, 256, (3, h, w, c), dtype=torch.uint8)
     mean, std = torch.rand(c), torch.rand(c) + 0.1
     x = (pixels.permute(0, 3, 1, 2).float() / 255 - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-    prep = Preprocess(image_size=s, channels=c, mean=tuple(mean.tolist()), std=tuple(std.tolist()))
+    prep = Preprocess(image_size=h, image_width=w, channels=c, mean=tuple(mean.tolist()), std=tuple(std.tolist()))
 
     def fused(layer):
         return Encoder(layer, prep, engine="torch", device="cpu").torch(pixels)

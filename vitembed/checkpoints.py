@@ -16,7 +16,7 @@ tokens (`reg_token`) and DeiT's distillation token come right after the class to
 
 A `save_pretrained` folder (transformers or timm) is read with its preprocessing config
 (`preprocessor_config.json`, timm's `pretrained_cfg`); `--image-size` resamples the position
-embedding as timm does. Files are read by `weightfiles.py`; named weights are `pretrained.py`'s.
+embedding as timm (or transformers) does, `--patch-size` the patch embedding as FlexiViT does. Files are read by `weightfiles.py`; named weights are `pretrained.py`'s.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
-from .config import LayerConfig, nearest_valid_sizes
+from .config import LayerConfig, check_divisible, format_size, parse_image_size
 from .errors import ConfigError, WeightsError
+from .resolution import resample_patch_embed, resample_pos
 from .weightfiles import (
     MAX_LAYER_VALUES,
     LazyTensors,
@@ -219,52 +219,65 @@ def _grid(rows: int, num_prefix: int) -> tuple[int | None, bool]:
 # --------------------------------------------------------------------------- resolution
 
 
-def resample_pos_embed(pos: torch.Tensor, new_grid: int, old_grid: int, num_prefix_tokens: int) -> torch.Tensor:
-    """Resize a square position table as timm's `resample_abs_pos_embed` does.
-
-    Bicubic, antialias=True, align_corners=False, computed in float32 and cast back; the first
-    `num_prefix_tokens` rows (class, register tokens) are kept as they are.
+def resample_pos_embed(pos: torch.Tensor, new_grid, old_grid, num_prefix_tokens: int,
+                       method: str = "timm") -> torch.Tensor:
+    """A position table for another patch grid, as timm's `resample_abs_pos_embed` ("timm":
+    bicubic, antialiased) or transformers' `interpolate_pos_encoding` ("hf": bicubic) resamples
+    it (`resolution.resample_pos`, in float64, cast back); the first `num_prefix_tokens` rows
+    (class, register tokens) are kept as they are.
 
     Args:
-        pos: (1, prefix + old_grid^2, D).
+        pos: (1, prefix + gh gw, D).
+        new_grid, old_grid: (rows, columns), or one side for a square grid.
 
     Returns:
-        (1, prefix + new_grid^2, D).
+        (1, prefix + rows x columns, D), in pos's dtype.
     """
-    prefix, patches = pos[:, :num_prefix_tokens], pos[:, num_prefix_tokens:]
-    d = pos.shape[-1]
-    x = patches.float().reshape(1, old_grid, old_grid, d).permute(0, 3, 1, 2)  # (1, N, D) -> (1, D, h, w)
-    x = F.interpolate(x, size=(new_grid, new_grid), mode="bicubic", align_corners=False, antialias=True)
-    x = x.permute(0, 2, 3, 1).reshape(1, new_grid * new_grid, d)  # (1, D, h', w') -> (1, N', D)
-    return torch.cat([prefix, x.to(pos.dtype)], dim=1)  # (1, prefix + N', D)
+    old, new = (tuple(g) if isinstance(g, (tuple, list)) else (g, g) for g in (old_grid, new_grid))
+    table = resample_pos(pos[0].float().numpy(), old, new, num_prefix_tokens, method)  # (prefix + N', D)
+    return torch.from_numpy(table)[None].to(pos.dtype)  # (rows, D) -> (1, rows, D)
 
 
-def resize_weights(loaded: LoadedWeights, image_size: int) -> LoadedWeights:
-    """The same weights for another image size: the position embedding resampled to the new grid.
+_HOW = {"timm": "bicubic, antialiased, as timm's resample_abs_pos_embed",
+        "hf": "bicubic, as transformers' interpolate_pos_encoding"}
+
+
+def resize_weights(loaded: LoadedWeights, size=None, patch_size: int | None = None,
+                   method: str = "timm") -> LoadedWeights:
+    """The same weights for another image size (H, W) and patch size: E resampled for the patch
+    size (FlexiViT's pseudo-inverse resize, as timm's `resample_patch_embed`), the position
+    embedding for the new grid (`resample_pos_embed`); each change told in a note.
+
+    Args:
+        size: (H, W), "HxW" or a side; None keeps the weights' image size.
+        patch_size: None keeps the weights' patch size.
 
     Raises:
-        ConfigError: `image_size` is not a multiple of the checkpoint's patch size, or too large.
+        ConfigError: a size that is not a multiple of the patch size, or a layer over the size limit.
     """
     cfg = loaded.config
-    if image_size == cfg.image_size:
+    height, width = parse_image_size(size) or cfg.size
+    p = patch_size or cfg.patch_size
+    if ((height, width), p) == (cfg.size, cfg.patch_size):
         return loaded
-    if image_size < 1 or image_size % cfg.patch_size:
-        lower, upper = nearest_valid_sizes(max(image_size, 1), cfg.patch_size)
-        hint = f"--image-size {lower} or {upper}" if lower else f"--image-size {upper}"
-        raise ConfigError(f"image size ({image_size}) is not a multiple of the weights' patch size "
-                          f"({cfg.patch_size}); pass {hint}")
-    new_cfg = dataclasses.replace(cfg, image_size=image_size)
+    check_divisible((height, width), p)
+    new_cfg = dataclasses.replace(cfg, image_size=height, image_width=width, patch_size=p)
     if new_cfg.num_params > MAX_LAYER_VALUES:  # checked before the resampling allocates it
-        raise ConfigError(f"--image-size {image_size} would need a position embedding of {new_cfg.num_pos_rows:,} x "
-                          f"{cfg.emb_dim} values, over vitembed's limit of {MAX_LAYER_VALUES:,} for a layer; "
-                          "pass a smaller --image-size")
-    num_prefix = cfg.num_prefix_tokens if cfg.pos_embed_prefix else 0
-    state = dict(loaded.state_dict)
-    state["pos_emb"] = resample_pos_embed(state["pos_emb"], new_cfg.num_patch_row, cfg.num_patch_row, num_prefix)
-    note = (f"resampled the position embedding from {cfg.num_patch_row}x{cfg.num_patch_row} to "
-            f"{new_cfg.num_patch_row}x{new_cfg.num_patch_row} patches (bicubic, as timm's resample_abs_pos_embed) "
-            f"for --image-size {image_size}")
-    return dataclasses.replace(loaded, config=new_cfg, state_dict=state, notes=[*loaded.notes, note])
+        raise ConfigError(f"--image-size {format_size(new_cfg.size)} would need a position embedding of "
+                          f"{new_cfg.num_pos_rows:,} x {cfg.emb_dim} values, over vitembed's limit of "
+                          f"{MAX_LAYER_VALUES:,} for a layer; pass a smaller --image-size")
+    state, notes = dict(loaded.state_dict), []
+    if p != cfg.patch_size:
+        weight = state["patch_emb_layer.weight"]
+        state["patch_emb_layer.weight"] = torch.from_numpy(resample_patch_embed(weight.float().numpy(), p)).to(weight.dtype)
+        notes.append(f"resampled the patch embedding E from {cfg.patch_size}x{cfg.patch_size} to {p}x{p} pixels "
+                     f"(FlexiViT's pseudo-inverse resize, as timm's resample_patch_embed) for --patch-size {p}")
+    if new_cfg.grid != cfg.grid:
+        state["pos_emb"] = resample_pos_embed(state["pos_emb"], new_cfg.grid, cfg.grid, cfg.num_pos_prefix, method)
+        why = f"--image-size {format_size(new_cfg.size)}" if new_cfg.size != cfg.size else f"--patch-size {p}"
+        notes.append(f"resampled the position embedding from {cfg.grid[0]}x{cfg.grid[1]} to "
+                     f"{new_cfg.grid[0]}x{new_cfg.grid[1]} patches ({_HOW[method]}) for {why}")
+    return dataclasses.replace(loaded, config=new_cfg, state_dict=state, notes=[*loaded.notes, *notes])
 
 
 # --------------------------------------------------------------------------- folders

@@ -3,7 +3,7 @@ command line's help and the library's checks use the same lists."""
 
 from __future__ import annotations
 
-RESIZE_MODES = ("squash", "crop", "pad")
+RESIZE_MODES = ("squash", "crop", "pad", "native")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 NORMALIZATIONS = ("imagenet", "inception", "clip", "none")
 FORMATS = ("npy", "pt")
@@ -13,3 +13,5 @@ DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "single": "float32", "fp
 ENGINES = ("auto", "numpy", "torch")
 DECODES = ("auto", "cpu", "gpu")
 POS_INITS = ("normal", "sincos")
+POS_RESAMPLES = ("timm", "hf")  # E_pos for another grid: timm's resample_abs_pos_embed, or transformers' interpolation
+TOKENS = ("z0", "patches", "patches+pos")  # z0; x_p E (steps 1-3); x_p E + E_pos's patch rows

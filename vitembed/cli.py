@@ -19,8 +19,8 @@ import typer
 from .errors import ConfigError, InputError
 from .options import (
     IMAGE, IMAGE_OPTIONS, LAYER_OPTIONS, RUN, Command, Decode, Engine, Format, Group,
-    InitSeedOpt, JsonOpt, NormalizeOpt, PosInit, PosInitOpt, SeedOpt, WeightsOpt, choice_metavar, fail, guard, notice,
-    value, with_options,
+    InitSeedOpt, JsonOpt, MaxPatchesOpt, NormalizeOpt, PosInit, PosInitOpt, PosResample, PosResampleOpt, SeedOpt,
+    Tokens, TokensOpt, WeightsOpt, choice_metavar, fail, guard, notice, value, with_options,
 )
 from .showcli import show_app
 
@@ -79,7 +79,10 @@ def encode(
     weights: WeightsOpt = None,
     seed: SeedOpt = 0,
     pos_init: PosInitOpt = PosInit.normal,
+    pos_resample: PosResampleOpt = PosResample.timm,
+    tokens: TokensOpt = Tokens.z0,
     preprocessing: dict = None,
+    max_patches: MaxPatchesOpt = None,
     normalize: NormalizeOpt = None,
     max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", metavar="INTEGER", help="Refuse images whose header claims more pixels (decompression bombs). Default: 178956970.", rich_help_panel=IMAGE)] = None,
     fast_decode: Annotated[bool, typer.Option("--fast-decode", help="Decode large JPEGs at 1/2, 1/4 or 1/8 scale (DCT scaling): much faster, pixels differ slightly.", rich_help_panel=IMAGE)] = False,
@@ -105,6 +108,8 @@ def encode(
         vitembed encode cat.png                      # writes cat.npy
 
         vitembed encode photos/ -o tokens/ --preset vit-b16
+
+        vitembed encode photos/ -o tokens/ --weights vit.pth --image-size 224x320
 
         find photos -name '*.jpg' -print0 |
             vitembed encode - -0 -o tokens/ --json | jq .output
@@ -134,7 +139,8 @@ def encode(
         count = lambda: reporter.set_total(sum(1 for _ in iter_sources(inputs, on_own_output=lambda path: None)))  # noqa: E731
         threading.Thread(target=count, daemon=True).start()
     options = dict(
-        **layer, weights=weights, seed=seed, pos_init=value(pos_init), **preprocessing, normalize=value(normalize),
+        **layer, weights=weights, seed=seed, pos_init=value(pos_init), pos_resample=value(pos_resample),
+        tokens=value(tokens), **preprocessing, max_patches=max_patches, normalize=value(normalize),
         max_pixels=max_pixels, fast_decode=fast_decode, format=value(fmt), device=device, engine=value(engine),
         decode=value(decode), dtype=value(dtype), batch_size=batch_size, workers=workers,
         skip_existing=skip_existing, overwrite=overwrite, shard_size=shard_size, decode_timeout=decode_timeout,
@@ -215,6 +221,7 @@ def init(
 def info(
     layer: dict = None,
     weights: WeightsOpt = None,
+    pos_resample: PosResampleOpt = PosResample.timm,
     presets: Annotated[bool, typer.Option("--presets", help="List the presets.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -223,6 +230,8 @@ def info(
     Example:
 
         vitembed info --preset vit-b16 --image-size 384
+
+        vitembed info --weights vit.pth --image-size 224x320 --patch-size 8
     """
     from .config import PRESETS, resolve_config
 
@@ -238,7 +247,8 @@ def info(
     if weights is not None:
         from .request import EncodeRequest, layer_from_options
 
-        loaded, source, notes, weights_prep = layer_from_options(**layer, weights=weights)
+        loaded, source, notes, weights_prep = layer_from_options(**layer, weights=weights,
+                                                                 pos_resample=value(pos_resample))
         notice(notes)
         config = loaded.config
     else:
@@ -247,24 +257,24 @@ def info(
     if source:
         d["source"] = source
         prep = EncodeRequest().preprocess(config, weights_prep)
-        d["preprocess"] = {k: getattr(prep, k) for k in ("image_size", "resize", "crop_pct", "interpolation", "mean", "std")}
+        d["preprocess"] = {k: getattr(prep, k) for k in ("image_size", "image_width", "resize", "crop_pct",
+                                                          "interpolation", "mean", "std") if getattr(prep, k) is not None}
         d["preprocess_from_weights"] = sorted(weights_prep)
     if json_out:
         typer.echo(json.dumps(d))
         return
     lines = [
         *( [f"source        {source}"] if source else [] ),
-        f"image         {config.image_size} x {config.image_size} x {config.in_channels}",
+        f"image         {config.size[0]} x {config.size[1]} x {config.in_channels}",
         f"patch         {config.patch_size} x {config.patch_size} x {config.in_channels} = {config.patch_dim} values (P^2*C)",
-        f"grid          {config.num_patch_row} x {config.num_patch_row} = {config.num_patches} patches (N)",
+        f"grid          {config.grid[0]} x {config.grid[1]} = {config.num_patches} patches (N)",
         f"embedding     D = {config.emb_dim}",
         f"tokens        {config.num_tokens} x {config.emb_dim}  ({_token_layout(config)})",
         f"parameters    {config.num_params:,}",
     ]
     if "preprocess" in d:
         p = d["preprocess"]
-        resize = (f"crop (shorter side to {int(p['image_size'] / p['crop_pct'])}, centre {p['image_size']})"
-                  if p["resize"] == "crop" else p["resize"])
+        resize = _describe_crop(config.size, p["crop_pct"]) if p["resize"] == "crop" else p["resize"]
         origin = "the weights'" if weights_prep else "vitembed's defaults"
         lines.append(f"preprocess    {resize}, {p['interpolation']}, mean {_floats(p['mean'])}, std {_floats(p['std'])}  "
                      f"({origin})")
@@ -277,6 +287,14 @@ def _token_layout(config) -> str:
                      for first, last, what in config.token_rows())
 
 
+def _describe_crop(size: tuple[int, int], crop_pct: float) -> str:
+    """'crop (shorter side to 256, centre 224)'; for H x W, timm's: the image covering (H, W) / crop_pct."""
+    h, w = size
+    if h == w:
+        return f"crop (shorter side to {int(h / crop_pct)}, centre {h})"
+    return f"crop (aspect kept, covering {int(h / crop_pct)}x{int(w / crop_pct)}, centre {h}x{w})"
+
+
 def _floats(values) -> str:
     return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
@@ -284,7 +302,7 @@ def _floats(values) -> str:
 def _describe(config) -> dict:
     return {
         **config.to_dict(),
-        "grid": [config.num_patch_row, config.num_patch_row],
+        "grid": list(config.grid),
         "patch_dim": config.patch_dim,
         "num_patches": config.num_patches,
         "tokens": list(config.token_shape),

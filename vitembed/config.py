@@ -10,12 +10,13 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULT_PRESET", "PRESETS", "LayerConfig", "nearest_valid_sizes", "resolve_config"]
+__all__ = ["DEFAULT_PRESET", "PRESETS", "LayerConfig", "nearest_valid_sizes", "parse_image_size", "resolve_config"]
 
 
 # Far above every ViT (ViT-G: 224 px, P = 14, D = 1664; 896 px grids exist), far below what would
 # exhaust a machine before a check could say so.
-LIMITS = {"image_size": 8192, "patch_size": 1024, "emb_dim": 16384, "in_channels": 4, "num_reg_tokens": 64}
+LIMITS = {"image_size": 8192, "patch_size": 1024, "emb_dim": 16384, "in_channels": 4, "num_reg_tokens": 64,
+          "max_patches": 1 << 16}  # max_patches: 256 x 256 patches, far above NaViT's and Pix2Struct's 4096
 MAX_PARAMS = 1 << 30  # 4 GB of float32
 
 
@@ -24,14 +25,17 @@ class LayerConfig:
     """Hyper-parameters of the input layer.
 
     Attributes:
-        image_size: side S of the square input image, in pixels.
-        patch_size: side P of a square patch; S must be a multiple of P.
+        image_size: side S of the square input image, in pixels; its height H when `image_width` is set.
+        patch_size: side P of a square patch; H and W must be multiples of P.
         emb_dim: D, the length of each token.
         in_channels: C, channels of the input image.
         class_token: whether a class token x_class is prepended (step 4).
         num_reg_tokens: register tokens after the class token (timm's `reg_token`); 0 in the seed.
         pos_embed_prefix: whether E_pos has rows for the prefix tokens (the seed: yes, N_p + 1
             rows); timm's `no_embed_class` models add position only to the patches.
+        image_width: W of a rectangular input (None: square, W = H); the patch grid is then
+            (H / P) x (W / P), patches in row-major order. Left out of `to_dict` when None, so that
+            square layers' configs read as they always have.
     """
 
     image_size: int = 224
@@ -41,35 +45,45 @@ class LayerConfig:
     class_token: bool = True
     num_reg_tokens: int = 0
     pos_embed_prefix: bool = True
+    image_width: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("image_size", "patch_size", "emb_dim", "in_channels"):
+        for name in ("image_size", "patch_size", "emb_dim", "in_channels", "image_width"):
             value = getattr(self, name)
+            if name == "image_width" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {value!r}")
-            if value > LIMITS[name]:
-                raise ConfigError(f"{name.replace('_', '-')} ({value}) is over the limit of {LIMITS[name]}")
+            limit = LIMITS.get(name, LIMITS["image_size"])  # image_width: as image_size
+            if value > limit:
+                raise ConfigError(f"{name.replace('_', '-')} ({value}) is over the limit of {limit}")
         if not 0 <= self.num_reg_tokens <= LIMITS["num_reg_tokens"]:
             raise ConfigError(f"num-reg-tokens must be 0 to {LIMITS['num_reg_tokens']}, got {self.num_reg_tokens}")
         if self.num_params > MAX_PARAMS:
             raise ConfigError(f"this layer would have {self.num_params:,} parameters, over the limit of {MAX_PARAMS:,}")
-        if self.image_size % self.patch_size:
-            lower, upper = nearest_valid_sizes(self.image_size, self.patch_size)
-            hint = f"--image-size {lower} or {upper}" if lower else f"--image-size {upper}"
-            raise ConfigError(
-                f"image size ({self.image_size}) is not divisible by patch size ({self.patch_size}); "
-                f"pass {hint}"
-            )
+        if self.image_width == self.image_size:
+            object.__setattr__(self, "image_width", None)  # H x H is the square layer, one config
+        check_divisible(self.size, self.patch_size)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(H, W) of the input image, pixels."""
+        return self.image_size, self.image_width or self.image_size
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(H / P, W / P): rows and columns of the patch grid."""
+        return self.size[0] // self.patch_size, self.size[1] // self.patch_size
 
     @property
     def num_patch_row(self) -> int:
-        """Patches per side, S / P."""
-        return self.image_size // self.patch_size
+        """Patches per side of a square layer, S / P (the seed's name); the grid's rows in general."""
+        return self.grid[0]
 
     @property
     def num_patches(self) -> int:
-        """N_p = (S / P)^2."""
-        return self.num_patch_row**2
+        """N_p = HW / P^2."""
+        return self.grid[0] * self.grid[1]
 
     @property
     def patch_dim(self) -> int:
@@ -79,6 +93,11 @@ class LayerConfig:
     @property
     def num_prefix_tokens(self) -> int:
         return int(self.class_token) + self.num_reg_tokens
+
+    @property
+    def num_pos_prefix(self) -> int:
+        """Rows of E_pos before the patches': the prefix tokens', or none (no_embed_class)."""
+        return self.num_prefix_tokens if self.pos_embed_prefix else 0
 
     @property
     def num_tokens(self) -> int:
@@ -111,7 +130,10 @@ class LayerConfig:
         return rows
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["image_width"] is None:
+            del data["image_width"]  # a square layer's config, as it was before rectangles
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> LayerConfig:
@@ -126,6 +148,50 @@ def nearest_valid_sizes(image_size: int, patch_size: int) -> tuple[int, int]:
     """The multiples of `patch_size` just below and just above `image_size` (below may be 0)."""
     lower = (image_size // patch_size) * patch_size
     return lower, lower + patch_size
+
+
+def format_size(size: tuple[int, int]) -> str:
+    """(H, W) as --image-size takes it: "224" for a square, "224x320" (H x W) otherwise."""
+    return str(size[0]) if size[0] == size[1] else f"{size[0]}x{size[1]}"
+
+
+def check_divisible(size: tuple[int, int], patch_size: int) -> None:
+    """Refuse an image size (H, W) that is not a multiple of the patch size on both sides, naming
+    the nearest sizes that are.
+
+    Raises:
+        ConfigError: "image size (200) is not divisible by patch size (16); pass --image-size 192 or 208".
+    """
+    (h, w), p = size, patch_size
+    if not (h % p or w % p):
+        return
+    if h == w:
+        options = [str(v) for v in nearest_valid_sizes(h, p) if v]
+    else:
+        rows, cols = ([v for v in nearest_valid_sizes(side, p) if v] if side % p else [side] for side in (h, w))
+        options = [f"{a}x{b}" for a in rows for b in cols]
+    what = f"image size ({h})" if h == w else f"image size ({h}x{w}, H x W)"
+    raise ConfigError(f"{what} is not divisible by patch size ({p}); pass --image-size {' or '.join(options)}")
+
+
+def parse_image_size(value) -> tuple[int, int] | None:
+    """--image-size: 224 (square), "224x320" (H x W), or (224, 320) -> (H, W); None stays None.
+
+    Raises:
+        ConfigError: anything else, naming the value and the forms taken.
+    """
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value, value
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(type(v) is int for v in value):
+        return value[0], value[1]
+    parts = value.lower().split("x") if isinstance(value, str) else []
+    if len(parts) in (1, 2) and all(p.strip().isdigit() for p in parts):
+        numbers = [int(p) for p in parts]
+        return numbers[0], numbers[-1]
+    raise ConfigError(f"image size {value!r} is not a number of pixels; pass --image-size 224 (square) "
+                      "or 224x320 (height x width)")
 
 
 # Named layer shapes: the ViT family of the paper and its usual relatives, all at 224 pixels.
@@ -149,7 +215,7 @@ DEFAULT_PRESET = "seed"
 def resolve_config(
     preset: str | None = None,
     *,
-    image_size: int | None = None,
+    image_size: int | str | tuple[int, int] | None = None,
     patch_size: int | None = None,
     num_patch_row: int | None = None,
     emb_dim: int | None = None,
@@ -158,7 +224,8 @@ def resolve_config(
 ) -> LayerConfig:
     """A preset (or `base`) with the given fields overridden.
 
-    `num_patch_row` is the seed's way to give the patch size: P = image_size / num_patch_row.
+    `image_size` is a side (square), "HxW" or (H, W). `num_patch_row` is the seed's way to give
+    the patch size of a square layer: P = image_size / num_patch_row.
     """
     if base is None:
         name = preset or DEFAULT_PRESET
@@ -167,18 +234,18 @@ def resolve_config(
         base = PRESETS[name]
     if patch_size is not None and num_patch_row is not None:
         raise ConfigError("give either --patch-size or --num-patch-row, not both")
-    size = image_size if image_size is not None else base.image_size
+    height, width = parse_image_size(image_size) or base.size
     if num_patch_row is not None:
-        if num_patch_row < 1 or size % num_patch_row:
+        if height != width:
+            raise ConfigError(f"--num-patch-row is for square images, not {height}x{width}; give --patch-size")
+        if num_patch_row < 1 or height % num_patch_row:
             raise ConfigError(
-                f"image size ({size}) is not divisible by num-patch-row ({num_patch_row}); "
-                f"pick a divisor of {size}"
+                f"image size ({height}) is not divisible by num-patch-row ({num_patch_row}); "
+                f"pick a divisor of {height}"
             )
-        patch_size = size // num_patch_row
-    changes = {
-        "image_size": image_size,
-        "patch_size": patch_size,
-        "emb_dim": emb_dim,
-        "in_channels": in_channels,
-    }
-    return dataclasses.replace(base, **{k: v for k, v in changes.items() if v is not None})
+        patch_size = height // num_patch_row
+    changes = {"patch_size": patch_size, "emb_dim": emb_dim, "in_channels": in_channels}
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if image_size is not None:
+        changes.update(image_size=height, image_width=width)
+    return dataclasses.replace(base, **changes)

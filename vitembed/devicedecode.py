@@ -19,7 +19,8 @@ import warnings
 from collections import defaultdict
 
 from .errors import InputError
-from .images import PlainJpeg, Preprocess, load_image, resize_plan
+from .images import PlainJpeg, Preprocess, load_image
+from .resolution import resize_plan
 
 __all__ = ["DEVICE_INTERPOLATIONS", "decode_jpegs", "orient", "unsupported"]
 
@@ -30,6 +31,8 @@ def unsupported(prep: Preprocess) -> str | None:
     """Why images prepared as `prep` cannot be decoded on the device, or None if they can."""
     if prep.channels != 3:
         return "the layer takes grey (1-channel) images, which only Pillow decodes; use --decode cpu"
+    if prep.resize == "native":
+        return "--resize native gives each image a grid of its own, which only Pillow's decoders follow; use --decode cpu"
     if prep.interpolation not in DEVICE_INTERPOLATIONS:
         return (f"--interpolation {prep.interpolation} is Pillow's alone; use "
                 f"{' or '.join(DEVICE_INTERPOLATIONS)}, or --decode cpu")
@@ -40,7 +43,7 @@ CHUNK_PIXELS = 64 << 20  # decoded together: about 200 MB of uint8 RGB, 800 MB a
 
 
 def decode_jpegs(jpegs: list[PlainJpeg], prep: Preprocess, device) -> list:
-    """JPEG files -> (S, S, 3) uint8 tensors on `device`, or an error message, per file.
+    """JPEG files -> (H, W, 3) uint8 tensors on `device`, or an error message, per file.
 
     They are decoded in chunks of at most CHUNK_PIXELS (one image alone may be larger), so that a
     batch of 12-megapixel photos does not need gigabytes of device memory at once.
@@ -108,13 +111,12 @@ def _decode_one(encoded, kwargs):
 
 
 def _resize(images: list, prep: Preprocess) -> list:
-    """(3, H, W) uint8 tensors -> (S, S, 3) uint8 tensors, as `images._resize` does with Pillow;
-    images of one size are resized together."""
+    """(3, H, W) uint8 tensors -> the layer's (H', W', 3) uint8 tensors, as `images._resize` does
+    with Pillow (`resolution.resize_plan`); images of one size are resized together."""
     import torch
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms.v2 import functional as F
 
-    s = prep.image_size
     interpolation = InterpolationMode(prep.interpolation)
     by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, im in enumerate(images):
@@ -123,18 +125,19 @@ def _resize(images: list, prep: Preprocess) -> list:
     for (height, width), members in by_size.items():
         x = torch.stack([images[i] for i in members])  # (G, 3, H, W)
         plan = resize_plan(width, height, prep)
+        w, h = plan.target
         if plan.size != (width, height):
             x = F.resize(x, [plan.size[1], plan.size[0]], interpolation=interpolation, antialias=True)
         if plan.crop is not None:
             left, top = plan.crop
-            x = x[:, :, top:top + s, left:left + s]
+            x = x[:, :, top:top + h, left:left + w]
         elif plan.paste is not None:
             left, top = plan.paste
             canvas = torch.tensor(prep.background, dtype=torch.uint8, device=x.device).view(1, 3, 1, 1)
-            canvas = canvas.expand(len(members), 3, s, s).clone()
+            canvas = canvas.expand(len(members), 3, h, w).clone()
             canvas[:, :, top:top + plan.size[1], left:left + plan.size[0]] = x
             x = canvas
-        x = x.permute(0, 2, 3, 1)  # (G, S, S, 3), as the layer takes pixels
+        x = x.permute(0, 2, 3, 1)  # (G, 3, H', W') -> (G, H', W', 3), as the layer takes pixels
         for j, i in enumerate(members):
             out[i] = x[j]
     return out

@@ -4,7 +4,9 @@ Every way of running vitembed builds one `Encoder` and calls it on batches: the 
 (through `pipeline.run`), a Python program, a Ray actor (`vitembed.ray`). It holds
 
 - the preprocessing (`images.Preprocess`: resize, normalisation), applied by `decode`;
-- the layer's parameters, folded with the normalisation into one affine map (`kernel.fold`);
+- the layer's parameters, folded with the normalisation into one affine map (`kernel.fold`),
+  for the tokens asked for (z0, patches, patches+pos), and for any grid with `--resize native`
+  (each image then has a grid of its own: a list of images gives a list of token arrays);
 - the engine that applies it: **numpy** (the CPU's: one matrix product per image, no torch) or
   **torch** (batches on a GPU, or the CPU, with JPEGs optionally decoded on the device).
 
@@ -24,12 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from .choices import ENGINES
-from .config import LayerConfig
+from .choices import ENGINES, POS_RESAMPLES
+from .config import LayerConfig, format_size
 from .errors import ConfigError, InputError
 from .formats import cast, output_dtype
 from .images import PlainJpeg, Preprocess, load_image
-from .kernel import Kernel, LayerParams
+from .kernel import GridTables, Kernel, LayerParams
 
 __all__ = ["ENGINES", "Encoder", "FileBatch", "TorchEngine", "encode_images", "resolve_device", "tokens_to_numpy"]
 
@@ -37,9 +39,10 @@ __all__ = ["ENGINES", "Encoder", "FileBatch", "TorchEngine", "encode_images", "r
 
 @dataclass
 class FileBatch:
-    """Tokens of a batch of files: `tokens` (B, N+1, D), a NaN row where `errors[i]` says why."""
+    """Tokens of a batch of files: `tokens` (B, N+1, D), a NaN row where `errors[i]` says why; with
+    `--resize native`, a list of (N_i + 1, D) arrays, None where `errors[i]` says why."""
 
-    tokens: np.ndarray
+    tokens: np.ndarray | list
     errors: list[str | None]
 
 
@@ -54,30 +57,40 @@ class Encoder:
         device: for torch: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps.
         dtype: of the tokens returned: float32, float16 or bfloat16, or an alias such as fp16 or
             bf16 (computed in float32).
+        tokens: z0 (default), patches (x_p E: N x D, no class token, no E_pos) or patches+pos
+            (x_p E + E_pos's patch rows, N x D).
+        pos_resample: with `prep.resize == "native"`, how E_pos is resampled to each image's grid:
+            timm (default: bicubic, antialiased) or hf (transformers' bicubic).
 
     Raises:
         ConfigError: options that cannot work together (the message says which and how to fix it).
     """
 
     def __init__(self, layer: Any, prep: Preprocess | None = None, *, engine: str = "auto",
-                 device: str = "auto", dtype: str = "float32"):
+                 device: str = "auto", dtype: str = "float32", tokens: str = "z0", pos_resample: str = "timm"):
         self.params = as_params(layer)
         self.config: LayerConfig = self.params.config
         cfg = self.config
-        self.prep = prep or Preprocess(image_size=cfg.image_size, channels=cfg.in_channels)
+        self.prep = prep or Preprocess(image_size=cfg.image_size, image_width=cfg.image_width, channels=cfg.in_channels)
         self.dtype = output_dtype(dtype)
-        _check(self.prep, cfg, engine)
-        self.kernel: Kernel = self.params.fold(self.prep.mean, self.prep.std)
+        _check(self.prep, cfg, engine, pos_resample)
+        native = pos_resample if self.prep.resize == "native" else None
+        self.kernel: Kernel = self.params.fold(self.prep.mean, self.prep.std, tokens, native)
         self.engine = _engine(engine, device)
         self.torch = TorchEngine(self.kernel, resolve_device(device)) if self.engine == "torch" else None
         self.device = str(self.torch.device) if self.torch is not None else "cpu"
 
     @property
-    def token_shape(self) -> tuple[int, int]:
-        return self.config.token_shape
+    def token_shape(self) -> tuple[int, int] | None:
+        """(rows, D) of every image's tokens; None where each image has its own grid (native)."""
+        return self.kernel.token_shape
+
+    def grid_of(self, pixels) -> tuple[int, int] | None:
+        """The patch grid (gh, gw) of one image's pixels where images have grids of their own, else None."""
+        return None if self.kernel.grids is None else self.kernel.grid_of(tuple(pixels.shape))
 
     def decode(self, file) -> np.ndarray:
-        """One image file (a path, bytes, or a binary file) -> (S, S, C) uint8 pixels.
+        """One image file (a path, bytes, or a binary file) -> (H, W, C) uint8 pixels.
 
         Raises:
             InputError: the file cannot be read or decoded.
@@ -86,11 +99,25 @@ class Encoder:
             file = io.BytesIO(file)
         return load_image(file, self.prep)
 
-    def encode(self, pixels: np.ndarray) -> np.ndarray:
-        """(B, S, S, C) uint8 pixels -> (B, N+1, D) tokens in the encoder's dtype."""
+    def encode(self, pixels) -> np.ndarray | list[np.ndarray]:
+        """(B, H, W, C) uint8 pixels -> (B, N+1, D) tokens in the encoder's dtype; a list of
+        (H_i, W_i, C) images (native: grids of their own) -> a list of (N_i + 1, D) tokens."""
+        if isinstance(pixels, (list, tuple)):
+            return self._encode_list(list(pixels), self.dtype)
+        return self._encode_array(np.asarray(pixels), self.dtype)
+
+    def _encode_array(self, pixels: np.ndarray, dtype: str) -> np.ndarray:
         if self.torch is None:
-            return cast(self.kernel(np.asarray(pixels)), self.dtype)
-        return self.torch.to_numpy(self.torch.from_host(np.asarray(pixels)), self.dtype)
+            return cast(self.kernel(pixels), dtype)
+        return self.torch.to_numpy(self.torch.from_host(pixels), dtype)
+
+    def _encode_list(self, images: list, dtype: str) -> list[np.ndarray]:
+        """Images of one shape together, the tokens back in their order."""
+        out: list = [None] * len(images)
+        for group in by_shape(images):
+            for i, tokens in zip(group, self._encode_array(np.stack([images[i] for i in group]), dtype)):
+                out[i] = tokens
+        return out
 
     def encode_files(self, files) -> FileBatch:
         """Image files (paths, bytes or binary files) -> their tokens, with per-file errors."""
@@ -102,20 +129,32 @@ class Encoder:
             except InputError as exc:
                 pixels.append(None)
                 errors.append(str(exc))
-        tokens = np.full((len(errors), *self.token_shape), np.nan, np.float32)
         good = [i for i, e in enumerate(errors) if e is None]
+        if self.token_shape is None:  # native: a list, None for a file that failed
+            tokens: list = [None] * len(errors)
+            for i, z in zip(good, self._encode_list([pixels[i] for i in good], self.dtype)):
+                tokens[i] = z
+            return FileBatch(tokens, errors)
+        tokens = np.full((len(errors), *self.token_shape), np.nan, np.float32)
         if good:
-            tokens[good] = self.kernel(np.stack([pixels[i] for i in good])) if self.torch is None else \
-                self.torch.to_numpy(self.torch.from_host(np.stack([pixels[i] for i in good])), "float32")
+            tokens[good] = self._encode_array(np.stack([pixels[i] for i in good]), "float32")
         return FileBatch(cast(tokens, self.dtype), errors)
 
     def encode_items(self, items: list) -> list[np.ndarray | InputError]:
-        """The pipeline's batches: (S, S, C) uint8 arrays, or `PlainJpeg` bytes for the device to
+        """The pipeline's batches: (H, W, C) uint8 arrays, or `PlainJpeg` bytes for the device to
         decode (torch engine) -> tokens per item, or the InputError of a file the device decoder
         and Pillow both refused."""
         if self.torch is None:
-            return list(cast(self.kernel(np.stack(items)), self.dtype))
+            return self._encode_list(items, self.dtype)
         return self.torch.encode_items(items, self.prep, self.dtype)
+
+
+def by_shape(items: list) -> list[list[int]]:
+    """The indices of `items` (arrays or tensors) grouped by shape, each group in order."""
+    groups: dict[tuple, list[int]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(tuple(item.shape), []).append(i)
+    return list(groups.values())
 
 
 def as_params(layer: Any) -> LayerParams:
@@ -128,11 +167,18 @@ def as_params(layer: Any) -> LayerParams:
     raise TypeError(f"not a layer: {type(layer).__name__}; give a VitInputLayer, LayerParams or LoadedWeights")
 
 
-def _check(prep: Preprocess, config: LayerConfig, engine: str) -> None:
+def _check(prep: Preprocess, config: LayerConfig, engine: str, pos_resample: str) -> None:
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}; choose {', '.join(ENGINES)}")
-    if prep.image_size != config.image_size:
-        raise ConfigError(f"images are resized to {prep.image_size} but the layer takes {config.image_size}")
+    if pos_resample not in POS_RESAMPLES:
+        raise ConfigError(f"unknown position resampling {pos_resample!r}; choose {' or '.join(POS_RESAMPLES)}")
+    if prep.resize == "native":
+        if prep.patch_size != config.patch_size:
+            raise ConfigError(f"--resize native cuts {prep.patch_size}-pixel patches but the layer's are "
+                              f"{config.patch_size}; give Preprocess(patch_size={config.patch_size})")
+    elif prep.size != config.size:
+        raise ConfigError(f"images are resized to {format_size(prep.size)} but the layer takes "
+                          f"{format_size(config.size)}; give the same --image-size to both")
     if prep.channels != config.in_channels:
         raise ConfigError(f"the layer takes {config.in_channels} channels; images can be read with 1 or 3")
 
@@ -193,39 +239,49 @@ def resolve_device(name: str):
 
 class TorchEngine:
     """The folded layer (`kernel.Kernel`'s W and T) applied with torch on `device`, in batches:
-    a convolution with kernel = stride = P over channels-last uint8 pixels, then + T."""
+    a convolution with kernel = stride = P over channels-last uint8 pixels, then + T (the table of
+    the batch's grid, kept on the device: one per grid with `--resize native`)."""
 
     def __init__(self, kernel: Kernel, device):
         import torch
 
         cfg = kernel.config
         p, c, d = cfg.patch_size, cfg.in_channels, cfg.emb_dim
-        self.config, self.device = cfg, device
+        self.config, self.device, self.kernel = cfg, device, kernel
         # W (P^2 C, D), rows in (P, P, C) order -> the convolution's weight (D, C, P, P)
         weight = torch.from_numpy(kernel.weight).reshape(p, p, c, d).permute(3, 2, 0, 1)
         self.weight = weight.contiguous().to(device)
-        self.table = torch.from_numpy(kernel.table).to(device)  # (N + k, D)
+        self.tables = {cfg.grid: torch.from_numpy(kernel.table).to(device)}  # grid -> (k + N, D)
 
-    def __call__(self, pixels):
-        """(B, S, S, C) uint8 pixels on the device -> z0 (B, N + k, D) float32 there."""
+    def table(self, grid: tuple[int, int]):
+        """T for a grid, on the device (the last few kept)."""
         import torch
 
-        cfg = self.config
-        s, c = cfg.image_size, cfg.in_channels
-        if pixels.ndim != 4 or tuple(pixels.shape[1:]) != (s, s, c):
-            raise ValueError(f"expected pixels of shape (B, {s}, {s}, {c}), got {tuple(pixels.shape)}")
-        x = pixels.permute(0, 3, 1, 2).float()  # (B, S, S, C) -> (B, C, S, S), channels-last in memory
+        if grid not in self.tables:
+            while sum(t.nbytes for t in self.tables.values()) > GridTables.KEEP_BYTES:
+                del self.tables[next(iter(self.tables))]
+            self.tables[grid] = torch.from_numpy(self.kernel.table_for(grid)).to(self.device)
+        return self.tables[grid]
+
+    def __call__(self, pixels):
+        """(B, H, W, C) uint8 pixels on the device -> z0 (B, k + N, D) float32 there."""
+        import torch
+
+        if pixels.ndim != 4:
+            raise ValueError(f"expected a batch of pixels (B, H, W, C), got {tuple(pixels.shape)}")
+        table = self.table(self.kernel.grid_of(tuple(pixels.shape)))
+        x = pixels.permute(0, 3, 1, 2).float()  # (B, H, W, C) -> (B, C, H, W), channels-last in memory
         with torch.inference_mode(), _ieee_float32():
-            z = torch.nn.functional.conv2d(x, self.weight, stride=cfg.patch_size)  # (1)-(3): (B, D, h, w)
+            z = torch.nn.functional.conv2d(x, self.weight, stride=self.config.patch_size)  # (1)-(3): (B, D, h, w)
             z = z.flatten(2).transpose(1, 2)  # (B, D, h, w) -> (B, N, D)
-            k = cfg.num_prefix_tokens
-            out = z.new_empty(z.shape[0], *self.table.shape)  # (B, N + k, D)
-            out[:, :k] = self.table[:k]  # (4)-(5): the prefix tokens with their E_pos rows
-            torch.add(z, self.table[k:], out=out[:, k:])  # (5): + bias + E_pos of each patch
+            k = self.kernel.prefix
+            out = z.new_empty(z.shape[0], *table.shape)  # (B, k + N, D)
+            out[:, :k] = table[:k]  # (4)-(5): the prefix tokens with their E_pos rows
+            torch.add(z, table[k:], out=out[:, k:])  # (5): + bias (+ E_pos) of each patch
         return out
 
     def from_host(self, pixels: np.ndarray):
-        """z0 of (B, S, S, C) uint8 pixels in host memory (copied to the device asynchronously)."""
+        """z0 of (B, H, W, C) uint8 pixels in host memory (copied to the device asynchronously)."""
         import torch
 
         batch = torch.from_numpy(np.ascontiguousarray(pixels))
@@ -245,15 +301,15 @@ class TorchEngine:
             for i, decoded in zip(at, decode_jpegs([items[i] for i in at], prep, self.device)):
                 items[i], out[i] = (None, InputError(decoded)) if isinstance(decoded, str) else (decoded, None)
         good = [i for i, item in enumerate(items) if item is not None]
-        if not good:
-            return out
-        if all(isinstance(items[i], np.ndarray) for i in good):
-            z = self.from_host(np.stack([items[i] for i in good]))
-        else:  # some decoded on the device already
-            z = self(torch.stack([torch.from_numpy(items[i]).to(self.device) if isinstance(items[i], np.ndarray)
-                                  else items[i] for i in good]))
-        for i, tokens in zip(good, self.to_numpy(z, dtype)):
-            out[i] = tokens
+        for group in by_shape([items[i] for i in good]):  # one batch per grid (one grid but with native)
+            members = [good[j] for j in group]
+            if all(isinstance(items[i], np.ndarray) for i in members):
+                z = self.from_host(np.stack([items[i] for i in members]))
+            else:  # some decoded on the device already
+                z = self(torch.stack([torch.from_numpy(items[i]).to(self.device) if isinstance(items[i], np.ndarray)
+                                      else items[i] for i in members]))
+            for i, tokens in zip(members, self.to_numpy(z, dtype)):
+                out[i] = tokens
         return out
 
     def to_numpy(self, z, dtype: str) -> np.ndarray:
@@ -291,7 +347,7 @@ def _ieee_float32():
 
 
 def encode_images(images, layer, prep: Preprocess | None = None, device: str = "cpu"):
-    """z0 of in-memory images ((S, S, C) uint8 arrays) or files, as a float32 torch tensor
+    """z0 of in-memory images ((H, W, C) uint8 arrays) or files, as a float32 torch tensor
     (B, N+1, D), computed by the torch engine on `device`."""
     encoder = Encoder(layer, prep, engine="torch", device=device)
     pixels = np.stack([np.asarray(x, np.uint8) if isinstance(x, np.ndarray) else encoder.decode(x) for x in images])

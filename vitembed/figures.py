@@ -43,14 +43,14 @@ def patch_rows(config: LayerConfig) -> np.ndarray:
         config: the layer shape (prefix tokens come first in z0).
 
     Returns:
-        (g, g) int array: entry (r, c) is 1 + r g + c in the seed's layout (row 0 the class token).
+        (gh, gw) int array: entry (r, c) is 1 + r gw + c in the seed's layout (row 0 the class token).
     """
-    g = config.num_patch_row
-    return config.num_prefix_tokens + np.arange(g * g).reshape(g, g)  # (N,) -> (g, g)
+    gh, gw = config.grid
+    return config.num_prefix_tokens + np.arange(gh * gw).reshape(gh, gw)  # (N,) -> (gh, gw)
 
 
 def patch_boxes(config: LayerConfig) -> np.ndarray:
-    """Where each patch lies in the S x S image the layer sees, in token order.
+    """Where each patch lies in the H x W image the layer sees, in token order.
 
     Args:
         config: the layer shape.
@@ -59,8 +59,8 @@ def patch_boxes(config: LayerConfig) -> np.ndarray:
         (N, 4) int array of (left, top, right, bottom) pixels, right and bottom exclusive;
         row i is the patch of token `config.num_prefix_tokens + i`.
     """
-    g, p = config.num_patch_row, config.patch_size
-    r, c = np.divmod(np.arange(g * g), g)  # (N,) grid row and column of each patch, row-major
+    (gh, gw), p = config.grid, config.patch_size
+    r, c = np.divmod(np.arange(gh * gw), gw)  # (N,) grid row and column of each patch, row-major
     return np.stack([c * p, r * p, (c + 1) * p, (r + 1) * p], axis=1)  # 4 x (N,) -> (N, 4)
 
 
@@ -72,7 +72,7 @@ def grid_tokens(tokens: np.ndarray, config: LayerConfig) -> np.ndarray:
         config: the layer that made it.
 
     Returns:
-        (g, g, D) float64.
+        (gh, gw, D) float64.
 
     Raises:
         ConfigError: the shape is not the layer's token shape.
@@ -83,9 +83,8 @@ def grid_tokens(tokens: np.ndarray, config: LayerConfig) -> np.ndarray:
             f"tokens have shape {tokens.shape}; the layer gives {config.token_shape} "
             "(pass the layer options the tokens were made with)"
         )
-    g = config.num_patch_row
     patches = tokens[config.num_prefix_tokens:].astype(np.float64)  # (N + prefix, D) -> (N, D)
-    return patches.reshape(g, g, config.emb_dim)  # (N, D) -> (g, g, D)
+    return patches.reshape(*config.grid, config.emb_dim)  # (N, D) -> (gh, gw, D)
 
 
 def grid_positions(pos_emb: np.ndarray, config: LayerConfig) -> np.ndarray:
@@ -96,13 +95,12 @@ def grid_positions(pos_emb: np.ndarray, config: LayerConfig) -> np.ndarray:
         config: the layer it belongs to (`pos_embed_prefix` says whether it has prefix rows).
 
     Returns:
-        (g, g, D) float64.
+        (gh, gw, D) float64.
     """
     pos = np.asarray(pos_emb, dtype=np.float64).reshape(-1, config.emb_dim)  # (1, rows, D) -> (rows, D)
     if pos.shape[0] != config.num_pos_rows:
         raise ConfigError(f"E_pos has {pos.shape[0]} rows; the layer has {config.num_pos_rows}")
-    g = config.num_patch_row
-    return pos[pos.shape[0] - g * g:].reshape(g, g, config.emb_dim)  # (N, D) -> (g, g, D)
+    return pos[config.num_pos_prefix:].reshape(*config.grid, config.emb_dim)  # (N, D) -> (gh, gw, D)
 
 
 def token_norms(patches: np.ndarray) -> np.ndarray:

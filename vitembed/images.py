@@ -1,8 +1,9 @@
-"""Image files -> square uint8 RGB arrays. The only module that imports Pillow.
+"""Image files -> uint8 RGB arrays of the layer's size. The only module that imports Pillow.
 
 `load_image` opens a file, applies its EXIF orientation, converts any mode to RGB (alpha over a
-background colour, 16-bit scaled to 8 bits), resizes to S x S and returns an (S, S, C) uint8
-array. Normalisation to floats happens later, batched, on the layer's device (`Preprocess.mean`
+background colour, 16-bit scaled to 8 bits), resizes to H x W (S x S for a square layer; the
+image's own grid with `--resize native`, see `resolution.resize_plan`) and returns an (H, W, C)
+uint8 array. Normalisation to floats happens later, batched, on the layer's device (`Preprocess.mean`
 and `.std`). This module imports neither torch nor torchvision, so decoding workers start fast.
 """
 
@@ -21,7 +22,9 @@ import numpy as np
 from PIL import Image, ImageColor, ImageOps
 
 from .choices import RESIZE_MODES
+from .config import LIMITS
 from .errors import ConfigError, InputError, one_line
+from .resolution import ResizePlan, resize_plan
 from .safeio import NotRegularFile, open_regular
 
 __all__ = [
@@ -59,9 +62,11 @@ class Preprocess:
     """How a file becomes the layer's input.
 
     Attributes:
-        image_size: side S of the output square.
-        resize: `squash` (straight to S x S), `crop` (shorter side to S / crop_pct, then the
-            centre S x S) or `pad` (longer side to S, then padded to a square with `background`).
+        image_size: side S of the output square; its height H when `image_width` is set.
+        resize: `squash` (straight to H x W), `crop` (the aspect ratio kept, the image covering
+            (H, W) / crop_pct, then the centre H x W), `pad` (the aspect ratio kept, the image
+            inside H x W, padded with `background`) or `native` (the image's own aspect ratio:
+            a grid of at most `max_patches` patches of `patch_size`); see `resolution.resize_plan`.
         crop_pct: for `crop`; 0.875 is torchvision's Resize(256) + CenterCrop(224).
         interpolation: nearest, bilinear, bicubic or lanczos (antialiased, as Pillow does).
         background: RGB colour under transparent pixels and around `pad`ded images.
@@ -70,6 +75,10 @@ class Preprocess:
         max_pixels: refuse images whose header claims more pixels than this.
         fast_decode: let JPEG decoding scale down by 1/2, 1/4 or 1/8 (DCT scaling) when the
             image stays at least twice the target size; slightly different pixels, much faster.
+        image_width: W of a rectangular output (None: square).
+        max_patches, patch_size: for `native` (and only there): the most patches an image's
+            grid may have, and the layer's P.
+    Fields that are None are left out of `to_dict`, so that earlier runs' records still match.
     """
 
     image_size: int = 224
@@ -82,10 +91,19 @@ class Preprocess:
     channels: int = 3
     max_pixels: int = DEFAULT_MAX_PIXELS
     fast_decode: bool = False
+    image_width: int | None = None
+    max_patches: int | None = None
+    patch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_MODES:
             raise ConfigError(f"unknown resize mode {self.resize!r}; choose {', '.join(RESIZE_MODES)}")
+        if self.image_width == self.image_size:
+            object.__setattr__(self, "image_width", None)  # H x H is the square, one record
+        native = (self.max_patches, self.patch_size) if self.resize == "native" else (1, 1)
+        if not all(isinstance(v, int) and 0 < v <= LIMITS["max_patches"] for v in native):
+            raise ConfigError(f"--resize native needs max-patches from 1 to {LIMITS['max_patches']} and the "
+                              f"patch size, got {self.max_patches} and {self.patch_size}")
         if self.interpolation not in INTERPOLATIONS:
             raise ConfigError(
                 f"unknown interpolation {self.interpolation!r}; choose {', '.join(INTERPOLATIONS)}"
@@ -115,8 +133,14 @@ class Preprocess:
         mean, std = NORMALIZATIONS[name]
         return dataclasses.replace(self, mean=mean, std=std)
 
+    @property
+    def size(self) -> tuple[int, int]:
+        """(H, W) of the output, pixels (with `native`, of the layer the grid's budget comes from)."""
+        return self.image_size, self.image_width or self.image_size
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        return {k: v for k, v in data.items() if v is not None or k not in ("image_width", "max_patches", "patch_size")}
 
 
 def parse_color(text: str) -> tuple[int, int, int]:
@@ -289,27 +313,40 @@ def _prepare(im: Image.Image, prep: Preprocess, gate=None) -> np.ndarray:
         )
     if getattr(im, "n_frames", 1) > 1:
         im.seek(0)  # the first frame of an animation or a multi-page file
-    if prep.fast_decode and im.format == "JPEG":
-        _draft(im, prep)
+    shown = _draft(im, prep) if prep.fast_decode and im.format == "JPEG" else None
     large = gate is not None and width * height > LARGE_PIXELS
     with gate if large else contextlib.nullcontext(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Pillow warns about odd EXIF and palettes; not ours to show
         im.load()
         ImageOps.exif_transpose(im, in_place=True)  # in place: no copy of an unrotated image
         im = _to_rgb(im, prep.background) if prep.channels == 3 else _to_grey(im, prep.background)
-        im = _resize(im, prep)
+        # native: the grid of the image as it is, not as DCT scaling rounded it
+        im = _resize(im, prep, shown if prep.resize == "native" else None)
     array = np.array(im, dtype=np.uint8)  # a writable copy, safe to hand to torch.from_numpy
     if array.ndim == 2:
-        array = array[:, :, None]  # (S, S) -> (S, S, 1)
+        array = array[:, :, None]  # (H, W) -> (H, W, 1)
     return array
 
 
-def _draft(im: Image.Image, prep: Preprocess) -> None:
-    """JPEG DCT scaling: decode at 1/2, 1/4 or 1/8 size while both sides stay >= 2 S."""
-    target = 2 * prep.image_size
+def _draft(im: Image.Image, prep: Preprocess) -> tuple[int, int]:
+    """JPEG DCT scaling: decode at 1/2, 1/4 or 1/8 size while the image stays at least twice the
+    size it is resized to (for crop, the size it covers: (W, H) / crop_pct).
+
+    Returns:
+        The image's size before the scaling, as shown (EXIF orientation applied): (width, height).
+    """
+    h, w = prep.size
+    turned = im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)
+    shown = im.size[::-1] if turned else im.size
     if prep.resize == "crop":
-        target = int(2 * prep.image_size / prep.crop_pct)
-    im.draft("RGB" if prep.channels == 3 else "L", (target, target))
+        need = (int(2 * w / prep.crop_pct), int(2 * h / prep.crop_pct))
+    elif prep.resize == "native":
+        target = resize_plan(*shown, prep).target
+        need = (2 * target[0], 2 * target[1])
+    else:
+        need = (2 * w, 2 * h)
+    im.draft("RGB" if prep.channels == 3 else "L", need[::-1] if turned else need)  # in the file's orientation
+    return shown
 
 
 _HIGH_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I", "F"}
@@ -363,46 +400,17 @@ def _to_grey(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     return _to_rgb(im, background).convert("L") if im.mode != "L" else im
 
 
-@dataclass(frozen=True)
-class ResizePlan:
-    """The geometry of `Preprocess.resize` for one image: resize to `size` (width, height), then
-    take the S x S square at `crop` (left, top), or paste onto an S x S background at `paste`."""
-
-    size: tuple[int, int]
-    crop: tuple[int, int] | None = None
-    paste: tuple[int, int] | None = None
-
-
-def resize_plan(width: int, height: int, prep: Preprocess) -> ResizePlan:
-    s = prep.image_size
-    if prep.resize == "squash":
-        return ResizePlan((s, s))
-    if prep.resize == "crop":
-        # torchvision: Resize(int(S / crop_pct)) on the shorter side, then CenterCrop(S).
-        short = int(s / prep.crop_pct)
-        if width <= height:
-            size = (short, int(short * height / width))
-        else:
-            size = (int(short * width / height), short)
-        size = (max(size[0], s), max(size[1], s))
-        return ResizePlan(size, crop=(int(round((size[0] - s) / 2.0)), int(round((size[1] - s) / 2.0))))
-    # pad: the longer side to S, the aspect ratio kept, centred on the background colour.
-    scale = s / max(width, height)
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return ResizePlan(size, paste=((s - size[0]) // 2, (s - size[1]) // 2))
-
-
-def _resize(im: Image.Image, prep: Preprocess) -> Image.Image:
-    s = prep.image_size
-    plan = resize_plan(*im.size, prep)
+def _resize(im: Image.Image, prep: Preprocess, source: tuple[int, int] | None = None) -> Image.Image:
+    """`resolution.resize_plan` carried out with Pillow; `source`: the size to plan for, if not im's."""
+    plan = resize_plan(*(source or im.size), prep)
     if plan.size != im.size:
         im = im.resize(plan.size, INTERPOLATIONS[prep.interpolation])
     if plan.crop is not None:
         left, top = plan.crop
-        return im.crop((left, top, left + s, top + s))
+        return im.crop((left, top, left + plan.target[0], top + plan.target[1]))
     if plan.paste is not None:
         fill = prep.background if im.mode == "RGB" else _grey(prep.background)
-        canvas = Image.new(im.mode, (s, s), fill)
+        canvas = Image.new(im.mode, plan.target, fill)
         canvas.paste(im, plan.paste)
         return canvas
     return im

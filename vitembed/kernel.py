@@ -12,19 +12,30 @@ b = -mean / std. T holds the class (and register) tokens plus their E_pos rows, 
 b E and the E_pos row of each patch. `Kernel` applies it with numpy, one BLAS call per image; the
 torch engine (`encoder.TorchEngine`) applies the same W and T on its device. Both equal the
 reference layer (`layer.VitInputLayer.forward`) up to float32 rounding.
+
+Which tokens (`TOKENS`) is decided here too, in T, so that both engines give the same: `z0`
+(all of the above); `patches` (x_p E + bias: steps 1-3, no prefix rows, no E_pos); `patches+pos`
+(x_p E + bias + E_pos's patch rows, no prefix rows: what MAE-style code masks).
+
+With `--resize native` each image has a grid of its own: `GridTables` makes T for any grid, the
+layer's E_pos resampled to it (`resolution.resample_grid`) and folded the same way, and keeps the
+last few.
 """
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from .blas import single_blas_thread
+from .choices import TOKENS
 from .config import LayerConfig
+from .errors import ConfigError
+from .resolution import resample_grid
 
-__all__ = ["Kernel", "LayerParams", "fingerprint"]
+__all__ = ["TOKENS", "GridTables", "Kernel", "LayerParams", "fingerprint"]
 
 WEIGHT, BIAS, CLS, REG, POS = "patch_emb_layer.weight", "patch_emb_layer.bias", "cls_token", "reg_token", "pos_emb"
 
@@ -87,8 +98,16 @@ class LayerParams:
         if any(t.dtype != np.float32 for t in self.tensors.values()):
             raise ValueError("layer parameters must be float32")
 
-    def fold(self, mean, std) -> Kernel:
-        """The layer for uint8 pixels normalised with `mean` and `std` (per channel, of pixels / 255)."""
+    def fold(self, mean, std, tokens: str = "z0", resample: str | None = None) -> Kernel:
+        """The layer for uint8 pixels normalised with `mean` and `std` (per channel, of pixels / 255).
+
+        Args:
+            tokens: z0, patches or patches+pos (see the module docstring).
+            resample: None, the layer's own grid only; "timm" or "hf", any grid too (`--resize
+                native`), E_pos resampled as `resolution.resample_grid` does.
+        """
+        if tokens not in TOKENS:
+            raise ConfigError(f"unknown tokens {tokens!r}; choose {', '.join(TOKENS)}")
         cfg, t = self.config, self.tensors
         c, p, d = cfg.in_channels, cfg.patch_size, cfg.emb_dim
         weight = t[WEIGHT]  # (D, C, P, P)
@@ -102,13 +121,14 @@ class LayerParams:
 
         n, k = cfg.num_patches, cfg.num_prefix_tokens
         pos = t[POS].reshape(-1, d)  # (1, rows, D) -> (rows, D); rows = N + k, or N (no_embed_class)
-        table = np.empty((n + k, d), np.float32)
-        if k:
-            table[:k] = np.concatenate([t[name].reshape(-1, d) for name in (CLS, REG) if name in t])  # (k, D)
+        head = np.empty((k if tokens == "z0" else 0, d), np.float32)  # the prefix rows of the output
+        if len(head):
+            head[:] = np.concatenate([t[name].reshape(-1, d) for name in (CLS, REG) if name in t])  # (k, D)
             if cfg.pos_embed_prefix:
-                table[:k] += pos[:k]
-        table[k:] = bias + pos[-n:]
-        return Kernel(cfg, w, table)
+                head += pos[:k]
+        grid_pos = None if tokens == "patches" else pos[-n:].reshape(*cfg.grid, d)  # (N, D) -> (gh, gw, D)
+        tables = GridTables(head, bias, grid_pos, resample or "timm")
+        return Kernel(cfg, w, tables.table(cfg.grid, keep=False), len(head), tables if resample else None)
 
 
 def _float32(value) -> np.ndarray:
@@ -118,32 +138,97 @@ def _float32(value) -> np.ndarray:
 
 
 @dataclass
+class GridTables:
+    """T for any patch grid: the output's prefix rows, then bias + E_pos's patch rows resampled
+    from the layer's grid to that one (`resolution.resample_grid`, timm's or transformers' way).
+    The tables last used are kept, up to `KEEP_BYTES` (a run sees a few dozen grids again and again:
+    20 for photos of aspect ratios 1:2 to 2:1 at 196 patches; one vit-b16 table takes 1.5 ms to make).
+
+    Attributes:
+        head: (k, D), the prefix rows of the output (none for `patches` tokens).
+        bias: (D,), the convolution's bias with the normalisation's share.
+        pos: (gh, gw, D), E_pos's patch rows on the layer's grid; None: no E_pos (`patches`).
+        method: "timm" or "hf".
+    """
+
+    KEEP_BYTES = 32 << 20  # 50 vit-b16 tables of 196 patches
+
+    head: np.ndarray
+    bias: np.ndarray
+    pos: np.ndarray | None
+    method: str = "timm"
+    kept: dict = field(default_factory=dict, repr=False)
+
+    def table(self, grid: tuple[int, int], keep: bool = True) -> np.ndarray:
+        """(k + gh gw, D) float32: the head, then bias (+ E_pos for the grid) for each patch."""
+        grid = (int(grid[0]), int(grid[1]))
+        table = self.kept.pop(grid, None)
+        if table is None:
+            d = len(self.bias)
+            table = np.empty((len(self.head) + grid[0] * grid[1], d), np.float32)
+            table[:len(self.head)] = self.head
+            patches = table[len(self.head):]  # (gh gw, D)
+            patches[:] = self.bias
+            if self.pos is not None:
+                patches += resample_grid(self.pos, grid, self.method).reshape(-1, d)  # (gh, gw, D) -> (N, D)
+        if keep:
+            self.kept[grid] = table  # the newest last
+            while sum(t.nbytes for t in self.kept.values()) > self.KEEP_BYTES and len(self.kept) > 1:
+                del self.kept[next(iter(self.kept))]
+        return table
+
+
+@dataclass
 class Kernel:
-    """The folded layer: (S, S, C) or (B, S, S, C) uint8 pixels -> z0 (N + k, D) or (B, N + k, D) float32."""
+    """The folded layer: (H, W, C) or (B, H, W, C) uint8 pixels -> z0 (k + N, D) or (B, k + N, D) float32.
+
+    With `grids` (`--resize native`) it takes pixels of any grid (H and W multiples of P), one
+    table per grid; a list of images of several grids gives a list of token arrays.
+    """
 
     config: LayerConfig
     weight: np.ndarray  # (P^2 C, D), normalisation folded in, rows in (P, P, C) order
-    table: np.ndarray  # (N + k, D): prefix tokens, then bias + E_pos of each patch
+    table: np.ndarray  # (k + N, D): the output's prefix rows, then bias (+ E_pos) of each patch
+    prefix: int  # k: rows of the output before the patches (0 for patch tokens)
+    grids: GridTables | None = None  # tables for other grids (native); None: the layer's grid only
 
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
+    @property
+    def token_shape(self) -> tuple[int, int] | None:
+        """(k + N, D); None where each image has its own grid."""
+        return None if self.grids is not None else tuple(self.table.shape)
+
+    def grid_of(self, shape: tuple[int, ...]) -> tuple[int, int]:
+        """The patch grid (gh, gw) of pixels of `shape` (H, W, C), checked against the layer."""
+        cfg, p = self.config, self.config.patch_size
+        h, w, c = shape[-3:] if len(shape) >= 3 else (0, 0, 0)
+        fits = (h, w) == cfg.size if self.grids is None else h and w and not (h % p or w % p)
+        if len(shape) not in (3, 4) or c != cfg.in_channels or not fits:
+            size = f"({cfg.size[0]}, {cfg.size[1]}, " if self.grids is None else f"(H, W, with H and W multiples of {p}; "
+            raise ValueError(f"expected pixels of shape {size}{cfg.in_channels}), got {tuple(shape)}")
+        return h // p, w // p
+
+    def table_for(self, grid: tuple[int, int]) -> np.ndarray:
+        return self.table if self.grids is None or grid == self.config.grid else self.grids.table(grid)
+
+    def __call__(self, pixels):
         with single_blas_thread():  # the same bits whatever the process and the machine: see blas.py
+            if isinstance(pixels, (list, tuple)):  # images of several grids (native)
+                return [self(image) for image in pixels]
+            table = self.table_for(self.grid_of(pixels.shape))
             if pixels.ndim == 3:
-                return self._one(pixels, np.empty(self.table.shape, np.float32))
-            out = np.empty((len(pixels), *self.table.shape), np.float32)
+                return self._one(pixels, table, np.empty(table.shape, np.float32))
+            out = np.empty((len(pixels), *table.shape), np.float32)
             for image, z in zip(pixels, out):  # one product per image: each writes a contiguous block
-                self._one(image, z)
+                self._one(image, table, z)
             return out
 
-    def _one(self, pixels: np.ndarray, out: np.ndarray) -> np.ndarray:
-        cfg = self.config
-        s, p, c = cfg.image_size, cfg.patch_size, cfg.in_channels
-        if pixels.shape != (s, s, c):
-            raise ValueError(f"expected pixels of shape ({s}, {s}, {c}), got {pixels.shape}")
-        h = s // p
-        # (1)-(2): (S, S, C) -> (h, P, w, P, C) -> (h, w, P, P, C) -> (N_p, P^2 C), row-major patches
-        patches = pixels.reshape(h, p, h, p, c).transpose(0, 2, 1, 3, 4).reshape(h * h, p * p * c)
-        k = cfg.num_prefix_tokens
-        out[:k] = self.table[:k]  # (4)-(5) for the prefix tokens
+    def _one(self, pixels: np.ndarray, table: np.ndarray, out: np.ndarray) -> np.ndarray:
+        p, c = self.config.patch_size, self.config.in_channels
+        h, w = pixels.shape[0] // p, pixels.shape[1] // p
+        # (1)-(2): (H, W, C) -> (h, P, w, P, C) -> (h, w, P, P, C) -> (N_p, P^2 C), row-major patches
+        patches = pixels.reshape(h, p, w, p, c).transpose(0, 2, 1, 3, 4).reshape(h * w, p * p * c)
+        k = self.prefix
+        out[:k] = table[:k]  # (4)-(5) for the prefix tokens
         np.matmul(patches.astype(np.float32), self.weight, out=out[k:])  # (3): x_p E
-        out[k:] += self.table[k:]  # (5): + bias + E_pos
+        out[k:] += table[k:]  # (5): + bias (+ E_pos)
         return out

@@ -53,7 +53,8 @@ def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 class VitInputLayer(nn.Module):
-    """The ViT input layer of the seed document: (B, C, S, S) images -> (B, N_p + 1, D) tokens z0.
+    """The ViT input layer of the seed document: (B, C, S, S) images -> (B, N_p + 1, D) tokens z0;
+    (B, C, H, W) images for a rectangular `config` (N_p = HW / P^2, patches row-major).
 
     The signature, defaults and parameter names (`patch_emb_layer`, `cls_token`, `pos_emb`) are
     the seed's, so a state dict of the seed's class loads unchanged. `patch_size` may be given
@@ -84,6 +85,7 @@ class VitInputLayer(nn.Module):
         self.in_channels = config.in_channels
         self.emb_dim = config.emb_dim
         self.image_size = config.image_size
+        self.image_height, self.image_width = config.size
         self.patch_size = config.patch_size
         self.num_patch_row = config.num_patch_row
         self.num_patch = config.num_patches
@@ -101,17 +103,17 @@ class VitInputLayer(nn.Module):
         self.pos_emb = nn.Parameter(torch.randn(1, config.num_pos_rows, d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Args: x, images (B, C, S, S). Returns: z0, (B, N_p + 1, D)."""
+        """Args: x, images (B, C, H, W) (H = W = S for a square layer). Returns: z0, (B, N_p + 1, D)."""
         cfg = self.config
-        if x.ndim != 4 or x.shape[1:] != (cfg.in_channels, cfg.image_size, cfg.image_size):
+        if x.ndim != 4 or x.shape[1:] != (cfg.in_channels, *cfg.size):
             raise ValueError(
-                f"expected images of shape (B, {cfg.in_channels}, {cfg.image_size}, {cfg.image_size}), "
+                f"expected images of shape (B, {cfg.in_channels}, {cfg.size[0]}, {cfg.size[1]}), "
                 f"got {tuple(x.shape)}"
             )
         b = x.shape[0]
         # (1)-(3) eq. (3): [x_p^1 E; ...; x_p^{N_p} E]
-        z = self.patch_emb_layer(x)  # (B, C, S, S) -> (B, D, S/P, S/P)
-        z = z.flatten(2)  # (B, D, S/P, S/P) -> (B, D, N_p)
+        z = self.patch_emb_layer(x)  # (B, C, H, W) -> (B, D, H/P, W/P)
+        z = z.flatten(2)  # (B, D, H/P, W/P) -> (B, D, N_p), row-major over the grid
         z = z.transpose(1, 2)  # (B, D, N_p) -> (B, N_p, D)
 
         prefix = []
@@ -152,8 +154,7 @@ def build_layer(config: LayerConfig, seed: int = 0, pos_init: str = "normal") ->
         layer = VitInputLayer(config=config)
     if pos_init == "sincos":
         prefix = config.num_prefix_tokens if config.pos_embed_prefix else 0
-        grid = (config.num_patch_row, config.num_patch_row)
-        table = sincos_2d(config.emb_dim, grid, num_prefix=prefix)  # (num_pos_rows, D)
+        table = sincos_2d(config.emb_dim, config.grid, num_prefix=prefix)  # (num_pos_rows, D)
         with torch.no_grad():
             layer.pos_emb.copy_(torch.from_numpy(table)[None])  # (rows, D) -> (1, rows, D)
     return layer.eval()

@@ -103,6 +103,6 @@ def random_layer_params(config: LayerConfig, seed: int, pos_init: str = "normal"
         remember_random_layer(params, seed)
     if pos_init == "sincos":
         prefix = config.num_prefix_tokens if config.pos_embed_prefix else 0
-        table = sincos_2d(config.emb_dim, (config.num_patch_row, config.num_patch_row), num_prefix=prefix)
+        table = sincos_2d(config.emb_dim, config.grid, num_prefix=prefix)
         params = LayerParams(config, {**params.tensors, "pos_emb": table.astype(np.float32)[None]})
     return params

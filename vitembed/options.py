@@ -31,6 +31,8 @@ Format = _choice("Format", choices.FORMATS)
 Engine = _choice("Engine", choices.ENGINES)
 Decode = _choice("Decode", choices.DECODES)
 PosInit = _choice("PosInit", choices.POS_INITS)
+PosResample = _choice("PosResample", choices.POS_RESAMPLES)
+Tokens = _choice("Tokens", choices.TOKENS)
 
 
 def choice_metavar(enum: type[Enum]) -> str:
@@ -77,9 +79,9 @@ IMAGE = "Image"
 RUN = "Run"
 
 PresetOpt = Annotated[Optional[str], typer.Option("--preset", "-p", metavar="NAME", help="Layer shape: seed (default: 224 px, P=14, D=384), vit-b16, vit-l14, ... (see `vitembed info --presets`).", rich_help_panel=LAYER)]
-ImageSizeOpt = Annotated[Optional[int], typer.Option("--image-size", metavar="PIXELS", help="Side S of the square input, pixels.", rich_help_panel=LAYER)]
-PatchSizeOpt = Annotated[Optional[int], typer.Option("--patch-size", metavar="PIXELS", help="Side P of a patch, pixels.", rich_help_panel=LAYER)]
-NumPatchRowOpt = Annotated[Optional[int], typer.Option("--num-patch-row", metavar="INTEGER", help="Patches per side (the seed's way to set P = S / rows).", rich_help_panel=LAYER)]
+ImageSizeOpt = Annotated[Optional[str], typer.Option("--image-size", metavar="PIXELS|HxW", help="Side S of a square input, or height x width (224x320), pixels; multiples of P. With --weights the position embedding is resampled.", rich_help_panel=LAYER)]
+PatchSizeOpt = Annotated[Optional[int], typer.Option("--patch-size", metavar="PIXELS", help="Side P of a patch, pixels. With --weights trained at another P, E is resampled (FlexiViT's pseudo-inverse, as timm's resample_patch_embed).", rich_help_panel=LAYER)]
+NumPatchRowOpt = Annotated[Optional[int], typer.Option("--num-patch-row", metavar="INTEGER", help="Patches per side of a square input (the seed's way to set P = S / rows).", rich_help_panel=LAYER)]
 EmbDimOpt = Annotated[Optional[int], typer.Option("--emb-dim", metavar="INTEGER", help="Token length D.", rich_help_panel=LAYER)]
 InChannelsOpt = Annotated[Optional[int], typer.Option("--in-channels", metavar="INTEGER", help="Image channels C: 3 (RGB) or 1 (grey).", rich_help_panel=LAYER)]
 WeightsOpt = Annotated[Optional[str], typer.Option("--weights", "-w", metavar="FILE|NAME", help="Layer file from `vitembed init`; a timm, torchvision, transformers or seed state dict (.pt/.pth/.bin/.safetensors) or save_pretrained folder; or torchvision:vit_b_16, timm:MODEL.TAG, hf:ORG/REPO. Fixes P, D, C; --image-size resamples the position embedding.", rich_help_panel=LAYER)]
@@ -89,7 +91,10 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
 
 
 PosInitOpt = Annotated[PosInit, typer.Option("--pos-init", metavar=choice_metavar(PosInit), help="E_pos of a random layer: normal (the seed's N(0, 1)) or sincos (MAE's fixed 2-D sine-cosine table, class token row 0).", rich_help_panel=LAYER)]
-ResizeOpt = Annotated[Optional[Resize], typer.Option("--resize", metavar=choice_metavar(Resize), help="squash: straight to S x S; crop: shorter side to S/crop-pct, centre crop; pad: keep aspect, pad to square. Default: the weights' own, else squash.", show_default=False, rich_help_panel=IMAGE)]
+PosResampleOpt = Annotated[PosResample, typer.Option("--pos-resample", metavar=choice_metavar(PosResample), help="How E_pos is resampled to another grid: timm (resample_abs_pos_embed: bicubic, antialiased) or hf (transformers' interpolate_pos_encoding: bicubic).", rich_help_panel=LAYER)]
+TokensOpt = Annotated[Tokens, typer.Option("--tokens", metavar=choice_metavar(Tokens), help="z0: [x_class; x_p E] + E_pos, (N+1) x D; patches: x_p E only, N x D; patches+pos: x_p E + E_pos's patch rows, N x D (no class token).", rich_help_panel=LAYER)]
+ResizeOpt = Annotated[Optional[Resize], typer.Option("--resize", metavar=choice_metavar(Resize), help="squash: straight to H x W; crop: keep aspect, cover (H, W)/crop-pct, centre crop; pad: keep aspect, pad; native (encode): the image's own aspect ratio, a grid of at most --max-patches patches. Default: the weights' own, else squash.", show_default=False, rich_help_panel=IMAGE)]
+MaxPatchesOpt = Annotated[Optional[int], typer.Option("--max-patches", metavar="INTEGER", help="For --resize native: the most patches an image's grid may have (Pix2Struct's rule). Default: the layer's N (of --image-size).", show_default=False, rich_help_panel=IMAGE)]
 CropPctOpt = Annotated[Optional[float], typer.Option("--crop-pct", metavar="FLOAT", help="For --resize crop: 0.875 is 256 -> 224. Default: the weights' own, else 0.875.", show_default=False, rich_help_panel=IMAGE)]
 InterpolationOpt = Annotated[Optional[Interpolation], typer.Option("--interpolation", metavar="FILTER", help="Resampling filter, antialiased: nearest, bilinear, bicubic or lanczos. Default: the weights' own, else bilinear.", show_default=False, rich_help_panel=IMAGE)]
 BackgroundOpt = Annotated[str, typer.Option("--background", metavar="COLOUR", help="Colour under transparency and around --resize pad: a name, #rrggbb or r,g,b.", rich_help_panel=IMAGE)]

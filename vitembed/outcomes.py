@@ -38,7 +38,7 @@ class Job:
 
 @dataclass(frozen=True)
 class Decoded:
-    """Pixels to encode: (S, S, C) uint8, or a plain JPEG's bytes for the device to decode."""
+    """Pixels to encode: (H, W, C) uint8, or a plain JPEG's bytes for the device to decode."""
 
     job: Job
     pixels: Any  # np.ndarray | images.PlainJpeg
@@ -46,10 +46,12 @@ class Decoded:
 
 @dataclass(frozen=True)
 class Encoded:
-    """Tokens to write, in the run's output dtype (bfloat16 as its uint16 bits)."""
+    """Tokens to write, in the run's output dtype (bfloat16 as its uint16 bits), and their patch
+    grid where each image has its own (`--resize native`)."""
 
     job: Job
     tokens: np.ndarray
+    grid: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class Outcome:
     dtype: str | None = None
     row: int | None = None
     error: str | None = None
+    grid: tuple[int, int] | None = None
 
     @property
     def input(self) -> Path:
@@ -86,6 +89,8 @@ class Outcome:
         }
         if self.row is not None:  # --shard-size: the input's row in the shard `output`
             record["row"] = self.row
+        if self.grid is not None:  # --resize native: the image's patch grid, rows x columns
+            record["grid"] = list(self.grid)
         return record
 
 
@@ -98,6 +103,7 @@ class Written(Outcome):
     dtype: str
     nbytes: int = 0  # of the file; for a shard, on its first row only
     row: int | None = None
+    grid: tuple[int, int] | None = None  # the image's own patch grid (--resize native)
 
 
 @dataclass(frozen=True)

@@ -142,7 +142,8 @@ class Resume:
     Attributes:
         skip_existing: skip inputs whose output is there, made from them with this configuration.
         overwrite: replace files that are not this configuration's outputs.
-        shape, dtype: of this run's outputs (per input).
+        shape, dtype: of this run's outputs (per input); None in the shape: any number of rows
+            (`--resize native`, each image its own grid).
         made_from: from -o DIR's manifest, output (relative to DIR) -> the input it was made from;
             for shards, (shard, row) -> input. None without a manifest.
     """
@@ -175,7 +176,7 @@ def _existing(job: Job, plan: OutputPlan, resume: Resume) -> Job | Failed | Skip
     if resume.overwrite or not os.path.lexists(output):
         return job
     found = output_header(output)
-    if found != (resume.shape, resume.dtype):
+    if found is None or not _fits(found[0], resume.shape) or found[1] != resume.dtype:
         what = "not a .npy/.pt output" if found is None else f"{_shape(found[0])} {found[1]}"
         return Failed(job.source, f"{display_path(output)} exists and holds {what}, not this run's "
                                   f"{_shape(resume.shape)} {resume.dtype}; use --overwrite to replace it")
@@ -184,12 +185,16 @@ def _existing(job: Job, plan: OutputPlan, resume: Resume) -> Job | Failed | Skip
     # An output the manifest gives to another input (an input set that changed between runs
     # moves collision names) is made again, never taken for this input's.
     if resume.skip_existing and (made_from is None or made_from.get(plan.relative(output), name) == name):
-        return Skipped(job.source, output, resume.shape, resume.dtype)
+        return Skipped(job.source, output, found[0], resume.dtype)
     return job  # this configuration's output, to be made again (or made from another input)
 
 
+def _fits(shape: tuple[int, ...], expected: tuple[int | None, ...]) -> bool:
+    return len(shape) == len(expected) and all(e is None or s == e for s, e in zip(shape, expected))
+
+
 def _shape(shape) -> str:
-    return "(" + ", ".join(map(str, shape)) + ")"
+    return "(" + ", ".join("N" if v is None else str(v) for v in shape) + ")"
 
 
 def _shard_jobs(sources: Iterable[Source], plan: OutputPlan, resume: Resume, k: int) -> Iterator[Job | Failed | Skipped]:

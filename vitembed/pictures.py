@@ -52,10 +52,10 @@ def draw_patches(pixels: np.ndarray, config: LayerConfig, title: str, notes: lis
     row in z0 (1..N with a class token at 0).
 
     Grid lines are 1 pixel wide at every multiple of the patch size: in the picture, at columns
-    and rows `panels["image"][0 or 1] + j * P * k` for j = 0..g, k = `scale["image"]`.
+    and rows `panels["image"][0 or 1] + j * P * k` for j = 0..gw or 0..gh, k = `scale["image"]`.
 
     Args:
-        pixels: (S, S, C) uint8, after the resize policy, before normalisation.
+        pixels: (H, W, C) uint8 (S x S for a square layer), after the resize policy, before normalisation.
         config: the layer.
         title: first line of the picture.
         notes: extra caption lines (preprocessing, source).
@@ -63,29 +63,30 @@ def draw_patches(pixels: np.ndarray, config: LayerConfig, title: str, notes: lis
     Returns:
         The picture; panels["image"] is the enlarged image, scale["image"] its factor k.
     """
-    s, p, g = config.image_size, config.patch_size, config.num_patch_row
-    rows = patch_rows(config)  # (g, g) token row of each patch
-    k = _patch_scale(p, s, len(str(int(rows.max()))))
+    (h, w), p, (gh, gw) = config.size, config.patch_size, config.grid
+    rows = patch_rows(config)  # (gh, gw) token row of each patch
+    k = _patch_scale(p, max(h, w), len(str(int(rows.max()))))
     cell = p * k
-    body = Image.new("RGB", (s * k + 1, s * k + 1), BACKGROUND)
+    body = Image.new("RGB", (w * k + 1, h * k + 1), BACKGROUND)
     body.paste(Image.fromarray(enlarge(to_rgb(pixels), k), "RGB"), (0, 0))
     draw = ImageDraw.Draw(body)
-    for j in range(g + 1):  # a line on the first pixel of each patch, and one past the last
-        draw.line((j * cell, 0, j * cell, s * k), fill=GRID_COLOUR)
-        draw.line((0, j * cell, s * k, j * cell), fill=GRID_COLOUR)
+    for j in range(gw + 1):  # a line on the first pixel of each patch, and one past the last
+        draw.line((j * cell, 0, j * cell, h * k), fill=GRID_COLOUR)
+    for j in range(gh + 1):
+        draw.line((0, j * cell, w * k, j * cell), fill=GRID_COLOUR)
     size = min(16, int(cell * 0.34), int((cell - 8) / (0.6 * len(str(int(rows.max()))))))
     if size >= 7:
         for (r, c), row in np.ndenumerate(rows):
             draw_text(draw, ((c + 0.5) * cell + 0.5, (r + 0.5) * cell + 0.5), str(row), size, fill=(255, 255, 255),
                       anchor="mm", stroke_width=max(1, size // 7), stroke_fill=(0, 0, 0))
     caption = [
-        f"S = {s} px, P = {p} px: grid {g} x {g}, N = {config.num_patches} patches of {p} x {p} x "
+        f"{f'S = {h}' if h == w else f'H x W = {h} x {w}'} px, P = {p} px: grid {gh} x {gw}, N = {config.num_patches} patches of {p} x {p} x "
         f"{config.in_channels} = {config.patch_dim} values, D = {config.emb_dim}.",
         token_layout(config) + ("." if size >= 7 else " (too many patches to number here)."),
         *notes,
         f"Drawn at {k}x (nearest); grid lines at every multiple of P.",
     ]
-    return frame(title, body, caption, {"image": (0, 0, s * k, s * k)}, {"image": k})
+    return frame(title, body, caption, {"image": (0, 0, w * k, h * k)}, {"image": k})
 
 
 def _panel_title(draw: ImageDraw.ImageDraw, x: int, text: str) -> None:

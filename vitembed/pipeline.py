@@ -105,7 +105,8 @@ def run(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOp
     check(encoder, plan, options)
     summary = Summary(device=encoder.device)
     task, sink = _stages(encoder, plan, options, stdout)
-    resume = Resume(options.skip_existing, options.overwrite, encoder.token_shape, encoder.dtype, made_from)
+    shape = encoder.token_shape or (None, encoder.config.emb_dim)  # native: any number of rows
+    resume = Resume(options.skip_existing, options.overwrite, shape, encoder.dtype, made_from)
     workers = options.workers if options.workers is not None else (os.cpu_count() or 1)
     pool = OrderedPool(task, workers, window=window_size(encoder, task, options.batch_size, workers),
                        timeout=options.decode_timeout, stop=stop, initializer=init_worker,
@@ -163,7 +164,7 @@ def _encode(batch: list[Decoded], encoder: Encoder, sink: Sink) -> Iterator[Outc
         if isinstance(tokens, InputError):
             yield from sink.failed(Failed(job.source, str(tokens), job))
         else:
-            yield from sink.put(Encoded(job, tokens))
+            yield from sink.put(Encoded(job, tokens, encoder.grid_of(decoded.pixels)))
 
 
 def _report(outcome: Outcome, summary: Summary, on_result: Callable[[Outcome], None]) -> None:
@@ -194,6 +195,10 @@ def check(encoder: Encoder, plan: OutputPlan, options: EncodeOptions) -> None:
         raise ConfigError("bfloat16 cannot be stored in .npy files; use --format pt or --dtype float16")
     if options.shard_size is not None and (plan.mode != "dir" or plan.fmt != "npy"):
         raise ConfigError("--shard-size writes .npy shards into an -o folder; give -o DIR and --format npy")
+    if options.shard_size is not None and encoder.token_shape is None:
+        raise ConfigError("--shard-size stacks tokens of one shape, but with --resize native each image has a "
+                          "grid (and a shape) of its own: drop --shard-size (one file per image), or pick a size "
+                          "with --image-size HxW --resize squash")
     decodes_on_device(encoder, options)
 
 
@@ -228,7 +233,7 @@ def window_size(encoder: Encoder, task: WorkerTask, batch_size: int, workers: in
     if task.device_jpegs:
         return max(4 * batch_size, 4 * workers)
     per_image = encoder.kernel.table.nbytes if task.kernel is not None else (
-        encoder.prep.image_size ** 2 * encoder.prep.channels)
+        encoder.prep.size[0] * encoder.prep.size[1] * encoder.prep.channels)
     return max(2 * batch_size, 4 * workers, min(1024, (64 << 20) // per_image))
 
 

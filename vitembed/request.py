@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from .config import LayerConfig, resolve_config
+from .choices import POS_RESAMPLES, TOKENS
+from .config import LayerConfig, check_divisible, parse_image_size, resolve_config
 from .errors import ConfigError
 from .formats import output_dtype
 from .pipeline import EncodeOptions
@@ -30,18 +31,21 @@ MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits
 class EncodeRequest:
     """Everything `vitembed encode` takes besides its inputs; see `vitembed encode --help`.
 
-    Layer: `preset`, `image_size`, `patch_size` (or `num_patch_row`), `emb_dim`, `in_channels`,
-    `seed` and `pos_init` (normal, or sincos: MAE's fixed table) for a random layer; or `weights` (a file, folder or pretrained name), which fixes the
-    shape (only `image_size` may change it: the position embedding is resampled).
-    Images: `resize`, `crop_pct`, `interpolation`, `background`, `normalize`, `max_pixels`,
-    `fast_decode` (None: the weights' own, else vitembed's defaults).
+    Layer: `preset`, `image_size` (a side, "HxW" or (H, W)), `patch_size` (or `num_patch_row`),
+    `emb_dim`, `in_channels`, `seed` and `pos_init` (normal, or sincos: MAE's fixed table) for a
+    random layer; or `weights` (a file, folder or pretrained name), which fixes D and C
+    (`image_size` resamples the position embedding, `patch_size` the patch embedding too, as
+    `pos_resample` says: timm or hf). `tokens`: z0, patches or patches+pos.
+    Images: `resize` (squash, crop, pad, or native with `max_patches`), `crop_pct`,
+    `interpolation`, `background`, `normalize`, `max_pixels`, `fast_decode` (None: the weights'
+    own, else vitembed's defaults).
     Outputs and compute: `output` (None: beside each input; a folder; FILE.npy / FILE.pt; "-" for
     stdout), `format`, `device`, `engine`, `dtype`; how the run goes: `run` (`EncodeOptions`:
     decode, batch size, workers, skip-existing, overwrite, shards, decode timeout).
     """
 
     preset: str | None = None
-    image_size: int | None = None
+    image_size: int | str | tuple[int, int] | None = None
     patch_size: int | None = None
     num_patch_row: int | None = None
     emb_dim: int | None = None
@@ -49,7 +53,10 @@ class EncodeRequest:
     weights: str | None = None
     seed: int = 0
     pos_init: str = "normal"
+    pos_resample: str = "timm"
+    tokens: str = "z0"
     resize: str | None = None
+    max_patches: int | None = None
     crop_pct: float | None = None
     interpolation: str | None = None
     background: str | tuple[int, int, int] = "white"
@@ -76,11 +83,18 @@ class EncodeRequest:
             raise ConfigError(f"seed must be between 0 and {MAX_SEED}, got {self.seed}")
         if self.output is not None:
             self.output = os.fspath(self.output)
+        for name, value, allowed in (("--tokens", self.tokens, TOKENS), ("--pos-resample", self.pos_resample, POS_RESAMPLES)):
+            if value not in allowed:
+                raise ConfigError(f"unknown {name} {value!r}; choose {', '.join(allowed)}")
+        if self.max_patches is not None and self.resize != "native":
+            raise ConfigError(f"--max-patches {self.max_patches} is for --resize native (the image's own grid); "
+                              "add --resize native or drop --max-patches")
 
     def layer(self) -> tuple[Any, str, list[str], dict]:
         """(the layer, where it came from, notices for the user, the weights' preprocessing)."""
         return layer_from_options(self.preset, self.image_size, self.patch_size, self.num_patch_row,
-                                  self.emb_dim, self.in_channels, self.weights, self.seed, self.pos_init)
+                                  self.emb_dim, self.in_channels, self.weights, self.seed, self.pos_init,
+                                  self.pos_resample, native=self.resize == "native")
 
     def preprocess(self, config: LayerConfig, weights_prep: dict):
         """The preprocessing: the user's options, then the weights' own, then vitembed's defaults."""
@@ -94,9 +108,22 @@ class EncodeRequest:
         user = {"resize": self.resize, "crop_pct": self.crop_pct, "interpolation": self.interpolation,
                 "max_pixels": self.max_pixels}
         fields.update({k: v for k, v in user.items() if v is not None})
+        if self.resize == "native":
+            fields.update(max_patches=self._max_patches(config), patch_size=config.patch_size)
         background = parse_color(self.background) if isinstance(self.background, str) else tuple(self.background)
-        return Preprocess(image_size=config.image_size, channels=config.in_channels, background=background,
-                          fast_decode=self.fast_decode, **fields)
+        return Preprocess(image_size=config.image_size, image_width=config.image_width, channels=config.in_channels,
+                          background=background, fast_decode=self.fast_decode, **fields)
+
+    def _max_patches(self, config: LayerConfig) -> int:
+        """--max-patches; else N of --image-size (or --num-patch-row) at the layer's P; else the layer's N."""
+        if self.max_patches is not None:
+            return self.max_patches
+        p = config.patch_size
+        size = parse_image_size(self.image_size) or ((self.num_patch_row * p,) * 2 if self.num_patch_row else None)
+        if size is None:
+            return config.num_patches
+        check_divisible(size, p)
+        return (size[0] // p) * (size[1] // p)
 
     def encoder(self):
         """The Encoder, and the run configuration run.json records (what decides the outputs' bytes)."""
@@ -105,7 +132,8 @@ class EncodeRequest:
 
         layer, source, notes, weights_prep = self.layer()
         prep = self.preprocess(layer.config, weights_prep)
-        encoder = Encoder(layer, prep, engine=self.engine, device=self.device, dtype=self.dtype)
+        encoder = Encoder(layer, prep, engine=self.engine, device=self.device, dtype=self.dtype, tokens=self.tokens,
+                          pos_resample=self.pos_resample)
         prep_record = {k: list(v) if isinstance(v, tuple) else v for k, v in prep.to_dict().items() if k != "max_pixels"}
         config = {
             "layer": encoder.config.to_dict(),
@@ -113,18 +141,24 @@ class EncodeRequest:
             "preprocess": prep_record,
             "format": None,  # set with the output plan
             "dtype": self.dtype,
-            # Only when set, so that folders written before shards existed still match.
+            # Only when set, so that folders written before these options existed still match.
             **({"shard_size": self.run.shard_size} if self.run.shard_size else {}),
+            **({"tokens": self.tokens} if self.tokens != "z0" else {}),
+            **({"pos_resample": self.pos_resample} if self.pos_resample != "timm" else {}),
         }
         return encoder, config, notes
 
 
 def layer_from_options(preset=None, image_size=None, patch_size=None, num_patch_row=None, emb_dim=None,
-                       in_channels=None, weights=None, seed=0, pos_init="normal") -> tuple[Any, str, list[str], dict]:
+                       in_channels=None, weights=None, seed=0, pos_init="normal", pos_resample="timm", *,
+                       native=False) -> tuple[Any, str, list[str], dict]:
     """A layer from the layer options: (the layer, its source, notices, the weights' preprocessing).
 
     Without `weights` it is the random layer of `seed`, as `LayerParams` (from the cache of random
-    layers when it can, so that no torch is needed); with `weights`, the `LoadedWeights`.
+    layers when it can, so that no torch is needed); with `weights`, the `LoadedWeights`, resized
+    as `image_size` and `patch_size` say (`checkpoints.resize_weights`, E_pos as `pos_resample`
+    says). With `native` (`--resize native`) the weights keep their own grid, from which each
+    image's is resampled: `image_size` then only sets the default --max-patches.
     """
     if weights is None:
         from .layercache import random_layer_params
@@ -135,36 +169,38 @@ def layer_from_options(preset=None, image_size=None, patch_size=None, num_patch_
         return random_layer_params(config, seed, pos_init), source, [], {}
     if pos_init != "normal":
         raise ConfigError("--pos-init applies to a random layer; --weights brings its own E_pos: drop one of them")
-    loaded = _load_weights(weights, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels)
+    loaded = _load_weights(weights, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels,
+                           pos_resample, native)
     return loaded, loaded.source, list(loaded.notes), dict(loaded.preprocess)
 
 
-def _load_weights(weights, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels):
-    """LoadedWeights for --weights; --image-size / --num-patch-row resample, the shape options must agree."""
+def _load_weights(weights, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels, pos_resample,
+                  native):
+    """LoadedWeights for --weights; --image-size / --num-patch-row / --patch-size resample, D and C must agree."""
+    from .checkpoints import resize_weights
     from .weights import load_weights
 
     if preset is not None:
         raise ConfigError("--weights fixes the layer shape; drop --preset")
-    if image_size is not None and num_patch_row is not None:
-        raise ConfigError("give either --image-size or --num-patch-row with --weights, not both")
+    if num_patch_row is not None and (image_size is not None or patch_size is not None):
+        raise ConfigError("give --num-patch-row alone with --weights, or --image-size and --patch-size")
     loaded = load_weights(weights)
     cfg = loaded.config
-    mismatched = [
-        f"{flag} {value} (the weights have {actual})"
-        for flag, value, actual in (("--patch-size", patch_size, cfg.patch_size), ("--emb-dim", emb_dim, cfg.emb_dim),
-                                    ("--in-channels", in_channels, cfg.in_channels))
-        if value is not None and value != actual
-    ]
+    mismatched = [f"{flag} {value} (the weights have {actual})"
+                  for flag, value, actual in (("--emb-dim", emb_dim, cfg.emb_dim), ("--in-channels", in_channels,
+                                                                                       cfg.in_channels))
+                  if value is not None and value != actual]
     if mismatched:
-        raise ConfigError(f"--weights fixes the patch size, D and channels; drop {'; '.join(mismatched)} "
-                          "(only --image-size may change: the position embedding is resampled)")
-    if num_patch_row is not None:
-        image_size = num_patch_row * cfg.patch_size
-    if image_size is not None:
-        from .checkpoints import resize_weights
-
-        loaded = resize_weights(loaded, image_size)
-    return loaded
+        raise ConfigError(f"--weights fixes D and the channels; drop {'; '.join(mismatched)} "
+                          "(--image-size and --patch-size may change: the embeddings are resampled)")
+    p = patch_size or cfg.patch_size
+    if native:  # each image's grid is resampled from the weights' own
+        size = (cfg.grid[0] * p, cfg.grid[1] * p)
+    elif num_patch_row is not None:
+        size = (num_patch_row * p,) * 2
+    else:
+        size = parse_image_size(image_size) or cfg.size
+    return resize_weights(loaded, size, p, pos_resample)
 
 
 def encode(inputs: Iterable[str | os.PathLike], output: str | os.PathLike | None = None, *,

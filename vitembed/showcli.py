@@ -88,9 +88,13 @@ def _choose_layer(options: dict, weights, seed=0, pos_init=PosInit.normal) -> _L
 
 
 def _prep(layer: _Layer, preprocessing: dict, normalize=None):
+    from .errors import ConfigError
     from .request import EncodeRequest
 
     request = EncodeRequest(**preprocessing, normalize=value(normalize))
+    if request.resize == "native":
+        raise ConfigError("vitembed show draws the layer's own grid; --resize native is encode's (each image its own "
+                          "grid): show one with --image-size HxW --resize squash")
     return request.preprocess(layer.config, layer.weights_prep)
 
 
@@ -170,8 +174,8 @@ def patches(
     chosen = _choose_layer(layer, weights)
     prep = _prep(chosen, preprocessing)
     pixels = _load_pixels(image, prep)
-    s, g = chosen.config.image_size, chosen.config.num_patch_row
-    title = f"{image.name} as the layer sees it: {s} x {s} px in {g} x {g} patches, numbered in token order"
+    (h, w), (gh, gw) = chosen.config.size, chosen.config.grid
+    title = f"{image.name} as the layer sees it: {h} x {w} px in {gh} x {gw} patches, numbered in token order"
     picture = draw_patches(pixels, chosen.config, title, [_describe_prep(prep, False), chosen.describe()])
     _emit(picture, target, image)
 
@@ -210,7 +214,7 @@ def tokens(
     else:
         z0 = _tokens_of(chosen, pixels, prep)
         notes = [_describe_prep(prep, True), chosen.describe()]
-    patch_tokens = grid_tokens(z0, chosen.config)  # (g, g, D)
+    patch_tokens = grid_tokens(z0, chosen.config)  # (gh, gw, D)
     pca = token_pca(patch_tokens, 3)
     title = f"Patch tokens of {source.name}: L2 norm and first principal components (D = {chosen.config.emb_dim})"
     picture = draw_tokens(token_norms(patch_tokens), pca.values, pca.explained, title, pixels, notes)
@@ -306,8 +310,8 @@ def positions(
     target = _target(output, "positions", None)
     chosen = _choose_layer(layer, weights, seed, pos_init)
     pos = chosen.parameters()["pos_emb"]  # (1, rows, D)
-    similarity = position_similarity(grid_positions(pos, chosen.config))  # (g, g, g, g)
-    g = chosen.config.num_patch_row
-    title = f"Position embedding similarity: E_pos of each of the {g} x {g} patches against all others"
+    similarity = position_similarity(grid_positions(pos, chosen.config))  # (gh, gw, gh, gw)
+    gh, gw = chosen.config.grid
+    title = f"Position embedding similarity: E_pos of each of the {gh} x {gw} patches against all others"
     picture = draw_positions(similarity, title, [chosen.describe()])
     _emit(picture, target, None)

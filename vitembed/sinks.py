@@ -52,9 +52,9 @@ class FileWriter:
     dtype: str
     root: Path | None = None
 
-    def write(self, job: Job, tokens: np.ndarray) -> Written | Failed:
+    def write(self, job: Job, tokens: np.ndarray, grid: tuple[int, int] | None = None) -> Written | Failed:
         """The input's file written; Failed when this input's output cannot be (its name is too
-        long, or its folder leads outside -o DIR).
+        long, or its folder leads outside -o DIR). `grid`: the image's own (native), for its record.
 
         Raises:
             OutputError: a failure every output would meet (full disk, read-only folder): the run stops.
@@ -67,7 +67,7 @@ class FileWriter:
             return Failed(job.source, f"its output folder {path.parent} leads outside {self.root} "
                                       "(a symbolic link?); nothing was written", job)
         nbytes = atomic_write(path, lambda f: write_tensor(f, tokens, self.fmt, self.dtype))
-        return Written(job.source, path, tuple(tokens.shape), self.dtype, nbytes)
+        return Written(job.source, path, tuple(tokens.shape), self.dtype, nbytes, grid=grid)
 
 
 def _inside(folder: Path, root: Path) -> bool:
@@ -149,7 +149,7 @@ class FileSink(Sink):
         self.writes = _Writes(writer_threads(threads), max_pending)
 
     def put(self, item: Encoded) -> Iterator[Outcome]:
-        return self.writes.submit(self.writer.write, item.job, item.tokens)
+        return self.writes.submit(self.writer.write, item.job, item.tokens, item.grid)
 
     def finish(self, complete: bool = True) -> Iterator[Outcome]:
         return self.writes.done(block=True)
@@ -178,7 +178,7 @@ class StdoutSink(Sink):
         except OSError as exc:  # a full disk behind a redirection, say
             silence_stream(self.stream)
             raise OutputError(f"stdout: {describe_os_error(exc)}") from None
-        yield Written(item.job.source, None, tuple(item.tokens.shape), self.dtype, len(data.obj))
+        yield Written(item.job.source, None, tuple(item.tokens.shape), self.dtype, len(data.obj), grid=item.grid)
 
 
 class ShardSink(Sink):

@@ -111,9 +111,10 @@ class WorkerTask:
         if self.kernel is None:
             return Decoded(job, pixels)
         tokens = cast(self.kernel(pixels), self.dtype)
+        grid = self.kernel.grid_of(pixels.shape) if self.kernel.grids is not None else None  # native: its own
         if self.writer is None:
-            return Encoded(job, tokens)
+            return Encoded(job, tokens, grid)
         try:
-            return self.writer.write(job, tokens)
+            return self.writer.write(job, tokens, grid)
         except OutputError as exc:  # a full disk, say: it stops the run, in the parent
             return OutputFailed(str(exc))
