@@ -50,9 +50,9 @@ from .pipeline import check as check_local
 
 __all__ = ["RETRIES", "check", "refuse", "require_ray", "run"]
 
-RETRIES = 2  # tries of a task again after its actor died, before its rows go one to a task
-DIED = ("its Ray actor died each time it was given this input (killed, out of memory, or a crash in "
-        "a decoder), {} times")
+RETRIES = 1  # tries of a task again after its actor died, before its rows go one to a task
+DIED = ("its Ray actor died each time it was given this input, {} times (killed, out of memory, or a "
+        "crash in a decoder)")
 
 
 def require_ray() -> None:
@@ -107,7 +107,7 @@ def run(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOp
     try:
         for item in plan_jobs(sources, plan, resume, options.shard_size):
             rows.add(item) if _job(item) is not None else report(item)
-        with _connected(options.ray), _quiet():
+        with _quiet(), _connected(options.ray):
             runs = _Runs(encoder, plan, options, rows, report, stop)
             runs.all()
             summary.device = runs.describe()
@@ -185,11 +185,11 @@ class _Runs:
     def all(self) -> None:
         """Run every row, reporting each input's outcome."""
         pending = {key for table in self.tables for key in table.column("key").to_pylist()}
-        self._collect(self._dataset(self.tables), pending)
+        self._collect(self._dataset(self.tables, self.options.batch_size), pending)
         if pending and not self.stop.is_set():  # tasks that killed their actor each time: one row a task
             alone = [table.slice(i, 1) for table in self.tables
                      for i, key in enumerate(table.column("key").to_pylist()) if key in pending]
-            self._collect(self._dataset(alone), pending)
+            self._collect(self._dataset(alone, 1), pending)
         if not self.stop.is_set():
             self._failed(pending)
 
@@ -198,7 +198,7 @@ class _Runs:
         nodes, actors = len(self.nodes), self.actors
         return f"Ray: {nodes} node{'s' * (nodes != 1)}, {actors} actor{'s' * (actors != 1)}, {self.device}"
 
-    def _dataset(self, tables: list):
+    def _dataset(self, tables: list, batch_size: int):
         """The actors' run over `tables`: Ray Data's way, a callable class on an actor pool."""
         import ray
 
@@ -210,8 +210,11 @@ class _Runs:
             warnings.simplefilter("ignore", DeprecationWarning)
             ds = ray.data.from_arrow(tables).map_batches(
                 JobActor, fn_constructor_kwargs=self.actor_args,
-                batch_size=1 if self.options.shard_size else self.options.batch_size, batch_format="pyarrow",
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size),
+                batch_size=1 if self.options.shard_size else batch_size, batch_format="pyarrow",
+                # One row a task (the rows of tasks that died): one task at a time in an actor, so that
+                # an input that kills its actor costs no other input a try.
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size,
+                                                   max_tasks_in_flight_per_actor=1 if batch_size == 1 else None),
                 num_cpus=self.ray_options.cpus, num_gpus=self.ray_options.gpus or None,
                 max_restarts=-1, max_task_retries=RETRIES)
         context = ds.context
@@ -267,18 +270,18 @@ def _connected(options: RayOptions):
         ray.shutdown()
 
 
-class _BelowError(logging.Filter):
+class _Nothing(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno >= logging.ERROR
+        return False  # Ray Data's log file keeps it; what stops the run reaches the driver as an exception
 
 
 @contextlib.contextmanager
 def _quiet():
-    """While the run goes: Ray Data's info and warnings kept off the console (its log file keeps
-    them), and what Ray prints to stdout (the raylet's messages about dead workers) sent to
+    """While the run goes: Ray Data's log lines kept off the console (its log file keeps them:
+    progress, tasks retried), and what Ray prints to stdout (the raylet's messages about dead workers) sent to
     stderr, so that stdout carries only data."""
     consoles = [h for h in logging.getLogger("ray.data").handlers if hasattr(h, "stream")]
-    quiet = _BelowError()
+    quiet = _Nothing()
     for handler in consoles:
         handler.addFilter(quiet)
     try:
