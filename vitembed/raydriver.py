@@ -203,6 +203,7 @@ class _Runs:
         import ray
 
         size = min(self.actors, len(tables))
+        least = size if self.ray_options.actors else 1  # --ray-actors: a pool of that size
         with warnings.catch_warnings():
             # Ray 2.60 deprecates remote arguments such as max_task_retries in map_batches and has
             # no other way to bound the retries yet: by default a task that kills its actor is
@@ -213,7 +214,7 @@ class _Runs:
                 batch_size=1 if self.options.shard_size else batch_size, batch_format="pyarrow",
                 # One row a task (the rows of tasks that died): one task at a time in an actor, so that
                 # an input that kills its actor costs no other input a try.
-                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=size, initial_size=size,
+                compute=ray.data.ActorPoolStrategy(min_size=least, max_size=size, initial_size=size,
                                                    max_tasks_in_flight_per_actor=1 if batch_size == 1 else None),
                 num_cpus=self.ray_options.cpus, num_gpus=self.ray_options.gpus or None,
                 max_restarts=-1, max_task_retries=RETRIES)
