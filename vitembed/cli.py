@@ -18,7 +18,8 @@ import typer
 
 from .errors import ConfigError, InputError
 from .options import (
-    IMAGE, IMAGE_OPTIONS, LAYER_OPTIONS, RUN, Command, Decode, Engine, Format, Group,
+    IMAGE, IMAGE_OPTIONS, LAYER_OPTIONS, RUN, Command, Decode, Engine, Format, Group, RayActorsOpt, RayAddressOpt,
+    RayCpusOpt, RayGpusOpt, RayOpt,
     InitSeedOpt, JsonOpt, MaxPatchesOpt, NormalizeOpt, PosInit, PosInitOpt, PosResample, PosResampleOpt, SeedOpt,
     Tokens, TokensOpt, WeightsOpt, choice_metavar, fail, guard, notice, value, with_options,
 )
@@ -95,9 +96,14 @@ def encode(
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Resume: skip inputs whose output already exists.", rich_help_panel=RUN)] = False,
     shard_size: Annotated[Optional[int], typer.Option("--shard-size", metavar="K", help="Write shards of K stacked tensors, (K, N+1, D) .npy files, into the -o folder; manifest.jsonl maps each input to its shard and row.", rich_help_panel=RUN)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Re-encode into an -o folder that was made with another configuration (its old outputs are removed first).", rich_help_panel=RUN)] = False,
-    decode_timeout: Annotated[float, typer.Option("--decode-timeout", metavar="SECONDS", help="Seconds one image may take to decode before it is reported as an error (with --workers > 0).", rich_help_panel=RUN)] = 120.0,
+    decode_timeout: Annotated[Optional[float], typer.Option("--decode-timeout", metavar="SECONDS", help="Seconds one image may take to decode before it is reported as an error (with --workers > 0). Default: 120.", show_default=False, rich_help_panel=RUN)] = None,
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per input on stdout, as each finishes.", rich_help_panel=RUN)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table, summary or progress bar on stderr.", rich_help_panel=RUN)] = False,
+    ray: RayOpt = False,
+    ray_address: RayAddressOpt = None,
+    ray_gpus: RayGpusOpt = 0.0,
+    ray_cpus: RayCpusOpt = 1.0,
+    ray_actors: RayActorsOpt = None,
 ) -> None:
     """Encode images into z0 tokens, one (N+1) x D file per image.
 
@@ -143,7 +149,9 @@ def encode(
         tokens=value(tokens), **preprocessing, max_patches=max_patches, normalize=value(normalize),
         max_pixels=max_pixels, fast_decode=fast_decode, format=value(fmt), device=device, engine=value(engine),
         decode=value(decode), dtype=value(dtype), batch_size=batch_size, workers=workers,
-        skip_existing=skip_existing, overwrite=overwrite, shard_size=shard_size, decode_timeout=decode_timeout,
+        skip_existing=skip_existing, overwrite=overwrite, shard_size=shard_size,
+        **({} if decode_timeout is None else {"decode_timeout": decode_timeout}),
+        ray=_ray_options(ray, ray_address, ray_gpus, ray_cpus, ray_actors),
     )
     with _signals(stop) as caught:
         try:
@@ -165,6 +173,20 @@ def encode(
     if summary.total == 0:
         raise fail("no images found in the given inputs", 2)
     raise typer.Exit(1 if summary.errors else 0)
+
+
+def _ray_options(ray: bool, address: str | None, gpus: float, cpus: float, actors: int | None):
+    """--ray and its options as `RayOptions` (None without --ray; its options alone are refused)."""
+    if not ray:
+        given = [flag for flag, value, default in (("--ray-address", address, None), ("--ray-gpus", gpus, 0.0),
+                                                   ("--ray-cpus", cpus, 1.0), ("--ray-actors", actors, None))
+                 if value != default]
+        if given:
+            raise ConfigError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to a run on Ray: add --ray")
+        return None
+    from .pipeline import RayOptions
+
+    return RayOptions(address=address, gpus=gpus, cpus=cpus, actors=actors)
 
 
 @contextlib.contextmanager

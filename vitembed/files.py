@@ -21,7 +21,7 @@ from typing import BinaryIO
 
 from .errors import OutputError
 
-__all__ = ["atomic_write", "clean_stale_temporaries", "describe_os_error", "silence_stream"]
+__all__ = ["atomic_write", "clean_stale_temporaries", "describe_os_error", "leave_temporaries", "silence_stream"]
 
 _TMP_RE = re.compile(r"^\.vitembed-(\d+)-[0-9a-f]+\.tmp$")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -97,12 +97,20 @@ def _remove_quietly(path: Path | None) -> None:
 
 _cleaned: set[str] = set()
 _cleaned_lock = threading.Lock()
+_cleaning = [True]
+
+
+def leave_temporaries() -> None:
+    """From now on, this process's writes leave other processes' temporaries alone. For a Ray
+    actor: on storage that several machines share, the PID in a temporary's name is a process of
+    some machine, not necessarily a dead one of this; the run's driver cleans up after the run."""
+    _cleaning[0] = False
 
 
 def _clean_once(folder: Path) -> None:
     key = os.path.abspath(folder)
     with _cleaned_lock:  # writer threads: the first to reach a folder cleans it, the others wait
-        if key not in _cleaned:
+        if _cleaning[0] and key not in _cleaned:
             _cleaned.add(key)
             clean_stale_temporaries(folder)
 

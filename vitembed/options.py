@@ -77,6 +77,7 @@ class Group(_ClickHelp, TyperGroup):
 LAYER = "Layer"
 IMAGE = "Image"
 RUN = "Run"
+RAY = "Ray"
 
 PresetOpt = Annotated[Optional[str], typer.Option("--preset", "-p", metavar="NAME", help="Layer shape: seed (default: 224 px, P=14, D=384), vit-b16, vit-l14, ... (see `vitembed info --presets`).", rich_help_panel=LAYER)]
 ImageSizeOpt = Annotated[Optional[str], typer.Option("--image-size", metavar="PIXELS|HxW", help="Side S of a square input, or height x width (224x320), pixels; multiples of P. With --weights the position embedding is resampled.", rich_help_panel=LAYER)]
@@ -88,6 +89,11 @@ WeightsOpt = Annotated[Optional[str], typer.Option("--weights", "-w", metavar="F
 SeedOpt = Annotated[int, typer.Option("--seed", metavar="INTEGER", help="Seed of the random layer (ignored with --weights).", rich_help_panel=LAYER)]
 InitSeedOpt = Annotated[int, typer.Option("--seed", metavar="INTEGER", help="Seed of the random layer.", rich_help_panel=LAYER)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
+RayOpt = Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster (pip install 'vitembed[ray]'): $RAY_ADDRESS's or --ray-address's, else a local one for the run. Every node must see the inputs and outputs at the same paths (shared storage).", rich_help_panel=RAY)]
+RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", metavar="ADDRESS", help="The cluster to join: auto, HOST:PORT or ray://HOST:10001. Default: $RAY_ADDRESS, else a local cluster.", show_default=False, rich_help_panel=RAY)]
+RayGpusOpt = Annotated[float, typer.Option("--ray-gpus", metavar="FLOAT", help="GPUs per actor (0.25: four actors share a GPU); the layer then runs with torch on CUDA.", rich_help_panel=RAY)]
+RayCpusOpt = Annotated[float, typer.Option("--ray-cpus", metavar="FLOAT", help="CPUs per actor (fractions allowed).", rich_help_panel=RAY)]
+RayActorsOpt = Annotated[Optional[int], typer.Option("--ray-actors", metavar="INTEGER", help="Actors at most. Default: as many as the cluster's CPUs (with --ray-gpus, GPUs) hold.", show_default=False, rich_help_panel=RAY)]
 
 
 PosInitOpt = Annotated[PosInit, typer.Option("--pos-init", metavar=choice_metavar(PosInit), help="E_pos of a random layer: normal (the seed's N(0, 1)) or sincos (MAE's fixed 2-D sine-cosine table, class token row 0).", rich_help_panel=LAYER)]

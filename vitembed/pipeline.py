@@ -33,9 +33,41 @@ from .processes import decoder_context
 from .sinks import FileSink, FileWriter, ShardSink, Sink, StdoutSink
 from .workers import WorkerTask, init_worker
 
-__all__ = ["DECODES", "EncodeOptions", "run"]
+__all__ = ["DECODES", "DECODE_TIMEOUT", "EncodeOptions", "RayOptions", "run"]
 
 _DEVICE_DECODE_TYPES = ("cuda",)  # devices whose JPEG decoder (nvJPEG) beats Pillow processes
+
+
+DECODE_TIMEOUT = 120.0  # seconds; far above any sane decode: a hung decoder must not stall the run
+
+
+@dataclass
+class RayOptions:
+    """How a run goes on a Ray cluster (`--ray`; the driver is `raydriver.run`).
+
+    Attributes:
+        address: the cluster to join: auto, host:port or ray://host:10001 (None: $RAY_ADDRESS,
+            else a local cluster started for the run and stopped after it).
+        gpus: GPUs per actor, fractions allowed; more than 0 runs the layer with torch on CUDA.
+        cpus: CPUs per actor, fractions allowed.
+        actors: the most actors to start (None: as many as the cluster's CPUs, or GPUs, hold).
+        engine: the actors' engine (`--engine`; with GPUs, torch).
+    """
+
+    address: str | None = None
+    gpus: float = 0.0
+    cpus: float = 1.0
+    actors: int | None = None
+    engine: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name, value in (("--ray-gpus", self.gpus), ("--ray-cpus", self.cpus)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a number of at least 0, got {value}")
+        if self.gpus == 0 and self.cpus == 0:
+            raise ConfigError("--ray-cpus 0 needs --ray-gpus: an actor must hold some CPU or GPU")
+        if self.actors is not None and self.actors < 1:
+            raise ConfigError(f"--ray-actors must be at least 1, got {self.actors}")
 
 
 @dataclass
@@ -57,6 +89,7 @@ class EncodeOptions:
             number i (from 0, failed ones included) is row i % K of shard i // K.
         decode_timeout: seconds one image may take to decode before its decoder is killed and the
             image reported as an error (None: no limit; needs workers > 0).
+        ray: run on a Ray cluster (`RayOptions`, or True for its defaults); None: on this machine.
     """
 
     decode: str = "auto"
@@ -66,9 +99,12 @@ class EncodeOptions:
     skip_existing: bool = False
     overwrite: bool = False
     shard_size: int | None = None
-    decode_timeout: float | None = 120.0  # far above any sane decode; a hung decoder must not stall the run
+    decode_timeout: float | None = DECODE_TIMEOUT
+    ray: RayOptions | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.ray, bool):
+            self.ray = RayOptions() if self.ray else None
         if self.decode not in DECODES:
             raise ConfigError(f"unknown decode {self.decode!r}; choose {', '.join(DECODES)}")
         for name, least in (("batch_size", 1), ("workers", 0), ("writers", 1), ("shard_size", 1)):
@@ -104,7 +140,7 @@ def run(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOp
     options, stop, on_result = options or EncodeOptions(), stop or threading.Event(), on_result or (lambda o: None)
     check(encoder, plan, options)
     summary = Summary(device=encoder.device)
-    task, sink = _stages(encoder, plan, options, stdout)
+    task, sink = stages(encoder, plan, options, stdout)
     shape = encoder.token_shape or (None, encoder.config.emb_dim)  # native: any number of rows
     resume = Resume(options.skip_existing, options.overwrite, shape, encoder.dtype, made_from)
     workers = options.workers if options.workers is not None else (os.cpu_count() or 1)
@@ -115,7 +151,7 @@ def run(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOp
     start = time.perf_counter()
     try:
         pool.start(plan_jobs(sources, plan, resume, options.shard_size), is_task=lambda item: isinstance(item, Job))
-        for outcome in _outcomes(pool, encoder, sink, options.batch_size, stop):
+        for outcome in outcomes(pool, encoder, sink, options.batch_size, stop):
             _report(outcome, summary, on_result)
     except OutputError as exc:
         summary.stopped, summary.pipe_closed = str(exc), isinstance(exc, StdoutClosed)
@@ -130,11 +166,15 @@ def run(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOp
     return summary
 
 
-def _outcomes(pool: OrderedPool, encoder: Encoder, sink: Sink, batch_size: int,
-              stop: threading.Event) -> Iterator[Outcome]:
-    """The stages after decoding, each item in input order to the stage it has reached."""
+def outcomes(results: Iterable[tuple], encoder: Encoder, sink: Sink, batch_size: int,
+             stop: threading.Event) -> Iterator[Outcome]:
+    """The stages after decoding, each item in input order to the stage it has reached.
+
+    Args:
+        results: (item, what its task returned) pairs: the pool's, or a Ray actor's own.
+    """
     batch: list[Decoded] = []
-    for item, result in pool:
+    for item, result in results:
         match result if isinstance(item, Job) else item:
             case Decoded() as decoded:
                 batch.append(decoded)
@@ -172,9 +212,10 @@ def _report(outcome: Outcome, summary: Summary, on_result: Callable[[Outcome], N
     on_result(outcome)
 
 
-def _stages(encoder: Encoder, plan: OutputPlan, options: EncodeOptions,
-            stdout: BinaryIO | None) -> tuple[WorkerTask, Sink]:
-    """What the decoder processes do, and the sink for what they leave to this process."""
+def stages(encoder: Encoder, plan: OutputPlan, options: EncodeOptions,
+           stdout: BinaryIO | None) -> tuple[WorkerTask, Sink]:
+    """What the decoder processes do, and the sink for what they leave to this process (a Ray
+    actor builds its own, with workers=0)."""
     numpy_engine = encoder.engine == "numpy"
     task = WorkerTask(encoder.prep, encoder.kernel if numpy_engine else None, encoder.dtype,
                       device_jpegs=decodes_on_device(encoder, options),

@@ -221,14 +221,13 @@ def encode(inputs: Iterable[str | os.PathLike], output: str | os.PathLike | None
         ConfigError: options that cannot work together, or an -o folder of another configuration.
         WeightsError: weights that cannot be read.
     """
-    from .folder import OutputFolder, run_record
     from .inputs import iter_sources
     from .outputs import OutputPlan
-    from .pipeline import check, run
 
     notice = on_notice or (lambda text: None)
     request = EncodeRequest.from_options(output=output, **options)
     plan = OutputPlan.from_option(request.output, request.format)
+    request, runner = _runner(request, plan)
     inputs = [os.fspath(i) for i in inputs]
     if inputs.count("-") > 1:
         raise ConfigError("- (read paths from stdin) may be given once")
@@ -243,12 +242,11 @@ def encode(inputs: Iterable[str | os.PathLike], output: str | os.PathLike | None
     encoder, config, notes = request.encoder()
     for note in notes:
         notice(note)
-    check(encoder, plan, request.run)
+    runner.check(encoder, plan, request.run)
     config["format"] = plan.fmt
-    folder = None
-    if plan.mode == "dir":
-        folder = OutputFolder(plan.target, config, run_record(config, encoder.device), plan.relative,
-                              overwrite=request.run.overwrite)
+    ray = request.run.ray
+    folder = _folder(plan, config, encoder.device if ray is None else f"ray:{'cuda' if ray.gpus else 'cpu'}",
+                     request.run.overwrite)
     report = on_result or (lambda outcome: None)
 
     def record(outcome) -> None:
@@ -257,13 +255,42 @@ def encode(inputs: Iterable[str | os.PathLike], output: str | os.PathLike | None
         report(outcome)
 
     try:
-        summary = run(sources, encoder, plan, request.run, on_result=record, stop=stop, stdout=stdout,
-                      made_from=folder.made_from if folder is not None else None)
+        summary = runner.run(sources, encoder, plan, request.run, on_result=record, stop=stop, stdout=stdout,
+                             made_from=folder.made_from if folder is not None else None)
     finally:
         if folder is not None:
             folder.close()
     own_outputs.tell()
     return summary
+
+
+def _runner(request: EncodeRequest, plan):
+    """(the request, the module whose `check` and `run` drive it): `pipeline` on this machine, or
+    `raydriver` with `run.ray`. On Ray the driver only plans: its Encoder is numpy's on its CPU
+    (its parameters and preprocessing go to the actors), and the actors' engine is --engine's."""
+    from . import pipeline
+
+    ray = request.run.ray
+    if ray is None:
+        return request, pipeline
+    from . import raydriver
+
+    raydriver.require_ray()
+    raydriver.refuse(plan, request.run)
+    if request.device != "auto":
+        raise ConfigError("--ray: the actors' device follows --ray-gpus (CUDA for actors with GPUs, else the "
+                          "CPU); drop --device")
+    run = dataclasses.replace(request.run, ray=dataclasses.replace(ray, engine=request.engine))
+    return dataclasses.replace(request, engine="numpy", device="cpu", run=run), raydriver
+
+
+def _folder(plan, config: dict, device: str, overwrite: bool):
+    """-o DIR's OutputFolder (None for other outputs)."""
+    from .folder import OutputFolder, run_record
+
+    if plan.mode != "dir":
+        return None
+    return OutputFolder(plan.target, config, run_record(config, device), plan.relative, overwrite=overwrite)
 
 
 class _OwnOutputs:

@@ -24,13 +24,12 @@ from .kernel import Kernel
 from .outcomes import Decoded, Encoded, Failed, Job, OutputFailed, Written
 from .sinks import FileWriter
 
-__all__ = ["WorkerTask", "init_worker", "limit_memory"]
+__all__ = ["WorkerTask", "init_worker", "limit_memory", "tune_process"]
 
 
 def init_worker(max_pixels: int = 0, numpy_engine: bool = False, run_pid: int | None = None) -> None:
     """Set up a decoder process (its own: nothing here reaches a program that imports vitembed)."""
-    from .blas import set_blas_threads
-    from .processes import exit_with, keep_heap
+    from .processes import exit_with
 
     if run_pid is not None:
         exit_with(run_pid)  # a killed run leaves no decoder behind
@@ -45,8 +44,18 @@ def init_worker(max_pixels: int = 0, numpy_engine: bool = False, run_pid: int | 
     except OSError:
         pass
     if max_pixels:
-        set_pillow_limit(max_pixels)  # this process's Pillow: vitembed checks --max-pixels itself
         limit_memory(max_pixels)
+    tune_process(max_pixels, numpy_engine)
+
+
+def tune_process(max_pixels: int = 0, numpy_engine: bool = False) -> None:
+    """What a process that decodes and embeds images for a run sets for itself (a decoder, or a
+    Ray actor, which keeps Ray's own signal handling, stderr and memory management)."""
+    from .blas import set_blas_threads
+    from .processes import keep_heap
+
+    if max_pixels:
+        set_pillow_limit(max_pixels)  # this process's Pillow: vitembed checks --max-pixels itself
     keep_pixel_blocks()
     keep_heap()
     if numpy_engine:

@@ -1,0 +1,111 @@
+"""`vitembed encode --ray` against the local run, on the same machine, in turns.
+
+The same corpus as bench.py's small case (`build_small`: 400-640 px JPEGs cut from
+sample_images/), encoded by `vitembed encode DIR -o OUT --json` (local: decoder processes) and by
+the same command with `--ray` (a local Ray cluster that the run starts and stops), in turns
+A B A B. Each run is a whole process; the time of every `--json` line is taken as it arrives, so:
+
+- steady-state throughput: images / s between the 10th and the 90th percentile of the lines
+  (Ray reports a batch of lines at a time; 4096 images are 128 batches);
+- start-up: the whole process's wall time less what its images take at that throughput
+  (imports, layer, for Ray: starting the cluster and its actors, and stopping them).
+
+    python benchmarks/ray_bench.py --work /tmp/vb        # 4096 images, 3 turns (about 4 minutes on 2 cores)
+    python benchmarks/ray_bench.py --quick               # 512 images, 1 turn
+
+The goal: Ray's steady-state throughput at least 0.8x the local run's on the same cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench import ROOT, build_small, machine  # noqa: E402
+
+
+@dataclass
+class Timing:
+    wall: float  # seconds, whole process
+    rate: float  # images/s, steady state
+    lines: int
+
+    @property
+    def startup(self) -> float:
+        return self.wall - self.lines / self.rate
+
+
+def timed_run(cmd: list[str], out: Path, env: dict) -> Timing:
+    """Run `cmd`, timing each line of its stdout."""
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    stamps: list[float] = []
+    stderr: list[bytes] = []
+    drain = threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)
+    drain.start()
+    for _ in proc.stdout:
+        stamps.append(time.perf_counter() - start)
+    proc.wait()
+    wall = time.perf_counter() - start
+    drain.join()
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{b''.join(stderr).decode(errors='replace')}")
+    shutil.rmtree(out, ignore_errors=True)
+    lo, hi = int(0.1 * len(stamps)), int(0.9 * len(stamps))
+    return Timing(wall, (hi - lo) / (stamps[hi] - stamps[lo]), len(stamps))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="512 images, one turn")
+    parser.add_argument("--work", type=Path, help="folder for the corpus (kept); default: a temporary one")
+    parser.add_argument("--repeats", type=int, help="turns (default 3, quick 1)")
+    parser.add_argument("--images", type=int, help="corpus size (default 4096, quick 512)")
+    args, extra = parser.parse_known_args()
+    count = args.images or (512 if args.quick else 4096)
+    repeats = args.repeats or (1 if args.quick else 3)
+    tmp = tempfile.TemporaryDirectory(prefix="vitembed-ray-bench-") if args.work is None else None
+    work = Path(tmp.name) if tmp else args.work
+    work.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+           "VITEMBED_CACHE_DIR": str(work / "layer-cache")}
+    images = build_small(work / f"small{count}", count)
+    out = work / "out"
+    encode = [sys.executable, "-m", "vitembed", "encode", str(images), "-o", str(out), "--json", "-q", *extra]
+    subprocess.run([*encode[:4], str(sorted(images.glob("*.jpg"))[0]), "-o", str(work / "warm.npy"), "-q", *extra],
+                   env=env, check=True, capture_output=True)  # the random layer, drawn once, untimed
+    commands = {"local": encode, "ray": [*encode, "--ray"]}
+    runs: dict[str, list[Timing]] = {name: [] for name in commands}
+    for _ in range(repeats):
+        for name, cmd in commands.items():  # A B A B ...
+            runs[name].append(timed_run(cmd, out, env))
+            t = runs[name][-1]
+            print(f"  {name}: {t.wall:.2f} s, {t.rate:.1f} images/s steady, start-up {t.startup:.2f} s", file=sys.stderr)
+    print(f"machine: {machine()}")
+    print(f"{count} images, {repeats} turn(s) each, A B A B, medians; extra options: {' '.join(extra) or '-'}\n")
+    print("| run | wall s | steady img/s | start-up s | img/s overall |")
+    print("|---|---|---|---|---|")
+    med = {name: {k: statistics.median(getattr(t, k) for t in rs) for k in ("wall", "rate", "startup")}
+           for name, rs in runs.items()}
+    for name, m in med.items():
+        print(f"| {name} | {m['wall']:.2f} | {m['rate']:.1f} | {m['startup']:.2f} | {count / m['wall']:.1f} |")
+    ratio = med["ray"]["rate"] / med["local"]["rate"]
+    print(f"\nRay's steady-state throughput / local: {ratio:.2f}x (goal 0.8x); Ray's start-up costs "
+          f"{med['ray']['startup'] - med['local']['startup']:.1f} s more than the local run's")
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
