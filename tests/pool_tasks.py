@@ -10,7 +10,8 @@ import time
 def name_of(name: str) -> str:
     """The item itself; an item with `die` kills its worker process, `hang` never returns, `raise`
     raises, `slow` takes 50 ms, `unpicklable` returns what cannot come back, `locked` exits holding
-    the lock of pebble's channel (as a worker killed while it passes a message)."""
+    the locks of the queues it shares with the other workers (as a worker killed while it passes a
+    message)."""
     if "locked" in name:
         _exit_holding_the_channel_lock()
     if "die" in name:
@@ -75,9 +76,11 @@ class Counted:
 
 def _exit_holding_the_channel_lock() -> None:
     import gc
+    from multiprocessing.queues import Queue, SimpleQueue
 
-    from pebble.pool.channel import WorkerChannel  # pebble's internals: this test's only reach into them
-
-    for channel in (o for o in gc.get_objects() if isinstance(o, WorkerChannel)):
-        channel.mutex.acquire()
+    # The stdlib's queues between an executor and its workers: this test's only reach into them.
+    for queue in (o for o in gc.get_objects() if isinstance(o, (Queue, SimpleQueue))):
+        for lock in (queue._rlock, queue._wlock):
+            if lock is not None:
+                lock.acquire(timeout=0.5)  # another worker may wait for a task, holding the read lock
     os._exit(1)

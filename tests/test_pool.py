@@ -111,8 +111,8 @@ def test_a_worker_dying_in_a_chunk_costs_only_its_item(sent):
 
 
 def test_a_worker_dying_with_the_channel_locked_stalls_nothing():
-    """pebble issue #163: a worker that dies holding its pool's channel lock would stall the other
-    workers for 60 s; its pool is replaced at once."""
+    """A worker that dies holding a lock of the queues it shares with the other workers (killed
+    while it passes a message) would stall them; its pool is replaced at once."""
     names = ["slow00", "locked01"] + [f"img{i:02d}" for i in range(2, 12)]  # the head waits on the other worker
     start = time.monotonic()
     out, _ = _run(names)

@@ -21,73 +21,53 @@ each worker still holds a few chunks of the window.
 
 Failures. Each costs only its own item, which gets `TaskFailed(reason)`:
   - a task that raises: "the decoder failed: Error: message"; the rest of its chunk goes on;
-  - a result that cannot come back (it does not pickle): the same, for that item only;
-  - a worker that dies: pebble knows which chunk it held. Its items are sent again, each alone,
-    and one that kills its worker again, alone, is reported, "the decoder process died while
-    reading this file";
-  - a chunk that runs past `timeout` seconds, counted from the moment a worker took it: pebble
-    kills and replaces that worker; the items are sent again alone, and an item alone past the
-    timeout is reported, "decoding took longer than {timeout:g} s; the decoder was stopped".
-A pool that loses a worker in any way (pebble replaced one: each worker says when it starts; or it
-broke) is replaced at once, and every chunk it had not finished goes to the new pool as it was:
-a worker that dies while it holds pebble's channel lock (killed from outside while it passes a
-message) would otherwise stall the other workers for 60 s (pebble issue #163), and a broken pebble
-pool can leave tasks unanswered. Three deaths before any task has finished (items dying alone, or
-pools whose workers all die before they take a task) raise `WorkersDied`: the workers cannot
-start, most often a script that calls vitembed without an `if __name__ == '__main__':` guard.
+  - a result that cannot come back (it does not pickle): its chunk's items are sent again, each
+    alone, and the one that fails alone gets the same message;
+  - a worker that dies: the executor breaks, and its workers and every task it held are lost. The
+    chunks a worker had taken (each worker marks, in shared memory, the chunk it takes) are the
+    suspects: their items are sent again, each alone, and one at a time, with nothing else in
+    the pool until the last of them is back, so that a death has one suspect; one that kills its
+    worker there is reported, "the decoder process died while reading this file". The chunks no
+    worker had taken are sent again as they were;
+  - a chunk that is still running `timeout` seconds after the main process began to wait for it
+    (it is the oldest in flight then): the pool is killed and replaced, the chunk's items are sent
+    again alone, and an item alone past the timeout is reported, "decoding took longer than
+    {timeout:g} s; the decoder was stopped".
+Three deaths before any task has finished (items dying alone, or pools whose workers all die
+before they take a task) raise `WorkersDied`: the workers cannot start, most often a script that
+calls vitembed without an `if __name__ == '__main__':` guard.
 
 Stop and close. When `stop` is set, iteration returns within 0.1 s, and `close()` kills the
-workers at once (pebble's public `stop()`; a worker's SIGTERM is left at its default, so that one
-stuck in C code dies too). `close()` without a stop lets each worker finish the item it is on and
-drop the rest. `close()` returns the task items whose worker was killed, or died, while it held
-them (stop, timeout, death, replaced pool), for the caller to clean up after (a killed task may
-leave a temporary file); an item may come twice.
+workers at once, and waits until they are gone: each worker sends its pid when it starts, and the
+pool kills, with `Process.kill()` (SIGKILL: a worker stuck in C code dies too), the processes
+among `multiprocessing.active_children()` that have those pids. (One that has not sent its pid yet
+has taken nothing; it finds the drop flag set and takes nothing.) `close()` without a stop lets
+each worker finish the item it is on, drops the rest, and kills a worker still on its item after
+`timeout`. `close()` returns the task items whose worker was killed, or died, while it held them
+(stop, timeout, death), for the caller to clean up after (a killed task may leave a temporary
+file); an item may come twice.
 
 workers=0 runs each task in this process, when it is asked for: the same results, TaskFailed for a
 task that raises, no timeout, no initializer.
 
 The task travels once per worker: it rides in the worker's initializer arguments, never in a chunk.
-
-Why pebble (a library), and what it costs. pebble's ProcessPool (loky was glanced at: one dead
-worker breaks its whole executor, and it has no per-task timeout) gives per-task timeouts counted
-from the moment a worker takes the task, blames a death on the one task its worker held (the pool
-over concurrent.futures lost every task in flight and had to retry them one at a time), and stops
-its workers through a public API (that pool killed them through the executor's private
-`_processes`, which is no longer allowed). Measured on 2 cores (AMD EPYC, KVM guest, shared with
-other jobs), 2 workers, this revision (B) against the ProcessPoolExecutor pool of 9189685 (A):
-  - the main process's CPU per image, 1024 small JPEGs, medians of 3 runs of 3 turns
-    (`env -u OPENBLAS_CORETYPE python benchmarks/pool_cost.py --work /tmp/vb`, at each revision):
-    read for the device, chunks: A 55, B 51 us (one per task: A 199, B 180 us);
-    decoded to pixels, chunks: A 209, B 212 us (one per task: A 496, B 412 us). Equal.
-  - end to end, numpy engine writing .npy (`python benchmarks/ab.py 9189685 HEAD --turns 10 --
-    /tmp/vb/small1024 --preset vit-b16`, and with A and B swapped): B/A = 1.116 and 1/0.905
-    (medians 4.39 vs 3.94 s, 4.12 vs 3.73 s); earlier runs 1.07-1.13. On 48 images, +43 ms
-    (0.593 vs 0.550 s): importing pebble (it imports asyncio) costs about 25 ms.
-    The pool alone (1024 images, tasks timed in the workers) is equal within the noise, and the
-    main process's CPU too: the cause of the gap is not found. By the project's rule it counts
-    against pebble; pebble stays until a pool of our own in this shape (ProcessPoolExecutor,
-    killed through public APIs) is measured against it, since the old one cannot stay as it was.
 """
 
 from __future__ import annotations
 
-import io
 import itertools
 import multiprocessing
-import signal
+import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, wait
+from concurrent.futures import CancelledError, Future, ProcessPoolExecutor, wait
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from multiprocessing.reduction import ForkingPickler
 from typing import Any
-
-from pebble import ProcessExpired, ProcessPool
 
 from .errors import VitembedError
 
@@ -125,49 +105,36 @@ def _call(task: Callable[[Any], Any], item: Any) -> Any:
         return TaskFailed(_failure(exc))
 
 
-def _sendable(value: Any) -> Any:
-    """`value`, or TaskFailed if it cannot come back: pebble reports a result that fails to pickle
-    with a TypeError, but one that fails otherwise (AttributeError for a local object, say) kills
-    the worker and its chunk. Large buffers (numpy arrays) are pickled out of band, not copied: a
-    few microseconds each."""
-    try:
-        ForkingPickler(io.BytesIO(), 5, True, _ignore).dump(value)  # its __init__ takes no keywords
-    except Exception as exc:
-        return TaskFailed(_failure(exc))
-    return value
-
-
-def _ignore(buffer: Any) -> None:
-    pass
-
-
 # --- in a worker process ---------------------------------------------------------------------
 
 _TASK: Callable[[Any], Any] | None = None
-_DROP: Any = None  # a shared byte: 1 once close() asks the workers to drop what they hold
+_DROP: Any = None  # a shared byte: 1 once the pool wants nothing more from its workers
+_TAKEN: Any = None  # shared: slot seq % len holds the number of a chunk a worker took
 
 
-def _start_worker(task: Callable[[Any], Any], drop: Any, started: Connection,
+def _start_worker(task: Callable[[Any], Any], drop: Any, taken: Any, pids: Connection,
                   initializer: Callable[..., None] | None, initargs: tuple) -> None:
-    """A worker's start: the task arrives here, once, however large it is."""
-    global _TASK, _DROP
-    _TASK, _DROP = task, drop
-    started.send_bytes(b"")  # one write of 4 bytes: atomic, no lock a death could leave held
-    # pebble's SIGTERM handler exits through Python, which a worker stuck in C never reaches: a
-    # stop or a timeout must kill at once.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    """A worker's start: the task arrives here, once, however large it is; the pid goes back."""
+    global _TASK, _DROP, _TAKEN
+    _TASK, _DROP, _TAKEN = task, drop, taken
+    try:
+        pids.send_bytes(os.getpid().to_bytes(8, "little"))  # one write of 12 bytes: atomic, no lock
+    except OSError:  # the pool is gone already; the drop flag is set
+        pass
+    pids.close()
     if initializer is not None:
         initializer(*initargs)
 
 
-def _run_chunk(items: list[Any]) -> tuple[list[Any], float]:
+def _run_chunk(seq: int, items: list[Any]) -> tuple[list[Any], float]:
     """The task on each of a chunk's items, and the seconds they took (to size the next chunks)."""
+    _TAKEN[seq % len(_TAKEN)] = seq
     start = time.perf_counter()
     values = []
     for item in items:
         if _DROP.value:
             break  # close(): the items left are not wanted
-        values.append(_sendable(_call(_TASK, item)))
+        values.append(_call(_TASK, item))
     return values, time.perf_counter() - start
 
 
@@ -180,50 +147,53 @@ def _everything(item: Any) -> bool:
 
 _CHUNK_SECONDS = 0.02  # a chunk's work: far above the cost of its messages (about 0.1 ms)
 _MAX_CHUNK = 16
+_POLL = 0.1  # seconds between looks at the stop event
 
 
-@dataclass
+@dataclass(eq=False)
 class _Chunk:
-    """Consecutive items sent together (future None: one pass-through item, sent nowhere)."""
+    """Consecutive items sent together. `values` once known (at once, None each, for a
+    pass-through item); `future` None while it waits to be sent."""
 
     items: list[Any]
+    values: list[Any] | None = None
     future: Future | None = None
-    generation: int = 0  # the pool it went to
-    retry: bool = False  # sent again, alone, after its worker died
+    seq: int = 0  # the number it was last sent with
+    probe: bool = False  # alone, after a death: sent with nothing else in the pool
 
 
 class _Workers:
-    """One pebble pool, and what tells that it lost a worker: each worker says when it starts."""
+    """One ProcessPoolExecutor, the pids its workers send when they start, and the chunks they took."""
 
-    def __init__(self, workers: int, context, worker_args: tuple):
-        self.workers = workers
+    def __init__(self, workers: int, context, slots: int, task: Callable[[Any], Any],
+                 initializer: Callable[..., None] | None, initargs: tuple):
         self.drop = context.RawValue("b", 0)
-        self.starts, started = context.Pipe(duplex=False)
-        self.started = 0
-        self.pool = ProcessPool(workers, initializer=_start_worker, context=context,
-                                initargs=(worker_args[0], self.drop, started, *worker_args[1:]))
-        self._started_end = started
+        self.taken = context.RawArray("q", slots)
+        self._pids, self._sender = context.Pipe(duplex=False)  # the sender goes to each worker started
+        self.executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
+                                            initargs=(task, self.drop, self.taken, self._sender, initializer, initargs))
+        self.pids: set[int] = set()
 
-    def failing(self) -> bool:
-        """Whether pebble replaced a worker (one died, or ran past the timeout) or the pool broke."""
-        while self.starts.poll(0):
-            self.starts.recv_bytes()
-            self.started += 1
-        return self.started > self.workers or not self.pool.active
+    def took(self, chunk: _Chunk) -> bool:
+        """Whether a worker took `chunk` (from its last sending)."""
+        return self.taken[chunk.seq % len(self.taken)] == chunk.seq
 
-    def stop(self, wait: bool = True) -> None:
-        """Stop the workers (killed, those still busy); without `wait`, in the background (pebble's
-        join takes up to 0.1 s, the period of its loops)."""
-        self.pool.stop()
-        if wait:
-            self._join()
-        else:
-            threading.Thread(target=self._join, name="vitembed-pool-join", daemon=True).start()
+    def kill(self) -> None:
+        """Kill the workers now (each that has taken anything sent its pid first) and wait until
+        they are gone; one that has not sent its pid takes nothing (the drop flag)."""
+        self.drop.value = 1  # before the pids are read: a worker sends its pid, then looks at it
+        while self._pids.poll():
+            self.pids.add(int.from_bytes(self._pids.recv_bytes(), "little"))
+        mine = [p for p in multiprocessing.active_children() if p.pid in self.pids]
+        for process in mine:
+            process.kill()
+        for process in mine:
+            process.join(5.0)
 
-    def _join(self) -> None:
-        self.pool.join()
-        self.starts.close()
-        self._started_end.close()
+    def close(self, wait: bool) -> None:
+        self.executor.shutdown(wait=wait, cancel_futures=True)
+        self._pids.close()
+        self._sender.close()
 
 
 class OrderedPool:
@@ -246,7 +216,8 @@ class OrderedPool:
         self.max_chunk = max(1, min(_MAX_CHUNK, self.window // (3 * max(workers, 1))))
         self.seconds_per_item: float | None = None
         self._workers: _Workers | None = None
-        self._generation = 0
+        self._seq = 0  # chunks sent
+        self._probing = False  # items on probation after a death: one chunk in the pool at a time
         self._items: Iterator[Any] = iter(())
         self._is_task: Callable[[Any], bool] = _everything
         self._inflight: deque[_Chunk] = deque()
@@ -277,16 +248,12 @@ class OrderedPool:
             if not self._inflight:
                 return
             head = self._inflight[0]
-            values: list[Any] | None = [None]
-            if head.future is not None:
-                if not self._wait(head):
-                    return  # stopped
-                values = self._settle(head)
-                if values is None:
-                    continue  # its items went back to the workers
+            if head.values is None:
+                self._settle(head)
+                continue
             self._inflight.popleft()
             self._held -= len(head.items)
-            yield from zip(head.items, values)
+            yield from zip(head.items, head.values)
 
     def close(self) -> list[Any]:
         """Shut the workers down: after a stop, kill them at once; else let each finish the item it
@@ -294,23 +261,27 @@ class OrderedPool:
         caller cleans up after them; an item may come twice)."""
         workers, self._workers = self._workers, None
         if workers is not None:
-            idle = not self.stop.is_set() and self._drain(workers)
-            self._killed.extend(item for chunk in self._inflight if chunk.future is not None
-                                and not chunk.future.done() for item in chunk.items)
-            workers.stop(wait=not idle)
+            if self.stop.is_set() or not self._finish(workers):
+                workers.kill()
+                self._killed.extend(item for chunk in self._lost() if workers.took(chunk) for item in chunk.items)
+            workers.close(wait=True)
         killed, self._killed = self._killed, []
         return killed
 
-    def _drain(self, workers: _Workers) -> bool:
-        """Ask the workers to drop what they hold, and wait for each to finish its item (not for a
-        pool that lost a worker: a task it lost would never finish). True: they are all idle."""
+    def _finish(self, workers: _Workers) -> bool:
+        """Ask the workers to drop what they hold, and wait for each to finish its item; False if
+        a stop, or the timeout, comes first."""
         workers.drop.value = 1
-        pending = [chunk.future for chunk in self._inflight if chunk.future is not None]
-        while not all(future.done() for future in pending):
-            if workers.failing():
+        pending = [chunk.future for chunk in self._lost()]
+        for future in pending:
+            future.cancel()  # those no worker has been given yet
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while not self.stop.is_set():
+            if not wait(pending, timeout=_POLL).not_done:
+                return True
+            if deadline is not None and time.monotonic() > deadline:
                 return False
-            wait(pending, timeout=0.1)
-        return True
+        return False
 
     # --- sending -----------------------------------------------------------------------------
 
@@ -325,7 +296,7 @@ class OrderedPool:
                     continue
                 self._hold(run)  # what came before it goes first
                 run = []
-                self._inflight.append(_Chunk([item]))
+                self._inflight.append(_Chunk([item], [None]))
                 self._held += 1
             self._hold(run)
             if len(items) < self.chunk:
@@ -333,95 +304,131 @@ class OrderedPool:
 
     def _hold(self, items: list[Any]) -> None:
         if items:
-            self._inflight.append(_Chunk(items, self._send(items), self._generation))
+            chunk = _Chunk(items)
+            self._inflight.append(chunk)
             self._held += len(items)
+            if not self._probing:
+                self._submit(chunk)
+
+    def _submit(self, chunk: _Chunk) -> None:
+        self._seq += 1
+        chunk.seq, chunk.future = self._seq, self._send(chunk.items)
 
     def _send(self, items: list[Any]) -> Future:
+        """Send `items` as chunk number `self._seq`."""
         if self._workers is None:
-            self._workers = _Workers(self.workers, self.context, (self.task, self.initializer, self.initargs))
+            self._workers = _Workers(self.workers, self.context, 4 * self.window + 16, self.task,
+                                     self.initializer, self.initargs)
         try:
-            return self._workers.pool.schedule(_run_chunk, args=(items,), timeout=self.timeout)
+            return self._workers.executor.submit(_run_chunk, self._seq, items)
         except RuntimeError as exc:  # the pool broke since the last look
             future: Future = Future()
             future.set_exception(BrokenProcessPool(str(exc)))
             return future
 
+    def _dispatch(self) -> None:
+        """Send the chunks that wait: all of them; or, while items are on probation, the first
+        one (in input order) once nothing else is in the pool."""
+        waiting = [chunk for chunk in self._inflight if chunk.values is None and chunk.future is None]
+        self._probing = any(chunk.probe and chunk.values is None for chunk in self._inflight)
+        if not self._probing:
+            for chunk in waiting:
+                self._submit(chunk)
+        elif waiting and not any(chunk.future is not None and not chunk.future.done() for chunk in self._inflight):
+            self._submit(waiting[0])
+
     # --- receiving ---------------------------------------------------------------------------
 
-    def _wait(self, chunk: _Chunk) -> bool:
-        """Wait for `chunk` to finish, replacing a pool that lost a worker; False if stopped first."""
-        while not chunk.future.done():
-            if self.stop.is_set():
-                return False
-            if chunk.generation == self._generation and self._workers.failing():
-                self._retire(broken=not self._workers.pool.active)
-                continue
-            wait([chunk.future], timeout=0.1)
-        return True
-
-    def _settle(self, chunk: _Chunk) -> list[Any] | None:
-        """A finished chunk's values (TaskFailed for a failed item alone), or None when its items
-        went back to the workers: alone, to find the one that fails, or as they were."""
+    def _settle(self, chunk: _Chunk) -> None:
+        """Wait for the head chunk, and set its values; or send its items again (alone, to find
+        the one that fails, or as they were)."""
+        if not self._wait(chunk):
+            if not self.stop.is_set():
+                self._ran_over(chunk)
+            return
         try:
             values, seconds = chunk.future.result()
-        except BrokenProcessPool:  # every worker died before it could take a task: not this chunk's fault
-            if chunk.generation == self._generation:
-                self._retire(broken=True)  # sends it again, as it was
-            return None
-        except ProcessExpired:
-            return self._died(chunk)
-        except FutureTimeout:  # pebble killed its worker
-            self._killed.extend(chunk.items)
-            return self._alone(chunk, TaskFailed(TIMED_OUT.format(timeout=self.timeout)))
+        except BrokenProcessPool:
+            self._broken(chunk)
+            return
         except Exception as exc:  # the result could not come back
-            return self._alone(chunk, TaskFailed(_failure(exc)), ran=True)
+            self._failed(chunk, TaskFailed(_failure(exc)))
+            return
         self._learn(seconds, max(len(values), 1))
         self.finished += len(values)
-        return values
+        chunk.values = values
+        if self._probing:
+            self._dispatch()
 
-    def _died(self, chunk: _Chunk) -> list[Any] | None:
-        """The head chunk's worker died while it ran it: each item goes again alone, and one that
-        dies again is to blame."""
-        self._killed.extend(chunk.items)
-        if chunk.generation == self._generation:
-            self._retire()
-        if not chunk.retry:
-            self._resend_alone(chunk, retry=True)
-            return None
-        self._count_death()
-        return [TaskFailed(DIED)]
+    def _wait(self, chunk: _Chunk) -> bool:
+        """Wait for `chunk` to finish; False if stopped, or past the timeout, first."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while not self.stop.is_set():
+            try:
+                chunk.future.exception(timeout=_POLL)
+                return True
+            except FutureTimeout:
+                if deadline is not None and time.monotonic() > deadline:
+                    return False
+        return False
 
-    def _alone(self, chunk: _Chunk, failure: TaskFailed, ran: bool = False) -> list[Any] | None:
+    def _failed(self, chunk: _Chunk, failure: TaskFailed) -> None:
         """`failure` for an item alone; a chunk's items are sent again, each alone, to find which."""
         if len(chunk.items) > 1:
-            self._resend_alone(chunk, retry=chunk.retry)
-            return None
-        if ran:
-            self.finished += 1
-        return [failure]
+            self._split([chunk], probe=chunk.probe)
+            self._dispatch()
+            return
+        chunk.values = [failure]
+        self.finished += 1
 
-    def _resend_alone(self, chunk: _Chunk, retry: bool) -> None:
-        """Send the head chunk's items again, each alone, in its place."""
-        assert self._inflight[0] is chunk
-        self._inflight.popleft()
-        alone = [_Chunk([item], self._send([item]), self._generation, retry) for item in chunk.items]
-        self._inflight.extendleft(reversed(alone))
+    def _ran_over(self, chunk: _Chunk) -> None:
+        """The head chunk ran past the timeout: the pool is killed and replaced; an item alone is
+        reported, a chunk's items go again alone."""
+        if chunk in self._retire():
+            if len(chunk.items) > 1:
+                self._split([chunk], probe=chunk.probe)
+            else:
+                chunk.values = [TaskFailed(TIMED_OUT.format(timeout=self.timeout))]
+        self._dispatch()
 
-    def _retire(self, broken: bool = False) -> None:
-        """Replace the pool, which lost a worker (broken: all of them, before they took a task).
-        A worker that died holding pebble's channel lock would stall the others (pebble issue
-        #163), and a broken pebble pool can leave tasks unanswered: every chunk not finished goes
-        to a new pool, as it was."""
-        self._killed.extend(item for chunk in self._inflight if chunk.future is not None
-                            and not chunk.future.done() for item in chunk.items)
-        self._workers.stop()
-        self._workers = None
-        self._generation += 1
-        for chunk in self._inflight:
-            if chunk.future is not None and (not chunk.future.done() or _broken(chunk.future)):
-                chunk.future, chunk.generation = self._send(chunk.items), self._generation
-        if broken:
+    def _broken(self, chunk: _Chunk) -> None:
+        """A worker died, and the pool with it. Alone in the pool, an item that a worker had taken
+        is to blame; else the chunks taken go on probation, each item alone."""
+        alone = self._probing  # the head was the only chunk in the pool
+        taken = self._retire()
+        if not taken:
+            self._count_death()  # the workers died before they took anything
+        elif alone and len(chunk.items) == 1:
+            chunk.values = [TaskFailed(DIED)]
             self._count_death()
+        else:
+            self._split(taken, probe=True)
+        self._dispatch()
+
+    def _retire(self) -> list[_Chunk]:
+        """Kill the pool (it broke, or a chunk ran past the timeout); every chunk it had not
+        finished waits to be sent again, to a new pool, as it was. Returns those a worker had
+        taken: their items are among the killed."""
+        workers, self._workers = self._workers, None
+        workers.kill()
+        lost = self._lost()
+        taken = [chunk for chunk in lost if workers.took(chunk)]
+        workers.close(wait=False)
+        for chunk in lost:
+            chunk.future = None
+        self._killed.extend(item for chunk in taken for item in chunk.items)
+        return taken
+
+    def _lost(self) -> list[_Chunk]:
+        """The chunks sent whose values will not come: not finished, or lost with a broken pool."""
+        return [chunk for chunk in self._inflight if chunk.values is None and chunk.future is not None
+                and (not chunk.future.done() or _broken(chunk.future))]
+
+    def _split(self, chunks: list[_Chunk], probe: bool) -> None:
+        """Each item of `chunks` becomes a chunk of its own, in its place, waiting to be sent."""
+        split = {id(chunk) for chunk in chunks}
+        self._inflight = deque(part for chunk in self._inflight for part in (
+            [_Chunk([item], probe=probe) for item in chunk.items] if id(chunk) in split else [chunk]))
 
     def _count_death(self) -> None:
         self.deaths += 1
@@ -451,4 +458,7 @@ def _run_here(pool: OrderedPool) -> Iterator[tuple[Any, Any]]:
 
 
 def _broken(future: Future) -> bool:
-    return isinstance(future.exception(), BrokenProcessPool)
+    try:
+        return isinstance(future.exception(timeout=0), BrokenProcessPool)
+    except CancelledError:
+        return False

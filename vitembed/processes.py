@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 
-PRELOAD = ["vitembed.workers", "vitembed.pool"]  # the decoders' code, and pebble for the pool
+PRELOAD = ["vitembed.workers", "vitembed.pool"]  # the decoders' code, and the pool's worker side
 
 
 def decoder_context():
