@@ -78,9 +78,11 @@ def _exit_holding_the_channel_lock() -> None:
     import gc
     from multiprocessing.queues import Queue, SimpleQueue
 
-    # The stdlib's queues between an executor and its workers: this test's only reach into them.
+    # The stdlib's queues between an executor and its workers (this test's only reach into them),
+    # and the locks a worker takes: the read lock of the queue it takes tasks from, the write lock
+    # of the one it answers on. (The parent alone writes tasks: no worker holds that write lock.)
     for queue in (o for o in gc.get_objects() if isinstance(o, (Queue, SimpleQueue))):
-        for lock in (queue._rlock, queue._wlock):
-            if lock is not None:
-                lock.acquire(timeout=0.5)  # another worker may wait for a task, holding the read lock
+        lock = queue._wlock if isinstance(queue, SimpleQueue) else queue._rlock
+        if lock is not None:
+            lock.acquire(timeout=0.5)  # another worker may wait for a task, holding the read lock
     os._exit(1)

@@ -79,6 +79,7 @@ class OutputPlan:
     mode: str
     fmt: str
     target: Path | None = None
+    fresh: bool = False  # -o DIR did not exist when planned: nothing in it can be an earlier output
     _claimed: ClaimedPaths = field(default_factory=ClaimedPaths, repr=False)
 
     @classmethod
@@ -93,7 +94,7 @@ class OutputPlan:
         suffix = path.suffix.lower().lstrip(".")
         # A folder exists, or ends with /, or has no suffix; any other suffix names a file.
         if not suffix or path.is_dir() or out.endswith(("/", os.sep)):
-            return cls("dir", fmt or "npy", path)
+            return cls("dir", fmt or "npy", path, fresh=not os.path.lexists(path))
         if suffix not in FILE_SUFFIXES:
             raise ConfigError(f"-o {out}: vitembed writes .npy or .pt files, not .{suffix}; give "
                               f"-o {path.with_suffix('.npy')} or -o {path.with_suffix('.pt')} for one input, "
@@ -173,7 +174,9 @@ def plan_jobs(sources: Iterable[Source], plan: OutputPlan, resume: Resume,
 def _existing(job: Job, plan: OutputPlan, resume: Resume) -> Job | Failed | Skipped:
     """The job, unless its output exists: then skipped, or refused if it is not this run's kind."""
     output = job.output
-    if resume.overwrite or not os.path.lexists(output):
+    # One lstat an input (a few percent of a run on small images) is spared in a new folder: the
+    # folder lock keeps other runs out, and this run's own names are unique.
+    if resume.overwrite or plan.fresh or not os.path.lexists(output):
         return job
     found = output_header(output)
     if found is None or not _fits(found[0], resume.shape) or found[1] != resume.dtype:
