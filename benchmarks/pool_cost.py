@@ -5,7 +5,7 @@
 On a GPU machine the main process is the serial part of a run: it receives every image from the
 decoder processes, runs the layer and hands the outputs to the writers, so its CPU time per image
 bounds the run's rate (2,500 images/s leaves it 400 us per image, all of it). This measures the
-first of those costs: a `Decoder` over small JPEGs (`bench.build_small`), as `--decode gpu` uses
+first of those costs: an `OrderedPool` of `WorkerTask`s over small JPEGs (`bench.build_small`), as `--decode gpu` uses
 it (the decoders read plain JPEGs' bytes) and as `--decode cpu` does (they decode to 224 x 224
 pixels), with chunks sized as vitembed sizes them (B) and with one image per task (A, the pool
 before chunks), in turns. It prints the main process's CPU time (all its threads, user + system)
@@ -19,24 +19,31 @@ import os
 import resource
 import statistics
 import sys
-import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench import build_small, machine  # noqa: E402
-from vitembed.decoders import Decoder, Job, window_size  # noqa: E402
 from vitembed.images import Preprocess  # noqa: E402
 from vitembed.inputs import Source  # noqa: E402
+from vitembed.outcomes import Job  # noqa: E402
+from vitembed.pipeline import window_size  # noqa: E402
+from vitembed.pool import OrderedPool  # noqa: E402
+from vitembed.processes import decoder_context, start_decoder_server  # noqa: E402
+from vitembed.workers import WorkerTask, init_worker  # noqa: E402
 
 
 def run(paths: list[Path], device_jpegs: bool, chunks: bool, workers: int) -> tuple[float, float]:
     """(main-process CPU seconds per image, wall seconds) of decoding `paths` once."""
     prep = Preprocess()
     jobs = [Job(Source(p, Path(p.name)), None, i) for i, p in enumerate(paths)]
-    window = window_size(prep, 32, workers, device_jpegs=device_jpegs)
-    decoder = Decoder(prep, workers, window=window, stop=threading.Event(), device_jpegs=device_jpegs)
+    task = WorkerTask(prep, device_jpegs=device_jpegs, gate=decoder_context().Lock())
+    window = window_size(SimpleNamespace(prep=prep), task, 32, workers)  # no kernel: only the preprocessing counts
+    start_decoder_server()
+    decoder = OrderedPool(task, workers, window=window, timeout=120.0, initializer=init_worker,
+                          initargs=(prep.max_pixels, False), context=decoder_context())
     if not chunks:
         decoder.max_chunk = 1
     decoder.start(jobs[: 4 * workers])  # start the pool outside the measurement
