@@ -76,86 +76,18 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
-import os
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import CancelledError, Future, ProcessPoolExecutor, wait
-from concurrent.futures import TimeoutError as FutureTimeout
+from concurrent.futures import CancelledError, Future, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from typing import Any
 
-from .errors import VitembedError
+from .poolworkers import DIED, TIMED_OUT, TaskFailed, Workers, WorkersDied, _call, _failure
 
 __all__ = ["OrderedPool", "TaskFailed", "WorkersDied"]
-
-DIED = "the decoder process died while reading this file"
-TIMED_OUT = "decoding took longer than {timeout:g} s; the decoder was stopped"
-
-
-@dataclass(frozen=True)
-class TaskFailed:
-    """A task that produced no result: its worker died, it ran past the timeout, it raised, or its result could not come back."""
-
-    reason: str
-
-
-class WorkersDied(VitembedError):
-    """Worker processes die before any task finishes: they cannot start."""
-
-    def __init__(self) -> None:
-        super().__init__("decoder processes die before decoding anything; a script that calls "
-                         "vitembed.encode must guard it with `if __name__ == '__main__':` "
-                         "(or pass workers=0)")
-
-
-def _failure(exc: BaseException) -> str:
-    """The report for an item whose task raised, or whose result could not come back."""
-    return f"the decoder failed: {type(exc).__name__}: {exc}"
-
-
-def _call(task: Callable[[Any], Any], item: Any) -> Any:
-    try:
-        return task(item)
-    except Exception as exc:  # this item only; the rest of its chunk goes on
-        return TaskFailed(_failure(exc))
-
-
-# --- in a worker process ---------------------------------------------------------------------
-
-_TASK: Callable[[Any], Any] | None = None
-_DROP: Any = None  # a shared byte: 1 once the pool wants nothing more from its workers
-_TAKEN: Any = None  # shared: slot seq % len holds the number of a chunk a worker took
-
-
-def _start_worker(task: Callable[[Any], Any], drop: Any, taken: Any, pids: Connection,
-                  initializer: Callable[..., None] | None, initargs: tuple) -> None:
-    """A worker's start: the task arrives here, once, however large it is; the pid goes back."""
-    global _TASK, _DROP, _TAKEN
-    _TASK, _DROP, _TAKEN = task, drop, taken
-    try:
-        pids.send_bytes(os.getpid().to_bytes(8, "little"))  # one write of 12 bytes: atomic, no lock
-    except OSError:  # the pool is gone already; the drop flag is set
-        pass
-    pids.close()
-    if initializer is not None:
-        initializer(*initargs)
-
-
-def _run_chunk(seq: int, items: list[Any]) -> tuple[list[Any], float]:
-    """The task on each of a chunk's items, and the seconds they took (to size the next chunks)."""
-    _TAKEN[seq % len(_TAKEN)] = seq
-    start = time.perf_counter()
-    values = []
-    for item in items:
-        if _DROP.value:
-            break  # close(): the items left are not wanted
-        values.append(_call(_TASK, item))
-    return values, time.perf_counter() - start
-
 
 # --- in the main process ---------------------------------------------------------------------
 
@@ -181,40 +113,6 @@ class _Chunk:
     probe: bool = False  # alone, after a death: sent with nothing else in the pool
 
 
-class _Workers:
-    """One ProcessPoolExecutor, the pids its workers send when they start, and the chunks they took."""
-
-    def __init__(self, workers: int, context, slots: int, task: Callable[[Any], Any],
-                 initializer: Callable[..., None] | None, initargs: tuple):
-        self.drop = context.RawValue("b", 0)
-        self.taken = context.RawArray("q", slots)
-        self._pids, self._sender = context.Pipe(duplex=False)  # the sender goes to each worker started
-        self.executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                                            initargs=(task, self.drop, self.taken, self._sender, initializer, initargs))
-        self.pids: set[int] = set()
-
-    def took(self, chunk: _Chunk) -> bool:
-        """Whether a worker took `chunk` (from its last sending)."""
-        return self.taken[chunk.seq % len(self.taken)] == chunk.seq
-
-    def kill(self) -> None:
-        """Kill the workers now (each that has taken anything sent its pid first) and wait until
-        they are gone; one that has not sent its pid takes nothing (the drop flag)."""
-        self.drop.value = 1  # before the pids are read: a worker sends its pid, then looks at it
-        while self._pids.poll():
-            self.pids.add(int.from_bytes(self._pids.recv_bytes(), "little"))
-        mine = [p for p in multiprocessing.active_children() if p.pid in self.pids]
-        for process in mine:
-            process.kill()
-        for process in mine:
-            process.join(5.0)
-
-    def close(self, wait: bool) -> None:
-        self.executor.shutdown(wait=wait, cancel_futures=True)
-        self._pids.close()
-        self._sender.close()
-
-
 class OrderedPool:
     """Ordered, bounded parallel tasks that survive workers dying or hanging (see the module docstring)."""
 
@@ -234,7 +132,7 @@ class OrderedPool:
         self.chunk = 1  # items per chunk: one until chunks have been timed
         self.max_chunk = max(1, min(_MAX_CHUNK, self.window // (3 * max(workers, 1))))
         self.seconds_per_item: float | None = None
-        self._workers: _Workers | None = None
+        self._workers: Workers | None = None
         self._seq = 0  # chunks sent
         self._probing = False  # items on probation after a death: one chunk in the pool at a time
         self._items: Iterator[Any] = iter(())
@@ -282,25 +180,19 @@ class OrderedPool:
         if workers is not None:
             if self.stop.is_set() or not self._finish(workers):
                 workers.kill()
-                self._killed.extend(item for chunk in self._lost() if workers.took(chunk) for item in chunk.items)
+                self._killed.extend(item for chunk in self._lost() if workers.took(chunk.seq) for item in chunk.items)
             workers.close(wait=True)
         killed, self._killed = self._killed, []
         return killed
 
-    def _finish(self, workers: _Workers) -> bool:
+    def _finish(self, workers: Workers) -> bool:
         """Ask the workers to drop what they hold, and wait for each to finish its item; False if
         a stop, or the timeout, comes first."""
         workers.drop.value = 1
         pending = [chunk.future for chunk in self._lost()]
         for future in pending:
             future.cancel()  # those no worker has been given yet
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        while not self.stop.is_set():
-            if not wait(pending, timeout=_POLL).not_done:
-                return True
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-        return False
+        return _wait(pending, self.stop, self.timeout)
 
     # --- sending -----------------------------------------------------------------------------
 
@@ -336,10 +228,10 @@ class OrderedPool:
     def _send(self, items: list[Any]) -> Future:
         """Send `items` as chunk number `self._seq`."""
         if self._workers is None:
-            self._workers = _Workers(self.workers, self.context, 4 * self.window + 16, self.task,
+            self._workers = Workers(self.workers, self.context, 4 * self.window + 16, self.task,
                                      self.initializer, self.initargs)
         try:
-            return self._workers.executor.submit(_run_chunk, self._seq, items)
+            return self._workers.submit(self._seq, items)
         except RuntimeError as exc:  # the pool broke since the last look
             future: Future = Future()
             future.set_exception(BrokenProcessPool(str(exc)))
@@ -361,7 +253,7 @@ class OrderedPool:
     def _settle(self, chunk: _Chunk) -> None:
         """Wait for the head chunk, and set its values; or send its items again (alone, to find
         the one that fails, or as they were)."""
-        if not self._wait(chunk):
+        if not _wait([chunk.future], self.stop, self.timeout):
             if not self.stop.is_set():
                 self._ran_over(chunk)
             return
@@ -379,22 +271,10 @@ class OrderedPool:
         if self._probing:
             self._dispatch()
 
-    def _wait(self, chunk: _Chunk) -> bool:
-        """Wait for `chunk` to finish; False if stopped, or past the timeout, first."""
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        while not self.stop.is_set():
-            try:
-                chunk.future.exception(timeout=_POLL)
-                return True
-            except FutureTimeout:
-                if deadline is not None and time.monotonic() > deadline:
-                    return False
-        return False
-
     def _failed(self, chunk: _Chunk, failure: TaskFailed) -> None:
         """`failure` for an item alone; a chunk's items are sent again, each alone, to find which."""
         if len(chunk.items) > 1:
-            self._split([chunk], probe=chunk.probe)
+            self._inflight = _split(self._inflight, [chunk], probe=chunk.probe)
             self._dispatch()
             return
         chunk.values = [failure]
@@ -405,7 +285,7 @@ class OrderedPool:
         reported, a chunk's items go again alone."""
         if chunk in self._retire():
             if len(chunk.items) > 1:
-                self._split([chunk], probe=chunk.probe)
+                self._inflight = _split(self._inflight, [chunk], probe=chunk.probe)
             else:
                 chunk.values = [TaskFailed(TIMED_OUT.format(timeout=self.timeout))]
         self._dispatch()
@@ -421,7 +301,7 @@ class OrderedPool:
             chunk.values = [TaskFailed(DIED)]
             self._count_death()
         else:
-            self._split(taken, probe=True)
+            self._inflight = _split(self._inflight, taken, probe=True)
         self._dispatch()
 
     def _retire(self) -> list[_Chunk]:
@@ -431,7 +311,7 @@ class OrderedPool:
         workers, self._workers = self._workers, None
         workers.kill()
         lost = self._lost()
-        taken = [chunk for chunk in lost if workers.took(chunk)]
+        taken = [chunk for chunk in lost if workers.took(chunk.seq)]
         workers.close(wait=False)
         for chunk in lost:
             chunk.future = None
@@ -443,24 +323,15 @@ class OrderedPool:
         return [chunk for chunk in self._inflight if chunk.values is None and chunk.future is not None
                 and (not chunk.future.done() or _broken(chunk.future))]
 
-    def _split(self, chunks: list[_Chunk], probe: bool) -> None:
-        """Each item of `chunks` becomes a chunk of its own, in its place, waiting to be sent."""
-        split = {id(chunk) for chunk in chunks}
-        self._inflight = deque(part for chunk in self._inflight for part in (
-            [_Chunk([item], probe=probe) for item in chunk.items] if id(chunk) in split else [chunk]))
+    def _learn(self, seconds: float, items: int) -> None:
+        """Size the next chunks from how long one took."""
+        self.seconds_per_item = _per_item(self.seconds_per_item, seconds, items)
+        self.chunk = max(1, min(self.max_chunk, int(_CHUNK_SECONDS / max(self.seconds_per_item, 1e-6))))
 
     def _count_death(self) -> None:
         self.deaths += 1
         if self.deaths >= 3 and not self.finished:
             raise WorkersDied()
-
-    def _learn(self, seconds: float, items: int) -> None:
-        """Size the next chunks from how long one took (a moving average per item)."""
-        per_item = seconds / items
-        if self.seconds_per_item is not None:
-            per_item = 0.8 * self.seconds_per_item + 0.2 * per_item
-        self.seconds_per_item = per_item
-        self.chunk = max(1, min(self.max_chunk, int(_CHUNK_SECONDS / max(per_item, 1e-6))))
 
 
 def _run_here(pool: OrderedPool) -> Iterator[tuple[Any, Any]]:
@@ -481,3 +352,26 @@ def _broken(future: Future) -> bool:
         return isinstance(future.exception(timeout=0), BrokenProcessPool)
     except CancelledError:
         return False
+
+
+def _wait(futures: list[Future], stop: threading.Event, timeout: float | None) -> bool:
+    """Wait until `futures` are done: True; False if `stop` is set, or `timeout` seconds pass, first."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not stop.is_set():
+        if not wait(futures, timeout=_POLL).not_done:
+            return True
+        if deadline is not None and time.monotonic() > deadline:
+            return False
+    return False
+
+
+def _per_item(average: float | None, seconds: float, items: int) -> float:
+    """Seconds per item, a moving average (0.8 old + 0.2 new), from a chunk of `items` that took `seconds`."""
+    return seconds / items if average is None else 0.8 * average + 0.2 * seconds / items
+
+
+def _split(inflight: deque[_Chunk], chunks: list[_Chunk], probe: bool) -> deque[_Chunk]:
+    """`inflight` with each item of `chunks` made a chunk of its own, in its place, waiting to be sent."""
+    split = {id(chunk) for chunk in chunks}
+    return deque(part for chunk in inflight for part in (
+        [_Chunk([item], probe=probe) for item in chunk.items] if id(chunk) in split else [chunk]))
