@@ -188,7 +188,8 @@ class _Runs:
     def all(self) -> None:
         """Run every row, reporting each input's outcome."""
         pending = {key for table in self.tables for key in table.column("key").to_pylist()}
-        self._collect(self._dataset(self.tables, self.options.batch_size), pending)
+        if pending:  # else every input was skipped, or known bad
+            self._collect(self._dataset(self.tables, self.options.batch_size), pending)
         if pending and not self.stop.is_set():  # tasks that killed their actor each time: one row a task
             alone = [table.slice(i, 1) for table in self.tables
                      for i, key in enumerate(table.column("key").to_pylist()) if key in pending]
