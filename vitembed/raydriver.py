@@ -23,7 +23,10 @@
 - **Where.** With `RayOptions.address` (or $RAY_ADDRESS) the run joins that cluster; otherwise it
   starts a local one and stops it after. In a program that has called `ray.init`, it uses that.
   Every node must see the inputs and outputs at the same paths (shared storage); actors work in
-  the driver's current folder, so that relative paths mean the same everywhere.
+  the driver's current folder, so that relative paths mean the same everywhere. Inputs and -o
+  given as URIs (s3://, gs://, hdfs://, file://) are listed by the driver and read and written by
+  the actors through pyarrow's filesystems (`uris`); the driver writes -o URI's run.json and
+  manifest (`folder.UriFolder`).
 """
 
 from __future__ import annotations
@@ -117,8 +120,8 @@ def run(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOp
     except OutputError as exc:
         summary.stopped = str(exc)
     finally:
-        for folder in rows.folders:
-            clean_stale_temporaries(folder)  # of actors killed while they wrote
+        for folder in rows.folders:  # the temporaries of actors killed while they wrote
+            plan.store.clean(folder) if plan.store is not None else clean_stale_temporaries(folder)
         summary.elapsed = time.perf_counter() - start
     if stop.is_set() and not summary.stopped:
         summary.stopped = "interrupted"
@@ -176,7 +179,7 @@ class _Runs:
         self.options, self.ray_options, self.report, self.stop = options, ray_options, report, stop
         self.tables = rows.tables
         self.actor_args = dict(params=encoder.params, prep=encoder.prep, dtype=encoder.dtype, engine=engine,
-                               device=device, plan=OutputPlan(plan.mode, plan.fmt, plan.target), options=options,
+                               device=device, plan=OutputPlan(plan.mode, plan.fmt, plan.target, plan.store), options=options,
                                cwd=os.getcwd())
         resources = ray.cluster_resources()
         held = resources.get("GPU", 0) / ray_options.gpus if ray_options.gpus else \
