@@ -130,3 +130,26 @@ def no_torch_env(tmp_path) -> dict:
     (fake / "torch").mkdir(parents=True)
     (fake / "torch" / "__init__.py").write_text(POISONED_TORCH)
     return {"PYTHONPATH": os.pathsep.join([str(fake), *sys.path])}
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Ray, started once for the session (or the one a caller started): 2 CPUs, 512 MiB of object
+    store. Its workers import this checkout's vitembed, whichever folder a driver runs in."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    started = not ray.is_initialized()
+    if started:
+        with pytest.MonkeyPatch.context() as mp:  # the environment the cluster's processes start with
+            mp.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+            ray.init(num_cpus=2, object_store_memory=512 * 2**20, include_dashboard=False, log_to_driver=False,
+                     logging_level="error")
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def address(ray_session) -> str:
+    """The session cluster's address, for drivers in subprocesses."""
+    return ray_session.get_runtime_context().gcs_address

@@ -2,7 +2,7 @@
 faults (a bad image, a killed actor, an input that kills its actor, Ctrl-C then --skip-existing),
 a real two-node cluster, and the Python API's Parquet round trip.
 
-One Ray instance serves the whole session (`ray_session`); the CLI runs in this process with it, or
+One Ray instance serves the whole session (`ray_session`, in conftest.py); the CLI runs in this process with it, or
 joins it from a subprocess with --ray-address. Actors take half a CPU each, so that two of them
 and Ray's own tasks never wait on each other on two cores.
 """
@@ -30,26 +30,6 @@ SMALL = ["--image-size", "32", "--patch-size", "8", "--emb-dim", "16"]
 ACTORS = ["--ray-cpus", "0.5", "--ray-actors", "2"]
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """Ray, started once for the session (or the one a caller started)."""
-    ray = pytest.importorskip("ray")
-    pytest.importorskip("ray.data")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, object_store_memory=512 * 2**20, include_dashboard=False, log_to_driver=False,
-                 logging_level="error")
-    yield ray
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="session")
-def address(ray_session) -> str:
-    """The session cluster's address, for drivers in subprocesses."""
-    return ray_session.get_runtime_context().gcs_address
-
-
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
     """Small images of several formats and modes, in a tree, and one file that is not an image."""
@@ -74,15 +54,18 @@ def many(tmp_path_factory) -> Path:
     return folder
 
 
-def assert_same_folder(local: Path, ray: Path) -> None:
-    """Every output byte for byte, the same manifest lines, the same run.json configuration."""
+def assert_same_folder(local: Path, ray: Path, inputs: str = "") -> None:
+    """Every output byte for byte, the same manifest lines, the same run.json configuration.
+    `inputs`: the URI of the folder whose local path the local run's manifest names."""
     skip = {".vitembed.lock", "run.json", "manifest.jsonl"}
     names = sorted(p.relative_to(local) for p in local.rglob("*") if p.is_file() and p.name not in skip)
     assert names == sorted(p.relative_to(ray) for p in ray.rglob("*") if p.is_file() and p.name not in skip)
     for name in names:
         assert (local / name).read_bytes() == (ray / name).read_bytes(), name
     manifest = lambda folder: sorted(map(json.dumps, read_manifest(folder)))  # noqa: E731
-    assert manifest(local) == manifest(ray)
+    prefix = inputs.removeprefix("file://")
+    local_lines = [line.replace(prefix, inputs) for line in manifest(local)] if inputs else manifest(local)
+    assert sorted(local_lines) == manifest(ray)
     config = lambda folder: json.loads((folder / "run.json").read_text())["config"]  # noqa: E731
     assert config(local) == config(ray)
 
@@ -96,6 +79,31 @@ def test_same_bytes_as_a_local_run(ray_session, photos, tmp_path, options):
     ray = run_cli("encode", photos, "-o", tmp_path / "ray", *layer, *options, "-q", "--ray", *ACTORS)
     assert (local.returncode, ray.returncode) == (1, 1), ray.stderr  # bad.jpg
     assert_same_folder(tmp_path / "local", tmp_path / "ray")
+
+
+@pytest.mark.parametrize("options", [[], ["--shard-size", "5"], ["--format", "pt"]], ids=["npy", "shards", "pt"])
+def test_file_uris_in_and_out_give_a_local_run_s_bytes(ray_session, photos, tmp_path, options):
+    """Inputs listed and read, outputs written, through pyarrow's filesystem of file:// URIs."""
+    local = run_cli("encode", photos, "-o", tmp_path / "local", *SMALL, *options, "-q")
+    uri = [f"file://{photos}", "-o", f"file://{tmp_path}/uri", *SMALL, *options, "--ray", *ACTORS]
+    ray = run_cli("encode", *uri, "--json")
+    assert (local.returncode, ray.returncode) == (1, 1), ray.stderr  # bad.jpg
+    bad = [line for line in json_lines(ray.stdout) if line["status"] == "error"]
+    assert [line["input"] for line in bad] == [f"file://{photos}/bad.jpg"] and "not an image" in bad[0]["error"]
+    assert_same_folder(tmp_path / "local", tmp_path / "uri", inputs=f"file://{photos}")
+    # Resumed: run.json, the manifest and the outputs read back; skipped as locally (with shards,
+    # the shard of the bad image is made again).
+    resumed = run_cli("encode", *uri, "--json", "--skip-existing")
+    local = run_cli("encode", photos, "-o", tmp_path / "local", *SMALL, *options, "--json", "--skip-existing")
+    statuses = lambda result: sorted(line["status"] for line in json_lines(result.stdout))  # noqa: E731
+    assert "skipped" in statuses(resumed) and statuses(resumed) == statuses(local), resumed.stderr
+    assert not list((tmp_path / "uri").rglob(".*.tmp"))
+
+
+def test_a_uri_input_needs_an_output_folder(photos, tmp_path):
+    pytest.importorskip("ray.data")
+    result = run_cli("encode", f"file://{photos}", "--ray", cwd=tmp_path)
+    assert result.returncode == 2 and b"the tokens of a URI input are not written beside it" in result.stderr
 
 
 def test_bad_image_is_a_row_of_the_manifest_and_stdout_carries_only_json(ray_session, photos, tmp_path):

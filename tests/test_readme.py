@@ -1,7 +1,8 @@
-"""The README's Usage block runs as written, top to bottom, so that it cannot drift from the program."""
+"""The README's Usage block and its "On a cluster" examples run as written, so that they cannot drift from the program."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -50,3 +51,50 @@ def test_usage_block_runs_in_order(tmp_path, sample_paths):
     for made in ("cat.npy", "cat.pt", "tokens/chelsea.npy", "tokens-b16/chelsea.npy", "jpg-tokens/photos/rocket.npy",
                  "layer.pt", "cat-b16.npy"):
         assert (tmp_path / made).is_file(), made
+
+
+def cluster_blocks() -> tuple[list[str], list[str], str]:
+    """"On a cluster"'s blocks: the lines that need machines, the lines that run here, the Python example."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## On a cluster\n", 1)[1].split("\n## ", 1)[0]
+    (machines, here), python = re.findall(r"```sh\n(.*?)```", section, re.S), re.search(r"```python\n(.*?)```", section, re.S)
+    lines = lambda block: [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]  # noqa: E731
+    return lines(machines), lines(here), python.group(1)
+
+
+@pytest.mark.slow
+def test_cluster_lines_that_need_machines_use_options_that_exist():
+    """`ray start` and `vitembed encode` know every option these lines give."""
+    pytest.importorskip("ray")
+    ray = shutil.which("ray") or pytest.skip("no ray command")
+    helps = {"ray": subprocess.run([ray, "start", "--help"], capture_output=True, text=True, timeout=120).stdout,
+             "vitembed": subprocess.run([sys.executable, "-m", "vitembed", "encode", "--help"], capture_output=True,
+                                        text=True, timeout=120, env={**os.environ, "COLUMNS": "200"}).stdout}
+    machines, _, _ = cluster_blocks()
+    assert [line.split()[0] for line in machines] == ["ray", "ray", "export", "vitembed"]
+    for line in machines:
+        for option in re.findall(r"(?<=\s)--[a-z-]+", line):
+            assert option in helps.get(line.split()[0], option), f"{option} in: {line}"
+
+
+@pytest.mark.slow
+def test_cluster_lines_and_python_example_run_on_a_local_cluster(tmp_path, sample_paths, address):
+    """The lines that run here, in order, then the Python example, on the session's cluster."""
+    _, here, python = cluster_blocks()
+    assert all(line.startswith("vitembed encode ") and " --ray" in line for line in here)
+    (tmp_path / "photos").mkdir()
+    shutil.copytree(ROOT / "sample_images", tmp_path / "sample_images")
+    for path in sample_paths:
+        shutil.copy(path, tmp_path / "photos" / path.name)
+    env = {**os.environ, "PYTHON": sys.executable, "RAY_ADDRESS": address,
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    script = "\n".join(["set -euo pipefail", 'vitembed() { "$PYTHON" -m vitembed "$@"; }', *here])
+    result = subprocess.run(["bash", "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {json.loads(line)["status"] for line in result.stdout.splitlines()} == {"skipped"}
+    for made in ("tokens/chelsea.npy", "tokens-b16/chelsea.npy", "uri-tokens/shard-00001.npy", "uri-tokens/manifest.jsonl"):
+        assert (tmp_path / made).is_file(), made
+    result = subprocess.run([sys.executable, "-c", python], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == python.split("# ")[-1].strip()  # what its comment says it prints

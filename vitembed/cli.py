@@ -142,7 +142,7 @@ def encode(
         # The total for the bar, counted beside the run: inputs stream, they are never all held.
         from .inputs import iter_sources
 
-        count = lambda: reporter.set_total(sum(1 for _ in iter_sources(inputs, on_own_output=lambda path: None)))  # noqa: E731
+        count = lambda: reporter.set_total(sum(1 for _ in iter_sources(inputs, on_own_output=lambda p: None, uris=ray)))  # noqa: E731
         threading.Thread(target=count, daemon=True).start()
     options = dict(
         **layer, weights=weights, seed=seed, pos_init=value(pos_init), pos_resample=value(pos_resample),

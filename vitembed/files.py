@@ -21,7 +21,8 @@ from typing import BinaryIO
 
 from .errors import OutputError
 
-__all__ = ["atomic_write", "clean_stale_temporaries", "describe_os_error", "leave_temporaries", "silence_stream"]
+__all__ = ["atomic_write", "clean_stale_temporaries", "describe_os_error", "is_temporary", "leave_temporaries",
+           "silence_stream", "temporary_name"]
 
 _TMP_RE = re.compile(r"^\.vitembed-(\d+)-[0-9a-f]+\.tmp$")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -57,11 +58,21 @@ def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], None]) -> int:
         raise
 
 
+def temporary_name() -> str:
+    """A temporary's name: this process's PID and 64 random bits, which nobody can predict."""
+    return f".vitembed-{os.getpid()}-{secrets.token_hex(8)}.tmp"
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of `temporary_name`'s."""
+    return _TMP_RE.match(name) is not None
+
+
 def _create_temporary(folder: Path) -> tuple[Path, int]:
     """A new file in `folder` under a name nobody could have predicted, opened for writing."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW | _BINARY
     for _ in range(100):
-        tmp = folder / f".vitembed-{os.getpid()}-{secrets.token_hex(8)}.tmp"
+        tmp = folder / temporary_name()
         try:
             return tmp, os.open(tmp, flags, 0o666)
         except FileExistsError:

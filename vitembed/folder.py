@@ -13,6 +13,8 @@
 - Nothing is left behind by a run that wrote no output: a folder it created is removed again,
   and run.json and the manifest are written with the first output.
 Every file here is opened without following links: a planted symbolic link is refused.
+
+`-o URI` (on Ray) is a `UriFolder`: the same run.json and manifest, through pyarrow (`uris.Store`).
 """
 
 from __future__ import annotations
@@ -20,14 +22,14 @@ from __future__ import annotations
 import json
 import os
 import platform
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import ConfigError, OutputError
 from .files import atomic_write, describe_os_error
 from .outcomes import Outcome, Written, display_path
 
-__all__ = ["LOCK_FILE", "MANIFEST_FILE", "RUN_FILE", "OutputFolder", "read_manifest"]
+__all__ = ["LOCK_FILE", "MANIFEST_FILE", "RUN_FILE", "OutputFolder", "UriFolder", "manifest_records", "read_manifest"]
 
 RUN_FILE = "run.json"
 MANIFEST_FILE = "manifest.jsonl"
@@ -61,11 +63,7 @@ class OutputFolder:
             folder.mkdir(parents=True, exist_ok=True)
             self._lock = _lock(folder)
             previous = _read_run_config(folder)
-            if previous is not None and previous != config:
-                if not overwrite:
-                    raise ConfigError(f"{display_path(folder)} holds outputs made with another configuration "
-                                      f"({'; '.join(_differences(previous, config)) or 'unreadable run.json'}); "
-                                      "use another -o folder, or --overwrite to re-encode into it")
+            if _replaced(display_path(folder), previous, config, overwrite):
                 self._remove_old_outputs()
             elif overwrite:
                 (folder / MANIFEST_FILE).unlink(missing_ok=True)
@@ -130,6 +128,66 @@ class OutputFolder:
                 os.rmdir(self.folder)
 
 
+class UriFolder:
+    """-o URI for one run (`uris.Store`), as `OutputFolder` is for -o DIR: run.json checked, and
+    written with the first output; the manifest read, and written whole when the run ends, its
+    earlier lines and this run's (object stores cannot append). There is no lock (object stores
+    have none): one run at a time into a URI folder is the user's care. Arguments as `OutputFolder`'s.
+    """
+
+    def __init__(self, store, config: dict, record: dict, relative, overwrite: bool = False):
+        self.store, self.record_data, self.relative = store, record, relative
+        self.lines: list[str] = []
+        text = store.read(self._path(RUN_FILE), 1 << 20)
+        old = store.read(self._path(MANIFEST_FILE), _URI_MANIFEST_LIMIT) or b""
+        replaced = _replaced(store.uri, None if text is None else _run_config(text), config, overwrite)
+        self.started = text is not None and not replaced  # else run.json is written with the first output
+        if replaced:  # the old outputs the manifest lists (inside the folder, with an output suffix)
+            for key in manifest_records(old.decode("utf-8", "replace").splitlines(True)):
+                rel = PurePosixPath(key[0] if isinstance(key, tuple) else key)
+                if rel.suffix.lower() in (".npy", ".pt") and not rel.is_absolute() and ".." not in rel.parts:
+                    store.delete(self._path(str(rel)))
+        if overwrite:
+            store.delete(self._path(MANIFEST_FILE))
+            old = b""
+        self.old = old[:old.rfind(b"\n") + 1]  # without a line torn by a killed run
+        self.made_from = manifest_records(self.old.decode("utf-8", "replace").splitlines(True))
+
+    def _path(self, name: str) -> str:
+        return f"{self.store.base}/{name}"
+
+    def record(self, outcome: Outcome) -> None:
+        """Hold the outcome's manifest line; run.json is written with the first output."""
+        self.lines.append(json.dumps(outcome.record(self.relative(outcome.output))) + "\n")
+        if isinstance(outcome, Written) and not self.started:
+            self.store.write(self._path(RUN_FILE), (json.dumps(self.record_data, indent=2) + "\n").encode())
+            self.started = True
+
+    def close(self) -> None:
+        """Write the manifest, where the folder holds outputs."""
+        if self.lines and self.started:
+            self.store.write(self._path(MANIFEST_FILE), self.old + "".join(self.lines).encode())
+            self.lines = []
+
+
+_URI_MANIFEST_LIMIT = 1 << 30  # a manifest a driver reads into memory (about 5 million lines)
+
+
+def _replaced(name: str, previous: dict | None, config: dict, overwrite: bool) -> bool:
+    """Whether a folder's outputs are of another configuration, to be replaced (--overwrite).
+
+    Raises:
+        ConfigError: they are, without --overwrite.
+    """
+    if previous is None or previous == config:
+        return False
+    if not overwrite:
+        raise ConfigError(f"{name} holds outputs made with another configuration "
+                          f"({'; '.join(_differences(previous, config)) or 'unreadable run.json'}); "
+                          "use another -o folder, or --overwrite to re-encode into it")
+    return True
+
+
 def run_record(config: dict, device: str) -> dict[str, Any]:
     """run.json: the configuration, and what made the outputs (not compared between runs)."""
     from importlib import metadata
@@ -172,10 +230,18 @@ def _read_run_config(folder: Path) -> dict | None:
         return None
     try:
         fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
-        with os.fdopen(fd, encoding="utf-8") as f:
-            config = json.loads(f.read(1 << 20)).get("config", {})
+        with os.fdopen(fd, "rb") as f:
+            return _run_config(f.read(1 << 20))
+    except OSError:
+        return {}
+
+
+def _run_config(text: bytes) -> dict:
+    """run.json's configuration ({} where it cannot be read)."""
+    try:
+        config = json.loads(text).get("config", {})
         return config if isinstance(config, dict) else {}
-    except (OSError, ValueError, AttributeError):
+    except (ValueError, AttributeError):
         return {}
 
 
@@ -202,26 +268,31 @@ def read_manifest(path: Path) -> dict:
     """What each output was last made from, per a manifest.jsonl: output (relative to DIR) ->
     input, and for shards (shard, row) -> input. Unreadable lines (a torn last line) are passed
     over; a missing manifest or a link gives {}."""
-    made: dict = {}
-    latest: dict[str, object] = {}  # input -> its key in `made`, so that a later failure unsets it
     try:
         fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
     except OSError:
-        return made
+        return {}
     with os.fdopen(fd, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-                source = record["input"]
-                previous = latest.pop(source, None)
-                if previous is not None and made.get(previous) == source:
-                    del made[previous]
-                if record.get("status") in ("ok", "skipped") and record.get("output"):
-                    key = (record["output"], record["row"]) if "row" in record else record["output"]
-                    made[key] = source
-                    latest[source] = key
-            except (ValueError, AttributeError, TypeError, KeyError):
-                continue
+        return manifest_records(f)
+
+
+def manifest_records(lines) -> dict:
+    """`read_manifest` of a manifest's lines."""
+    made: dict = {}
+    latest: dict[str, object] = {}  # input -> its key in `made`, so that a later failure unsets it
+    for line in lines:
+        try:
+            record = json.loads(line)
+            source = record["input"]
+            previous = latest.pop(source, None)
+            if previous is not None and made.get(previous) == source:
+                del made[previous]
+            if record.get("status") in ("ok", "skipped") and record.get("output"):
+                key = (record["output"], record["row"]) if "row" in record else record["output"]
+                made[key] = source
+                latest[source] = key
+        except (ValueError, AttributeError, TypeError, KeyError):
+            continue
     return made
 
 

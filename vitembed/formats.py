@@ -71,11 +71,12 @@ def tensor_bytes(array: np.ndarray, fmt: str, dtype: str | None = None) -> bytes
     return buffer.getvalue()
 
 
-def output_header(path: os.PathLike | str) -> tuple[tuple[int, ...], str] | None:
+def output_header(path: os.PathLike | str, opener=open_regular) -> tuple[tuple[int, ...], str] | None:
     """The shape and dtype of an existing `.npy` or `.pt` file of one array, from its header alone;
-    None when it is not one (or cannot be read)."""
+    None when it is not one (or cannot be read). `opener`: how to open it for reading (a local
+    regular file; `uris.Store.header` gives pyarrow's)."""
     try:
-        with open_regular(path) as f:
+        with opener(path) as f:
             if os.fspath(path).lower().endswith((".pt", ".pth")):
                 return read_pt_header(f)
             version = np.lib.format.read_magic(f)

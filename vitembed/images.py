@@ -26,6 +26,7 @@ from .config import LIMITS
 from .errors import ConfigError, InputError, one_line
 from .resolution import ResizePlan, resize_plan
 from .safeio import NotRegularFile, open_regular
+from .uris import Uri
 
 __all__ = [
     "NORMALIZATIONS",
@@ -35,6 +36,7 @@ __all__ = [
     "image_extensions",
     "is_image_path",
     "load_image",
+    "max_file_bytes",
     "parse_color",
     "read_plain_jpeg",
     "resize_plan",
@@ -186,9 +188,15 @@ def is_image_path(path: str | os.PathLike) -> bool:
     return Image.EXTENSION.get(ext) in Image.OPEN or ext in image_extensions()
 
 
+def max_file_bytes(prep: Preprocess) -> int:
+    """The most bytes of one image file read into memory at once (a URI's, a JPEG's for the
+    device): 4 a pixel of --max-pixels, an uncompressed 8-bit RGBA image of the largest size allowed."""
+    return 4 * prep.max_pixels
+
+
 def load_image(path: str | os.PathLike | BinaryIO, prep: Preprocess, gate=None) -> np.ndarray:
-    """Read one image file (a path, or an open binary file) as an (S, S, C) uint8 array ready for
-    the layer.
+    """Read one image file (a path, a `uris.Uri`, or an open binary file) as an (S, S, C) uint8
+    array ready for the layer.
 
     Args:
         gate: a lock (a semaphore shared by a run's decoder processes) held while an image of more
@@ -203,7 +211,7 @@ def load_image(path: str | os.PathLike | BinaryIO, prep: Preprocess, gate=None) 
         with warnings.catch_warnings():
             # Pillow warns about odd headers, EXIF and palettes while opening; not ours to show.
             warnings.simplefilter("ignore")
-            with _open(path) as f, Image.open(f) as im:
+            with _open(path, prep) as f, Image.open(f) as im:
                 return _prepare(im, prep, gate)
     except InputError:
         raise
@@ -230,8 +238,11 @@ def load_image(path: str | os.PathLike | BinaryIO, prep: Preprocess, gate=None) 
         raise InputError(f"cannot decode: {type(exc).__name__}: {one_line(exc)}") from None
 
 
-def _open(path: str | os.PathLike | BinaryIO):
-    """A file object for Pillow: a path is opened only if it is a regular file (never a FIFO)."""
+def _open(path: str | os.PathLike | BinaryIO, prep: Preprocess):
+    """A file object for Pillow: a path is opened only if it is a regular file (never a FIFO); a
+    URI is read whole through pyarrow, if its size is within `max_file_bytes`."""
+    if isinstance(path, Uri):
+        return contextlib.nullcontext(io.BytesIO(path.fetch(max_file_bytes(prep))))
     if hasattr(path, "read"):
         return contextlib.nullcontext(path)
     return open_regular(path)
@@ -271,7 +282,7 @@ def read_plain_jpeg(path: str | os.PathLike, prep: Preprocess) -> PlainJpeg | No
         return None
     try:
         with open_regular(path) as f:
-            if os.fstat(f.fileno()).st_size > 4 * prep.max_pixels:  # far over any JPEG of that many pixels
+            if os.fstat(f.fileno()).st_size > max_file_bytes(prep):  # far over any JPEG of that many pixels
                 return None
             data = bytearray(f.read())
     except (OSError, NotRegularFile):

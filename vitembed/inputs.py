@@ -1,20 +1,21 @@
-"""What to encode: files, folders walked in sorted order, and path lists from stdin."""
+"""What to encode: files, folders walked in sorted order, path lists from stdin, and (on Ray) URIs
+that pyarrow reads, listed in the same order (`uris`)."""
 
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import BinaryIO
 
+from .errors import one_line
 from .images import is_image_path
+from .uris import ARROW_SCHEMES, Uri, UriError, filesystem, is_uri
 
 __all__ = ["OWN_OUTPUTS", "Source", "iter_sources", "read_path_list"]
 
 OWN_OUTPUTS = (".npy", ".pt", ".pth")  # what vitembed writes; never images
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]+:/")  # https://host/x.jpg (a Path keeps one slash of the two)
 
 
 @dataclass(frozen=True)
@@ -22,7 +23,7 @@ class Source:
     """One input image.
 
     Attributes:
-        path: where to read it.
+        path: where to read it (a `uris.Uri` for a file that pyarrow reads).
         rel: its place under an output folder: the path relative to the folder it was found in
             (just the file name for a file named directly).
         error: set when the input is known to be bad before reading it (a missing path).
@@ -35,7 +36,7 @@ class Source:
 
 def iter_sources(
     args: Iterable[str | os.PathLike], stdin: BinaryIO | None = None, null: bool = False,
-    on_own_output: Callable[[Path], None] | None = None,
+    on_own_output: Callable[[Path], None] | None = None, uris: bool = False,
 ) -> Iterator[Source]:
     """Expand command-line inputs lazily, in order.
 
@@ -46,13 +47,21 @@ def iter_sources(
 
     With `on_own_output`, a file named directly that is one of vitembed's outputs (.npy, .pt:
     `photos/*` after a run that wrote beside the photos) goes to it instead: it is no image.
+
+    With `uris` (a run on Ray), an argument that is a URI (s3://, gs://, hdfs://, file://) is a
+    file or folder in pyarrow's filesystem for it, folders walked as local ones are.
     """
     for arg in args:
         if os.fspath(arg) == "-":
             if stdin is None:
                 raise ValueError("'-' given but no stdin to read paths from")
             for path in read_path_list(stdin, null):
+                if uris and _arrow_uri(os.fspath(path)):  # a Path keeps one slash of the URI's two
+                    yield Source(path, _safe_relative(path), "a URI in a list on stdin: on Ray, give URIs as arguments")
+                    continue
                 yield from _expand(path, _safe_relative(path), on_own_output)
+        elif uris and _arrow_uri(arg):
+            yield from _expand_uri(arg)
         else:
             path = Path(arg)
             yield from _expand(path, PurePath(path.name), on_own_output, os.fspath(arg))
@@ -76,11 +85,70 @@ def _expand(path: Path, rel: PurePath, on_own_output: Callable[[Path], None] | N
         yield Source(path, rel)
 
 
+def _arrow_uri(typed) -> bool:
+    """Whether `typed` is a URI of a scheme pyarrow's filesystems may know (as built)."""
+    return is_uri(typed) and typed.split(":", 1)[0].lower() in ARROW_SCHEMES
+
+
 def _missing(typed: str) -> str:
-    if _URL.match(typed):
-        return (f"a URL; vitembed reads only local files: download it first (curl -O {typed}) and give its "
-                "path, or a list of downloaded paths on stdin with -")
-    return "no such file or folder"
+    if not is_uri(typed):
+        return "no such file or folder"
+    if _arrow_uri(typed):
+        return (f"a URL; vitembed reads only local files, except on Ray: add --ray to read it through pyarrow "
+                f"({', '.join(f'{s}://' for s in ARROW_SCHEMES[:4])} and file://), or download it first and give its path")
+    return (f"a URL; vitembed reads only local files: download it first (curl -O {typed}) and give its "
+            "path, or a list of downloaded paths on stdin with -")
+
+
+def _expand_uri(uri: str) -> Iterator[Source]:
+    """A URI's file, or the image files of its folder, as `_walk` finds them in a local one."""
+    from pyarrow.fs import FileType
+
+    rel = PurePath(uri.rstrip("/").rpartition("/")[2].partition("?")[0] or "input")
+    try:
+        fs, path = filesystem(uri)
+        kind = fs.get_file_info(path).type
+    except (UriError, OSError) as exc:
+        yield Source(Uri(uri), rel, str(exc) if isinstance(exc, UriError) else f"cannot read: {one_line(exc)}")
+        return
+    if kind == FileType.Directory:
+        yield from _walk_uri(uri, fs, path)
+    elif kind == FileType.NotFound:
+        yield Source(Uri(uri), rel, "no such file or folder")
+    else:
+        yield Source(Uri(uri, uri, path), rel, None if kind == FileType.File else _NOT_REGULAR)
+
+
+def _walk_uri(uri: str, fs, root: str) -> Iterator[Source]:
+    """`_walk` through pyarrow: files of a folder in name order, then its subfolders. A local
+    filesystem's folders are told apart by their inode, so that a link loop is walked once."""
+    from pyarrow.fs import FileSelector, FileType
+
+    seen: set = set()
+    stack: list[tuple[str, PurePath]] = [(root, PurePath())]
+    head, sep, query = uri.partition("?")
+    shown = lambda rel: f"{head.rstrip('/')}/{rel.as_posix()}{sep}{query}" if rel.parts else uri  # noqa: E731
+    while stack:
+        folder, rel = stack.pop()
+        try:
+            if fs.type_name == "local":
+                st = os.stat(folder)
+                if (st.st_dev, st.st_ino) in seen:
+                    continue
+                seen.add((st.st_dev, st.st_ino))
+            entries = sorted(fs.get_file_info(FileSelector(folder)), key=lambda e: e.base_name)
+        except OSError as exc:
+            yield Source(Uri(shown(rel), uri, folder), rel, f"cannot read folder: {one_line(exc)}")
+            continue
+        subfolders = []
+        for entry in entries:
+            if entry.type == FileType.Directory:
+                subfolders.append((entry.path, rel / entry.base_name))
+            elif is_image_path(entry.base_name):
+                name = rel / entry.base_name
+                error = {FileType.File: None, FileType.NotFound: "broken symbolic link"}.get(entry.type, _NOT_REGULAR)
+                yield Source(Uri(shown(name), uri, entry.path), name, error)
+        stack.extend(reversed(subfolders))
 
 
 def _walk(root: Path) -> Iterator[Source]:
@@ -122,7 +190,10 @@ def _not_regular(entry: os.DirEntry) -> str | None:
         os.stat(entry.path)
     except OSError as exc:
         return "broken symbolic link" if entry.is_symlink() else f"cannot read: {exc.strerror or exc}"
-    return "not a regular file (a FIFO, socket or device)"
+    return _NOT_REGULAR
+
+
+_NOT_REGULAR = "not a regular file (a FIFO, socket or device)"
 
 
 def _safe_relative(path: Path) -> PurePath:

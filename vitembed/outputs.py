@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +19,7 @@ from .errors import ConfigError
 from .formats import FORMATS, output_header
 from .inputs import Source
 from .outcomes import Failed, Job, Skipped, display_path
+from .uris import Store, is_uri
 
 __all__ = ["FILE_SUFFIXES", "OutputPlan", "Resume", "plan_jobs"]
 
@@ -37,19 +39,25 @@ class ClaimedPaths:
 
     def add(self, key: str) -> bool:
         """Add `key`; False if it was there already."""
-        digest = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
-        digest = np.uint64(digest or 1)
         if 2 * (self.count + 1) > len(self.table):
             self._grow()
-        return self._insert(digest)
+        return self._insert(_digest(key))
 
-    def _insert(self, digest: np.uint64) -> bool:
+    def __contains__(self, key: str) -> bool:
+        return bool(self.table[self._slot(_digest(key))])
+
+    def _slot(self, digest: np.uint64) -> int:
+        """The slot that holds `digest`, or the empty one where it would go."""
         mask = len(self.table) - 1
         slot = int(digest) & mask
-        while self.table[slot]:
-            if self.table[slot] == digest:
-                return False
+        while self.table[slot] and self.table[slot] != digest:
             slot = (slot + 1) & mask
+        return slot
+
+    def _insert(self, digest: np.uint64) -> bool:
+        slot = self._slot(digest)
+        if self.table[slot]:
+            return False
         self.table[slot] = digest
         self.count += 1
         return True
@@ -60,6 +68,11 @@ class ClaimedPaths:
         self.count = 0
         for digest in old:
             self._insert(digest)
+
+
+def _digest(key: str) -> np.uint64:
+    digest = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
+    return np.uint64(digest or 1)
 
 
 @dataclass
@@ -74,13 +87,18 @@ class OutputPlan:
     Two inputs that would map to the same output both get their own file: the first keeps the
     plain name (`pet.npy`), each later one keeps its own extension too (`pet.png.npy`), then a
     counter (`pet.png.1.npy`) if even that is taken.
+
+    `-o URI` (s3://, gs://, hdfs://, file://; on Ray) is a folder in pyarrow's filesystem for it
+    (`store`, a `uris.Store`); `target` and the output paths are then that filesystem's paths.
     """
 
     mode: str
     fmt: str
     target: Path | None = None
+    store: Any = None
     fresh: bool = False  # -o DIR did not exist when planned: nothing in it can be an earlier output
     _claimed: ClaimedPaths = field(default_factory=ClaimedPaths, repr=False)
+    _present: ClaimedPaths | None = field(default=None, repr=False)  # a store's files, listed once
 
     @classmethod
     def from_option(cls, out: str | None, fmt: str | None) -> OutputPlan:
@@ -90,6 +108,9 @@ class OutputPlan:
             return cls("beside", fmt or "npy")
         if out == "-":
             return cls("stdout", fmt or "npy")
+        if is_uri(out):
+            store = Store.open(out)
+            return cls("dir", fmt or "npy", Path(store.base), store)
         path = Path(out)
         suffix = path.suffix.lower().lstrip(".")
         # A folder exists, or ends with /, or has no suffix; any other suffix names a file.
@@ -119,6 +140,22 @@ class OutputPlan:
         while not self._claim(path := base.with_name(f"{base.name}.{n}.{self.fmt}")):
             n += 1
         return path
+
+    def exists(self, path: Path) -> bool:
+        """Whether an output path is taken (by anything: a file, a link, a folder)."""
+        if self.store is None:
+            # One lstat an input (a few percent of a run on small images) is spared in a new
+            # folder: the folder lock keeps other runs out, and this run's own names are unique.
+            return not self.fresh and os.path.lexists(path)
+        if self._present is None:
+            self._present = ClaimedPaths()
+            for name in self.store.files():
+                self._present.add(name)
+        return os.fspath(path) in self._present
+
+    def header(self, path: Path) -> tuple[tuple[int, ...], str] | None:
+        """An existing output's shape and dtype (`formats.output_header`)."""
+        return output_header(path) if self.store is None else self.store.header(path)
 
     def _claim(self, path: Path) -> bool:
         return self._claimed.add(os.path.normcase(os.path.abspath(path)))
@@ -174,11 +211,9 @@ def plan_jobs(sources: Iterable[Source], plan: OutputPlan, resume: Resume,
 def _existing(job: Job, plan: OutputPlan, resume: Resume) -> Job | Failed | Skipped:
     """The job, unless its output exists: then skipped, or refused if it is not this run's kind."""
     output = job.output
-    # One lstat an input (a few percent of a run on small images) is spared in a new folder: the
-    # folder lock keeps other runs out, and this run's own names are unique.
-    if resume.overwrite or plan.fresh or not os.path.lexists(output):
+    if resume.overwrite or not plan.exists(output):
         return job
-    found = output_header(output)
+    found = plan.header(output)
     if found is None or not _fits(found[0], resume.shape) or found[1] != resume.dtype:
         what = "not a .npy/.pt output" if found is None else f"{_shape(found[0])} {found[1]}"
         return Failed(job.source, f"{display_path(output)} exists and holds {what}, not this run's "
@@ -219,7 +254,7 @@ def _shard(sources: list[Source], shard: int, plan: OutputPlan, resume: Resume, 
     name = plan.relative(path)
     rows = resume.made_from or {}
     done = (resume.skip_existing and len(sources) == k
-            and output_header(path) == ((k, *resume.shape), resume.dtype)
+            and plan.header(path) == ((k, *resume.shape), resume.dtype)
             and all(rows.get((name, row)) == display_path(s.path) for row, s in enumerate(sources)))
     for row, source in enumerate(sources):
         job = Job(source, path, shard * k + row)

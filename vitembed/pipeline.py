@@ -223,8 +223,9 @@ def stages(encoder: Encoder, plan: OutputPlan, options: EncodeOptions,
     if plan.mode == "stdout":
         return task, StdoutSink(plan.fmt, encoder.dtype, stdout)
     if options.shard_size:
-        return task, ShardSink(plan.target, options.shard_size, encoder.dtype, options.writers)
-    writer = FileWriter(plan.fmt, encoder.dtype, plan.target.resolve() if plan.mode == "dir" else None)
+        return task, ShardSink(plan.target, options.shard_size, encoder.dtype, options.writers, plan.store)
+    local = plan.mode == "dir" and (plan.store is None or plan.store.kind == "local")
+    writer = FileWriter(plan.fmt, encoder.dtype, plan.target.resolve() if local else None, plan.store)
     if numpy_engine:  # the numpy engine writes where the tokens are: in the decoder processes
         task = dataclasses.replace(task, writer=writer)
     return task, FileSink(writer, options.writers)

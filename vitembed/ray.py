@@ -23,7 +23,8 @@ Columns of the result, one row per input row:
 - the input's other columns as they were (`path`, ...); `bytes` is dropped, unless `keep_bytes`.
 
 Rows need a `bytes` column (`read_binary_files`) or a `path` column (local paths every node sees,
-or URIs that pyarrow reads: s3://, gs://, hdfs://, file://).
+or URIs that pyarrow reads: s3://, gs://, hdfs://, file://; each read whole, its size bounded by
+`--max-pixels`, as `vitembed encode --ray` reads them).
 
 This module is `vitembed.ray`; within it, `import ray` is Ray itself (imports are absolute).
 """
@@ -35,6 +36,7 @@ from typing import Any
 import ray
 
 from .actors import EncoderActor, actor_engine
+from .uris import as_file
 
 __all__ = ["TokenEncoder", "encode", "encoder_args"]
 
@@ -110,7 +112,8 @@ class TokenEncoder(EncoderActor):
         if "bytes" not in names and "path" not in names:
             raise ValueError(f"vitembed.ray needs rows with a 'bytes' column (read_binary_files) or a 'path' "
                              f"column; these have {', '.join(names)}")
-        result = self.encoder.encode_files(table.column("bytes" if "bytes" in names else "path").to_pylist())
+        files = table.column("bytes").to_pylist() if "bytes" in names else map(as_file, table.column("path").to_pylist())
+        result = self.encoder.encode_files(files)
         if "bytes" in names and not self.keep_bytes:
             table = table.drop_columns(["bytes"])
         tokens = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(result.tokens))

@@ -23,7 +23,10 @@
 - **Where.** With `RayOptions.address` (or $RAY_ADDRESS) the run joins that cluster; otherwise it
   starts a local one and stops it after. In a program that has called `ray.init`, it uses that.
   Every node must see the inputs and outputs at the same paths (shared storage); actors work in
-  the driver's current folder, so that relative paths mean the same everywhere.
+  the driver's current folder, so that relative paths mean the same everywhere. Inputs and -o
+  given as URIs (s3://, gs://, hdfs://, file://) are listed by the driver and read and written by
+  the actors through pyarrow's filesystems (`uris`); the driver writes -o URI's run.json and
+  manifest (`folder.UriFolder`).
 """
 
 from __future__ import annotations
@@ -117,8 +120,8 @@ def run(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOp
     except OutputError as exc:
         summary.stopped = str(exc)
     finally:
-        for folder in rows.folders:
-            clean_stale_temporaries(folder)  # of actors killed while they wrote
+        for folder in rows.folders:  # the temporaries of actors killed while they wrote
+            plan.store.clean(folder) if plan.store is not None else clean_stale_temporaries(folder)
         summary.elapsed = time.perf_counter() - start
     if stop.is_set() and not summary.stopped:
         summary.stopped = "interrupted"
@@ -176,7 +179,7 @@ class _Runs:
         self.options, self.ray_options, self.report, self.stop = options, ray_options, report, stop
         self.tables = rows.tables
         self.actor_args = dict(params=encoder.params, prep=encoder.prep, dtype=encoder.dtype, engine=engine,
-                               device=device, plan=OutputPlan(plan.mode, plan.fmt, plan.target), options=options,
+                               device=device, plan=OutputPlan(plan.mode, plan.fmt, plan.target, plan.store), options=options,
                                cwd=os.getcwd())
         resources = ray.cluster_resources()
         held = resources.get("GPU", 0) / ray_options.gpus if ray_options.gpus else \
@@ -188,7 +191,8 @@ class _Runs:
     def all(self) -> None:
         """Run every row, reporting each input's outcome."""
         pending = {key for table in self.tables for key in table.column("key").to_pylist()}
-        self._collect(self._dataset(self.tables, self.options.batch_size), pending)
+        if pending:  # else every input was skipped, or known bad
+            self._collect(self._dataset(self.tables, self.options.batch_size), pending)
         if pending and not self.stop.is_set():  # tasks that killed their actor each time: one row a task
             alone = [table.slice(i, 1) for table in self.tables
                      for i, key in enumerate(table.column("key").to_pylist()) if key in pending]

@@ -226,14 +226,15 @@ def encode(inputs: Iterable[str | os.PathLike], output: str | os.PathLike | None
 
     notice = on_notice or (lambda text: None)
     request = EncodeRequest.from_options(output=output, **options)
+    inputs = [os.fspath(i) for i in inputs]
+    _check_uris(inputs, request)
     plan = OutputPlan.from_option(request.output, request.format)
     request, runner = _runner(request, plan)
-    inputs = [os.fspath(i) for i in inputs]
     if inputs.count("-") > 1:
         raise ConfigError("- (read paths from stdin) may be given once")
     stdin = stdin if stdin is not None else (sys.stdin.buffer if "-" in inputs else None)
     own_outputs = _OwnOutputs(notice)
-    sources = iter_sources(inputs, stdin, null, on_own_output=own_outputs)
+    sources = iter_sources(inputs, stdin, null, on_own_output=own_outputs, uris=request.run.ray is not None)
     if plan.mode in ("file", "stdout"):
         sources = list(sources)
         own_outputs.tell()
@@ -264,6 +265,18 @@ def encode(inputs: Iterable[str | os.PathLike], output: str | os.PathLike | None
     return summary
 
 
+def _check_uris(inputs: list[str], request: EncodeRequest) -> None:
+    """URIs are read and written through pyarrow on Ray only; a URI input's tokens need -o."""
+    from .uris import is_uri
+
+    if is_uri(request.output) and request.run.ray is None:
+        raise ConfigError(f"-o {request.output}: a URI output is written through pyarrow on a run with --ray; "
+                          "add --ray, or give a local folder")
+    uri = next((i for i in inputs if is_uri(i)), None)
+    if uri is not None and request.run.ray is not None and request.output is None:
+        raise ConfigError(f"{uri}: the tokens of a URI input are not written beside it; give -o DIR or -o URI")
+
+
 def _runner(request: EncodeRequest, plan):
     """(the request, the module whose `check` and `run` drive it): `pipeline` on this machine, or
     `raydriver` with `run.ray`. On Ray the driver only plans: its Encoder is numpy's on its CPU
@@ -285,11 +298,13 @@ def _runner(request: EncodeRequest, plan):
 
 
 def _folder(plan, config: dict, device: str, overwrite: bool):
-    """-o DIR's OutputFolder (None for other outputs)."""
-    from .folder import OutputFolder, run_record
+    """-o DIR's OutputFolder, -o URI's UriFolder (None for other outputs)."""
+    from .folder import OutputFolder, UriFolder, run_record
 
     if plan.mode != "dir":
         return None
+    if plan.store is not None:
+        return UriFolder(plan.store, config, run_record(config, device), plan.relative, overwrite=overwrite)
     return OutputFolder(plan.target, config, run_record(config, device), plan.relative, overwrite=overwrite)
 
 

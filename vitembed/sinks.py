@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -46,11 +46,13 @@ class FileWriter:
 
     Attributes:
         root: with -o DIR, the folder every output must stay inside (resolved, links followed).
+        store: with -o URI, the `uris.Store` that writes the files.
     """
 
     fmt: str
     dtype: str
     root: Path | None = None
+    store: Any = None
 
     def write(self, job: Job, tokens: np.ndarray, grid: tuple[int, int] | None = None) -> Written | Failed:
         """The input's file written; Failed when this input's output cannot be (its name is too
@@ -66,8 +68,13 @@ class FileWriter:
         if self.root is not None and not _inside(path.parent, self.root):
             return Failed(job.source, f"its output folder {path.parent} leads outside {self.root} "
                                       "(a symbolic link?); nothing was written", job)
-        nbytes = atomic_write(path, lambda f: write_tensor(f, tokens, self.fmt, self.dtype))
+        nbytes = write_file(path, lambda f: write_tensor(f, tokens, self.fmt, self.dtype), self.store)
         return Written(job.source, path, tuple(tokens.shape), self.dtype, nbytes, grid=grid)
+
+
+def write_file(path: Path, data, store=None) -> int:
+    """A whole file, atomically: `files.atomic_write`, or the `uris.Store` of -o URI."""
+    return atomic_write(path, data) if store is None else store.write(path, data)
 
 
 def _inside(folder: Path, root: Path) -> bool:
@@ -189,8 +196,8 @@ class ShardSink(Sink):
     large K with few inputs costs only what arrived). The last shard has only the rows it needs.
     """
 
-    def __init__(self, folder: Path, size: int, dtype: str, threads: int | None = None):
-        self.folder, self.size, self.dtype = folder, size, dtype
+    def __init__(self, folder: Path, size: int, dtype: str, threads: int | None = None, store=None):
+        self.folder, self.size, self.dtype, self.store = folder, size, dtype, store
         self.writes = _Writes(writer_threads(threads), max_pending=2)
         self.shards: dict[int, _Shard] = {}
         self.last_index = -1  # the largest input index seen, for the last shard's length
@@ -222,7 +229,7 @@ class ShardSink(Sink):
         shard = self.shards.pop(index)
         if not shard.rows:
             return  # every input of it failed: nothing to write, as for single files
-        yield from self.writes.submit(_write_shard, self.path(index), rows, shard, self.dtype)
+        yield from self.writes.submit(_write_shard, self.path(index), rows, shard, self.dtype, self.store)
 
     def finish(self, complete: bool = True) -> Iterator[Outcome]:
         if complete:  # the last shard has fewer rows; after a stop, unfinished shards are not written
@@ -243,13 +250,13 @@ class _Shard:
         self.rows = {}
 
 
-def _write_shard(path: Path, length: int, shard: _Shard, dtype: str) -> list[Outcome]:
+def _write_shard(path: Path, length: int, shard: _Shard, dtype: str, store=None) -> list[Outcome]:
     """Stack a shard's rows (NaN where an input failed), write it, and report each row."""
     first = next(iter(shard.rows.values()))[1]
     array = np.full((length, *first.shape), np.nan, dtype=first.dtype)
     for row, (_, tokens) in shard.rows.items():
         array[row] = tokens
-    nbytes = atomic_write(path, lambda f: write_tensor(f, array, "npy"))
+    nbytes = write_file(path, lambda f: write_tensor(f, array, "npy"), store)
     shape = tuple(first.shape)
     return [Written(job.source, path, shape, dtype, nbytes if i == 0 else 0, row)
             for i, (row, (job, _)) in enumerate(sorted(shard.rows.items()))]
