@@ -22,7 +22,7 @@ from vitembed.encoder import Encoder
 from vitembed.errors import ConfigError
 from vitembed.images import Preprocess, load_image, read_plain_jpeg
 from vitembed.layer import build_layer
-from vitembed.resolution import native_grid, resize_plan
+from vitembed.resolution import native_grid
 
 SMALL = ("--image-size", "32", "--patch-size", "8", "--emb-dim", "16")
 

@@ -18,8 +18,7 @@ import typer
 
 from .errors import ConfigError, InputError
 from .options import (
-    IMAGE, IMAGE_OPTIONS, LAYER_OPTIONS, RUN, Command, Decode, Engine, Format, Group, RayActorsOpt, RayAddressOpt,
-    RayCpusOpt, RayGpusOpt, RayOpt,
+    IMAGE, IMAGE_OPTIONS, LAYER_OPTIONS, RAY_OPTIONS, RUN, Command, Decode, Engine, Format, Group,
     InitSeedOpt, JsonOpt, MaxPatchesOpt, NormalizeOpt, PosInit, PosInitOpt, PosResample, PosResampleOpt, SeedOpt,
     Tokens, TokensOpt, WeightsOpt, choice_metavar, fail, guard, notice, value, with_options,
 )
@@ -70,7 +69,7 @@ def _main(
     pass
 
 
-@_command(layer=LAYER_OPTIONS, preprocessing=IMAGE_OPTIONS)
+@_command(layer=LAYER_OPTIONS, preprocessing=IMAGE_OPTIONS, cluster=RAY_OPTIONS)
 def encode(
     inputs: Annotated[list[str], typer.Argument(metavar="INPUTS...", help="Image files, folders (walked recursively), or - to read paths from stdin.", show_default=False)],
     output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="PATH", help="Output folder (one that exists, ends with / or has no suffix), a FILE.npy / FILE.pt / FILE.pth for one input, or - for stdout. Default: beside each input.", rich_help_panel=RUN)] = None,
@@ -99,11 +98,7 @@ def encode(
     decode_timeout: Annotated[Optional[float], typer.Option("--decode-timeout", metavar="SECONDS", help="Seconds one image may take to decode before it is reported as an error (with --workers > 0). Default: 120.", show_default=False, rich_help_panel=RUN)] = None,
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per input on stdout, as each finishes.", rich_help_panel=RUN)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table, summary or progress bar on stderr.", rich_help_panel=RUN)] = False,
-    ray: RayOpt = False,
-    ray_address: RayAddressOpt = None,
-    ray_gpus: RayGpusOpt = 0.0,
-    ray_cpus: RayCpusOpt = 1.0,
-    ray_actors: RayActorsOpt = None,
+    cluster: dict = None,
 ) -> None:
     """Encode images into z0 tokens, one (N+1) x D file per image.
 
@@ -127,11 +122,7 @@ def encode(
     from .report import Reporter
     from .request import encode as run_encode
 
-    if output == "-" and json_lines:
-        raise ConfigError("-o - writes the tensor to stdout; it cannot be combined with --json")
-    if output == "-" and sys.stdout.isatty():  # as gzip does: binary is not for a terminal
-        raise ConfigError("-o - writes the tensor's bytes to stdout, which is a terminal; redirect it "
-                          "(-o - > cat.npy) or pipe it to a reader, or give -o cat.npy")
+    _check_stdout(output, json_lines)
     if max_pixels is not None:
         from .images import set_pillow_limit
 
@@ -142,7 +133,7 @@ def encode(
         # The total for the bar, counted beside the run: inputs stream, they are never all held.
         from .inputs import iter_sources
 
-        count = lambda: reporter.set_total(sum(1 for _ in iter_sources(inputs, on_own_output=lambda p: None, uris=ray)))  # noqa: E731
+        count = lambda: reporter.set_total(sum(1 for _ in iter_sources(inputs, on_own_output=lambda p: None, uris=cluster["ray"])))  # noqa: E731
         threading.Thread(target=count, daemon=True).start()
     options = dict(
         **layer, weights=weights, seed=seed, pos_init=value(pos_init), pos_resample=value(pos_resample),
@@ -151,7 +142,7 @@ def encode(
         decode=value(decode), dtype=value(dtype), batch_size=batch_size, workers=workers,
         skip_existing=skip_existing, overwrite=overwrite, shard_size=shard_size,
         **({} if decode_timeout is None else {"decode_timeout": decode_timeout}),
-        ray=_ray_options(ray, ray_address, ray_gpus, ray_cpus, ray_actors),
+        ray=_ray_options(**cluster),
     )
     with _signals(stop) as caught:
         try:
@@ -175,18 +166,27 @@ def encode(
     raise typer.Exit(1 if summary.errors else 0)
 
 
-def _ray_options(ray: bool, address: str | None, gpus: float, cpus: float, actors: int | None):
+def _check_stdout(output: str | None, json_lines: bool) -> None:
+    """-o - is for a reader of the tensor's bytes: not with --json, not to a terminal."""
+    if output == "-" and json_lines:
+        raise ConfigError("-o - writes the tensor to stdout; it cannot be combined with --json")
+    if output == "-" and sys.stdout.isatty():  # as gzip does: binary is not for a terminal
+        raise ConfigError("-o - writes the tensor's bytes to stdout, which is a terminal; redirect it "
+                          "(-o - > cat.npy) or pipe it to a reader, or give -o cat.npy")
+
+
+def _ray_options(ray: bool, ray_address: str | None, ray_gpus: float, ray_cpus: float, ray_actors: int | None):
     """--ray and its options as `RayOptions` (None without --ray; its options alone are refused)."""
     if not ray:
-        given = [flag for flag, value, default in (("--ray-address", address, None), ("--ray-gpus", gpus, 0.0),
-                                                   ("--ray-cpus", cpus, 1.0), ("--ray-actors", actors, None))
+        given = [flag for flag, value, default in (("--ray-address", ray_address, None), ("--ray-gpus", ray_gpus, 0.0),
+                                                   ("--ray-cpus", ray_cpus, 1.0), ("--ray-actors", ray_actors, None))
                  if value != default]
         if given:
             raise ConfigError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to a run on Ray: add --ray")
         return None
     from .pipeline import RayOptions
 
-    return RayOptions(address=address, gpus=gpus, cpus=cpus, actors=actors)
+    return RayOptions(address=ray_address, gpus=ray_gpus, cpus=ray_cpus, actors=ray_actors)
 
 
 @contextlib.contextmanager

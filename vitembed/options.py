@@ -16,7 +16,7 @@ from typer.core import TyperCommand, TyperGroup
 from . import choices
 from .errors import ConfigError, InputError, OutputError, VitembedError, WeightsError
 
-__all__ = ["IMAGE_OPTIONS", "LAYER_OPTIONS", "Command", "Group", "fail", "guard", "notice", "value", "with_options"]
+__all__ = ["IMAGE_OPTIONS", "LAYER_OPTIONS", "RAY_OPTIONS", "Command", "Group", "fail", "guard", "notice", "value", "with_options"]
 
 
 def _choice(name: str, values) -> type[Enum]:
@@ -89,7 +89,7 @@ WeightsOpt = Annotated[Optional[str], typer.Option("--weights", "-w", metavar="F
 SeedOpt = Annotated[int, typer.Option("--seed", metavar="INTEGER", help="Seed of the random layer (ignored with --weights).", rich_help_panel=LAYER)]
 InitSeedOpt = Annotated[int, typer.Option("--seed", metavar="INTEGER", help="Seed of the random layer.", rich_help_panel=LAYER)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
-RayOpt = Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster (pip install 'vitembed[ray]'): $RAY_ADDRESS's or --ray-address's, else a local one for the run. Every node must see the inputs and outputs at the same paths (shared storage), or give them as URIs that pyarrow reads and writes (s3://, gs://, hdfs://, file://).", rich_help_panel=RAY)]
+RayOpt = Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster (pip install 'vitembed\\[ray]'): $RAY_ADDRESS's or --ray-address's, else a local one for the run. Every node must see the inputs and outputs at the same paths (shared storage), or give them as URIs that pyarrow reads and writes (s3://, gs://, hdfs://, file://).", rich_help_panel=RAY)]
 RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", metavar="ADDRESS", help="The cluster to join: auto, HOST:PORT or ray://HOST:10001. Default: $RAY_ADDRESS, else a local cluster.", show_default=False, rich_help_panel=RAY)]
 RayGpusOpt = Annotated[float, typer.Option("--ray-gpus", metavar="FLOAT", help="GPUs per actor (0.25: four actors share a GPU); the layer then runs with torch on CUDA.", rich_help_panel=RAY)]
 RayCpusOpt = Annotated[float, typer.Option("--ray-cpus", metavar="FLOAT", help="CPUs per actor (fractions allowed).", rich_help_panel=RAY)]
@@ -146,6 +146,10 @@ LAYER_OPTIONS = {
 IMAGE_OPTIONS = {
     "resize": (ResizeOpt, None), "crop_pct": (CropPctOpt, None), "interpolation": (InterpolationOpt, None),
     "background": (BackgroundOpt, "white"),
+}
+RAY_OPTIONS = {
+    "ray": (RayOpt, False), "ray_address": (RayAddressOpt, None), "ray_gpus": (RayGpusOpt, 0.0),
+    "ray_cpus": (RayCpusOpt, 1.0), "ray_actors": (RayActorsOpt, None),
 }
 
 
