@@ -89,7 +89,7 @@ WeightsOpt = Annotated[Optional[str], typer.Option("--weights", "-w", metavar="F
 SeedOpt = Annotated[int, typer.Option("--seed", metavar="INTEGER", help="Seed of the random layer (ignored with --weights).", rich_help_panel=LAYER)]
 InitSeedOpt = Annotated[int, typer.Option("--seed", metavar="INTEGER", help="Seed of the random layer.", rich_help_panel=LAYER)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
-RayOpt = Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster (pip install 'vitembed[ray]'): $RAY_ADDRESS's or --ray-address's, else a local one for the run. Every node must see the inputs and outputs at the same paths (shared storage), or give them as URIs that pyarrow reads and writes (s3://, gs://, hdfs://, file://).", rich_help_panel=RAY)]
+RayOpt = Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster (pip install 'vitembed\\[ray]'): $RAY_ADDRESS's or --ray-address's, else a local one for the run. Every node must see the inputs and outputs at the same paths (shared storage), or give them as URIs that pyarrow reads and writes (s3://, gs://, hdfs://, file://).", rich_help_panel=RAY)]
 RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", metavar="ADDRESS", help="The cluster to join: auto, HOST:PORT or ray://HOST:10001. Default: $RAY_ADDRESS, else a local cluster.", show_default=False, rich_help_panel=RAY)]
 RayGpusOpt = Annotated[float, typer.Option("--ray-gpus", metavar="FLOAT", help="GPUs per actor (0.25: four actors share a GPU); the layer then runs with torch on CUDA.", rich_help_panel=RAY)]
 RayCpusOpt = Annotated[float, typer.Option("--ray-cpus", metavar="FLOAT", help="CPUs per actor (fractions allowed).", rich_help_panel=RAY)]
