@@ -3,7 +3,9 @@
 The same corpus as bench.py's small case (`build_small`: 400-640 px JPEGs cut from
 sample_images/), encoded by `vitembed encode DIR -o OUT --json` (local: decoder processes) and by
 the same command with `--ray` (a local Ray cluster that the run starts and stops), in turns
-A B A B. Each run is a whole process; the time of every `--json` line is taken as it arrives, so:
+A B A B; and with `--ray` joining a cluster that is already running (`RAY_ADDRESS`: a local one,
+2 CPUs, which the benchmark starts once, untimed), as on a real cluster. Each run is a whole
+process; the time of every `--json` line is taken as it arrives, so:
 
 - steady-state throughput: images / s between the 10th and the 90th percentile of the lines
   (Ray reports a batch of lines at a time; 4096 images are 128 batches);
@@ -11,6 +13,7 @@ A B A B. Each run is a whole process; the time of every `--json` line is taken a
   (imports, layer, for Ray: starting the cluster and its actors, and stopping them).
 
     python benchmarks/ray_bench.py --work /tmp/vb        # 4096 images, 3 turns (about 4 minutes on 2 cores)
+    python benchmarks/ray_bench.py --work /dev/shm/vb    # the same on tmpfs: the disk left out
     python benchmarks/ray_bench.py --quick               # 512 images, 1 turn
 
 The goal: Ray's steady-state throughput at least 0.8x the local run's on the same cores.
@@ -66,6 +69,21 @@ def timed_run(cmd: list[str], out: Path, env: dict) -> Timing:
     return Timing(wall, (hi - lo) / (stamps[hi] - stamps[lo]), len(stamps))
 
 
+def start_cluster(env: dict) -> dict:
+    """A local Ray cluster of 2 CPUs for the joined runs (its workers import this checkout); the
+    environment of a driver that joins it (its address, and what Ray set for it: RAY_AUTH_MODE)."""
+    import ray
+
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = env["PYTHONPATH"]  # what the cluster's processes start with
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="error")
+    finally:
+        os.environ.pop("PYTHONPATH") if saved is None else os.environ.update(PYTHONPATH=saved)
+    ray_settings = {k: v for k, v in os.environ.items() if k.startswith("RAY_")}
+    return {**env, **ray_settings, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="512 images, one turn")
@@ -85,11 +103,12 @@ def main() -> None:
     encode = [sys.executable, "-m", "vitembed", "encode", str(images), "-o", str(out), "--json", "-q", *extra]
     subprocess.run([*encode[:4], str(sorted(images.glob("*.jpg"))[0]), "-o", str(work / "warm.npy"), "-q", *extra],
                    env=env, check=True, capture_output=True)  # the random layer, drawn once, untimed
-    commands = {"local": encode, "ray": [*encode, "--ray"]}
+    joined = start_cluster(env)
+    commands = {"local": (encode, env), "ray": ([*encode, "--ray"], env), "ray, joined": ([*encode, "--ray"], joined)}
     runs: dict[str, list[Timing]] = {name: [] for name in commands}
     for _ in range(repeats):
-        for name, cmd in commands.items():  # A B A B ...
-            runs[name].append(timed_run(cmd, out, env))
+        for name, (cmd, cmd_env) in commands.items():  # A B C A B C ...
+            runs[name].append(timed_run(cmd, out, cmd_env))
             t = runs[name][-1]
             print(f"  {name}: {t.wall:.2f} s, {t.rate:.1f} images/s steady, start-up {t.startup:.2f} s", file=sys.stderr)
     print(f"machine: {machine()}")
@@ -100,9 +119,13 @@ def main() -> None:
            for name, rs in runs.items()}
     for name, m in med.items():
         print(f"| {name} | {m['wall']:.2f} | {m['rate']:.1f} | {m['startup']:.2f} | {count / m['wall']:.1f} |")
-    ratio = med["ray"]["rate"] / med["local"]["rate"]
-    print(f"\nRay's steady-state throughput / local: {ratio:.2f}x (goal 0.8x); Ray's start-up costs "
-          f"{med['ray']['startup'] - med['local']['startup']:.1f} s more than the local run's")
+    for name in ("ray", "ray, joined"):
+        ratio = med[name]["rate"] / med["local"]["rate"]
+        print(f"\n{name}: steady-state throughput / local: {ratio:.2f}x (goal 0.8x); start-up costs "
+              f"{med[name]['startup'] - med['local']['startup']:.1f} s more than the local run's")
+    import ray
+
+    ray.shutdown()
     if tmp is not None:
         tmp.cleanup()
 
