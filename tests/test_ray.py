@@ -192,7 +192,7 @@ def test_an_actor_killed_mid_run_is_replaced_and_the_run_completes(ray_session, 
     assert killed and ray.returncode == 0, ray.stderr
     assert len(list((tmp_path / "ray").glob("*.npy"))) == 600
     assert not list((tmp_path / "ray").glob(".*.tmp"))  # the killed actor's temporary, removed
-    local = run_cli("encode", many, "-o", tmp_path / "local", "-q")
+    assert run_cli("encode", many, "-o", tmp_path / "local", "-q").returncode == 0
     assert_same_folder(tmp_path / "local", tmp_path / "ray")
 
 
