@@ -85,7 +85,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
-from .poolworkers import DIED, TIMED_OUT, TaskFailed, Workers, WorkersDied, _call, _failure
+from .poolworkers import DIED, TIMED_OUT, TaskFailed, Workers, WorkersDied, call, failure
 
 __all__ = ["OrderedPool", "TaskFailed", "WorkersDied"]
 
@@ -263,7 +263,7 @@ class OrderedPool:
             self._broken(chunk)
             return
         except Exception as exc:  # the result could not come back
-            self._failed(chunk, TaskFailed(_failure(exc)))
+            self._failed(chunk, TaskFailed(failure(exc)))
             return
         self._learn(seconds, max(len(values), 1))
         self.finished += len(values)
@@ -342,7 +342,7 @@ def _run_here(pool: OrderedPool) -> Iterator[tuple[Any, Any]]:
         if not pool._is_task(item):
             yield item, None
             continue
-        value = _call(pool.task, item)
+        value = call(pool.task, item)
         pool.finished += 1
         yield item, value
 

@@ -34,16 +34,17 @@ class WorkersDied(VitembedError):
                          "(or pass workers=0)")
 
 
-def _failure(exc: BaseException) -> str:
+def failure(exc: BaseException) -> str:
     """The report for an item whose task raised, or whose result could not come back."""
     return f"the decoder failed: {type(exc).__name__}: {exc}"
 
 
-def _call(task: Callable[[Any], Any], item: Any) -> Any:
+def call(task: Callable[[Any], Any], item: Any) -> Any:
+    """task(item), or TaskFailed if it raises."""
     try:
         return task(item)
     except Exception as exc:  # this item only; the rest of its chunk goes on
-        return TaskFailed(_failure(exc))
+        return TaskFailed(failure(exc))
 
 
 # --- in a worker process ---------------------------------------------------------------------
@@ -75,9 +76,8 @@ def _run_chunk(seq: int, items: list[Any]) -> tuple[list[Any], float]:
     for item in items:
         if _DROP.value:
             break  # close(): the items left are not wanted
-        values.append(_call(_TASK, item))
+        values.append(call(_TASK, item))
     return values, time.perf_counter() - start
-
 
 
 class Workers:
