@@ -218,6 +218,22 @@ def test_ctrl_c_leaves_whole_files_and_skip_existing_finishes(ray_session, addre
     assert written == {p.name: p.read_bytes() for p in (tmp_path / "local").glob("*.npy")}
 
 
+
+
+def test_joining_a_cluster_keeps_the_process_s_sigterm_handler(ray_session, address):
+    """ray.init gives a driver Ray's SIGTERM handler (sys.exit(15) wherever the run is); the
+    CLI's own (stop cleanly, exit 143, whole files only) must stay. A process of its own: this
+    one holds the test session's Ray."""
+    check = ("import signal\n"
+             "from vitembed.pipeline import RayOptions\n"
+             "from vitembed.raydriver import _connected\n"
+             "mine = lambda signum, frame: None\n"
+             "signal.signal(signal.SIGTERM, mine)\n"
+             f"with _connected(RayOptions(address={address!r})):\n"
+             "    assert signal.getsignal(signal.SIGTERM) is mine, signal.getsignal(signal.SIGTERM)\n")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+
 POISON = """\
 import os
 from PIL import Image, ImageFile

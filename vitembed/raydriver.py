@@ -36,6 +36,7 @@ import logging
 import math
 import os
 import pickle
+import signal
 import sys
 import threading
 import time
@@ -268,10 +269,15 @@ def _connected(options: RayOptions):
         return
     address = options.address or os.environ.get("RAY_ADDRESS") or None
     local = {} if address else {"include_dashboard": False}
+    # ray.init gives a driver Ray's own SIGTERM handler (sys.exit mid-run); the process's own
+    # (the CLI's: stop cleanly, exit 143, whole files only) is put back.
+    on_term = signal.getsignal(signal.SIGTERM)
     try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, **local)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise ConfigError(f"--ray: cannot join the Ray cluster at {address}: {exc}") from None
+    if on_term is not None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)
     try:
         yield
     finally:
