@@ -138,7 +138,7 @@ class UriFolder:
     def __init__(self, store, config: dict, record: dict, relative, overwrite: bool = False):
         self.store, self.record_data, self.relative = store, record, relative
         self.lines: list[str] = []
-        text = store.read(self._path(RUN_FILE), 1 << 20)
+        text = store.read(self._path(RUN_FILE), _RUN_LIMIT)
         old = store.read(self._path(MANIFEST_FILE), _URI_MANIFEST_LIMIT) or b""
         replaced = _replaced(store.uri, None if text is None else _run_config(text), config, overwrite)
         self.started = text is not None and not replaced  # else run.json is written with the first output
@@ -170,6 +170,7 @@ class UriFolder:
             self.lines = []
 
 
+_RUN_LIMIT = 1 << 20  # bytes of run.json read: far above any a run writes
 _URI_MANIFEST_LIMIT = 1 << 30  # a manifest a driver reads into memory (about 5 million lines)
 
 
@@ -231,7 +232,7 @@ def _read_run_config(folder: Path) -> dict | None:
     try:
         fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
         with os.fdopen(fd, "rb") as f:
-            return _run_config(f.read(1 << 20))
+            return _run_config(f.read(_RUN_LIMIT))
     except OSError:
         return {}
 
