@@ -407,7 +407,8 @@ def test_distillation_tokens_follow_the_class_token():
     h = transformers.DeiTForImageClassificationWithTeacher(config).eval()
     with torch.no_grad():
         loaded = load_weights_from(h.state_dict())
-        assert loaded.config.num_reg_tokens == 1 and "transformers" in loaded.source
+        assert loaded.config.dist_token and loaded.config.num_reg_tokens == 0 and "transformers DeiT" in loaded.source
+        assert [what for _, _, what in loaded.config.token_rows()] == ["class token", "distillation token", "patches"]
         torch.testing.assert_close(loaded.build()(x), h.deit.embeddings(x), atol=ATOL, rtol=RTOL)
 
 

@@ -97,7 +97,8 @@ def test_info_shows_the_grid(tiny_ckpt):
 
 @pytest.mark.parametrize("h,w", [(32, 48), (48, 32), (16, 24), (56, 56), (24, 24)])
 def test_transformers_interpolate_pos_encoding(tmp_path, h, w):
-    """--pos-resample hf = ViTModel.embeddings(x, interpolate_pos_encoding=True) (32-pixel model, P = 8)."""
+    """A transformers checkpoint is resampled as its class's interpolate_pos_encoding, by default and with
+    --pos-resample hf = ViTModel.embeddings(x, interpolate_pos_encoding=True) (32-pixel model, P = 8)."""
     m = hf_vit("ViTModel")
     ckpt = save(m.state_dict(), tmp_path / "hf.safetensors")
     image = image_of(tmp_path, h, w)
@@ -105,9 +106,11 @@ def test_transformers_interpolate_pos_encoding(tmp_path, h, w):
     with torch.no_grad():
         expected = m.embeddings(pixels(image), interpolate_pos_encoding=True)[0]
     torch.testing.assert_close(torch.from_numpy(z0), expected, atol=ATOL, rtol=RTOL)
-    assert "transformers' interpolate_pos_encoding" in err
-    if (h, w) == (32, 48):  # the default, timm's antialiased resampling, gives other tokens
-        timm_way, _ = encode(ckpt, image, tmp_path / "t.npy", "--image-size", f"{h}x{w}")
+    assert "bicubic, not antialiased, as transformers' ViTModel.interpolate_pos_encoding" in err
+    if (h, w) == (32, 48):  # the default is the checkpoint library's own; timm's antialiased way differs
+        default, _ = encode(ckpt, image, tmp_path / "d.npy", "--image-size", f"{h}x{w}")
+        np.testing.assert_array_equal(default, z0)
+        timm_way, _ = encode(ckpt, image, tmp_path / "t.npy", "--image-size", f"{h}x{w}", "--pos-resample", "timm")
         assert np.abs(timm_way - z0).max() > 1e-3
 
 

@@ -1,22 +1,11 @@
-"""Other libraries' Vision Transformer checkpoints -> vitembed's input layer: layouts, folders,
-preprocessing configs and resolution.
+"""Other libraries' Vision Transformer checkpoints -> vitembed's input layer: folders, preprocessing
+configs and resolution. The families' layouts are `layouts.py`'s.
 
-A ViT's input layer is the same four tensors in every library, under different names:
-
-    library       patch embedding (conv)                  class token        position embedding
-    seed/vitembed patch_emb_layer.{weight,bias}           cls_token          pos_emb
-    timm          patch_embed.proj.{weight,bias}          cls_token          pos_embed
-    torchvision   conv_proj.{weight,bias}                 class_token        encoder.pos_embedding
-    transformers  embeddings.patch_embeddings.projection  embeddings.cls_token  embeddings.position_embeddings
-
-Each may sit under a prefix (`vit.`, `module.`, `input_layer.`, ...). The family is found from the
-key names, the layer shape (P, C, D, grid, prefix tokens) from the tensors' shapes. timm's register
-tokens (`reg_token`) and DeiT's distillation token come right after the class token, as in timm's
-`_pos_embed`; `no_embed_class` models are recognised by a position table without prefix rows.
-
-A `save_pretrained` folder (transformers or timm) is read with its preprocessing config
-(`preprocessor_config.json`, timm's `pretrained_cfg`); `--image-size` resamples the position
-embedding as timm (or transformers) does, `--patch-size` the patch embedding as FlexiViT does. Files are read by `weightfiles.py`; named weights are `pretrained.py`'s.
+A `save_pretrained` folder (transformers or timm) is read with its configs: `config.json` (the model
+type, the pre-norm's epsilon) and its preprocessing (`preprocessor_config.json`, timm's
+`pretrained_cfg`). `--image-size` resamples the position embedding as the checkpoint's own library
+does (or as `--pos-resample` says), `--patch-size` the patch embedding as FlexiViT does. Files are
+read by `weightfiles.py`; named weights are `pretrained.py`'s.
 """
 
 from __future__ import annotations
@@ -31,189 +20,28 @@ from typing import Any
 
 import torch
 
-from .config import LayerConfig, check_divisible, format_size, parse_image_size
+from .config import check_divisible, format_size, parse_image_size
 from .errors import ConfigError, WeightsError
+from .layouts import LAYOUTS, Layout, convert_state_dict, find_input_layer, resample_how
 from .resolution import resample_patch_embed, resample_pos
-from .weightfiles import (
-    MAX_LAYER_VALUES,
-    LazyTensors,
-    LoadedWeights,
-    check_size,
-    check_storage,
-    read_json,
-    read_weight_file,
-    shape_of,
-)
+from .weightfiles import MAX_LAYER_VALUES, LoadedWeights, read_json, read_weight_file
 
 __all__ = [
-    "FAMILIES",
-    "KeyFamily",
+    "LAYOUTS",
+    "Layout",
     "WEIGHT_FILES",
     "convert_state_dict",
     "find_input_layer",
+    "folder_hints",
     "folder_preprocess",
     "hf_preprocess",
     "load_folder",
     "resample_pos_embed",
     "resize_weights",
+    "hf_input_size",
     "timm_preprocess",
     "torchvision_preprocess",
 ]
-
-
-@dataclass(frozen=True)
-class KeyFamily:
-    """Where one library keeps the input layer's tensors, relative to the model's prefix.
-
-    Attributes:
-        source: the library and class, as shown to the user.
-        proj_weight, proj_bias: the patch embedding convolution, weight (D, C, P, P) and bias (D,).
-        pos: the position embedding, (1, rows, D).
-        cls: the class token, (1, 1, D); absent in class-token-free models.
-        extra: tokens that follow the class token, first match wins (timm's register tokens,
-            DeiT's distillation token), (1, R, D).
-    """
-
-    source: str
-    proj_weight: str
-    proj_bias: str
-    pos: str
-    cls: str
-    extra: tuple[str, ...] = ()
-
-    def keys(self) -> tuple[str, ...]:
-        return (self.proj_weight, self.proj_bias, self.cls, self.pos, *self.extra)
-
-
-FAMILIES: tuple[KeyFamily, ...] = (
-    KeyFamily("seed VitInputLayer", "patch_emb_layer.weight", "patch_emb_layer.bias", "pos_emb", "cls_token",
-              ("reg_token",)),
-    KeyFamily("timm VisionTransformer", "patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "cls_token",
-              ("reg_token", "dist_token")),
-    KeyFamily("torchvision VisionTransformer", "conv_proj.weight", "conv_proj.bias", "encoder.pos_embedding",
-              "class_token"),
-    KeyFamily("transformers ViT", "embeddings.patch_embeddings.projection.weight",
-              "embeddings.patch_embeddings.projection.bias", "embeddings.position_embeddings", "embeddings.cls_token",
-              ("embeddings.distillation_token",)),
-)
-
-
-# --------------------------------------------------------------------------- state dicts
-
-
-def find_input_layer(keys: list[str]) -> list[tuple[KeyFamily, str]]:
-    """Every (family, prefix) whose patch embedding weight and position embedding are both present."""
-    present = set(keys)
-    found = []
-    for family in FAMILIES:
-        anchor = family.proj_weight
-        for key in keys:
-            if key == anchor or key.endswith("." + anchor):
-                prefix = key[: len(key) - len(anchor)]
-                if prefix + family.pos in present:
-                    found.append((family, prefix))
-    return found
-
-
-def convert_state_dict(state: Mapping[str, torch.Tensor], where: str) -> LoadedWeights:
-    """Recognise a checkpoint's input layer and rename it to vitembed's parameters.
-
-    Args:
-        state: tensors by name (a whole model or just its input layer); read lazily where possible.
-        where: the file or name, for messages.
-
-    Raises:
-        WeightsError: no known input layer, more than one, or tensors of the wrong shape.
-    """
-    keys = list(state.keys())
-    found = find_input_layer(keys)
-    if not found:
-        looked = "; ".join(f"{f.source} ({f.proj_weight}, {f.pos})" for f in FAMILIES)
-        sample = ", ".join(keys[:6]) + (", ..." if len(keys) > 6 else "")
-        raise WeightsError(
-            f"{where}: no ViT input layer recognised; looked for {looked}, optionally under a prefix; "
-            f"found {len(keys)} keys: {sample or 'none'}"
-        )
-    if len(found) > 1:
-        which = ", ".join(f"{f.source} under {p or '(no prefix)'!r}" for f, p in found)
-        raise WeightsError(f"{where}: holds more than one ViT input layer ({which}); save the one you want alone")
-    family, prefix = found[0]
-    return _convert(state, family, prefix, where)
-
-
-def _convert(state: Mapping[str, torch.Tensor], family: KeyFamily, prefix: str, where: str) -> LoadedWeights:
-    if prefix + "patch_embed.norm.weight" in state:
-        raise WeightsError(f"{where}: its patch embedding ends in a norm layer ({prefix}patch_embed.norm), "
-                           "which the ViT input layer does not have")
-    config, keys = _config_from_shapes(state, family, prefix, where)
-    # Nothing is copied before every check has passed: torch.load's tensors cost nothing to check
-    # (memory-mapped), a safetensors file's are read only once the layer's size is known to be sane.
-    for key in keys.values() if not isinstance(state, LazyTensors) else ():
-        check_storage(state[key], key, where)
-    check_size(config, where)
-    tensors = {}
-    for ours, key in keys.items():
-        tensor = state[key]
-        check_storage(tensor, key, where)
-        tensors[ours] = tensor.detach().to("cpu").contiguous()
-    if tensors["pos_emb"].ndim == 2:
-        tensors["pos_emb"] = tensors["pos_emb"][None]  # (rows, D) -> (1, rows, D)
-    if "patch_emb_layer.bias" not in tensors:  # timm's bias=False models (CLIP-style): exactly no bias
-        tensors["patch_emb_layer.bias"] = torch.zeros(config.emb_dim, dtype=tensors["patch_emb_layer.weight"].dtype)
-    source = family.source + (f" (under {prefix[:-1]!r})" if prefix else "")
-    return LoadedWeights(config, tensors, source=source)
-
-
-def _config_from_shapes(state: Mapping[str, torch.Tensor], family: KeyFamily, prefix: str,
-                        where: str) -> tuple[LayerConfig, dict[str, str]]:
-    """The layer's shape from the tensors' shapes alone (no tensor read), and vitembed's name -> key."""
-
-    def shape(name: str | None) -> tuple[int, ...] | None:
-        return shape_of(state, prefix + name) if name and prefix + name in state else None
-
-    def bad(name: str, actual: tuple[int, ...], expected: str) -> WeightsError:
-        return WeightsError(f"{where}: {prefix + name} has shape {actual}; expected {expected}")
-
-    weight = shape(family.proj_weight)
-    if len(weight) != 4 or weight[2] != weight[3]:
-        raise bad(family.proj_weight, weight, "(D, C, P, P), a convolution over square patches")
-    d, c, p = weight[:3]
-    bias = shape(family.proj_bias)
-    if bias is not None and bias != (d,):
-        raise bad(family.proj_bias, bias, f"({d},) for D = {d} from {prefix + family.proj_weight}")
-    cls = shape(family.cls)
-    if cls is not None and cls != (1, 1, d):
-        raise bad(family.cls, cls, f"(1, 1, {d})")
-    extra_name = next((n for n in family.extra if prefix + n in state), None)
-    extra = shape(extra_name)
-    if extra is not None and (len(extra) != 3 or extra[0] != 1 or extra[2] != d):
-        raise bad(extra_name, extra, f"(1, R, {d})")
-    pos = shape(family.pos)
-    pos = (1, *pos) if len(pos) == 2 else pos  # (rows, D) -> (1, rows, D)
-    if len(pos) != 3 or pos[0] != 1 or pos[2] != d:
-        raise bad(family.pos, pos, f"(1, rows, {d}) for D = {d} from {prefix + family.proj_weight}")
-    num_prefix = int(cls is not None) + (extra[1] if extra is not None else 0)
-    grid, pos_embed_prefix = _grid(pos[1], num_prefix)
-    if grid is None:
-        raise bad(family.pos, pos, f"N + {num_prefix} or N rows with N a square number of patches "
-                                   f"({num_prefix} prefix token(s))")
-    try:
-        config = LayerConfig(image_size=grid * p, patch_size=p, emb_dim=d, in_channels=c, class_token=cls is not None,
-                             num_reg_tokens=extra[1] if extra is not None else 0, pos_embed_prefix=pos_embed_prefix)
-    except ConfigError as exc:  # a dimension of 0
-        raise WeightsError(f"{where}: {prefix + family.proj_weight} has shape {weight}: {exc}") from None
-    names = {"patch_emb_layer.weight": family.proj_weight, "patch_emb_layer.bias": family.proj_bias if bias is not None else None,
-             "cls_token": family.cls if cls is not None else None, "reg_token": extra_name, "pos_emb": family.pos}
-    return config, {ours: prefix + theirs for ours, theirs in names.items() if theirs}
-
-
-def _grid(rows: int, num_prefix: int) -> tuple[int | None, bool]:
-    """Patches per side, and whether the table has rows for the prefix tokens."""
-    for with_prefix, n in ((True, rows - num_prefix), (False, rows)):
-        side = math.isqrt(n) if n > 0 else 0
-        if side and side * side == n and (with_prefix or num_prefix):
-            return side, with_prefix
-    return None, True
 
 
 # --------------------------------------------------------------------------- resolution
@@ -221,10 +49,10 @@ def _grid(rows: int, num_prefix: int) -> tuple[int | None, bool]:
 
 def resample_pos_embed(pos: torch.Tensor, new_grid, old_grid, num_prefix_tokens: int,
                        method: str = "timm") -> torch.Tensor:
-    """A position table for another patch grid, as timm's `resample_abs_pos_embed` ("timm":
-    bicubic, antialiased) or transformers' `interpolate_pos_encoding` ("hf": bicubic) resamples
-    it (`resolution.resample_pos`, in float64, cast back); the first `num_prefix_tokens` rows
-    (class, register tokens) are kept as they are.
+    """A position table for another patch grid, resampled as `method` says (`resolution.resample_pos`:
+    "timm" bicubic antialiased, "hf" bicubic, "torchvision" bicubic with align_corners, "dinov2"
+    DINOv2's scale factor), in float64, cast back; the first `num_prefix_tokens` rows (class,
+    register tokens) are kept as they are.
 
     Args:
         pos: (1, prefix + gh gw, D).
@@ -238,12 +66,8 @@ def resample_pos_embed(pos: torch.Tensor, new_grid, old_grid, num_prefix_tokens:
     return torch.from_numpy(table)[None].to(pos.dtype)  # (rows, D) -> (1, rows, D)
 
 
-_HOW = {"timm": "bicubic, antialiased, as timm's resample_abs_pos_embed",
-        "hf": "bicubic, as transformers' interpolate_pos_encoding"}
-
-
 def resize_weights(loaded: LoadedWeights, size=None, patch_size: int | None = None,
-                   method: str = "timm") -> LoadedWeights:
+                   method: str | None = None) -> LoadedWeights:
     """The same weights for another image size (H, W) and patch size: E resampled for the patch
     size (FlexiViT's pseudo-inverse resize, as timm's `resample_patch_embed`), the position
     embedding for the new grid (`resample_pos_embed`); each change told in a note.
@@ -251,6 +75,7 @@ def resize_weights(loaded: LoadedWeights, size=None, patch_size: int | None = No
     Args:
         size: (H, W), "HxW" or a side; None keeps the weights' image size.
         patch_size: None keeps the weights' patch size.
+        method: how E_pos is resampled; None: as the checkpoint's own library does.
 
     Raises:
         ConfigError: a size that is not a multiple of the patch size, or a layer over the size limit.
@@ -272,11 +97,14 @@ def resize_weights(loaded: LoadedWeights, size=None, patch_size: int | None = No
         state["patch_emb_layer.weight"] = torch.from_numpy(resample_patch_embed(weight.float().numpy(), p)).to(weight.dtype)
         notes.append(f"resampled the patch embedding E from {cfg.patch_size}x{cfg.patch_size} to {p}x{p} pixels "
                      f"(FlexiViT's pseudo-inverse resize, as timm's resample_patch_embed) for --patch-size {p}")
-    if new_cfg.grid != cfg.grid:
+    if new_cfg.grid != cfg.grid and cfg.pos_table:
+        method = method or loaded.pos_resample
         state["pos_emb"] = resample_pos_embed(state["pos_emb"], new_cfg.grid, cfg.grid, cfg.num_pos_prefix, method)
         why = f"--image-size {format_size(new_cfg.size)}" if new_cfg.size != cfg.size else f"--patch-size {p}"
+        if loaded.image_size == new_cfg.size and new_cfg.size != cfg.size and why.startswith("--image-size"):
+            why = f"the {format_size(new_cfg.size)} input its preprocessing config gives"
         notes.append(f"resampled the position embedding from {cfg.grid[0]}x{cfg.grid[1]} to "
-                     f"{new_cfg.grid[0]}x{new_cfg.grid[1]} patches ({_HOW[method]}) for {why}")
+                     f"{new_cfg.grid[0]}x{new_cfg.grid[1]} patches ({resample_how(method, loaded.source, loaded.pos_resample)}) for {why}")
     return dataclasses.replace(loaded, config=new_cfg, state_dict=state, notes=[*loaded.notes, *notes])
 
 
@@ -295,20 +123,35 @@ def load_folder(path: Path) -> LoadedWeights:
             break
     else:
         raise WeightsError(f"{path}: a folder without weights; expected one of {', '.join(WEIGHT_FILES)}")
-    loaded = convert_state_dict(state, str(path))
-    loaded.preprocess = folder_preprocess(path)
+    loaded = convert_state_dict(state, str(path), folder_hints(path))
+    loaded.preprocess, loaded.image_size = folder_preprocess(path)
     return loaded
 
 
-def folder_preprocess(path: Path) -> dict[str, Any]:
-    """The preprocessing a weights folder comes with: its HF processor's, or timm's pretrained cfg's."""
+def folder_hints(path: Path) -> dict[str, Any]:
+    """What a folder's config.json says of the input layer: `model_type`, and the pre-norm's
+    `layer_norm_eps` (a CLIP or SigLIP model's from its `vision_config`)."""
+    config = read_json(path / "config.json")
+    vision = config.get("vision_config") if isinstance(config.get("vision_config"), dict) else {}
+    hints = {"model_type": vision.get("model_type") or config.get("model_type")}
+    eps = _number(vision.get("layer_norm_eps", config.get("layer_norm_eps")))
+    if eps is not None and 0 < eps < 1:
+        hints["layer_norm_eps"] = eps
+    return {k: v for k, v in hints.items() if v is not None}
+
+
+def folder_preprocess(path: Path) -> tuple[dict[str, Any], tuple[int, int] | None]:
+    """The preprocessing a weights folder comes with (its HF processor's, or timm's pretrained
+    cfg's), and the input size (H, W) it feeds the model where that is not its table's grid (None:
+    the table's; a timm cfg's input_size is always its table's)."""
     proc = read_json(path / "preprocessor_config.json")
     if proc:
-        return hf_preprocess(proc, str(path / "preprocessor_config.json"))
+        where = str(path / "preprocessor_config.json")
+        return hf_preprocess(proc, where), hf_input_size(proc, where)
     config = read_json(path / "config.json")
     if isinstance(config.get("pretrained_cfg"), dict):  # a timm folder (push_to_hf_hub / save_for_hf)
-        return timm_preprocess(config["pretrained_cfg"], str(path / "config.json"))
-    return {}
+        return timm_preprocess(config["pretrained_cfg"], str(path / "config.json")), None
+    return {}, None
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -338,12 +181,34 @@ def hf_preprocess(proc: dict[str, Any], where: str = "preprocessor_config.json")
         out["crop_pct"] = _crop_pct(crop["height"], size["shortest_edge"])
     elif proc.get("do_resize", True):
         out["resize"] = "squash"
+    # Pixels x are rescaled (x r, r = rescale_factor, 1 / 255 unless said) then normalised: (x r - mean) / std
+    # = (x / 255 - mean') / std' with mean' = mean / (255 r), std' = std / (255 r), vitembed's form.
+    scale = 1.0
+    if proc.get("do_rescale", True) is False:
+        scale = 1.0 / 255.0
+    elif proc.get("rescale_factor") is not None:
+        factor = _number(proc["rescale_factor"])
+        if factor is None or not 0 < factor < _MAX_STAT:
+            raise WeightsError(f"{where}: rescale_factor must be a positive number, got {_show(proc['rescale_factor'])}")
+        scale = 1.0 / (255.0 * factor)
     if proc.get("do_normalize", True) and proc.get("image_mean") is not None:
-        out["mean"] = _channel_stats(proc["image_mean"], "image_mean", where)
-        out["std"] = _channel_stats(proc.get("image_std"), "image_std", where, std=True)
+        out["mean"] = tuple(v * scale for v in _channel_stats(proc["image_mean"], "image_mean", where))
+        out["std"] = tuple(v * scale for v in _channel_stats(proc.get("image_std"), "image_std", where, std=True))
     elif not proc.get("do_normalize", True):
-        out["mean"], out["std"] = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        out["mean"], out["std"] = (0.0, 0.0, 0.0), (scale, scale, scale)
     return out
+
+
+def hf_input_size(proc: dict[str, Any], where: str = "preprocessor_config.json") -> tuple[int, int] | None:
+    """(H, W) an HF image processor feeds the model: its crop size when it crops, else its
+    size's height and width; None where it says neither."""
+    crop = _size(proc.get("crop_size"), "crop_size", where, ("height", "width"))
+    if proc.get("do_center_crop") and crop.get("height") and crop.get("width"):
+        return crop["height"], crop["width"]
+    size = _size(proc.get("size"), "size", where, ("shortest_edge",))
+    if size.get("height") and size.get("width"):
+        return size["height"], size["width"]
+    return None
 
 
 def timm_preprocess(cfg: dict[str, Any], where: str = "timm pretrained_cfg") -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 RESIZE_MODES = ("squash", "crop", "pad", "native")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
-NORMALIZATIONS = ("imagenet", "inception", "clip", "none")
+NORMALIZATIONS = ("imagenet", "inception", "siglip", "clip", "none")
 FORMATS = ("npy", "pt")
 DTYPES = ("float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "single": "float32", "fp16": "float16", "half": "float16",
@@ -13,5 +13,8 @@ DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "single": "float32", "fp
 ENGINES = ("auto", "numpy", "torch")
 DECODES = ("auto", "cpu", "gpu")
 POS_INITS = ("normal", "sincos")
-POS_RESAMPLES = ("timm", "hf")  # E_pos for another grid: timm's resample_abs_pos_embed, or transformers' interpolation
-TOKENS = ("z0", "patches", "patches+pos")  # z0; x_p E (steps 1-3); x_p E + E_pos's patch rows
+# E_pos for another grid: bicubic antialiased (timm's resample_abs_pos_embed), bicubic (transformers'
+# interpolate_pos_encoding), bicubic with align_corners (torchvision), bicubic with DINOv2's scale factor
+POS_RESAMPLES = ("timm", "hf", "torchvision", "dinov2")
+# z0 (what the first block receives); z0 without the layer's pre-norm; x_p E (steps 1-3); x_p E + E_pos's patch rows
+TOKENS = ("z0", "z0-before-norm", "patches", "patches+pos")

@@ -79,7 +79,7 @@ def encode(
     weights: WeightsOpt = None,
     seed: SeedOpt = 0,
     pos_init: PosInitOpt = PosInit.normal,
-    pos_resample: PosResampleOpt = PosResample.timm,
+    pos_resample: PosResampleOpt = None,
     tokens: TokensOpt = Tokens.z0,
     preprocessing: dict = None,
     max_patches: MaxPatchesOpt = None,
@@ -243,7 +243,7 @@ def init(
 def info(
     layer: dict = None,
     weights: WeightsOpt = None,
-    pos_resample: PosResampleOpt = PosResample.timm,
+    pos_resample: PosResampleOpt = None,
     presets: Annotated[bool, typer.Option("--presets", help="List the presets.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
@@ -276,6 +276,11 @@ def info(
     else:
         config = resolve_config(**layer)
     d = _describe(config)
+    if loaded is not None and config.pos_table and not isinstance(loaded, dict):
+        from .layouts import resample_how
+
+        method = value(pos_resample) or loaded.pos_resample
+        d["pos_resample"], d["pos_resample_how"] = method, resample_how(method, loaded.source, loaded.pos_resample)
     if source:
         d["source"] = source
         prep = EncodeRequest().preprocess(config, weights_prep)
@@ -292,6 +297,7 @@ def info(
         f"grid          {config.grid[0]} x {config.grid[1]} = {config.num_patches} patches (N)",
         f"embedding     D = {config.emb_dim}",
         f"tokens        {config.num_tokens} x {config.emb_dim}  ({_token_layout(config)})",
+        *_describe_steps(d["steps"], d.get("pos_resample_how")),
         f"parameters    {config.num_params:,}",
     ]
     if "preprocess" in d:
@@ -301,6 +307,16 @@ def info(
         lines.append(f"preprocess    {resize}, {p['interpolation']}, mean {_floats(p['mean'])}, std {_floats(p['std'])}  "
                      f"({origin})")
     typer.echo("\n".join(lines))
+
+
+def _describe_steps(steps: dict, resample: str | None) -> list[str]:
+    """The layer's steps as `info` lines: the convolution's bias, the positions, the pre-norm."""
+    lines = [f"conv bias     {'yes' if steps['conv_bias'] else 'no (the patch embedding has none)'}",
+             f"positions     {steps['positions']}"]
+    if resample:
+        lines.append(f"resampled     {resample} (--pos-resample to change)")
+    lines.append(f"pre-norm      {steps['pre_norm'] + ' over each token, in z0' if steps['pre_norm'] else 'none'}")
+    return lines
 
 
 def _token_layout(config) -> str:
@@ -324,6 +340,7 @@ def _floats(values) -> str:
 def _describe(config) -> dict:
     return {
         **config.to_dict(),
+        "steps": config.steps(),
         "grid": list(config.grid),
         "patch_dim": config.patch_dim,
         "num_patches": config.num_patches,

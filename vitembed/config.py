@@ -19,6 +19,10 @@ LIMITS = {"image_size": 8192, "patch_size": 1024, "emb_dim": 16384, "in_channels
           "max_patches": 1 << 16}  # max_patches: 256 x 256 patches, far above NaViT's and Pix2Struct's 4096
 MAX_PARAMS = 1 << 30  # 4 GB of float32
 
+ATTN_POSITIONS = (None, "rope", "relative")
+ATTN_POSITIONS_TEXT = {"rope": "rotary (RoPE)", "relative": "relative position bias"}
+_RECORDED_WHEN_SET = ("dist_token", "conv_bias", "pos_table", "attn_positions", "pre_norm_eps")
+
 
 @dataclass(frozen=True)
 class LayerConfig:
@@ -30,12 +34,22 @@ class LayerConfig:
         emb_dim: D, the length of each token.
         in_channels: C, channels of the input image.
         class_token: whether a class token x_class is prepended (step 4).
-        num_reg_tokens: register tokens after the class token (timm's `reg_token`); 0 in the seed.
+        num_reg_tokens: register tokens after the class (and distillation) token; 0 in the seed.
         pos_embed_prefix: whether E_pos has rows for the prefix tokens (the seed: yes, N_p + 1
             rows); timm's `no_embed_class` models add position only to the patches.
         image_width: W of a rectangular input (None: square, W = H); the patch grid is then
-            (H / P) x (W / P), patches in row-major order. Left out of `to_dict` when None, so that
-            square layers' configs read as they always have.
+            (H / P) x (W / P), patches in row-major order.
+        dist_token: a distillation token right after the class token (DeiT).
+        conv_bias: whether the patch embedding's convolution has a bias (CLIP's has none).
+        pos_table: whether the layer adds a position table E_pos; False where positions are
+            applied inside attention (rotary or relative), so that z0 has none.
+        attn_positions: what a layer without E_pos uses inside attention, for the record: "rope",
+            "relative" or None (not known from the weights).
+        pre_norm_eps: a LayerNorm over each token after step 5 (CLIP's `ln_pre`, timm's
+            `norm_pre`), with this epsilon; None: none (the seed).
+
+    Fields at their defaults are left out of `to_dict`, so that the seed's and the 2020 ViTs'
+    configs read as they always have.
     """
 
     image_size: int = 224
@@ -46,6 +60,11 @@ class LayerConfig:
     num_reg_tokens: int = 0
     pos_embed_prefix: bool = True
     image_width: int | None = None
+    dist_token: bool = False
+    conv_bias: bool = True
+    pos_table: bool = True
+    attn_positions: str | None = None
+    pre_norm_eps: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("image_size", "patch_size", "emb_dim", "in_channels", "image_width"):
@@ -59,6 +78,12 @@ class LayerConfig:
                 raise ConfigError(f"{name.replace('_', '-')} ({value}) is over the limit of {limit}")
         if not 0 <= self.num_reg_tokens <= LIMITS["num_reg_tokens"]:
             raise ConfigError(f"num-reg-tokens must be 0 to {LIMITS['num_reg_tokens']}, got {self.num_reg_tokens}")
+        if self.attn_positions not in ATTN_POSITIONS:
+            raise ConfigError(f"attn-positions must be one of {', '.join(map(str, ATTN_POSITIONS))}, "
+                              f"got {self.attn_positions!r}")
+        eps = self.pre_norm_eps
+        if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1):
+            raise ConfigError(f"pre-norm-eps must be a number in (0, 1), got {eps!r}")
         if self.num_params > MAX_PARAMS:
             raise ConfigError(f"this layer would have {self.num_params:,} parameters, over the limit of {MAX_PARAMS:,}")
         if self.image_width == self.image_size:
@@ -92,12 +117,12 @@ class LayerConfig:
 
     @property
     def num_prefix_tokens(self) -> int:
-        return int(self.class_token) + self.num_reg_tokens
+        return int(self.class_token) + int(self.dist_token) + self.num_reg_tokens
 
     @property
     def num_pos_prefix(self) -> int:
         """Rows of E_pos before the patches': the prefix tokens', or none (no_embed_class)."""
-        return self.num_prefix_tokens if self.pos_embed_prefix else 0
+        return self.num_prefix_tokens if self.pos_embed_prefix and self.pos_table else 0
 
     @property
     def num_tokens(self) -> int:
@@ -110,29 +135,51 @@ class LayerConfig:
 
     @property
     def num_pos_rows(self) -> int:
-        return self.num_patches + (self.num_prefix_tokens if self.pos_embed_prefix else 0)
+        """Rows of E_pos (0 where the layer has none)."""
+        return self.num_patches + self.num_pos_prefix if self.pos_table else 0
 
     @property
     def num_params(self) -> int:
-        conv = self.patch_dim * self.emb_dim + self.emb_dim
-        return conv + (self.num_prefix_tokens + self.num_pos_rows) * self.emb_dim
+        conv = self.patch_dim * self.emb_dim + self.emb_dim * int(self.conv_bias)
+        norm = 2 * self.emb_dim if self.pre_norm_eps is not None else 0
+        return conv + norm + (self.num_prefix_tokens + self.num_pos_rows) * self.emb_dim
 
     def token_rows(self) -> list[tuple[int, int, str]]:
-        """What the rows of z0 hold: (first row, last row, "class token" | "register tokens" | "patches")."""
+        """What the rows of z0 hold: (first row, last row, "class token" | "distillation token" |
+        "register tokens" | "patches")."""
         rows, row = [], 0
-        if self.class_token:
-            rows.append((0, 0, "class token"))
-            row = 1
+        for present, what in ((self.class_token, "class token"), (self.dist_token, "distillation token")):
+            if present:
+                rows.append((row, row, what))
+                row += 1
         if self.num_reg_tokens:
             rows.append((row, row + self.num_reg_tokens - 1, "register tokens"))
             row += self.num_reg_tokens
         rows.append((row, row + self.num_patches - 1, "patches"))
         return rows
 
+    def steps(self) -> dict:
+        """What the layer does, step by step, for `info` and run.json: the patch embedding's bias,
+        the prefix tokens by kind, the positions (a table, or inside attention) and the pre-norm."""
+        prefix = [what for present, what in ((self.class_token, "class"), (self.dist_token, "distillation"))
+                  if present] + ["register"] * self.num_reg_tokens
+        if self.pos_table:
+            covers = "prefix tokens and patches" if self.num_pos_prefix else "patches only"
+            positions = f"table E_pos of {self.num_pos_rows} rows ({covers})"
+            if self.attn_positions:
+                positions += f", and {ATTN_POSITIONS_TEXT[self.attn_positions]} inside attention"
+        else:
+            how = ATTN_POSITIONS_TEXT.get(self.attn_positions, "rotary or relative")
+            positions = f"no table: {how} positions, applied inside attention"
+        return {"conv_bias": self.conv_bias, "prefix_tokens": prefix, "positions": positions,
+                "pre_norm": None if self.pre_norm_eps is None else f"LayerNorm (eps {self.pre_norm_eps:g})"}
+
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
-        if data["image_width"] is None:
-            del data["image_width"]  # a square layer's config, as it was before rectangles
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in ("image_width", *_RECORDED_WHEN_SET):
+            if data[name] == defaults[name]:
+                del data[name]  # a seed-style layer's config, as it was before these fields
         return data
 
     @classmethod

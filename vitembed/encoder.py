@@ -57,8 +57,9 @@ class Encoder:
         device: for torch: auto (CUDA, then MPS, then the CPU), cpu, cuda, cuda:N or mps.
         dtype: of the tokens returned: float32, float16 or bfloat16, or an alias such as fp16 or
             bf16 (computed in float32).
-        tokens: z0 (default), patches (x_p E: N x D, no class token, no E_pos) or patches+pos
-            (x_p E + E_pos's patch rows, N x D).
+        tokens: z0 (default: what the first transformer block receives), z0-before-norm (z0
+            without the layer's pre-norm), patches (x_p E: N x D, no class token, no E_pos) or
+            patches+pos (x_p E + E_pos's patch rows, N x D).
         pos_resample: with `prep.resize == "native"`, how E_pos is resampled to each image's grid:
             timm (default: bicubic, antialiased) or hf (transformers' bicubic).
 
@@ -252,6 +253,9 @@ class TorchEngine:
         weight = torch.from_numpy(kernel.weight).reshape(p, p, c, d).permute(3, 2, 0, 1)
         self.weight = weight.contiguous().to(device)
         self.tables = {cfg.grid: torch.from_numpy(kernel.table).to(device)}  # grid -> (k + N, D)
+        norm = kernel.norm
+        self.norm = None if norm is None else (torch.from_numpy(norm.weight).to(device),
+                                               torch.from_numpy(norm.bias).to(device), norm.eps)
 
     def table(self, grid: tuple[int, int]):
         """T for a grid, on the device (the last few kept)."""
@@ -278,6 +282,9 @@ class TorchEngine:
             out = z.new_empty(z.shape[0], *table.shape)  # (B, k + N, D)
             out[:, :k] = table[:k]  # (4)-(5): the prefix tokens with their E_pos rows
             torch.add(z, table[k:], out=out[:, k:])  # (5): + bias (+ E_pos) of each patch
+            if self.norm is not None:  # the pre-norm (CLIP's ln_pre); the prefix rows are normalised in T
+                weight, bias, eps = self.norm
+                out[:, k:] = torch.nn.functional.layer_norm(out[:, k:], (self.config.emb_dim,), weight, bias, eps)
         return out
 
     def from_host(self, pixels: np.ndarray):

@@ -13,8 +13,12 @@ b E and the E_pos row of each patch. `Kernel` applies it with numpy, one BLAS ca
 torch engine (`encoder.TorchEngine`) applies the same W and T on its device. Both equal the
 reference layer (`layer.VitInputLayer.forward`) up to float32 rounding.
 
+A model with a pre-norm (CLIP's `ln_pre`, timm's `norm_pre`) normalises each token of z0 after
+step 5 (`LayerNorm`): the prefix rows once, in T; the patch rows per image, after the product.
+
 Which tokens (`TOKENS`) is decided here too, in T, so that both engines give the same: `z0`
-(all of the above); `patches` (x_p E + bias: steps 1-3, no prefix rows, no E_pos); `patches+pos`
+(all of the above: what the first transformer block receives); `z0-before-norm` (z0 without the
+pre-norm; z0 itself for a layer without one); `patches` (x_p E + bias: steps 1-3, no prefix rows, no E_pos); `patches+pos`
 (x_p E + bias + E_pos's patch rows, no prefix rows: what MAE-style code masks).
 
 With `--resize native` each image has a grid of its own: `GridTables` makes T for any grid, the
@@ -37,7 +41,9 @@ from .resolution import resample_grid
 
 __all__ = ["TOKENS", "GridTables", "Kernel", "LayerParams", "fingerprint"]
 
-WEIGHT, BIAS, CLS, REG, POS = "patch_emb_layer.weight", "patch_emb_layer.bias", "cls_token", "reg_token", "pos_emb"
+WEIGHT, BIAS, CLS, DIST, REG, POS = ("patch_emb_layer.weight", "patch_emb_layer.bias", "cls_token", "dist_token",
+                                     "reg_token", "pos_emb")
+NORM_WEIGHT, NORM_BIAS = "norm_pre.weight", "norm_pre.bias"
 
 
 def fingerprint(state_dict) -> str:
@@ -85,13 +91,14 @@ class LayerParams:
     def __post_init__(self) -> None:
         cfg = self.config
         d = cfg.emb_dim
-        expected = {WEIGHT: (d, cfg.in_channels, cfg.patch_size, cfg.patch_size), POS: (1, cfg.num_pos_rows, d)}
-        if cfg.class_token:
-            expected[CLS] = (1, 1, d)
-        if cfg.num_reg_tokens:
-            expected[REG] = (1, cfg.num_reg_tokens, d)
-        if BIAS in self.tensors:
-            expected[BIAS] = (d,)
+        expected = {WEIGHT: (d, cfg.in_channels, cfg.patch_size, cfg.patch_size)}
+        for name, shape, present in ((POS, (1, cfg.num_pos_rows, d), cfg.pos_table), (CLS, (1, 1, d), cfg.class_token),
+                                     (DIST, (1, 1, d), cfg.dist_token), (REG, (1, cfg.num_reg_tokens, d), cfg.num_reg_tokens),
+                                     (BIAS, (d,), BIAS in self.tensors),
+                                     (NORM_WEIGHT, (d,), cfg.pre_norm_eps is not None),
+                                     (NORM_BIAS, (d,), cfg.pre_norm_eps is not None)):
+            if present:
+                expected[name] = shape
         shapes = {name: tuple(t.shape) for name, t in self.tensors.items()}
         if shapes != expected:
             raise ValueError(f"layer parameters {shapes} do not fit the layer {expected}")
@@ -102,13 +109,15 @@ class LayerParams:
         """The layer for uint8 pixels normalised with `mean` and `std` (per channel, of pixels / 255).
 
         Args:
-            tokens: z0, patches or patches+pos (see the module docstring).
-            resample: None, the layer's own grid only; "timm" or "hf", any grid too (`--resize
-                native`), E_pos resampled as `resolution.resample_grid` does.
+            tokens: z0, z0-before-norm, patches or patches+pos (see the module docstring).
+            resample: None, the layer's own grid only; a `--pos-resample` method, any grid too
+                (`--resize native`), E_pos resampled as `resolution.resample_grid` does.
+
+        Raises:
+            ConfigError: tokens that need E_pos from a layer without one.
         """
-        if tokens not in TOKENS:
-            raise ConfigError(f"unknown tokens {tokens!r}; choose {', '.join(TOKENS)}")
         cfg, t = self.config, self.tensors
+        check_tokens(tokens, cfg)
         c, p, d = cfg.in_channels, cfg.patch_size, cfg.emb_dim
         weight = t[WEIGHT]  # (D, C, P, P)
         mean = np.asarray(mean, np.float32).reshape(1, c, 1, 1)
@@ -120,15 +129,50 @@ class LayerParams:
         w = np.ascontiguousarray(scaled.transpose(2, 3, 1, 0).reshape(p * p * c, d))  # (D, C, P, P) -> (P^2 C, D)
 
         n, k = cfg.num_patches, cfg.num_prefix_tokens
-        pos = t[POS].reshape(-1, d)  # (1, rows, D) -> (rows, D); rows = N + k, or N (no_embed_class)
-        head = np.empty((k if tokens == "z0" else 0, d), np.float32)  # the prefix rows of the output
+        pos = t[POS].reshape(-1, d) if cfg.pos_table else None  # (1, rows, D) -> (rows, D); rows = N + k, or N
+        head = np.empty((k if tokens.startswith("z0") else 0, d), np.float32)  # the prefix rows of the output
         if len(head):
-            head[:] = np.concatenate([t[name].reshape(-1, d) for name in (CLS, REG) if name in t])  # (k, D)
-            if cfg.pos_embed_prefix:
+            head[:] = np.concatenate([t[name].reshape(-1, d) for name in (CLS, DIST, REG) if name in t])  # (k, D)
+            if cfg.num_pos_prefix:
                 head += pos[:k]
-        grid_pos = None if tokens == "patches" else pos[-n:].reshape(*cfg.grid, d)  # (N, D) -> (gh, gw, D)
+        norm = None
+        if tokens == "z0" and cfg.pre_norm_eps is not None:
+            norm = LayerNorm(t[NORM_WEIGHT], t[NORM_BIAS], float(cfg.pre_norm_eps))
+            head = norm(head)  # the prefix rows are the same for every image: normalised once
+        grid_pos = None if tokens == "patches" or pos is None else pos[-n:].reshape(*cfg.grid, d)  # (gh, gw, D)
         tables = GridTables(head, bias, grid_pos, resample or "timm")
-        return Kernel(cfg, w, tables.table(cfg.grid, keep=False), len(head), tables if resample else None)
+        return Kernel(cfg, w, tables.table(cfg.grid, keep=False), len(head), tables if resample else None, norm)
+
+
+def check_tokens(tokens: str, config: LayerConfig) -> None:
+    """Refuse a `--tokens` choice that is unknown or needs E_pos from a layer without one."""
+    if tokens not in TOKENS:
+        raise ConfigError(f"unknown tokens {tokens!r}; choose {', '.join(TOKENS)}")
+    if tokens == "patches+pos" and not config.pos_table:
+        raise ConfigError("--tokens patches+pos needs a position table E_pos, and this layer has none (its "
+                          "positions are applied inside attention); use --tokens patches or z0")
+
+
+@dataclass(frozen=True)
+class LayerNorm:
+    """A LayerNorm over the last axis (torch.nn.LayerNorm's arithmetic, in float32): the pre-norm
+    some models apply to z0 before their first block (CLIP's ln_pre, timm's norm_pre)."""
+
+    weight: np.ndarray  # (D,)
+    bias: np.ndarray  # (D,)
+    eps: float
+
+    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """(..., D) -> (..., D) float32; in place when `out` is `x`."""
+        centred = x - x.mean(axis=-1, keepdims=True, dtype=np.float32)
+        var = np.square(centred).mean(axis=-1, keepdims=True, dtype=np.float32)
+        centred *= 1.0 / np.sqrt(var + np.float32(self.eps))
+        centred *= self.weight
+        centred += self.bias
+        if out is None:
+            return centred
+        out[...] = centred
+        return out
 
 
 def _float32(value) -> np.ndarray:
@@ -191,6 +235,7 @@ class Kernel:
     table: np.ndarray  # (k + N, D): the output's prefix rows, then bias (+ E_pos) of each patch
     prefix: int  # k: rows of the output before the patches (0 for patch tokens)
     grids: GridTables | None = None  # tables for other grids (native); None: the layer's grid only
+    norm: LayerNorm | None = None  # the pre-norm of the patch rows (the prefix rows are normalised in `table`)
 
     @property
     def token_shape(self) -> tuple[int, int] | None:
@@ -231,4 +276,6 @@ class Kernel:
         out[:k] = table[:k]  # (4)-(5) for the prefix tokens
         np.matmul(patches.astype(np.float32), self.weight, out=out[k:])  # (3): x_p E
         out[k:] += table[k:]  # (5): + bias (+ E_pos)
+        if self.norm is not None:
+            self.norm(out[k:], out=out[k:])  # the pre-norm (CLIP's ln_pre), token by token
         return out

@@ -93,14 +93,19 @@ class VitInputLayer(nn.Module):
 
         # (1)-(3): one convolution with kernel = stride = P is "split, flatten, times E".
         # Its weight (D, C, P, P) reshaped to (D, P^2 C) is E^T.
-        self.patch_emb_layer = nn.Conv2d(config.in_channels, d, config.patch_size, config.patch_size)
+        self.patch_emb_layer = nn.Conv2d(config.in_channels, d, config.patch_size, config.patch_size,
+                                         bias=config.conv_bias)
         # (4): x_class ~ N(0, 1), (1, 1, D).
         self.cls_token = nn.Parameter(torch.randn(1, 1, d)) if config.class_token else None
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, d)) if config.dist_token else None
         self.reg_token = (
             nn.Parameter(torch.zeros(1, config.num_reg_tokens, d)) if config.num_reg_tokens else None
         )
         # (5): E_pos ~ N(0, 1), (1, N_p + 1, D): one row per patch plus one for the class token.
-        self.pos_emb = nn.Parameter(torch.randn(1, config.num_pos_rows, d))
+        # None where positions are applied inside attention (rotary, relative).
+        self.pos_emb = nn.Parameter(torch.randn(1, config.num_pos_rows, d)) if config.pos_table else None
+        # After (5), where the model has one (CLIP's ln_pre, timm's norm_pre): a LayerNorm per token.
+        self.norm_pre = nn.LayerNorm(d, eps=config.pre_norm_eps) if config.pre_norm_eps is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x, images (B, C, H, W) (H = W = S for a square layer). Returns: z0, (B, N_p + 1, D)."""
@@ -116,19 +121,19 @@ class VitInputLayer(nn.Module):
         z = z.flatten(2)  # (B, D, H/P, W/P) -> (B, D, N_p), row-major over the grid
         z = z.transpose(1, 2)  # (B, D, N_p) -> (B, N_p, D)
 
-        prefix = []
-        if self.cls_token is not None:
-            prefix.append(self.cls_token.expand(b, -1, -1))  # (1, 1, D) -> (B, 1, D)
-        if self.reg_token is not None:
-            prefix.append(self.reg_token.expand(b, -1, -1))  # (1, R, D) -> (B, R, D)
-        if cfg.pos_embed_prefix:
+        # (B, 1, D) class, (B, 1, D) distillation, (B, R, D) register tokens, those the layer has
+        prefix = [t.expand(b, -1, -1) for t in (self.cls_token, self.dist_token, self.reg_token) if t is not None]
+        if self.pos_emb is None:  # positions come later, inside attention
+            z = torch.cat([*prefix, z], dim=1)
+        elif cfg.pos_embed_prefix:
             # (4) eq. (4): [x_class; x_p^1 E; ...], (B, N_p, D) -> (B, N_p + 1, D)
             z = torch.cat([*prefix, z], dim=1)
             # (5) eq. (5): z0 = ... + E_pos; E_pos has N_p + 1 rows, the first for x_class.
-            return z + self.pos_emb
-        # timm's no_embed_class: E_pos covers the N_p patches only, prefix tokens are added bare.
-        z = z + self.pos_emb
-        return torch.cat([*prefix, z], dim=1)  # (B, N_p, D) -> (B, prefix + N_p, D)
+            z = z + self.pos_emb
+        else:
+            # timm's no_embed_class: E_pos covers the N_p patches only, prefix tokens are added bare.
+            z = torch.cat([*prefix, z + self.pos_emb], dim=1)  # (B, N_p, D) -> (B, prefix + N_p, D)
+        return z if self.norm_pre is None else self.norm_pre(z)
 
 
 def build_layer(config: LayerConfig, seed: int = 0, pos_init: str = "normal") -> VitInputLayer:
@@ -152,7 +157,7 @@ def build_layer(config: LayerConfig, seed: int = 0, pos_init: str = "normal") ->
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         layer = VitInputLayer(config=config)
-    if pos_init == "sincos":
+    if pos_init == "sincos" and config.pos_table:
         prefix = config.num_prefix_tokens if config.pos_embed_prefix else 0
         table = sincos_2d(config.emb_dim, config.grid, num_prefix=prefix)  # (num_pos_rows, D)
         with torch.no_grad():

@@ -101,7 +101,7 @@ def random_layer_params(config: LayerConfig, seed: int, pos_init: str = "normal"
 
         params = LayerParams.from_module(build_layer(config, seed))
         remember_random_layer(params, seed)
-    if pos_init == "sincos":
+    if pos_init == "sincos" and config.pos_table:
         prefix = config.num_prefix_tokens if config.pos_embed_prefix else 0
         table = sincos_2d(config.emb_dim, config.grid, num_prefix=prefix)
         params = LayerParams(config, {**params.tensors, "pos_emb": table.astype(np.float32)[None]})

@@ -15,6 +15,7 @@ from .checkpoints import (
     WEIGHT_FILES,
     convert_state_dict,
     find_input_layer,
+    folder_hints,
     folder_preprocess,
     timm_preprocess,
     torchvision_preprocess,
@@ -114,7 +115,7 @@ def _timm(name: str, spec: str) -> LoadedWeights:
     loaded = convert_state_dict(read_state_dict(path)[0], spec)
     tag = cfg.get("tag")
     loaded.source = f"timm {cfg.get('architecture', name)}{'.' + tag if tag else ''} ({loaded.source})"
-    loaded.preprocess = timm_preprocess(cfg, spec)
+    loaded.preprocess = timm_preprocess(cfg, spec)  # its input_size is its table's grid: nothing to resample
     return loaded
 
 
@@ -129,9 +130,9 @@ def _hf(repo: str, spec: str) -> LoadedWeights:
     if weights.name.endswith(".index.json"):
         for shard in _shards_for_input_layer(read_index(weights)):
             _hf_file(repo, (shard,), spec)  # only the shards that hold the input layer
-    loaded = convert_state_dict(read_weight_file(weights), spec)
+    loaded = convert_state_dict(read_weight_file(weights), spec, folder_hints(folder))
     loaded.source = f"hf {repo} ({loaded.source})"
-    loaded.preprocess = folder_preprocess(folder)
+    loaded.preprocess, loaded.image_size = folder_preprocess(folder)
     return loaded
 
 
@@ -140,8 +141,8 @@ def _shards_for_input_layer(weight_map: dict[str, str]) -> list[str]:
     found = find_input_layer(list(weight_map))
     if len(found) != 1:
         return sorted(set(weight_map.values()))
-    family, prefix = found[0]
-    return sorted({weight_map[prefix + k] for k in family.keys() if prefix + k in weight_map})
+    layout, prefix = found[0]
+    return sorted({weight_map[prefix + k] for k in layout.keys() if prefix + k in weight_map})
 
 
 def _hf_file(repo: str, names: tuple[str, ...], spec: str) -> Path:

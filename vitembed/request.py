@@ -35,7 +35,8 @@ class EncodeRequest:
     `emb_dim`, `in_channels`, `seed` and `pos_init` (normal, or sincos: MAE's fixed table) for a
     random layer; or `weights` (a file, folder or pretrained name), which fixes D and C
     (`image_size` resamples the position embedding, `patch_size` the patch embedding too, as
-    `pos_resample` says: timm or hf). `tokens`: z0, patches or patches+pos.
+    `pos_resample` says: None, as the checkpoint's own library does; timm, hf, torchvision or
+    dinov2). `tokens`: z0, z0-before-norm, patches or patches+pos.
     Images: `resize` (squash, crop, pad, or native with `max_patches`), `crop_pct`,
     `interpolation`, `background`, `normalize`, `max_pixels`, `fast_decode` (None: the weights'
     own, else vitembed's defaults).
@@ -53,7 +54,7 @@ class EncodeRequest:
     weights: str | None = None
     seed: int = 0
     pos_init: str = "normal"
-    pos_resample: str = "timm"
+    pos_resample: str | None = None
     tokens: str = "z0"
     resize: str | None = None
     max_patches: int | None = None
@@ -84,7 +85,7 @@ class EncodeRequest:
         if self.output is not None:
             self.output = os.fspath(self.output)
         for name, value, allowed in (("--tokens", self.tokens, TOKENS), ("--pos-resample", self.pos_resample, POS_RESAMPLES)):
-            if value not in allowed:
+            if value not in allowed and not (name == "--pos-resample" and value is None):
                 raise ConfigError(f"unknown {name} {value!r}; choose {', '.join(allowed)}")
         if self.max_patches is not None and self.resize != "native":
             raise ConfigError(f"--max-patches {self.max_patches} is for --resize native (the image's own grid); "
@@ -132,8 +133,9 @@ class EncodeRequest:
 
         layer, source, notes, weights_prep = self.layer()
         prep = self.preprocess(layer.config, weights_prep)
+        method = self.pos_resample or getattr(layer, "pos_resample", "timm")  # the checkpoint library's own
         encoder = Encoder(layer, prep, engine=self.engine, device=self.device, dtype=self.dtype, tokens=self.tokens,
-                          pos_resample=self.pos_resample)
+                          pos_resample=method)
         prep_record = {k: list(v) if isinstance(v, tuple) else v for k, v in prep.to_dict().items() if k != "max_pixels"}
         config = {
             "layer": encoder.config.to_dict(),
@@ -144,20 +146,24 @@ class EncodeRequest:
             # Only when set, so that folders written before these options existed still match.
             **({"shard_size": self.run.shard_size} if self.run.shard_size else {}),
             **({"tokens": self.tokens} if self.tokens != "z0" else {}),
-            **({"pos_resample": self.pos_resample} if self.pos_resample != "timm" else {}),
+            **({"pos_resample": method} if method != "timm" else {}),
+            # The layer's steps in words, for a layer that is not seed-style (pre-norm, no table, ...).
+            **({"steps": encoder.config.steps()} if encoder.config.to_dict().keys() - LayerConfig().to_dict().keys()
+               else {}),
         }
         return encoder, config, notes
 
 
 def layer_from_options(preset=None, image_size=None, patch_size=None, num_patch_row=None, emb_dim=None,
-                       in_channels=None, weights=None, seed=0, pos_init="normal", pos_resample="timm", *,
+                       in_channels=None, weights=None, seed=0, pos_init="normal", pos_resample=None, *,
                        native=False) -> tuple[Any, str, list[str], dict]:
     """A layer from the layer options: (the layer, its source, notices, the weights' preprocessing).
 
     Without `weights` it is the random layer of `seed`, as `LayerParams` (from the cache of random
     layers when it can, so that no torch is needed); with `weights`, the `LoadedWeights`, resized
     as `image_size` and `patch_size` say (`checkpoints.resize_weights`, E_pos as `pos_resample`
-    says). With `native` (`--resize native`) the weights keep their own grid, from which each
+    says, or as the checkpoint's own library does). Without `image_size`, the weights' own
+    preprocessing's input size (an HF processor's crop) is taken where it has one. With `native` (`--resize native`) the weights keep their own grid, from which each
     image's is resampled: `image_size` then only sets the default --max-patches.
     """
     if weights is None:
@@ -199,7 +205,7 @@ def _load_weights(weights, preset, image_size, patch_size, num_patch_row, emb_di
     elif num_patch_row is not None:
         size = (num_patch_row * p,) * 2
     else:
-        size = parse_image_size(image_size) or cfg.size
+        size = parse_image_size(image_size) or loaded.image_size or cfg.size
     return resize_weights(loaded, size, p, pos_resample)
 
 

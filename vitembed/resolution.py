@@ -121,12 +121,13 @@ def _cubic(x: np.ndarray, a: float) -> np.ndarray:
 
 
 def resize_matrix(old: int, new: int, method: str = "timm") -> np.ndarray:
-    """The (new, old) float64 matrix of a 1-D bicubic resize, as torch's F.interpolate computes it
-    with align_corners=False: antialiased ("timm", torch's `_upsample_bicubic2d_aa`: a = -0.5, the
-    support widened by old / new when shrinking, weights normalised) or not ("hf", torch's
-    `upsample_bicubic2d`: a = -0.75, indices clamped to the border)."""
+    """The (new, old) float64 matrix of a 1-D bicubic resize, as torch's F.interpolate computes it:
+    antialiased ("timm", torch's `_upsample_bicubic2d_aa`: a = -0.5, the support widened by
+    old / new when shrinking, weights normalised), or not (torch's `upsample_bicubic2d`: a = -0.75,
+    indices clamped to the border) with align_corners=False ("hf"), align_corners=True
+    ("torchvision") or DINOv2's scale factor (new + 0.1) / old ("dinov2")."""
     if method not in POS_RESAMPLES:
-        raise ConfigError(f"unknown position resampling {method!r}; choose {' or '.join(POS_RESAMPLES)}")
+        raise ConfigError(f"unknown position resampling {method!r}; choose {', '.join(POS_RESAMPLES)}")
     scale = old / new
     m = np.zeros((new, old))
     if method == "timm":
@@ -139,7 +140,11 @@ def resize_matrix(old: int, new: int, method: str = "timm") -> np.ndarray:
             m[i, lo:hi] = weights / total if total != 0 else weights
         return m
     for i in range(new):
-        real = scale * (i + 0.5) - 0.5
+        if method == "torchvision":  # align_corners=True: the corner pixels' centres line up
+            real = i * (old - 1) / (new - 1) if new > 1 else 0.0
+        else:
+            step = old / (new + 0.1) if method == "dinov2" else scale  # torch maps with 1 / scale_factor
+            real = step * (i + 0.5) - 0.5
         base = min(math.floor(real), old - 1)
         t = min(max(real - base, 0.0), 1.0)
         for k, weight in enumerate(_cubic(np.array([t + 1, t, 1 - t, 2 - t]), -0.75)):

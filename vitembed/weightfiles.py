@@ -75,6 +75,10 @@ class LoadedWeights:
         preprocess: preprocessing defaults that belong to these weights (keys of
             `images.Preprocess`), empty when the file says nothing.
         notes: one-line notices for the user (e.g. a resampled position embedding).
+        pos_resample: how the checkpoint's own library resamples E_pos for another grid (a
+            `--pos-resample` method), the default for `--image-size` and `--resize native`.
+        image_size: (H, W) the weights' own preprocessing feeds the model (an HF processor's crop
+            size), when it differs from the grid of the position table; None: the table's.
     """
 
     config: LayerConfig
@@ -82,6 +86,8 @@ class LoadedWeights:
     source: str
     preprocess: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    pos_resample: str = "timm"
+    image_size: tuple[int, int] | None = None
 
     def build(self) -> VitInputLayer:
         """The layer, once its tensors are checked to fit `config` (nothing is allocated before).
@@ -118,12 +124,14 @@ def save_layer(layer: VitInputLayer, path: str | os.PathLike) -> int:
 def layer_shapes(config: LayerConfig) -> dict[str, tuple[int, ...]]:
     """The tensors a layer of `config` holds, by vitembed's names, and their shapes."""
     d = config.emb_dim
-    shapes = {"patch_emb_layer.weight": (d, config.in_channels, config.patch_size, config.patch_size),
-              "patch_emb_layer.bias": (d,), "pos_emb": (1, config.num_pos_rows, d)}
-    if config.class_token:
-        shapes["cls_token"] = (1, 1, d)
-    if config.num_reg_tokens:
-        shapes["reg_token"] = (1, config.num_reg_tokens, d)
+    shapes = {"patch_emb_layer.weight": (d, config.in_channels, config.patch_size, config.patch_size)}
+    optional = (("patch_emb_layer.bias", (d,), config.conv_bias), ("cls_token", (1, 1, d), config.class_token),
+                ("dist_token", (1, 1, d), config.dist_token),
+                ("reg_token", (1, config.num_reg_tokens, d), config.num_reg_tokens),
+                ("pos_emb", (1, config.num_pos_rows, d), config.pos_table),
+                ("norm_pre.weight", (d,), config.pre_norm_eps is not None),
+                ("norm_pre.bias", (d,), config.pre_norm_eps is not None))
+    shapes.update((name, shape) for name, shape, present in optional if present)
     return shapes
 
 
@@ -392,7 +400,8 @@ def read_layer_file(path: Path, state: Mapping[str, torch.Tensor], meta: dict[st
     try:
         if not isinstance(raw, dict):
             raise ConfigError(f"config is a {type(raw).__name__}, not a dict")
-        for key, kind in (("class_token", bool), ("pos_embed_prefix", bool), ("num_reg_tokens", int)):
+        for key, kind in (("class_token", bool), ("pos_embed_prefix", bool), ("num_reg_tokens", int),
+                          ("dist_token", bool), ("conv_bias", bool), ("pos_table", bool)):
             if key in raw and (type(raw[key]) is not kind):
                 raise ConfigError(f"{key} is {raw[key]!r:.40}, not {'true or false' if kind is bool else 'a whole number'}")
         config = LayerConfig.from_dict(dict(raw))
