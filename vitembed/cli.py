@@ -267,14 +267,16 @@ def info(
         return
     source = loaded = None
     if weights is not None:
-        from .request import EncodeRequest, layer_from_options
+        from .request import layer_from_options
 
         loaded, source, notes, weights_prep = layer_from_options(**layer, weights=weights,
                                                                  pos_resample=value(pos_resample))
         notice(notes)
         config = loaded.config
     else:
-        config = resolve_config(**layer)
+        from .request import preset_preprocess
+
+        config, weights_prep = resolve_config(**layer), preset_preprocess(layer.get("preset"))
     d = _describe(config)
     if loaded is not None and config.pos_table and not isinstance(loaded, dict):
         from .layouts import resample_how
@@ -283,6 +285,9 @@ def info(
         d["pos_resample"], d["pos_resample_how"] = method, resample_how(method, loaded.source, loaded.pos_resample)
     if source:
         d["source"] = source
+    if source or weights_prep:
+        from .request import EncodeRequest
+
         prep = EncodeRequest().preprocess(config, weights_prep)
         d["preprocess"] = {k: getattr(prep, k) for k in ("image_size", "image_width", "resize", "crop_pct",
                                                           "interpolation", "mean", "std") if getattr(prep, k) is not None}
@@ -303,7 +308,7 @@ def info(
     if "preprocess" in d:
         p = d["preprocess"]
         resize = _describe_crop(config.size, p["crop_pct"]) if p["resize"] == "crop" else p["resize"]
-        origin = "the weights'" if weights_prep else "vitembed's defaults"
+        origin = ("the weights'" if weights else "the preset's") if weights_prep else "vitembed's defaults"
         lines.append(f"preprocess    {resize}, {p['interpolation']}, mean {_floats(p['mean'])}, std {_floats(p['std'])}  "
                      f"({origin})")
     typer.echo("\n".join(lines))

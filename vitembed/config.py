@@ -10,7 +10,8 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULT_PRESET", "PRESETS", "LayerConfig", "nearest_valid_sizes", "parse_image_size", "resolve_config"]
+__all__ = ["DEFAULT_PRESET", "PRESETS", "PRESET_PREPROCESS", "LayerConfig", "nearest_valid_sizes", "parse_image_size",
+           "resolve_config"]
 
 
 # Far above every ViT (ViT-G: 224 px, P = 14, D = 1664; 896 px grids exist), far below what would
@@ -255,6 +256,47 @@ PRESETS: dict[str, LayerConfig] = {
     "vit-b14": LayerConfig(224, 14, 768),
     "vit-l14": LayerConfig(224, 14, 1024),
     "vit-g14": LayerConfig(224, 14, 1536),
+}
+
+
+def _clip(size: int, p: int, d: int) -> LayerConfig:
+    """OpenAI CLIP's vision tower: no bias in the patch embedding, a LayerNorm (ln_pre) over z0."""
+    return LayerConfig(size, p, d, conv_bias=False, pre_norm_eps=1e-5)
+
+
+def _siglip(size: int, p: int, d: int) -> LayerConfig:
+    """SigLIP's vision tower: no class token, E_pos over the patches, no pre-norm."""
+    return LayerConfig(size, p, d, class_token=False, pos_embed_prefix=False)
+
+
+def _dinov2(d: int, registers: int = 0) -> LayerConfig:
+    """DINOv2 at its processor's 224 crop (its table is 37 x 37, 518 px); registers take no E_pos."""
+    return LayerConfig(224, 14, d, num_reg_tokens=registers, pos_embed_prefix=not registers)
+
+
+def _dinov3(d: int) -> LayerConfig:
+    """DINOv3 ViT: a class token and 4 registers, no table: RoPE inside attention."""
+    return LayerConfig(224, 16, d, num_reg_tokens=4, pos_table=False, attn_positions="rope")
+
+
+# The families of today's vision towers: shapes, and the preprocessing of their own processors.
+PRESETS.update({
+    "clip-b32": _clip(224, 32, 768), "clip-b16": _clip(224, 16, 768), "clip-l14": _clip(224, 14, 1024),
+    "clip-l14-336": _clip(336, 14, 1024),
+    "siglip-b16": _siglip(224, 16, 768), "siglip-l16-384": _siglip(384, 16, 1024),
+    "dinov2-s14": _dinov2(384), "dinov2-b14": _dinov2(768), "dinov2-l14": _dinov2(1024), "dinov2-g14": _dinov2(1536),
+    "dinov2-s14-reg4": _dinov2(384, 4), "dinov2-b14-reg4": _dinov2(768, 4), "dinov2-l14-reg4": _dinov2(1024, 4),
+    "dinov3-s16": _dinov3(384), "dinov3-b16": _dinov3(768), "dinov3-l16": _dinov3(1024),
+})
+_CLIP_PREP = {"resize": "crop", "crop_pct": 1.0, "interpolation": "bicubic", "normalize": "clip"}
+_SIGLIP_PREP = {"resize": "squash", "interpolation": "bicubic", "normalize": "siglip"}
+_DINO_PREP = {"resize": "crop", "crop_pct": 0.875, "interpolation": "bicubic", "normalize": "imagenet"}
+# A preset's preprocessing (as `images.Preprocess` fields, the normalisation by name): its family's processor's.
+PRESET_PREPROCESS: dict[str, dict] = {
+    name: _CLIP_PREP if name.startswith("clip") else _SIGLIP_PREP if name.startswith("siglip")
+    else {"resize": "squash", "interpolation": "bilinear", "normalize": "imagenet"} if name.startswith("dinov3")
+    else _DINO_PREP
+    for name in PRESETS if name.startswith(("clip", "siglip", "dino"))
 }
 DEFAULT_PRESET = "seed"
 

@@ -22,7 +22,7 @@ from .errors import ConfigError
 from .formats import output_dtype
 from .pipeline import EncodeOptions
 
-__all__ = ["EncodeRequest", "encode", "layer_from_options"]
+__all__ = ["EncodeRequest", "encode", "layer_from_options", "preset_preprocess"]
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits
 
@@ -172,12 +172,25 @@ def layer_from_options(preset=None, image_size=None, patch_size=None, num_patch_
         config = resolve_config(preset, image_size=image_size, patch_size=patch_size,
                                 num_patch_row=num_patch_row, emb_dim=emb_dim, in_channels=in_channels)
         source = f"random, seed {seed}" + (f", E_pos {pos_init}" if pos_init != "normal" else "")
-        return random_layer_params(config, seed, pos_init), source, [], {}
+        return random_layer_params(config, seed, pos_init), source, [], preset_preprocess(preset)
     if pos_init != "normal":
         raise ConfigError("--pos-init applies to a random layer; --weights brings its own E_pos: drop one of them")
     loaded = _load_weights(weights, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels,
                            pos_resample, native)
     return loaded, loaded.source, list(loaded.notes), dict(loaded.preprocess)
+
+
+def preset_preprocess(preset: str | None) -> dict:
+    """A family preset's preprocessing (its processor's: resize, interpolation, mean and std), as
+    `images.Preprocess` fields; empty for the 2020 ViT shapes, which take vitembed's defaults."""
+    from .config import PRESET_PREPROCESS
+
+    fields = dict(PRESET_PREPROCESS.get(preset or "", {}))
+    if "normalize" in fields:
+        from .images import NORMALIZATIONS
+
+        fields["mean"], fields["std"] = NORMALIZATIONS[fields.pop("normalize")]
+    return fields
 
 
 def _load_weights(weights, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels, pos_resample,
