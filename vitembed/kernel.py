@@ -163,15 +163,15 @@ class LayerNorm:
     eps: float
 
     def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """(..., D) -> (..., D) float32; in place when `out` is `x`."""
-        centred = x - x.mean(axis=-1, keepdims=True, dtype=np.float32)
-        var = np.square(centred).mean(axis=-1, keepdims=True, dtype=np.float32)
-        centred *= 1.0 / np.sqrt(var + np.float32(self.eps))
-        centred *= self.weight
-        centred += self.bias
-        if out is None:
-            return centred
-        out[...] = centred
+        """(rows, D) -> (rows, D) float32; in place when `out` is `x` (no temporary of x's size)."""
+        out = np.array(x, np.float32) if out is None else out
+        if out is not x:
+            out[...] = x
+        out -= out.mean(axis=-1, keepdims=True, dtype=np.float32)
+        var = np.einsum("ij,ij->i", out, out) / np.float32(out.shape[-1])  # (rows,), one pass, no (rows, D) square
+        out *= (1.0 / np.sqrt(var + np.float32(self.eps)))[:, None]
+        out *= self.weight
+        out += self.bias
         return out
 
 
