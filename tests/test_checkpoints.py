@@ -416,3 +416,11 @@ def load_weights_from(state: dict):
     from vitembed.checkpoints import convert_state_dict
 
     return convert_state_dict(state, "test")
+
+
+def test_torchscript_archive_is_refused_with_what_to_do(tmp_path):
+    """OpenAI's clip package ships TorchScript archives: refused in one line naming them and the way out."""
+    path = tmp_path / "ViT-B-16.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Conv2d(3, 8, 4, 4)), str(path))
+    r = run_cli("info", "--weights", path)
+    assert_clean_error(r, "a TorchScript archive", "jit=False", "state_dict()")

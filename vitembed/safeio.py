@@ -88,6 +88,10 @@ def compressed_record(path: str | os.PathLike) -> str | None:
     """
     try:
         with open_regular(path) as f, zipfile.ZipFile(f) as archive:
+            if any("/code/__torch__/" in name or name.endswith("/constants.pkl") for name in archive.namelist()):
+                return ("a TorchScript archive (torch.jit.save, as OpenAI's clip package ships its models): it holds "
+                        "model code, which vitembed never runs; load the model where you trust it (clip.load(name, "
+                        "jit=False)) and save model.state_dict(), preferably as .safetensors")
             for info in archive.infolist():
                 if info.compress_type != zipfile.ZIP_STORED:
                     method = {zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2",
