@@ -69,13 +69,14 @@ def test_preset_matches_unfold_matmul(name):
 def test_preset_shapes(name):
     cfg = PRESETS[name]
     n = (cfg.image_size // cfg.patch_size) ** 2
+    prefix = {"siglip": 0, "dinov3": 5}.get(name.split("-")[0], 5 if name.endswith("reg4") else 1)
     assert cfg.num_patches == n
-    assert cfg.token_shape == (n + 1, cfg.emb_dim)
+    assert cfg.token_shape == (n + prefix, cfg.emb_dim)
     assert cfg.patch_dim == cfg.patch_size**2 * 3
     layer = build_layer(cfg)
     assert sum(p.numel() for p in layer.parameters()) == cfg.num_params
     with torch.no_grad():
-        assert layer(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape == (1, n + 1, cfg.emb_dim)
+        assert layer(torch.zeros(1, 3, cfg.image_size, cfg.image_size)).shape == (1, n + prefix, cfg.emb_dim)
 
 
 def test_seed_worked_example_is_default():
