@@ -296,7 +296,7 @@ def positions(
     """Cosine similarity of the position embeddings between patches (ViT Figure 7 centre).
 
     Tile (i, j) maps the similarity of patch (i, j)'s E_pos row to every patch's, on one scale
-    from -1 to 1.
+    from -1 to 1. Grids of at most 64 patches a side (the picture grows as the side's fourth power).
 
     Example:
 
@@ -304,13 +304,17 @@ def positions(
 
         vitembed show positions --weights vit.safetensors -o pos.png
     """
-    from .figures import grid_positions, position_similarity
+    from .config import resolve_config
+    from .figures import check_position_grid, grid_positions, position_similarity_rows
     from .pictures import draw_positions
 
     target = _target(output, "positions", None)
+    if weights is None:  # refused before a random layer of that grid is drawn
+        check_position_grid(resolve_config(**layer).grid)
     chosen = _choose_layer(layer, weights, seed, pos_init)
+    check_position_grid(chosen.config.grid)
     pos = chosen.parameters()["pos_emb"]  # (1, rows, D)
-    similarity = position_similarity(grid_positions(pos, chosen.config))  # (gh, gw, gh, gw)
+    similarity = position_similarity_rows(grid_positions(pos, chosen.config))  # (gh, gw, gh, gw), row by row
     gh, gw = chosen.config.grid
     title = f"Position embedding similarity: E_pos of each of the {gh} x {gw} patches against all others"
     picture = draw_positions(similarity, title, [chosen.describe()])
