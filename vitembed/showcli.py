@@ -20,8 +20,9 @@ import typer
 from .options import (
     IMAGE, IMAGE_OPTIONS, LAYER_OPTIONS, Command, Group,
     NormalizeOpt, PosInit, PosInitOpt, SeedOpt, WeightsOpt, with_options,
-    guard, notice, value,
+    guard, notice, stdout_writes, value,
 )
+from .errors import printable
 
 __all__ = ["show_app"]
 
@@ -137,16 +138,14 @@ def _emit(picture, target: Path | None, source: Path | None) -> None:
 
     data = picture.png()
     if target is None:
-        try:
+        with stdout_writes():
             sys.stdout.flush()
             sys.stdout.buffer.write(data)
             sys.stdout.buffer.flush()
-        except BrokenPipeError:
-            raise typer.Exit(141) from None
         return
     replaced = write_png(data, target, protected=(source,) if source is not None else ())
     w, h = picture.image.size
-    typer.echo(f"{'replaced' if replaced else 'wrote'} {target} ({w} x {h} px)", err=True)
+    typer.echo(printable(f"{'replaced' if replaced else 'wrote'} {target} ({w} x {h} px)"), err=True)
 
 
 @_command(layer=LAYER_OPTIONS, preprocessing=IMAGE_OPTIONS)
@@ -254,6 +253,9 @@ def _read_tokens(path: Path, config):
         hint = f"; --preset {' or '.join(fits)} gives that shape" if fits else ""
         raise ConfigError(f"{path}: tokens of shape {' x '.join(map(str, array.shape))}, but the layer gives "
                           f"{' x '.join(map(str, config.token_shape))}: pass the layer options they were made with{hint}")
+    if not np.isfinite(array).all():
+        raise InputError(f"{path}: holds NaN or infinite values (the row of an input that failed?); "
+                         "only finite tokens can be drawn")
     return array
 
 
