@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import vitembed
@@ -49,3 +50,46 @@ def test_inputs_that_are_not_paths_are_refused_before_anything_runs(tmp_path, mo
     with pytest.raises(ConfigError, match=rf"inputs must be a path or an iterable of paths.*{named}"):
         vitembed.encode(inputs, tmp_path / "out", **SMALL)
     assert not (tmp_path / "out").exists() and not (tmp_path / "ab.npy").exists()
+
+
+# --------------------------------------------------------------------------- Encoder.encode's pixels
+
+PIXELS = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    from vitembed.config import LayerConfig
+    from vitembed.layer import build_layer
+
+    return vitembed.Encoder(build_layer(LayerConfig(32, 8, 16), seed=1))
+
+
+def _with(value, dtype):
+    pixels = PIXELS.astype(dtype)
+    pixels[1, 5, 7, 2] = value
+    return pixels
+
+
+@pytest.mark.parametrize("pixels, message", [
+    (PIXELS.astype(bool), "got dtype bool"),
+    (PIXELS.astype(np.complex64), "got dtype complex64"),
+    (PIXELS.astype(object), "got dtype object"),
+    (_with(2**40, np.int64), "from 0 to 1099511627776"),
+    (_with(-1, np.int16), "from -1 to"),
+    (_with(np.nan, np.float32), "NaN or infinite"),
+    (_with(np.inf, np.float64), "NaN or infinite"),
+    (_with(300.0, np.float32), "to 300.0"),
+], ids=["bool", "complex", "object", "int64-2**40", "negative", "nan", "inf", "over-255"])
+def test_encode_refuses_pixels_that_are_not_0_to_255(encoder, pixels, message):
+    with pytest.raises(ValueError, match=r"expected pixel") as refused:
+        encoder.encode(pixels)
+    assert message in str(refused.value)
+    with pytest.raises(ValueError, match=r"expected pixel"):
+        encoder.encode(list(pixels))  # a list of images too
+
+
+def test_encode_takes_uint8_and_whole_numbers_and_floats_within_0_to_255(encoder):
+    expected = encoder.encode(PIXELS)
+    np.testing.assert_array_equal(encoder.encode(PIXELS.astype(np.int64)), expected)
+    np.testing.assert_allclose(encoder.encode(PIXELS.astype(np.float32)), expected, rtol=1e-6, atol=1e-5)
