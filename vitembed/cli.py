@@ -16,11 +16,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import ConfigError, InputError
+from .errors import ConfigError, InputError, printable
 from .options import (
     IMAGE, IMAGE_OPTIONS, LAYER_OPTIONS, RAY_OPTIONS, RUN, Command, Decode, Engine, Format, Group,
     InitSeedOpt, JsonOpt, MaxPatchesOpt, NormalizeOpt, PosInit, PosInitOpt, PosResample, PosResampleOpt, SeedOpt,
-    Tokens, TokensOpt, WeightsOpt, choice_metavar, fail, guard, notice, value, with_options,
+    Tokens, TokensOpt, WeightsOpt, choice_metavar, echo, fail, guard, notice, stdout_writes, value, with_options,
 )
 from .showcli import show_app
 
@@ -90,8 +90,8 @@ def encode(
     engine: Annotated[Engine, typer.Option("--engine", metavar=choice_metavar(Engine), help="numpy: each decoder process embeds and writes its images (CPU; torch is imported only to draw a random layer the first time, then cached). torch: batches on --device. auto: numpy where it applies, else torch.", rich_help_panel=RUN)] = Engine.auto,
     decode: Annotated[Decode, typer.Option("--decode", metavar=choice_metavar(Decode), help="Where JPEGs are decoded and resized: cpu (Pillow, in the decoder processes), gpu (nvJPEG on the CUDA device, in batches; other formats still by Pillow; not yet checked on a GPU), auto: cpu for now.", rich_help_panel=RUN)] = Decode.auto,
     dtype: Annotated[str, typer.Option("--dtype", metavar="DTYPE", help="Output dtype: float32, float16 or bfloat16 (also fp32, fp16, bf16, half, float, single); computed in float32.", rich_help_panel=RUN)] = "float32",
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", metavar="INTEGER", help="Images per layer call.", rich_help_panel=RUN)] = 32,
-    workers: Annotated[Optional[int], typer.Option("--workers", "-j", metavar="INTEGER", help="Decoding processes (default: one per core; 0: decode in the main process).", rich_help_panel=RUN)] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", metavar="INTEGER", help="Images per layer call (1 to 4096).", rich_help_panel=RUN)] = 32,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-j", metavar="INTEGER", help="Decoding processes (default: one per core; 0: decode in the main process; at most 1024).", rich_help_panel=RUN)] = None,
     skip_existing: Annotated[bool, typer.Option("--skip-existing", help="Resume: skip inputs whose output already exists.", rich_help_panel=RUN)] = False,
     shard_size: Annotated[Optional[int], typer.Option("--shard-size", metavar="K", help="Write shards of K stacked tensors, (K, N+1, D) .npy files, into the -o folder; manifest.jsonl maps each input to its shard and row.", rich_help_panel=RUN)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Re-encode into an -o folder that was made with another configuration (its old outputs are removed first).", rich_help_panel=RUN)] = False,
@@ -234,9 +234,9 @@ def init(
     size = save_layer(build_layer(config, seed, pos_init.value), output)
     from rich.console import Console
 
-    Console(stderr=True, highlight=False).print(
+    Console(stderr=True, highlight=False).print(printable(
         f"wrote {output}: tokens {config.num_tokens} x {config.emb_dim}, {config.num_params} parameters, {size} bytes"
-        f"{', E_pos: sincos (MAE)' if pos_init is PosInit.sincos else ''}", markup=False, soft_wrap=True)
+        f"{', E_pos: sincos (MAE)' if pos_init is PosInit.sincos else ''}"), markup=False, soft_wrap=True)
 
 
 @_command(layer=LAYER_OPTIONS)
@@ -260,10 +260,10 @@ def info(
     if presets:
         rows = {name: _describe(cfg) for name, cfg in PRESETS.items()}
         if json_out:
-            typer.echo(json.dumps(rows))
+            echo(json.dumps(rows))
         else:
             for name, d in rows.items():
-                typer.echo(f"{name:9} image {d['image_size']:4}  patch {d['patch_size']:2}  D {d['emb_dim']:5}  tokens {d['tokens'][0]} x {d['tokens'][1]}")
+                echo(f"{name:9} image {d['image_size']:4}  patch {d['patch_size']:2}  D {d['emb_dim']:5}  tokens {d['tokens'][0]} x {d['tokens'][1]}")
         return
     source = loaded = None
     if weights is not None:
@@ -293,7 +293,7 @@ def info(
                                                           "interpolation", "mean", "std") if getattr(prep, k) is not None}
         d["preprocess_from_weights"] = sorted(weights_prep)
     if json_out:
-        typer.echo(json.dumps(d))
+        echo(json.dumps(d))
         return
     lines = [
         *( [f"source        {source}"] if source else [] ),
@@ -311,7 +311,7 @@ def info(
         origin = ("the weights'" if weights else "the preset's") if weights_prep else "vitembed's defaults"
         lines.append(f"preprocess    {resize}, {p['interpolation']}, mean {_floats(p['mean'])}, std {_floats(p['std'])}  "
                      f"({origin})")
-    typer.echo("\n".join(lines))
+    echo("\n".join(lines))
 
 
 def _describe_steps(steps: dict, resample: str | None) -> list[str]:
@@ -379,7 +379,7 @@ def inspect(
             continue
         stats = {"file": display_path(path), **stats}
         if json_out:
-            typer.echo(json.dumps(stats))
+            echo(json.dumps(stats))
         rows.append(stats)
     if rows and not json_out:
         from rich.console import Console
@@ -387,9 +387,10 @@ def inspect(
         from .report import print_table
 
         fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
-        print_table(Console(highlight=False), ("file", "shape", "dtype", "min", "mean", "std", "max"),
-                    [(s["file"], " x ".join(map(str, s["shape"])), s["dtype"], fmt(s["min"]), fmt(s["mean"]),
-                      fmt(s["std"]), fmt(s["max"])) for s in rows], paths=(0,))
+        with stdout_writes():
+            print_table(Console(highlight=False), ("file", "shape", "dtype", "min", "mean", "std", "max"),
+                        [(s["file"], " x ".join(map(str, s["shape"])), s["dtype"], fmt(s["min"]), fmt(s["mean"]),
+                          fmt(s["std"]), fmt(s["max"])) for s in rows], paths=(0,))
     raise typer.Exit(1 if failed else 0)
 
 

@@ -101,11 +101,19 @@ class Encoder:
         return load_image(file, self.prep)
 
     def encode(self, pixels) -> np.ndarray | list[np.ndarray]:
-        """(B, H, W, C) uint8 pixels -> (B, N+1, D) tokens in the encoder's dtype; a list of
-        (H_i, W_i, C) images (native: grids of their own) -> a list of (N_i + 1, D) tokens."""
+        """(B, H, W, C) pixels -> (B, N+1, D) tokens in the encoder's dtype; a list of
+        (H_i, W_i, C) images (native: grids of their own) -> a list of (N_i + 1, D) tokens.
+
+        Pixels are values from 0 to 255, as `decode` gives them: uint8; or other integers, or
+        finite floats, within 0..255 (floats from 0 to 1 would be read as nearly black).
+
+        Raises:
+            ValueError: another dtype (bool, complex, objects), a value outside 0..255 or not
+                finite, or a shape the layer does not take.
+        """
         if isinstance(pixels, (list, tuple)):
-            return self._encode_list(list(pixels), self.dtype)
-        return self._encode_array(np.asarray(pixels), self.dtype)
+            return self._encode_list([check_pixels(image) for image in pixels], self.dtype)
+        return self._encode_array(check_pixels(pixels), self.dtype)
 
     def _encode_array(self, pixels: np.ndarray, dtype: str) -> np.ndarray:
         if self.torch is None:
@@ -236,6 +244,24 @@ def resolve_device(name: str):
     elif device.type != "cpu":
         raise ConfigError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     return device
+
+
+def check_pixels(pixels) -> np.ndarray:
+    """`pixels` as an array of values from 0 to 255: uint8, or integers or finite floats in that
+    range (kept as they are); anything else is a ValueError saying what was found."""
+    array = np.asarray(pixels)
+    if array.dtype == np.uint8:
+        return array
+    kind = array.dtype.kind
+    if kind not in "uif":
+        raise ValueError(f"expected pixels as uint8 (or whole numbers or finite floats from 0 to 255), got dtype "
+                         f"{array.dtype}")
+    if array.size:
+        low, high = array.min(), array.max()  # NaN propagates into both
+        if not (np.isfinite(low) and np.isfinite(high) and 0 <= low and high <= 255):
+            raise ValueError(f"expected pixel values from 0 to 255, got {array.dtype} values from {low} to {high}"
+                             + (" (NaN or infinite)" if kind == "f" and not np.isfinite(array).all() else ""))
+    return array
 
 
 class TorchEngine:

@@ -9,6 +9,12 @@ def one_line(exc: BaseException | None) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
+def printable(text: str) -> str:
+    """`text` with every control character escaped (`\\x1b`, `\\n`): a file name holding a
+    terminal escape sequence or a newline can neither drive the terminal nor split a line."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 class VitembedError(Exception):
     """Base class: an expected failure, reported in one line without a traceback."""
 

@@ -7,7 +7,8 @@ Each picture of `drawing.py` draws one of these; a reader can compute them witho
                     `token_pca`: the L2 norm and the first principal components of each patch token
     filters         `filter_pca`: principal components of E's D filters (ViT paper, Figure 7 left)
     positions       `grid_positions`, `position_similarity`: cosine similarity of E_pos rows
-                    between every pair of patches (ViT paper, Figure 7 centre)
+                    between every pair of patches (ViT paper, Figure 7 centre); `SimilarityRows`:
+                    the same, one row of tiles at a time (bounded memory, for drawing)
 
 Grids are (rows, columns) throughout: today's layers are square, these functions need not be.
 Principal components have no sign of their own; each is returned with its largest-magnitude
@@ -23,14 +24,21 @@ import numpy as np
 from .config import LayerConfig
 from .errors import ConfigError
 
+# The most patches a side `show positions` draws: a tile per patch, each a map of every patch, so
+# the picture grows as the fourth power of the side (64: 4160 px square; 1024 would be 1M px).
+MAX_POSITION_GRID = 64
+
 __all__ = [
+    "MAX_POSITION_GRID",
     "Pca",
+    "SimilarityRows",
     "filter_pca",
     "grid_positions",
     "grid_tokens",
     "patch_boxes",
     "patch_rows",
     "position_similarity",
+    "position_similarity_rows",
     "token_norms",
     "token_pca",
 ]
@@ -209,3 +217,57 @@ def position_similarity(positions: np.ndarray) -> np.ndarray:
     unit = x / np.where(norms > 0, norms, 1.0)
     sim = np.clip(unit @ unit.T, -1.0, 1.0)  # (N, D) @ (D, N) -> (N, N)
     return sim.reshape(gh, gw, gh, gw)  # (N, N) -> (gh, gw, gh, gw)
+
+
+def _unit_rows(positions: np.ndarray) -> np.ndarray:
+    """(gh, gw, D) -> (N, D) float32 rows of unit norm (an all-zero row stays zero)."""
+    gh, gw, d = positions.shape
+    x = np.asarray(positions, dtype=np.float32).reshape(gh * gw, d)  # (gh, gw, D) -> (N, D)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)  # (N, 1)
+    return x / np.where(norms > 0, norms, 1.0)
+
+
+class SimilarityRows:
+    """`position_similarity` computed one row of tiles at a time, in float32, for drawing: row i
+    costs gw x N values, where the whole array costs N^2 float64.
+
+    Attributes:
+        shape: (gh, gw, gh, gw), as the whole array's.
+    """
+
+    def __init__(self, positions: np.ndarray) -> None:
+        gh, gw, _ = positions.shape
+        self.shape = (gh, gw, gh, gw)
+        self._unit = _unit_rows(positions)  # (N, D)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """Tile row i: (gw, gh, gw) float32, entry (j, r, c) = cos(E_pos[i, j], E_pos[r, c])."""
+        gh, gw = self.shape[:2]
+        if not 0 <= i < gh:
+            raise IndexError(i)
+        rows = self._unit[i * gw:(i + 1) * gw]  # (gw, D): the patches of grid row i
+        sim = np.clip(rows @ self._unit.T, -1.0, 1.0)  # (gw, D) @ (D, N) -> (gw, N)
+        return sim.reshape(gw, gh, gw)  # (gw, N) -> (gw, gh, gw)
+
+
+def position_similarity_rows(positions: np.ndarray) -> SimilarityRows:
+    """`position_similarity` of a grid `show positions` can draw, one tile row at a time.
+
+    Raises:
+        ConfigError: a grid side over `MAX_POSITION_GRID` patches (its picture cannot be read).
+    """
+    check_position_grid(positions.shape[:2])
+    return SimilarityRows(positions)
+
+
+def check_position_grid(grid: tuple[int, int]) -> None:
+    """Refuse a patch grid too large for `show positions` to draw (a tile per patch, each a map
+    of every patch), with the limit in the message."""
+    gh, gw = grid
+    if max(gh, gw) > MAX_POSITION_GRID:
+        raise ConfigError(f"show positions draws a tile per patch, each a map of all patches: a grid of {gh} x {gw} "
+                          f"patches is too large to draw (at most {MAX_POSITION_GRID} patches a side); give a "
+                          "smaller --image-size or a larger --patch-size")

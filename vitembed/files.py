@@ -14,6 +14,7 @@ import errno
 import os
 import re
 import secrets
+import stat
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import BinaryIO
 
 from .errors import OutputError
 
-__all__ = ["atomic_write", "clean_stale_temporaries", "describe_os_error", "is_temporary", "leave_temporaries",
+__all__ = ["atomic_write", "clean_stale_temporaries", "describe_folder_error", "describe_os_error", "is_temporary", "leave_temporaries",
            "silence_stream", "temporary_name"]
 
 _TMP_RE = re.compile(r"^\.vitembed-(\d+)-[0-9a-f]+\.tmp$")
@@ -95,6 +96,23 @@ _REASONS = {
 def describe_os_error(exc: OSError) -> str:
     """An OSError's reason in a few plain words."""
     return _REASONS.get(exc.errno) or exc.strerror or str(exc)
+
+
+def describe_folder_error(folder: Path, exc: OSError) -> str:
+    """Why files could not be made in `folder`, in plain words: a path there that is no folder
+    says what it is (mkdir says "File exists" for /dev/null), and a folder whose new files are
+    "missing" (/proc, /sys: no file can be created there) says so."""
+    from .safeio import file_kind
+
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return describe_os_error(exc)
+    if not stat.S_ISDIR(st.st_mode):
+        return f"exists and is {file_kind(st.st_mode)}, not a folder"
+    if exc.errno == errno.ENOENT:
+        return "no file can be created in this folder (a special file system, such as /proc)"
+    return describe_os_error(exc)
 
 
 def _remove_quietly(path: Path | None) -> None:

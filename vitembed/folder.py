@@ -26,7 +26,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from .errors import ConfigError, OutputError
-from .files import atomic_write, describe_os_error
+from .files import atomic_write, describe_folder_error, describe_os_error
 from .outcomes import Outcome, Written, display_path
 
 __all__ = ["LOCK_FILE", "MANIFEST_FILE", "RUN_FILE", "OutputFolder", "UriFolder", "manifest_records", "read_manifest"]
@@ -70,7 +70,7 @@ class OutputFolder:
             self.made_from = read_manifest(folder / MANIFEST_FILE)
         except OSError as exc:
             self.close()
-            raise OutputError(f"{display_path(folder)}: {describe_os_error(exc)}") from None
+            raise OutputError(f"{display_path(folder)}: {describe_folder_error(folder, exc)}") from None
         except BaseException:
             self.close()
             raise

@@ -58,6 +58,7 @@ INTERPOLATIONS = {  # choices.INTERPOLATIONS -> Pillow's filter
     "lanczos": Image.Resampling.LANCZOS,
 }
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's own decompression-bomb error threshold (2 x 89.5 MP)
+MIN_CROP_PCT = 0.1  # --crop-pct: the crop covers at most 10 x the layer's size (models use 0.8 to 1)
 
 
 @dataclass(frozen=True)
@@ -111,8 +112,8 @@ class Preprocess:
             raise ConfigError(
                 f"unknown interpolation {self.interpolation!r}; choose {', '.join(INTERPOLATIONS)}"
             )
-        if not 0.0 < self.crop_pct <= 1.0:
-            raise ConfigError(f"crop-pct must be in (0, 1], got {self.crop_pct}")
+        if not MIN_CROP_PCT <= self.crop_pct <= 1.0:  # NaN too; below: a cover of over 10 x the layer's size
+            raise ConfigError(f"crop-pct must be from {MIN_CROP_PCT} to 1, got {self.crop_pct}")
         if self.channels not in (1, 3):
             raise ConfigError(
                 f"images can be read with 1 (grey) or 3 (RGB) channels, not {self.channels}; "

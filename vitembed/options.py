@@ -5,8 +5,10 @@ library's errors to one red line and an exit code. Light to import: typer only.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import sys
 from enum import Enum
 from typing import Annotated, Optional
 
@@ -14,9 +16,10 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 from . import choices
-from .errors import ConfigError, InputError, OutputError, VitembedError, WeightsError
+from .errors import ConfigError, InputError, OutputError, VitembedError, WeightsError, printable
 
-__all__ = ["IMAGE_OPTIONS", "LAYER_OPTIONS", "RAY_OPTIONS", "Command", "Group", "fail", "guard", "notice", "value", "with_options"]
+__all__ = ["IMAGE_OPTIONS", "LAYER_OPTIONS", "RAY_OPTIONS", "Command", "Group", "echo", "fail", "guard", "notice",
+           "stdout_writes", "value", "with_options"]
 
 
 def _choice(name: str, values) -> type[Enum]:
@@ -101,7 +104,7 @@ PosResampleOpt = Annotated[Optional[PosResample], typer.Option("--pos-resample",
 TokensOpt = Annotated[Tokens, typer.Option("--tokens", metavar=choice_metavar(Tokens), help="z0: what the first transformer block receives: prefix tokens and x_p E, + E_pos, then the model's pre-norm if it has one (CLIP's ln_pre); z0-before-norm: z0 without that pre-norm; patches: x_p E only, N x D; patches+pos: x_p E + E_pos's patch rows, N x D (no class token).", rich_help_panel=LAYER)]
 ResizeOpt = Annotated[Optional[Resize], typer.Option("--resize", metavar=choice_metavar(Resize), help="squash: straight to H x W; crop: keep aspect, cover (H, W)/crop-pct, centre crop; pad: keep aspect, pad; native (encode): the image's own aspect ratio, a grid of at most --max-patches patches. Default: the weights' own, else squash.", show_default=False, rich_help_panel=IMAGE)]
 MaxPatchesOpt = Annotated[Optional[int], typer.Option("--max-patches", metavar="INTEGER", help="For --resize native: the most patches an image's grid may have (Pix2Struct's rule). Default: the layer's N (of --image-size).", show_default=False, rich_help_panel=IMAGE)]
-CropPctOpt = Annotated[Optional[float], typer.Option("--crop-pct", metavar="FLOAT", help="For --resize crop: 0.875 is 256 -> 224. Default: the weights' own, else 0.875.", show_default=False, rich_help_panel=IMAGE)]
+CropPctOpt = Annotated[Optional[float], typer.Option("--crop-pct", metavar="FLOAT", help="For --resize crop, 0.1 to 1: 0.875 is 256 -> 224. Default: the weights' own, else 0.875.", show_default=False, rich_help_panel=IMAGE)]
 InterpolationOpt = Annotated[Optional[Interpolation], typer.Option("--interpolation", metavar="FILTER", help="Resampling filter, antialiased: nearest, bilinear, bicubic or lanczos. Default: the weights' own, else bilinear.", show_default=False, rich_help_panel=IMAGE)]
 BackgroundOpt = Annotated[str, typer.Option("--background", metavar="COLOUR", help="Colour under transparency and around --resize pad: a name, #rrggbb or r,g,b.", rich_help_panel=IMAGE)]
 NormalizeOpt = Annotated[Optional[Normalize], typer.Option("--normalize", metavar="NAME", help="Per-channel mean and std: imagenet (also DINOv2/v3's), inception (0.5, 0.5; also SigLIP's), siglip (the same), clip (OpenAI CLIP's), or none (pixels / 255). Default: the weights' own, else the preset's, else imagenet.", show_default=False, rich_help_panel=IMAGE)]
@@ -110,7 +113,7 @@ NormalizeOpt = Annotated[Optional[Normalize], typer.Option("--normalize", metava
 def notice(notes, quiet: bool = False) -> None:
     if not quiet:
         for note in notes:
-            typer.echo(f"note: {note}", err=True)
+            typer.echo(f"note: {printable(note)}", err=True)
 
 
 def fail(message: str, code: int) -> typer.Exit:
@@ -118,8 +121,33 @@ def fail(message: str, code: int) -> typer.Exit:
 
     from rich.text import Text
 
-    Console(stderr=True, highlight=False).print(Text.assemble(("error", "red"), ": ", message), soft_wrap=True)
+    Console(stderr=True, highlight=False).print(Text.assemble(("error", "red"), ": ", printable(message)),
+                                                soft_wrap=True)
     return typer.Exit(code)
+
+
+@contextlib.contextmanager
+def stdout_writes():
+    """Writes to stdout in the block, flushed at its end: a reader that went away exits 141
+    quietly; a full disk behind a redirection (any other OSError) is an `OutputError` naming
+    stdout. Either way stdout then points at /dev/null, so that the exit's own flush is quiet."""
+    from .files import describe_os_error, silence_stream
+
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        silence_stream(sys.stdout)
+        raise typer.Exit(141) from None
+    except OSError as exc:
+        silence_stream(sys.stdout)
+        raise OutputError(f"stdout: {describe_os_error(exc)}") from None
+
+
+def echo(text: str) -> None:
+    """A line of data on stdout (`typer.echo`), under `stdout_writes`."""
+    with stdout_writes():
+        typer.echo(text)
 
 
 def guard(func):

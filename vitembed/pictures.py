@@ -192,16 +192,22 @@ def _tick_step(count: int, cell: int, size: int) -> int:
     return next(n for n in (1, 2, 4, 5, 10, 20, 50) if n * cell >= need or n == 50)
 
 
-def _tiles(similarity: np.ndarray, cell: int, gap: int) -> np.ndarray:
-    """(gh, gw, gh, gw) similarities -> one RGB array of gh x gw tiles, `gap` white pixels apart."""
+def _tiles(similarity, cell: int, gap: int) -> np.ndarray:
+    """(gh, gw, gh, gw) similarities -> one RGB array of gh x gw tiles, `gap` white pixels apart.
+
+    Filled one row of tiles at a time (`similarity[i]`: (gw, gh, gw)), so that an array computed
+    row by row (`figures.SimilarityRows`) is never held whole."""
     gh, gw = similarity.shape[:2]
     th, tw = gh * cell, gw * cell
-    colours = apply_colormap(similarity, -1.0, 1.0).transpose(2, 3, 0, 1, 4)  # (i, j, r, c, 3) -> (r, c, i, j, 3)
-    colours = enlarge(colours, cell).transpose(2, 3, 0, 1, 4)  # -> (r k, c k, i, j, 3) -> (i, j, th, tw, 3)
-    padded = np.full((gh, gw, th + gap, tw + gap, 3), 255, dtype=np.uint8)
-    padded[:, :, :th, :tw] = colours
-    grid = padded.transpose(0, 2, 1, 3, 4).reshape(gh * (th + gap), gw * (tw + gap), 3)  # (i, y, j, x, 3) -> (Y, X, 3)
-    return grid[: gh * (th + gap) - gap, : gw * (tw + gap) - gap]
+    grid = np.full((gh * (th + gap) - gap, gw * (tw + gap) - gap, 3), 255, dtype=np.uint8)
+    for i in range(gh):
+        colours = apply_colormap(similarity[i], -1.0, 1.0)  # (gw, gh, gw) -> (j, r, c, 3)
+        colours = enlarge(colours.transpose(1, 2, 0, 3), cell)  # -> (r, c, j, 3) -> (r k, c k, j, 3)
+        padded = np.full((th, gw, tw + gap, 3), 255, dtype=np.uint8)
+        padded[:, :, :tw] = colours.transpose(0, 2, 1, 3)  # (th, tw, j, 3) -> (th, j, tw, 3)
+        top = i * (th + gap)
+        grid[top:top + th] = padded.reshape(th, gw * (tw + gap), 3)[:, : grid.shape[1]]  # (y, j, x, 3) -> (y, X, 3)
+    return grid
 
 
 def _axes(body: Image.Image, box: Box, shape: tuple[int, int], pitch: tuple[int, int]) -> None:
@@ -223,7 +229,8 @@ def draw_positions(similarity: np.ndarray, title: str, notes: list[str] = ()) ->
     patch (i, j)'s E_pos row and every patch's, on one viridis scale from -1 to 1.
 
     Args:
-        similarity: (gh, gw, gh, gw), `figures.position_similarity`.
+        similarity: (gh, gw, gh, gw), `figures.position_similarity`, or the same row by row
+            (`figures.position_similarity_rows`): anything with that `shape` whose [i] is tile row i.
         title: first line of the picture.
         notes: extra caption lines.
 
@@ -247,7 +254,7 @@ def draw_positions(similarity: np.ndarray, title: str, notes: list[str] = ()) ->
     x = left + width + 16
     colour_bar(body, (x, top, x + 16, top + height), -1.0, 1.0, ticks, "cosine similarity")
     panels = {"tiles": (left, top, left + width, top + height)}
-    for (i, j), _ in np.ndenumerate(similarity[:, :, 0, 0]):
+    for i, j in np.ndindex(gh, gw):
         x0, y0 = left + j * (tw + gap), top + i * (th + gap)
         panels[f"tile {i},{j}"] = (x0, y0, x0 + tw, y0 + th)
     caption = [

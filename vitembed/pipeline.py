@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import os
 import threading
 import time
@@ -70,6 +71,12 @@ class RayOptions:
             raise ConfigError(f"--ray-actors must be at least 1, got {self.actors}")
 
 
+# (field, least, most) of EncodeOptions' counts. The upper bounds keep a typo from sizing shared
+# memory and process tables by it (the pool's bookkeeping grows with the batch and the workers):
+# 4096 images of 224 px are 600 MB of pixels per batch; 1024 decoders are far more than any host's cores.
+_COUNTS = (("batch_size", 1, 4096), ("workers", 0, 1024), ("writers", 1, 1024), ("shard_size", 1, 1 << 20))
+
+
 @dataclass
 class EncodeOptions:
     """How a run goes (what it computes is the `Encoder`'s).
@@ -107,12 +114,17 @@ class EncodeOptions:
             self.ray = RayOptions() if self.ray else None
         if self.decode not in DECODES:
             raise ConfigError(f"unknown decode {self.decode!r}; choose {', '.join(DECODES)}")
-        for name, least in (("batch_size", 1), ("workers", 0), ("writers", 1), ("shard_size", 1)):
+        for name, least, most in _COUNTS:
             value = getattr(self, name)
-            if value is not None and value < least:
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ConfigError(f"{name.replace('_', ' ')} must be a whole number, got {value!r}")
+            if value < least:
                 raise ConfigError(f"{name.replace('_', ' ')} must be at least {least}, got {value}")
-        if self.shard_size is not None and self.shard_size > 1 << 20:
-            raise ConfigError(f"shard size must be at most {1 << 20}, got {self.shard_size}")
+            if value > most:
+                raise ConfigError(f"{name.replace('_', ' ')} must be at most {most}, got {value}")
+            setattr(self, name, int(value))
         timeout = self.decode_timeout
         if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
             raise ConfigError(f"decode timeout must be a positive number of seconds, got {timeout}")

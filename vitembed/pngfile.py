@@ -16,6 +16,7 @@ A reader sees the old picture or the new one, never half of one.
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import tempfile
@@ -56,7 +57,7 @@ def _refusal(path: Path, protected: tuple[Path, ...]) -> str | None:
     """Why the existing `path` must not be replaced, or None when it may be (a PNG file)."""
     try:
         info = os.lstat(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # nothing there to replace; writing will say why
         return None
     if stat.S_ISLNK(info.st_mode):
         return "is a symbolic link; vitembed does not replace links: remove it or pick another -o"
@@ -124,4 +125,8 @@ def write_png(data: bytes, path: Path, protected: tuple[Path, ...] = ()) -> bool
     except OSError as exc:
         if tmp is not None and os.path.lexists(tmp):
             os.unlink(tmp)
-        raise OutputError(f"{path}: cannot write: {exc.strerror or exc}") from None
+        from .files import describe_folder_error
+
+        reason = f"{folder}: {describe_folder_error(folder, exc)}" \
+            if exc.errno in (errno.EEXIST, errno.ENOENT, errno.ENOTDIR) else exc.strerror or exc
+        raise OutputError(f"{path}: cannot write: {reason}") from None

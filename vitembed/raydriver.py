@@ -21,7 +21,8 @@
 - **What the user sees.** Ray's progress bars are off (the report's are the run's); its log lines
   go to stderr, never to stdout, which carries only `--json` lines.
 - **Where.** With `RayOptions.address` (or $RAY_ADDRESS) the run joins that cluster; otherwise it
-  starts a local one and stops it after. In a program that has called `ray.init`, it uses that.
+  starts a local one and stops it after, and on Linux a small reaper process (`_Reaper`) ends
+  that cluster's agents should the driver die without stopping it (`kill -9`). In a program that has called `ray.init`, it uses that.
   Every node must see the inputs and outputs at the same paths (shared storage); actors work in
   the driver's current folder, so that relative paths mean the same everywhere. Inputs and -o
   given as URIs (s3://, gs://, hdfs://, file://) are listed by the driver and read and written by
@@ -278,10 +279,87 @@ def _connected(options: RayOptions):
         raise ConfigError(f"--ray: cannot join the Ray cluster at {address}: {exc}") from None
     if on_term is not None and threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, on_term)
+    reaper = _Reaper.start() if not address else None
     try:
         yield
     finally:
         ray.shutdown()
+        if reaper is not None:
+            reaper.done()
+
+
+# Run by the reaper (a bare Python: no site, no vitembed). Once a second it notes the processes
+# under the driver's raylet and gcs_server, each with its start time (so that a reused PID is never
+# taken for one of them); when the driver closes the pipe unsaid (it died), it SIGKILLs those left.
+_REAPER_CODE = """
+import os, select
+driver = str(os.getppid())
+
+def stat(pid):
+    try:
+        with open("/proc/" + pid + "/stat") as f:
+            name, rest = f.read().rsplit(")", 1)
+        fields = rest.split()
+        return name.split("(", 1)[1], fields[1], fields[19]
+    except (OSError, IndexError):
+        return None, None, None
+
+seen, said = {}, b""
+while True:
+    if select.select([0], [], [], 1.0)[0]:
+        chunk = os.read(0, 64)
+        if not chunk:
+            break
+        said += chunk
+        continue
+    procs = {pid: stat(pid) for pid in os.listdir("/proc") if pid.isdigit()}
+    roots = {pid for pid, (name, ppid, _) in procs.items() if ppid == driver and name in ("raylet", "gcs_server")}
+    while roots:
+        seen.update((pid, procs[pid][2]) for pid in roots)
+        roots = {pid for pid, (_, ppid, _) in procs.items() if ppid in roots and pid not in seen}
+if said != b"done":
+    for pid, started in seen.items():
+        if stat(pid)[2] == started:
+            try:
+                os.kill(int(pid), 9)
+            except OSError:
+                pass
+"""
+
+
+class _Reaper:
+    """Ends the processes of the local cluster a driver started, when the driver dies unstopped.
+
+    The driver's gcs_server and raylet die with it (Ray ties them to its life), but the raylet's
+    agents (DashboardAgent, RuntimeEnvAgent: about 170 MB) then spend a minute reporting the
+    death to the GCS that is gone. The reaper, a bare Python in a session of its own, holds the
+    read end of a pipe and keeps a list of the processes under the raylet and the gcs_server: a
+    stopped run writes "done" (nothing to do); a driver killed with `kill -9` closes the pipe
+    unsaid, and the reaper kills those processes at once.
+    """
+
+    def __init__(self, process) -> None:
+        self.process = process
+
+    @classmethod
+    def start(cls) -> _Reaper | None:
+        if not sys.platform.startswith("linux"):  # /proc: the processes under the raylet
+            return None
+        import subprocess
+
+        try:
+            process = subprocess.Popen([sys.executable, "-S", "-c", _REAPER_CODE], stdin=subprocess.PIPE,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        except OSError:
+            return None  # no reaper: the agents would only outlive a killed driver for a minute
+        return cls(process)
+
+    def done(self) -> None:
+        """The cluster was stopped: the reaper leaves without killing anything."""
+        try:
+            self.process.communicate(b"done", timeout=10)
+        except Exception:  # noqa: BLE001 - the reaper is a courtesy; never fail a finished run for it
+            self.process.kill()
 
 
 class _Nothing(logging.Filter):

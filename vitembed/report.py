@@ -13,7 +13,7 @@ import threading
 from collections.abc import Container, Iterable, Sequence
 from typing import IO, TYPE_CHECKING
 
-from .errors import OutputError
+from .errors import OutputError, printable
 from .files import describe_os_error, silence_stream
 from .outcomes import Outcome, Summary, display_path
 
@@ -43,7 +43,7 @@ def print_table(console: Console, header: Sequence[str], rows: Iterable[Sequence
     from rich.cells import cell_len
     from rich.text import Text
 
-    rows = [list(header), *([_printable(cell) for cell in row] for row in rows)]
+    rows = [list(header), *([printable(cell) for cell in row] for row in rows)]
     widths = [max(cell_len(cell) for cell in column) for column in zip(*rows)]
     if console.is_terminal:
         room = console.width - 2 * (len(widths) - 1)
@@ -59,11 +59,6 @@ def print_table(console: Console, header: Sequence[str], rows: Iterable[Sequence
 
 
 _SHORTEST = 16  # a path column is not shortened below this many cells
-
-
-def _printable(text: str) -> str:
-    """A newline or another control character in a file name, escaped: one row stays one line."""
-    return text if text.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _fit(text: str, width: int) -> str:
@@ -127,7 +122,7 @@ class Reporter:
         """One red `error:` line on stderr; `message` is printed as it is (no markup)."""
         from rich.text import Text
 
-        self.console.print(Text.assemble(("error", "red"), ": ", message), soft_wrap=True)
+        self.console.print(Text.assemble(("error", "red"), ": ", printable(message)), soft_wrap=True)
 
     def __call__(self, outcome: Outcome) -> None:
         if outcome.status == "error":

@@ -12,7 +12,7 @@ import dataclasses
 import os
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -222,13 +222,14 @@ def _load_weights(weights, preset, image_size, patch_size, num_patch_row, emb_di
     return resize_weights(loaded, size, p, pos_resample)
 
 
-def encode(inputs: Iterable[str | os.PathLike], output: str | os.PathLike | None = None, *,
+def encode(inputs: str | os.PathLike | Iterable[str | os.PathLike], output: str | os.PathLike | None = None, *,
            on_result: Callable | None = None, stop: threading.Event | None = None, null: bool = False,
            stdin=None, stdout=None, on_notice: Callable[[str], None] | None = None, **options):
     """Encode image files and folders, as `vitembed encode` does; returns the run's `Summary`.
 
     Args:
-        inputs: files, folders (walked recursively), or "-" to read paths from `stdin`.
+        inputs: files, folders (walked recursively), or "-" to read paths from `stdin`: one path
+            (a str or os.PathLike) or an iterable of them.
         output: None (beside each input), a folder, FILE.npy / FILE.pt (one input), or "-".
         on_result: called with each input's outcome (`Written`, `Failed`, `Skipped`) as it finishes.
         stop: set it to stop the run early; every output written is whole.
@@ -244,8 +245,8 @@ def encode(inputs: Iterable[str | os.PathLike], output: str | os.PathLike | None
     from .outputs import OutputPlan
 
     notice = on_notice or (lambda text: None)
+    inputs = input_paths(inputs)
     request = EncodeRequest.from_options(output=output, **options)
-    inputs = [os.fspath(i) for i in inputs]
     _check_uris(inputs, request)
     plan = OutputPlan.from_option(request.output, request.format)
     request, runner = _runner(request, plan)
@@ -282,6 +283,28 @@ def encode(inputs: Iterable[str | os.PathLike], output: str | os.PathLike | None
             folder.close()
     own_outputs.tell()
     return summary
+
+
+def input_paths(inputs) -> list[str]:
+    """`encode`'s inputs as a list of str paths: one str or os.PathLike is one input (never its
+    characters: "." would walk the current folder); anything else must be an iterable of them.
+
+    Raises:
+        ConfigError: bytes, a mapping, a number, or an iterable holding anything but str paths.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    elif isinstance(inputs, (bytes, bytearray, memoryview, Mapping)) or not isinstance(inputs, Iterable):
+        raise ConfigError(f"inputs must be a path or an iterable of paths (str or os.PathLike), "
+                          f"got {type(inputs).__name__}")
+    paths = []
+    for item in inputs:
+        path = os.fspath(item) if isinstance(item, (str, os.PathLike)) else item
+        if not isinstance(path, str):
+            raise ConfigError(f"inputs must be a path or an iterable of paths (str or os.PathLike), "
+                              f"got an item of type {type(path).__name__}")
+        paths.append(path)
+    return paths
 
 
 def _check_uris(inputs: list[str], request: EncodeRequest) -> None:

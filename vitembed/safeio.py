@@ -20,8 +20,8 @@ from typing import BinaryIO
 
 from .errors import one_line
 
-__all__ = ["NotRegularFile", "ZIP_MAGIC", "check_regular", "compressed_record", "looks_like", "open_regular",
-           "read_head"]
+__all__ = ["NotRegularFile", "ZIP_MAGIC", "check_regular", "compressed_record", "file_kind", "looks_like",
+           "open_regular", "read_head"]
 
 ZIP_MAGIC = b"PK\x03\x04"
 
@@ -36,6 +36,13 @@ _MAGIC = (
     (b"\x1f\x8b", "a gzip file"), (b"%PDF", "a PDF document"), (b"\x93NUMPY", "a .npy array"),
     (b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19", "an old-format torch.save file, not a zip"),
 )
+
+
+def file_kind(mode: int) -> str:
+    """What a stat mode is, in words: "a regular file", "a folder", "a character device", ..."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return next((name for test, name in _KINDS if test(mode)), "a special file")
 
 
 class NotRegularFile(ValueError):
@@ -55,8 +62,7 @@ def check_regular(path: str | os.PathLike) -> os.stat_result:
     except OSError as exc:
         raise NotRegularFile(f"cannot read: {exc.strerror or exc}") from None
     if not stat.S_ISREG(st.st_mode):
-        kind = next((name for test, name in _KINDS if test(st.st_mode)), "a special file")
-        raise NotRegularFile(f"not a regular file ({kind})")
+        raise NotRegularFile(f"not a regular file ({file_kind(st.st_mode)})")
     return st
 
 

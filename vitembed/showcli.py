@@ -20,8 +20,9 @@ import typer
 from .options import (
     IMAGE, IMAGE_OPTIONS, LAYER_OPTIONS, Command, Group,
     NormalizeOpt, PosInit, PosInitOpt, SeedOpt, WeightsOpt, with_options,
-    guard, notice, value,
+    guard, notice, stdout_writes, value,
 )
+from .errors import printable
 
 __all__ = ["show_app"]
 
@@ -137,16 +138,14 @@ def _emit(picture, target: Path | None, source: Path | None) -> None:
 
     data = picture.png()
     if target is None:
-        try:
+        with stdout_writes():
             sys.stdout.flush()
             sys.stdout.buffer.write(data)
             sys.stdout.buffer.flush()
-        except BrokenPipeError:
-            raise typer.Exit(141) from None
         return
     replaced = write_png(data, target, protected=(source,) if source is not None else ())
     w, h = picture.image.size
-    typer.echo(f"{'replaced' if replaced else 'wrote'} {target} ({w} x {h} px)", err=True)
+    typer.echo(printable(f"{'replaced' if replaced else 'wrote'} {target} ({w} x {h} px)"), err=True)
 
 
 @_command(layer=LAYER_OPTIONS, preprocessing=IMAGE_OPTIONS)
@@ -254,6 +253,9 @@ def _read_tokens(path: Path, config):
         hint = f"; --preset {' or '.join(fits)} gives that shape" if fits else ""
         raise ConfigError(f"{path}: tokens of shape {' x '.join(map(str, array.shape))}, but the layer gives "
                           f"{' x '.join(map(str, config.token_shape))}: pass the layer options they were made with{hint}")
+    if not np.isfinite(array).all():
+        raise InputError(f"{path}: holds NaN or infinite values (the row of an input that failed?); "
+                         "only finite tokens can be drawn")
     return array
 
 
@@ -296,7 +298,7 @@ def positions(
     """Cosine similarity of the position embeddings between patches (ViT Figure 7 centre).
 
     Tile (i, j) maps the similarity of patch (i, j)'s E_pos row to every patch's, on one scale
-    from -1 to 1.
+    from -1 to 1. Grids of at most 64 patches a side (the picture grows as the side's fourth power).
 
     Example:
 
@@ -304,13 +306,17 @@ def positions(
 
         vitembed show positions --weights vit.safetensors -o pos.png
     """
-    from .figures import grid_positions, position_similarity
+    from .config import resolve_config
+    from .figures import check_position_grid, grid_positions, position_similarity_rows
     from .pictures import draw_positions
 
     target = _target(output, "positions", None)
+    if weights is None:  # refused before a random layer of that grid is drawn
+        check_position_grid(resolve_config(**layer).grid)
     chosen = _choose_layer(layer, weights, seed, pos_init)
+    check_position_grid(chosen.config.grid)
     pos = chosen.parameters()["pos_emb"]  # (1, rows, D)
-    similarity = position_similarity(grid_positions(pos, chosen.config))  # (gh, gw, gh, gw)
+    similarity = position_similarity_rows(grid_positions(pos, chosen.config))  # (gh, gw, gh, gw), row by row
     gh, gw = chosen.config.grid
     title = f"Position embedding similarity: E_pos of each of the {gh} x {gw} patches against all others"
     picture = draw_positions(similarity, title, [chosen.describe()])

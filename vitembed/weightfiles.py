@@ -45,6 +45,7 @@ __all__ = [
     "check_layer",
     "check_size",
     "check_storage",
+    "check_values",
     "is_layer_file",
     "layer_shapes",
     "read_index",
@@ -157,6 +158,22 @@ def check_storage(tensor: torch.Tensor, name: str, where: str) -> None:
             f"{max(available, 0):,} (zero or overlapping strides, as from expand()); save plain tensors "
             "(.contiguous()), or use .safetensors"
         )
+
+
+def check_values(state: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse tensors whose values cannot make tokens: complex ones (casting would drop their
+    imaginary part) and any NaN or infinity (every token would carry it, with exit code 0).
+
+    Raises:
+        WeightsError: naming `where` and the tensor.
+    """
+    for name, tensor in state.items():
+        if tensor.is_complex():
+            raise WeightsError(f"{where}: {name} is complex ({str(tensor.dtype).removeprefix('torch.')}); "
+                               "the input layer's weights are real numbers")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise WeightsError(f"{where}: {name} holds NaN or infinite values; the input layer's weights must be "
+                               "finite numbers")
 
 
 def check_layer(config: LayerConfig, state: Mapping[str, torch.Tensor], where: str) -> None:
@@ -351,6 +368,10 @@ def read_index(path: Path) -> dict[str, str]:
         if parts[0] == "/" or ".." in parts or "\\" in str(name):
             raise WeightsError(f"{path}: weight_map sends {key!r:.60} to {name!r:.60}, outside its folder; "
                                "index entries must be file names inside it")
+        if name.lower().endswith(".json"):  # the index itself, or a config: read as a shard it would
+            what = "the index itself" if name == path.name else "a JSON file"
+            raise WeightsError(f"{path}: weight_map sends {key!r:.60} to {name!r:.60}, {what}, not a shard of "
+                               "weights")
     return weight_map
 
 

@@ -23,6 +23,7 @@ from .weightfiles import (
     LAYER_FORMAT,
     LazyTensors,
     LoadedWeights,
+    check_values,
     is_layer_file,
     read_layer_file,
     read_state_dict,
@@ -49,14 +50,16 @@ def load_weights(spec: str | os.PathLike) -> LoadedWeights:
             `torchvision:vit_b_16[.WEIGHTS]`, `timm:MODEL[.TAG]`, `hf:ORG/REPO`.
 
     Raises:
-        WeightsError: missing, unreadable, corrupt, code-running or unrecognised weights.
+        WeightsError: missing, unreadable, corrupt, code-running or unrecognised weights, or
+            tensors that are complex or hold NaN or infinite values.
     """
     path = Path(spec)
     if isinstance(spec, str) and is_pretrained_name(spec) and not path.exists():
-        return load_pretrained(spec)
-    if path.is_dir():
-        return load_folder(path)
-    state, meta = read_state_dict(path)
-    if is_layer_file(meta):
-        return read_layer_file(path, state, meta)
-    return convert_state_dict(state, str(path))
+        loaded = load_pretrained(spec)
+    elif path.is_dir():
+        loaded = load_folder(path)
+    else:
+        state, meta = read_state_dict(path)
+        loaded = read_layer_file(path, state, meta) if is_layer_file(meta) else convert_state_dict(state, str(path))
+    check_values(loaded.state_dict, str(spec))
+    return loaded

@@ -1,0 +1,127 @@
+"""What a user reads when something goes wrong: one line, no traceback, the right exit code,
+nothing from a file name driving the terminal, and a reason that says what is wrong."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import vitembed
+from tests.conftest import make_image, run_cli
+from vitembed.errors import ConfigError
+
+SMALL = ["--image-size", "32", "--patch-size", "8", "--emb-dim", "16"]
+SMALL_API = dict(image_size=32, patch_size=8, emb_dim=16, workers=0)
+FULL = Path("/dev/full")
+
+
+def _error_lines(stderr: bytes) -> list[str]:
+    return [line for line in stderr.decode(errors="replace").splitlines() if line.startswith("error")]
+
+
+@pytest.mark.skipif(not FULL.exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [
+    ["info", "--presets"], ["info", "--presets", "--json"], ["info", *SMALL],
+    ["inspect", "TOKENS"], ["inspect", "--json", "TOKENS"],
+    ["show", "positions", *SMALL, "-o", "-"],
+], ids=["info-presets", "info-presets-json", "info", "inspect", "inspect-json", "show"])
+def test_stdout_on_a_full_disk_is_one_line(tmp_path, args):
+    tokens = tmp_path / "t.npy"
+    np.save(tokens, np.zeros((17, 16), np.float32))
+    args = [str(tokens) if a == "TOKENS" else a for a in args]
+    with open(FULL, "wb") as full:
+        r = subprocess.run([sys.executable, "-m", "vitembed", *args], stdout=full, stderr=subprocess.PIPE,
+                           timeout=120)
+    assert r.returncode == 1 and b"Traceback" not in r.stderr, r.stderr[-2000:]
+    assert _error_lines(r.stderr) == ["error: stdout: disk full (no space left on device)"]
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_show_tokens_of_non_finite_tokens_is_one_line(tmp_path, bad):
+    z = np.random.default_rng(0).normal(size=(17, 16)).astype(np.float32)
+    z[3, 4] = bad
+    np.save(tmp_path / "z.npy", z)
+    r = run_cli("show", "tokens", tmp_path / "z.npy", *SMALL, "-o", tmp_path / "z.png")
+    assert r.returncode == 1 and b"Traceback" not in r.stderr, r.stderr[-2000:]
+    assert _error_lines(r.stderr) == [f"error: {tmp_path / 'z.npy'}: holds NaN or infinite values (the row of an "
+                                      "input that failed?); only finite tokens can be drawn"]
+    assert not (tmp_path / "z.png").exists()
+
+
+def test_a_batch_size_over_the_bound_is_a_usage_error(tmp_path):
+    image = make_image(tmp_path / "a.png")
+    r = run_cli("encode", image, *SMALL, "-j", "0", "-b", "100000000", "-o", tmp_path / "out")
+    assert r.returncode == 2 and _error_lines(r.stderr) == ["error: batch size must be at most 4096, got 100000000"]
+    assert not (tmp_path / "out").exists()
+    assert run_cli("encode", image, *SMALL, "-j", "0", "-b", "4096", "-o", tmp_path / "out").returncode == 0
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(workers=10**9), "workers must be at most 1024, got 1000000000"),
+    (dict(batch_size=10**8), "batch size must be at most 4096, got 100000000"),
+    (dict(shard_size=2.5), "shard size must be a whole number, got 2.5"),
+    (dict(batch_size=2.5), "batch size must be a whole number, got 2.5"),
+    (dict(workers="2"), "workers must be a whole number, got '2'"),
+    (dict(batch_size=True), "batch size must be a whole number, got True"),
+])
+def test_api_counts_out_of_bounds_or_not_whole_are_refused(tmp_path, options, message):
+    image = make_image(tmp_path / "a.png")
+    with pytest.raises(ConfigError) as refused:
+        vitembed.encode([image], tmp_path / "out", **{**SMALL_API, **options})
+    assert str(refused.value) == message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("crop_pct", ["1e-300", "0.05", "nan"])
+def test_a_tiny_crop_pct_is_a_usage_error(tmp_path, crop_pct):
+    image = make_image(tmp_path / "a.png")
+    r = run_cli("encode", image, *SMALL, "-j", "0", "--resize", "crop", "--crop-pct", crop_pct)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert _error_lines(r.stderr) == [f"error: crop-pct must be from 0.1 to 1, got {float(crop_pct)}"]
+    assert not (tmp_path / "a.npy").exists()
+
+
+ESCAPE = "\x1b[2J"  # clears the screen
+
+
+def test_escape_sequences_in_file_names_are_escaped_in_error_lines(tmp_path):
+    bad = tmp_path / f"bad{ESCAPE}.png"
+    bad.write_bytes(b"not an image")
+    r = run_cli("encode", bad, *SMALL, "-j", "0", "-o", tmp_path / "out")
+    assert r.returncode == 1 and b"\x1b" not in r.stderr
+    assert any("bad\\x1b[2J.png" in line for line in _error_lines(r.stderr)), r.stderr
+    r = run_cli("show", "patches", bad, *SMALL, "-o", tmp_path / "p.png")
+    assert r.returncode == 1 and b"\x1b" not in r.stderr and "bad\\x1b[2J.png" in r.stderr.decode()
+
+
+def test_escape_sequences_in_notes_and_written_lines_are_escaped(tmp_path):
+    image = make_image(tmp_path / f"pic{ESCAPE}.png")
+    r = run_cli("show", "patches", image, *SMALL)
+    assert r.returncode == 0 and b"\x1b" not in r.stderr and "pic\\x1b[2J.patches.png" in r.stderr.decode()
+    r = run_cli("init", *SMALL, "-o", tmp_path / f"layer{ESCAPE}.pt")
+    assert r.returncode == 0 and b"\x1b" not in r.stderr and "layer\\x1b[2J.pt" in r.stderr.decode()
+
+
+@pytest.mark.skipif(not Path("/dev/null").is_char_device(), reason="needs /dev/null")
+def test_an_output_folder_that_is_a_device_says_so(tmp_path):
+    image = make_image(tmp_path / "a.png")
+    r = run_cli("encode", image, *SMALL, "-j", "0", "-o", "/dev/null")
+    assert r.returncode == 1
+    assert _error_lines(r.stderr) == ["error: /dev/null: exists and is a character device, not a folder"]
+    r = run_cli("show", "patches", image, *SMALL, "-o", "/dev/null/x.png")
+    assert r.returncode == 1 and b"Traceback" not in r.stderr, r.stderr[-2000:]
+    assert _error_lines(r.stderr) == ["error: /dev/null/x.png: cannot write: /dev/null: exists and is a character "
+                                      "device, not a folder"]
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs /proc")
+def test_an_output_folder_that_takes_no_files_says_so(tmp_path):
+    image = make_image(tmp_path / "a.png")
+    r = run_cli("encode", image, *SMALL, "-j", "0", "-o", "/proc/self/")
+    assert r.returncode == 1
+    [line] = _error_lines(r.stderr)
+    assert line.endswith("no file can be created in this folder (a special file system, such as /proc)"), line
