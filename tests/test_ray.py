@@ -71,8 +71,9 @@ def assert_same_folder(local: Path, ray: Path, inputs: str = "") -> None:
 
 
 @pytest.mark.parametrize("options", [[], ["--format", "pt"], ["--shard-size", "5"], ["--format", "pt", "--dtype", "bf16"],
-                                     ["--preset", "vit-ti16", "--dtype", "fp16"]],
-                         ids=["npy", "pt", "shards", "pt-bf16", "preset-fp16"])
+                                     ["--preset", "vit-ti16", "--dtype", "fp16"], ["--tokens", "patches"],
+                                     ["--preset", "clip-b32", "--tokens", "z0-before-norm"]],
+                         ids=["npy", "pt", "shards", "pt-bf16", "preset-fp16", "tokens-patches", "clip-before-norm"])
 def test_same_bytes_as_a_local_run(ray_session, photos, tmp_path, options):
     layer = [] if "--preset" in options else SMALL
     local = run_cli("encode", photos, "-o", tmp_path / "local", *layer, *options, "-q")

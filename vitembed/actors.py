@@ -55,15 +55,17 @@ class EncoderActor:
     Args:
         params: `LayerParams` (the driver's `Encoder.params`), or any layer an Encoder takes.
         prep: the driver's `Encoder.prep`.
-        dtype, engine, device: as `Encoder`'s (see `actor_engine`).
+        dtype, engine, device, tokens, pos_resample: as `Encoder`'s (see `actor_engine`); the
+            driver's, so that the actor computes the tokens the run records.
     """
 
     def __init__(self, params: Any, prep: Any = None, *, dtype: str = "float32", engine: str = "auto",
-                 device: str = "cpu"):
+                 device: str = "cpu", tokens: str = "z0", pos_resample: str = "timm"):
         from .encoder import Encoder
         from .workers import tune_process
 
-        self.encoder = Encoder(params, prep, engine=engine, device=device, dtype=dtype)
+        self.encoder = Encoder(params, prep, engine=engine, device=device, dtype=dtype, tokens=tokens,
+                               pos_resample=pos_resample)
         tune_process(self.encoder.prep.max_pixels, self.encoder.engine == "numpy")
         self.node = node_id()
 

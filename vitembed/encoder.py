@@ -74,6 +74,7 @@ class Encoder:
         cfg = self.config
         self.prep = prep or Preprocess(image_size=cfg.image_size, image_width=cfg.image_width, channels=cfg.in_channels)
         self.dtype = output_dtype(dtype)
+        self.tokens, self.pos_resample = tokens, pos_resample
         _check(self.prep, cfg, engine, pos_resample)
         native = pos_resample if self.prep.resize == "native" else None
         self.kernel: Kernel = self.params.fold(self.prep.mean, self.prep.std, tokens, native)

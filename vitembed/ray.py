@@ -42,13 +42,14 @@ __all__ = ["TokenEncoder", "encode", "encoder_args"]
 
 _ENCODER_OPTIONS = {"preset", "image_size", "patch_size", "num_patch_row", "emb_dim", "in_channels", "weights", "seed",
                     "pos_init", "resize", "crop_pct", "interpolation", "background", "normalize", "max_pixels",
-                    "fast_decode", "dtype", "engine"}
+                    "fast_decode", "dtype", "engine", "tokens", "pos_resample"}
 
 
 def encoder_args(*, num_gpus: float = 0, **options) -> dict[str, Any]:
     """`TokenEncoder`'s constructor arguments (for `fn_constructor_kwargs`): the layer's parameters
     and preprocessing, built here from the options of `vitembed encode` as keywords (`preset`,
-    `weights`, `seed`, `image_size`, ..., `resize`, `normalize`, ..., `dtype`, `engine`).
+    `weights`, `seed`, `image_size`, ..., `resize`, `normalize`, ..., `dtype`, `engine`, `tokens`,
+    `pos_resample`).
 
     Args:
         num_gpus: GPUs each actor will hold (the layer then runs with torch on CUDA).
@@ -65,7 +66,8 @@ def encoder_args(*, num_gpus: float = 0, **options) -> dict[str, Any]:
     engine = options.pop("engine", "auto")
     encoder, _, _ = EncodeRequest.from_options(engine="numpy", device="cpu", **options).encoder()
     engine, device = actor_engine(engine, num_gpus)
-    return dict(params=encoder.params, prep=encoder.prep, dtype=encoder.dtype, engine=engine, device=device)
+    return dict(params=encoder.params, prep=encoder.prep, dtype=encoder.dtype, engine=engine, device=device,
+                tokens=encoder.tokens, pos_resample=encoder.pos_resample)
 
 
 def encode(ds: ray.data.Dataset, *, batch_size: int = 32, actors: int | None = None, num_cpus: float = 1,

@@ -53,7 +53,7 @@ from .outputs import OutputPlan, Resume, plan_jobs
 from .pipeline import DECODE_TIMEOUT, EncodeOptions, RayOptions
 from .pipeline import check as check_local
 
-__all__ = ["RETRIES", "check", "refuse", "require_ray", "run"]
+__all__ = ["RETRIES", "actor_arguments", "check", "refuse", "require_ray", "run"]
 
 RETRIES = 1  # tries of a task again after its actor died, before its rows go one to a task
 DIED = ("its Ray actor died each time it was given this input, {} times (killed, out of memory, or a "
@@ -168,6 +168,15 @@ class _Rows:
         self.keys, self.jobs = [], []
 
 
+def actor_arguments(encoder: Encoder, plan: OutputPlan, options: EncodeOptions) -> dict:
+    """`JobActor`'s constructor arguments: the driver's layer, preprocessing and token choice, so
+    that every actor computes the tokens run.json records, and the plan with no names claimed."""
+    engine, device = actor_engine(options.ray.engine, options.ray.gpus)
+    return dict(params=encoder.params, prep=encoder.prep, dtype=encoder.dtype, engine=engine, device=device,
+                tokens=encoder.tokens, pos_resample=encoder.pos_resample,
+                plan=OutputPlan(plan.mode, plan.fmt, plan.target, plan.store), options=options, cwd=os.getcwd())
+
+
 class _Runs:
     """The actors' runs over the rows: all of them, then the rows of tasks that died, one to a task."""
 
@@ -180,9 +189,7 @@ class _Runs:
         engine, device = actor_engine(ray_options.engine, ray_options.gpus)
         self.options, self.ray_options, self.report, self.stop = options, ray_options, report, stop
         self.tables = rows.tables
-        self.actor_args = dict(params=encoder.params, prep=encoder.prep, dtype=encoder.dtype, engine=engine,
-                               device=device, plan=OutputPlan(plan.mode, plan.fmt, plan.target, plan.store), options=options,
-                               cwd=os.getcwd())
+        self.actor_args = actor_arguments(encoder, plan, options)
         resources = ray.cluster_resources()
         held = resources.get("GPU", 0) / ray_options.gpus if ray_options.gpus else \
             resources.get("CPU", 0) / ray_options.cpus
