@@ -1,0 +1,211 @@
+"""Model families from timm, OpenAI CLIP / open_clip and the DINOv2 / DINOv3 repositories: the same
+tokens as each library's own first-block input, or a refusal with its reason.
+
+Each model is built by its own library (or, for layouts whose library is not installed, renamed
+from one that is) with one block and every parameter drawn N(0, 1), so that a dropped or swapped
+step shows in the numbers. It is saved as .safetensors and as a .pt state dict, loaded with
+vitembed, and compared with the library's z0 at its trained size and at one other size, square and
+rectangular, with the default position resampling: through the reference layer
+(`LoadedWeights.build()`), the numpy engine and the torch engine, on the same uint8 pixels.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.conftest import make_image, run_cli
+from tests.dinov2_reference import Dinov2Reference
+from tests.test_checkpoints import assert_clean_error, pixels, save
+from vitembed.checkpoints import resize_weights
+from vitembed.encoder import Encoder
+from vitembed.images import Preprocess
+from vitembed.weights import load_weights
+
+ATOL = RTOL = 1e-4
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=1, num_heads=2)
+SIZES = ((32, 32), (48, 48), (40, 56))  # the trained size, another square, a rectangle
+
+
+def randomized(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Every parameter drawn N(0, 1) (timm and the repositories start some at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def uint8_pixels(h: int, w: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+
+
+def normalised(images: np.ndarray, mean=CLIP_MEAN, std=CLIP_STD) -> torch.Tensor:
+    """(B, H, W, C) uint8 -> (B, C, H, W): pixels / 255, normalised as the libraries' transforms do."""
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255.0
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def assert_engines_match(loaded, reference, sizes=SIZES) -> None:
+    """At each size (the weights resized by default), the reference layer and both engines on uint8
+    pixels equal `reference(x)` on the same pixels normalised."""
+    for seed, (h, w) in enumerate(sizes):
+        resized = resize_weights(loaded, (h, w))
+        images = uint8_pixels(h, w, seed)
+        with torch.no_grad():
+            x = normalised(images)
+            expected = reference(x)
+            torch.testing.assert_close(resized.build()(x), expected, atol=ATOL, rtol=RTOL)
+        prep = Preprocess(image_size=h, image_width=w, mean=CLIP_MEAN, std=CLIP_STD)
+        for engine in ("numpy", "torch"):
+            z = Encoder(resized, prep, engine=engine, device="cpu").encode(images)
+            torch.testing.assert_close(torch.from_numpy(z), expected, atol=ATOL, rtol=RTOL,
+                                       msg=lambda m: f"{engine} engine at {h}x{w}: {m}")
+
+
+def saved_both_ways(state: dict, tmp_path: Path):
+    """The state dict saved as .safetensors and as .pt, loaded by vitembed: the same layer both ways."""
+    a = load_weights(save(state, tmp_path / "model.safetensors"))
+    b = load_weights(save(state, tmp_path / "model.pt"))
+    assert a.config == b.config and a.source == b.source
+    assert a.state_dict.keys() == b.state_dict.keys()
+    for k in a.state_dict:
+        torch.testing.assert_close(a.state_dict[k], b.state_dict[k], atol=0, rtol=0)
+    return a
+
+
+# --------------------------------------------------------------------------- timm
+
+
+def timm_z0(m, x: torch.Tensor) -> torch.Tensor:
+    """What timm's first block receives: norm_pre(patch_drop(_pos_embed(patch_embed(x))))."""
+    out = m._pos_embed(m.patch_embed(x))
+    if isinstance(out, tuple):  # Eva: (tokens, rope), patch dropout applied inside
+        z = out[0]
+    else:
+        z = m.patch_drop(out)
+    return m.norm_pre(z)
+
+
+def beit_z0(m, x: torch.Tensor) -> torch.Tensor:
+    """timm Beit's forward_features up to its blocks: cat(cls, patch_embed(x)) (+ pos_embed)."""
+    z = torch.cat([m.cls_token.expand(x.shape[0], -1, -1), m.patch_embed(x)], dim=1)
+    return z if m.pos_embed is None else z + m.pos_embed
+
+
+def _vit(**kw):
+    from timm.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(**{**TINY, "dynamic_img_size": True, **kw})
+
+
+def _timm(name: str, **kw):
+    import timm
+
+    return timm.create_model(name, pretrained=False, **{**TINY, **kw})
+
+
+def _distilled(**kw):
+    from timm.models.deit import VisionTransformerDistilled
+
+    return VisionTransformerDistilled(**{**TINY, "dynamic_img_size": True, **kw})
+
+
+def _eva(**kw):
+    from timm.models.eva import Eva
+
+    return Eva(**{**TINY, "dynamic_img_size": True, **kw})
+
+
+# name: (builder, what `info` must say: prefix tokens, positions, pre-norm)
+TIMM_FAMILIES = {
+    "vit_no_class_token": (lambda: _vit(class_token=False, global_pool="avg"), [], "table", False),
+    "vit_reg4": (lambda: _vit(reg_tokens=4), ["class"] + ["register"] * 4, "table", False),
+    "vit_no_embed_class_reg": (lambda: _vit(no_embed_class=True, reg_tokens=2), ["class", "register", "register"],
+                               "patches only", False),
+    "vit_no_embed_class_no_prefix": (lambda: _vit(no_embed_class=True, class_token=False, global_pool="avg"),
+                                     [], "table", False),
+    "vit_pre_norm": (lambda: _vit(pre_norm=True, norm_layer=torch.nn.LayerNorm), ["class"], "table", True),
+    "vit_clip": (lambda: _timm("vit_base_patch16_clip_224", dynamic_img_size=True), ["class"], "table", True),
+    "vit_no_pos_embed": (lambda: _vit(pos_embed="none"), ["class"], "no table", False),
+    "deit_distilled": (lambda: _distilled(), ["class", "distillation"], "table", False),
+    "eva02": (lambda: _eva(use_rot_pos_emb=True, ref_feat_shape=(4, 4), swiglu_mlp=True), ["class"],
+              "table", False),  # its RoPE leaves no tensor in the state dict
+    "vit_rope_no_table": (lambda: _eva(class_token=False, num_reg_tokens=1, use_abs_pos_emb=False, use_rot_pos_emb=True,
+                                       global_pool="avg", ref_feat_shape=(4, 4)), ["register"], "no table: rotary (RoPE)",
+                          False),
+    "perception_encoder": (lambda: _timm("vit_pe_core_tiny_patch16_384", dynamic_img_size=True), ["class"], "table",
+                           True),
+    "dinov2_reg4": (lambda: _timm("vit_small_patch14_reg4_dinov2", img_size=56, patch_size=14, dynamic_img_size=True),
+                    ["class"] + ["register"] * 4, "patches only", False),
+}
+
+
+@pytest.mark.parametrize("family", list(TIMM_FAMILIES))
+def test_timm_family_tokens(family, tmp_path):
+    """timm's z0 at its trained size and resampled (timm's dynamic_img_size: resample_abs_pos_embed)."""
+    torch.manual_seed(0)
+    m = randomized(TIMM_FAMILIES[family][0]())
+    loaded = saved_both_ways(m.state_dict(), tmp_path)
+    p = loaded.config.patch_size
+    sizes = [(h // 8 * p, w // 8 * p) for h, w in SIZES]  # the same grids for P = 14
+    assert sizes[0] == loaded.config.size or not loaded.config.pos_table  # no table: 224 pixels' grid
+    assert_engines_match(loaded, lambda x: timm_z0(m, x), sizes)
+
+
+@pytest.mark.parametrize("family", list(TIMM_FAMILIES))
+def test_timm_family_info(family, tmp_path):
+    """`info` names the family and its steps: prefix tokens by kind, positions, pre-norm, conv bias."""
+    _, prefix, positions, pre_norm = TIMM_FAMILIES[family]
+    torch.manual_seed(0)
+    m = TIMM_FAMILIES[family][0]()
+    ckpt = save(m.state_dict(), tmp_path / "model.safetensors")
+    r = run_cli("info", "--weights", ckpt, "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    info = json.loads(r.stdout)
+    # a Perception Encoder's input layer and attention keep a VisionTransformer's names: named as one
+    source = {"eva02": "timm Eva", "vit_rope_no_table": "timm Eva",
+              "deit_distilled": "timm VisionTransformerDistilled (DeiT)"}.get(family, "timm VisionTransformer")
+    assert info["source"] == source
+    steps = info["steps"]
+    assert steps["prefix_tokens"] == prefix
+    assert positions in steps["positions"], steps
+    assert (steps["pre_norm"] is not None) == pre_norm
+    assert steps["conv_bias"] == (m.patch_embed.proj.bias is not None)
+
+
+def test_timm_beit_relative_positions(tmp_path):
+    """timm Beit: [class; patches], no table (a relative position bias inside attention); at another
+    size, the model timm builds for it loaded through timm's own checkpoint filter."""
+    from timm.models.beit import Beit, checkpoint_filter_fn
+
+    args = dict(TINY, use_abs_pos_emb=False, use_rel_pos_bias=True)
+    m = randomized(Beit(**args))
+    loaded = saved_both_ways(m.state_dict(), tmp_path)
+    assert loaded.config.steps()["positions"] == "no table: relative position bias positions, applied inside attention"
+    assert loaded.source == "timm Beit"
+    for h, w in SIZES:
+        other = Beit(**{**args, "img_size": (h, w)}).eval()
+        other.load_state_dict(checkpoint_filter_fn(m.state_dict(), other))
+        assert_engines_match(loaded, lambda x: beit_z0(other, x), [(h, w)])
+
+
+def test_timm_clip_end_to_end_through_the_cli(tmp_path):
+    """A timm CLIP (norm_pre) checkpoint through `vitembed encode --workers 0` at a rectangular size."""
+    torch.manual_seed(0)
+    m = randomized(TIMM_FAMILIES["vit_clip"][0]())
+    ckpt = save(m.state_dict(), tmp_path / "clip.safetensors")
+    image = make_image(tmp_path / "x.png", size=(56, 40), seed=4)
+    out = tmp_path / "z0.npy"
+    r = run_cli("encode", image, "-o", out, "--weights", ckpt, "--workers", "0", "--normalize", "clip",
+                "--image-size", "40x56")
+    assert r.returncode == 0, r.stderr.decode()
+    with torch.no_grad():
+        expected = timm_z0(m, pixels(image, CLIP_MEAN, CLIP_STD))[0]
+    torch.testing.assert_close(torch.from_numpy(np.load(out)), expected, atol=ATOL, rtol=RTOL)
