@@ -12,6 +12,7 @@ rectangular, with the default position resampling: through the reference layer
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import make_image, run_cli
-from tests.dinov2_reference import Dinov2Reference
+from tests.dinov2_reference import Dinov2Reference, Dinov3Reference
 from tests.test_checkpoints import assert_clean_error, pixels, save
 from vitembed.checkpoints import resize_weights
 from vitembed.encoder import Encoder
@@ -209,3 +210,125 @@ def test_timm_clip_end_to_end_through_the_cli(tmp_path):
     with torch.no_grad():
         expected = timm_z0(m, pixels(image, CLIP_MEAN, CLIP_STD))[0]
     torch.testing.assert_close(torch.from_numpy(np.load(out)), expected, atol=ATOL, rtol=RTOL)
+
+
+# --------------------------------------------------------------------------- OpenAI CLIP / open_clip
+
+
+def hf_clip_vision():
+    import transformers
+
+    config = transformers.CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=1,
+                                           num_attention_heads=2, intermediate_size=96)
+    return randomized(transformers.CLIPVisionModel(config), seed=3)
+
+
+def openai_clip_state(hf) -> dict:
+    """A whole OpenAI CLIP / open_clip state dict (visual tower, text tower, logit scale) whose
+    visual input layer is the HF model's tensors renamed to OpenAI's names."""
+    tower = getattr(hf, "vision_model", hf)  # transformers 5 keeps the tower's modules on the model itself
+    e, d = tower.embeddings, 48
+    g = torch.Generator().manual_seed(9)
+    visual = {
+        "conv1.weight": e.patch_embedding.weight, "class_embedding": e.class_embedding,
+        "positional_embedding": e.position_embedding.weight, "ln_pre.weight": tower.pre_layrnorm.weight,
+        "ln_pre.bias": tower.pre_layrnorm.bias,
+        "transformer.resblocks.0.ln_1.weight": torch.randn(d, generator=g),
+        "transformer.resblocks.0.attn.in_proj_weight": torch.randn(3 * d, d, generator=g),
+        "transformer.resblocks.0.attn.out_proj.weight": torch.randn(d, d, generator=g),
+        "transformer.resblocks.0.mlp.c_fc.weight": torch.randn(4 * d, d, generator=g),
+        "transformer.resblocks.0.mlp.c_proj.weight": torch.randn(d, 4 * d, generator=g),
+        "ln_post.weight": torch.randn(d, generator=g), "proj": torch.randn(d, 16, generator=g),
+    }
+    text = {  # the text tower's own positional_embedding (context length 77) sits at the top level
+        "positional_embedding": torch.randn(77, 32, generator=g), "token_embedding.weight": torch.randn(100, 32, generator=g),
+        "transformer.resblocks.0.ln_1.weight": torch.randn(32, generator=g),
+        "transformer.resblocks.0.attn.in_proj_weight": torch.randn(96, 32, generator=g),
+        "ln_final.weight": torch.randn(32, generator=g), "text_projection": torch.randn(32, 16, generator=g),
+        "logit_scale": torch.tensor(4.6),
+    }
+    return {**{f"visual.{k}": v.detach().clone() for k, v in visual.items()}, **text}
+
+
+def openai_clip_z0(state: dict, x: torch.Tensor, prefix: str = "visual.") -> torch.Tensor:
+    """ln_pre(cat(class, conv1(x)) + positional_embedding), the table resampled for another grid as
+    open_clip's resize_pos_embed does (bicubic, antialiased)."""
+    s = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    z = F.conv2d(x, s["conv1.weight"], stride=s["conv1.weight"].shape[-1])  # (B, D, gh, gw)
+    (gh, gw), d = z.shape[-2:], z.shape[1]
+    pos = s["positional_embedding"]  # (1 + M M, D)
+    m = int(math.isqrt(pos.shape[0] - 1))
+    grid = pos[1:].reshape(1, m, m, d).permute(0, 3, 1, 2)  # (1, D, M, M)
+    if (gh, gw) != (m, m):
+        grid = F.interpolate(grid, size=(gh, gw), mode="bicubic", antialias=True, align_corners=False)
+    pos = torch.cat([pos[:1], grid.flatten(2).transpose(1, 2)[0]])  # (1 + gh gw, D)
+    z = torch.cat([s["class_embedding"].expand(x.shape[0], 1, d), z.flatten(2).transpose(1, 2)], dim=1) + pos
+    return F.layer_norm(z, (d,), s["ln_pre.weight"], s["ln_pre.bias"], eps=1e-5)
+
+
+@pytest.mark.parametrize("wrap", ["", "module.", "model."])
+def test_openai_clip_layout(wrap, tmp_path):
+    """OpenAI CLIP / open_clip keys (also under DDP's module. or a training script's model.): the
+    tokens are ln_pre(cat(class, conv1(x)) + positional_embedding), and at the trained size the HF
+    CLIP model's hidden_states[0] that the tensors came from."""
+    hf = hf_clip_vision()
+    state = {wrap + k: v for k, v in openai_clip_state(hf).items()}
+    loaded = saved_both_ways(state, tmp_path)
+    assert loaded.source == "OpenAI CLIP / open_clip VisionTransformer" + (f" (under {wrap + 'visual'!r})")
+    assert loaded.config.steps()["pre_norm"] == "LayerNorm (eps 1e-05)" and not loaded.config.conv_bias
+    x = normalised(uint8_pixels(32, 32))
+    with torch.no_grad():
+        hidden = hf(pixel_values=x, output_hidden_states=True).hidden_states[0]
+        torch.testing.assert_close(openai_clip_z0(state, x, wrap + "visual."), hidden, atol=ATOL, rtol=RTOL)
+    assert_engines_match(loaded, lambda x: openai_clip_z0(state, x, wrap + "visual."))
+
+
+def test_llava_style_vision_tower(tmp_path):
+    """A LLaVA-style checkpoint: HF CLIP vision keys under vision_tower.vision_model., beside a projector
+    and a language model; the tokens are the tower's hidden_states[0] (at another size, with
+    transformers' CLIP interpolate_pos_encoding)."""
+    hf = hf_clip_vision()
+    g = torch.Generator().manual_seed(1)
+    tower = {k.removeprefix("vision_model."): v for k, v in hf.state_dict().items()}
+    state = {f"model.vision_tower.vision_model.{k}": v for k, v in tower.items()}
+    state.update({"model.multi_modal_projector.linear_1.weight": torch.randn(64, 48, generator=g),
+                  "model.language_model.embed_tokens.weight": torch.randn(100, 64, generator=g),
+                  "model.language_model.layers.0.self_attn.q_proj.weight": torch.randn(64, 64, generator=g)})
+    loaded = saved_both_ways(state, tmp_path)
+    assert loaded.source == "transformers CLIPVisionModel (under 'model.vision_tower.vision_model')"
+    with torch.no_grad():
+        assert_engines_match(loaded, lambda x: hf(pixel_values=x, output_hidden_states=True,
+                                                  interpolate_pos_encoding=True).hidden_states[0])
+
+
+# --------------------------------------------------------------------------- the DINOv2 and DINOv3 repositories
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+def test_dinov2_repository_layout(registers, tmp_path):
+    """The official DINOv2 state dict (patch_embed.proj, cls_token, pos_embed with its class row,
+    register_tokens inserted after E_pos, mask_token, blocks.0.ls1.gamma): its prepare_tokens_with_masks,
+    and at other sizes its interpolate_pos_encoding (scale factor (grid + 0.1) / M, not antialiased)."""
+    torch.manual_seed(0)
+    m = randomized(Dinov2Reference(img_size=56, patch_size=14, embed_dim=48, num_register_tokens=registers))
+    assert "blocks.0.ls1.gamma" in m.state_dict() and "mask_token" in m.state_dict()
+    loaded = saved_both_ways(m.state_dict(), tmp_path)
+    assert loaded.source == "DINOv2 (facebookresearch/dinov2)" and loaded.pos_resample == "dinov2"
+    assert loaded.config.size == (56, 56) and loaded.config.num_reg_tokens == registers
+    assert loaded.config.steps()["prefix_tokens"] == ["class"] + ["register"] * registers
+    assert_engines_match(loaded, m, [(56, 56), (84, 84), (70, 98)])
+
+
+@pytest.mark.parametrize("storage", [0, 4])
+def test_dinov3_repository_layout(storage, tmp_path):
+    """The official DINOv3 state dict (storage_tokens, rope_embed.periods, no pos_embed): [cls; storage;
+    patch_embed(x)] at any size, positions being RoPE inside attention."""
+    torch.manual_seed(0)
+    m = randomized(Dinov3Reference(patch_size=8, embed_dim=48, n_storage_tokens=storage))
+    loaded = saved_both_ways(m.state_dict(), tmp_path)
+    assert loaded.source == "DINOv3 (facebookresearch/dinov3)"
+    steps = loaded.config.steps()
+    assert steps["prefix_tokens"] == ["class"] + ["register"] * storage
+    assert steps["positions"] == "no table: rotary (RoPE) positions, applied inside attention"
+    assert loaded.config.size == (224, 224)  # no table, so no trained size: 224 pixels' grid
+    assert_engines_match(loaded, m)
