@@ -332,3 +332,40 @@ def test_dinov3_repository_layout(storage, tmp_path):
     assert steps["positions"] == "no table: rotary (RoPE) positions, applied inside attention"
     assert loaded.config.size == (224, 224)  # no table, so no trained size: 224 pixels' grid
     assert_engines_match(loaded, m)
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _hybrid() -> dict:
+    import timm
+
+    return timm.create_model("vit_tiny_r_s16_p8_224", pretrained=False, depth=1, img_size=32).state_dict()
+
+
+def _cait() -> dict:
+    from timm.models.cait import Cait
+
+    return Cait(**{**TINY, "depth_token_only": 1}).state_dict()
+
+
+REFUSALS = {  # what vitembed is given: (its state dict, what the one line says)
+    "hybrid": (_hybrid, "a hybrid ViT: its patch embedding runs a CNN stem (patch_embed.backbone)"),
+    "patch_embed_norm": (lambda: _vit(embed_norm_layer=torch.nn.LayerNorm).state_dict(),
+                         "its patch embedding ends in a norm layer (patch_embed.norm)"),
+    "cait": (_cait, "a CaiT model: its class token joins after the patch blocks"),
+    "lone_patch_embedding": (lambda: {k: v for k, v in _vit().state_dict().items() if k.startswith("patch_embed.")},
+                             "a patch embedding found, but not the class or position tensors"),
+}
+
+
+@pytest.mark.parametrize("family", list(REFUSALS))
+def test_refused_families_say_why(family, tmp_path):
+    """One line, exit 1, no traceback: the reason, and the families vitembed reads."""
+    build, reason = REFUSALS[family]
+    ckpt = save(build(), tmp_path / "model.safetensors")
+    image = make_image(tmp_path / "x.png", size=(32, 32))
+    for args in (("info", "--weights", ckpt), ("encode", image, "-o", tmp_path / "z.npy", "--weights", ckpt)):
+        assert_clean_error(run_cli(*args), str(ckpt), reason, "timm (ViT, DeiT, Eva, Beit", "OpenAI CLIP / open_clip",
+                           "DINOv2 and DINOv3 repositories")
+    assert not (tmp_path / "z.npy").exists()

@@ -237,7 +237,8 @@ def _refuse_other_families(state: Mapping, layout: Layout, prefix: str, where: s
                            f"which the ViT input layer does not have; vitembed reads {_SUPPORTED}")
     if any(k.startswith(prefix + "blocks_token_only.") for k in state.keys()):
         raise WeightsError(f"{where}: a CaiT model: its class token joins after the patch blocks, so the first block "
-                           "receives no class token; vitembed's z0 would not be what that block receives")
+                           "receives no class token; vitembed's z0 would not be what that block receives; "
+                           f"vitembed reads {_SUPPORTED}")
 
 
 def _convert(state: Mapping[str, torch.Tensor], layout: Layout, prefix: str, where: str,
