@@ -25,7 +25,7 @@ from tests.dinov2_reference import Dinov2Reference, Dinov3Reference
 from tests.test_checkpoints import assert_clean_error, pixels, save
 from vitembed.checkpoints import resize_weights
 from vitembed.encoder import Encoder
-from vitembed.images import Preprocess
+from vitembed.images import Preprocess, load_image
 from vitembed.weights import load_weights
 
 ATOL = RTOL = 1e-4
@@ -369,3 +369,56 @@ def test_refused_families_say_why(family, tmp_path):
         assert_clean_error(run_cli(*args), str(ckpt), reason, "timm (ViT, DeiT, Eva, Beit", "OpenAI CLIP / open_clip",
                            "DINOv2 and DINOv3 repositories")
     assert not (tmp_path / "z.npy").exists()
+
+
+# --------------------------------------------------------------------------- show, and the Python API
+
+
+def test_show_on_clip_and_rope_checkpoints(tmp_path):
+    """show positions / patches draw a CLIP checkpoint's layer; show positions on a RoPE checkpoint
+    (no table) is refused with the reason, in one line."""
+    clip = save(openai_clip_state(hf_clip_vision()), tmp_path / "clip.safetensors")
+    torch.manual_seed(0)
+    rope = save(randomized(TIMM_FAMILIES["vit_rope_no_table"][0]()).state_dict(), tmp_path / "rope.safetensors")
+    image = make_image(tmp_path / "x.png", size=(40, 40))
+    for args in (("positions", "--weights", clip), ("patches", image, "--weights", clip),
+                 ("patches", image, "--weights", rope, "--image-size", "32")):
+        out = tmp_path / f"{args[0]}-{Path(args[-1]).stem}.png"
+        r = run_cli("show", *args, "-o", out)
+        assert r.returncode == 0, r.stderr.decode()
+        assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    r = run_cli("show", "positions", "--weights", rope, "-o", tmp_path / "rope-positions.png")
+    assert_clean_error(r, "show positions draws the position table E_pos", "timm Eva",
+                       "no table: rotary (RoPE) positions, applied inside attention", code=2)
+    assert not (tmp_path / "rope-positions.png").exists()
+
+
+def test_api_native_grids_with_a_pre_norm(tmp_path):
+    """vitembed.encode on --resize native with a pre-norm layer (timm CLIP): a table per grid, the
+    pre-norm after it; the numpy and torch engines give timm's z0 for each image's own grid."""
+    import vitembed
+
+    torch.manual_seed(0)
+    m = randomized(TIMM_FAMILIES["vit_clip"][0]())
+    ckpt = save(m.state_dict(), tmp_path / "clip.safetensors")
+    photos = tmp_path / "photos"
+    for i, size in enumerate([(64, 40), (40, 64), (50, 50)]):
+        make_image(photos / f"{i}.png", size=size, seed=i)
+    outputs = {}
+    for engine in ("numpy", "torch"):
+        summary = vitembed.encode([photos], tmp_path / engine, weights=str(ckpt), resize="native", max_patches=30,
+                                  normalize="clip", engine=engine, device="cpu", workers=0)
+        assert summary.ok == 3
+        outputs[engine] = {p.name: np.load(p) for p in sorted((tmp_path / engine).rglob("*.npy"))}
+    assert outputs["numpy"].keys() == outputs["torch"].keys() and len(outputs["numpy"]) == 3
+    prep = Preprocess(resize="native", max_patches=30, patch_size=8, mean=CLIP_MEAN, std=CLIP_STD)
+    grids = set()
+    for path in sorted(photos.iterdir()):
+        images = load_image(path, prep)[None]  # (1, H, W, 3), the image's own grid
+        grids.add(images.shape[1:3])
+        with torch.no_grad():
+            expected = timm_z0(m, normalised(images))[0]
+        for engine in ("numpy", "torch"):
+            got = torch.from_numpy(outputs[engine][path.stem + ".npy"])
+            torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL, msg=lambda s: f"{engine} {path.name}: {s}")
+    assert len(grids) == 3

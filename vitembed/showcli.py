@@ -309,6 +309,11 @@ def positions(
 
     target = _target(output, "positions", None)
     chosen = _choose_layer(layer, weights, seed, pos_init)
+    if not chosen.config.pos_table:  # RoPE, relative bias: nothing in the layer to draw
+        from .errors import ConfigError
+
+        raise ConfigError(f"show positions draws the position table E_pos, and {chosen.source} has none "
+                          f"({chosen.config.steps()['positions']}); show patches and show filters draw its layer")
     pos = chosen.parameters()["pos_emb"]  # (1, rows, D)
     similarity = position_similarity(grid_positions(pos, chosen.config))  # (gh, gw, gh, gw)
     gh, gw = chosen.config.grid
