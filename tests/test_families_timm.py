@@ -422,3 +422,22 @@ def test_api_native_grids_with_a_pre_norm(tmp_path):
             got = torch.from_numpy(outputs[engine][path.stem + ".npy"])
             torch.testing.assert_close(got, expected, atol=ATOL, rtol=RTOL, msg=lambda s: f"{engine} {path.name}: {s}")
     assert len(grids) == 3
+
+
+def test_ray_actor_gets_the_pre_norm_through_the_fold(tmp_path):
+    """A Ray actor's Encoder is built from the driver's LayerParams, pickled: a pre-norm layer without
+    a table (a Perception Encoder-style RoPE ViT) gives the driver's tokens, timm's z0."""
+    import pickle
+
+    from vitembed.actors import EncoderActor
+
+    torch.manual_seed(0)
+    m = randomized(_eva(use_rot_pos_emb=True, use_abs_pos_emb=False, use_pre_transformer_norm=True))
+    loaded = resize_weights(load_weights(save(m.state_dict(), tmp_path / "pe.safetensors")), (40, 56))
+    assert loaded.config.pre_norm_eps is not None and not loaded.config.pos_table
+    driver = Encoder(loaded, Preprocess(image_size=40, image_width=56, mean=CLIP_MEAN, std=CLIP_STD), engine="numpy")
+    actor = EncoderActor(pickle.loads(pickle.dumps(driver.params)), pickle.loads(pickle.dumps(driver.prep)))
+    images = uint8_pixels(40, 56)
+    with torch.no_grad():
+        expected = timm_z0(m, normalised(images))
+    torch.testing.assert_close(torch.from_numpy(actor.encoder.encode(images)), expected, atol=ATOL, rtol=RTOL)
