@@ -143,6 +143,8 @@ TIMM_FAMILIES = {
                           False),
     "perception_encoder": (lambda: _timm("vit_pe_core_tiny_patch16_384", dynamic_img_size=True), ["class"], "table",
                            True),
+    "dinov3": (lambda: _timm("vit_small_patch16_dinov3", dynamic_img_size=True), ["class"] + ["register"] * 4,
+               "no table: rotary (RoPE)", False),
     "dinov2_reg4": (lambda: _timm("vit_small_patch14_reg4_dinov2", img_size=56, patch_size=14, dynamic_img_size=True),
                     ["class"] + ["register"] * 4, "patches only", False),
 }
@@ -171,7 +173,7 @@ def test_timm_family_info(family, tmp_path):
     assert r.returncode == 0, r.stderr.decode()
     info = json.loads(r.stdout)
     # a Perception Encoder's input layer and attention keep a VisionTransformer's names: named as one
-    source = {"eva02": "timm Eva", "vit_rope_no_table": "timm Eva",
+    source = {"eva02": "timm Eva", "vit_rope_no_table": "timm Eva", "dinov3": "timm Eva",
               "deit_distilled": "timm VisionTransformerDistilled (DeiT)"}.get(family, "timm VisionTransformer")
     assert info["source"] == source
     steps = info["steps"]

@@ -281,7 +281,7 @@ def _label(layout: Layout, hints: dict[str, Any], keys, prefix: str) -> str:
             return "timm VisionTransformerDistilled (DeiT)"
         if any("relative_position_bias_table" in k for k in keys):
             return "timm Beit"
-        if prefix + "blocks.0.attn.q_bias" in keys:  # q and v biases apart: Eva's attention (EVA-02, RoPE ViTs)
+        if _eva_keys(keys, prefix):
             return "timm Eva"
     return layout.source
 
@@ -374,13 +374,20 @@ def _config_from_shapes(state: Mapping[str, torch.Tensor], layout: Layout, prefi
 
 def _attn_positions(keys, prefix: str, table: bool) -> str | None:
     """What a checkpoint's keys say of positions inside attention: a relative position bias (BEiT),
-    or, for a timm Eva (q and v biases apart) without a table, RoPE (its `vit_*_rope_*` models); the
+    or, for a timm Eva without a table, RoPE (its `vit_*_rope_*` and DINOv3 models); the
     RoPE of an Eva with a table (EVA-02) leaves no tensor in the state dict, so it is not known."""
     if any("relative_position_bias_table" in k for k in keys):
         return "relative"
-    if not table and prefix + "blocks.0.attn.q_bias" in keys:
+    if not table and _eva_keys(keys, prefix):
         return "rope"
     return None
+
+
+def _eva_keys(keys, prefix: str) -> bool:
+    """Whether a timm-layout checkpoint's first block is an Eva block: q and v biases apart (EVA-02,
+    the RoPE ViTs) or layer scale as gamma_1 (timm's DINOv3) where a VisionTransformer has ls1.gamma
+    (Beit's blocks have both, and are told apart by their relative position bias first)."""
+    return prefix + "blocks.0.attn.q_bias" in keys or prefix + "blocks.0.gamma_1" in keys
 
 
 def _default_grid(patch_size: int) -> int:
