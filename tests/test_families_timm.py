@@ -200,18 +200,22 @@ def test_timm_beit_relative_positions(tmp_path):
 
 
 def test_timm_clip_end_to_end_through_the_cli(tmp_path):
-    """A timm CLIP (norm_pre) checkpoint through `vitembed encode --workers 0` at a rectangular size."""
+    """A timm CLIP (norm_pre) checkpoint through `vitembed encode --workers 0` at a rectangular size:
+    z0, and with --tokens z0-before-norm timm's tokens before its norm_pre."""
     torch.manual_seed(0)
     m = randomized(TIMM_FAMILIES["vit_clip"][0]())
     ckpt = save(m.state_dict(), tmp_path / "clip.safetensors")
     image = make_image(tmp_path / "x.png", size=(56, 40), seed=4)
-    out = tmp_path / "z0.npy"
-    r = run_cli("encode", image, "-o", out, "--weights", ckpt, "--workers", "0", "--normalize", "clip",
-                "--image-size", "40x56")
-    assert r.returncode == 0, r.stderr.decode()
+    x = pixels(image, CLIP_MEAN, CLIP_STD)
     with torch.no_grad():
-        expected = timm_z0(m, pixels(image, CLIP_MEAN, CLIP_STD))[0]
-    torch.testing.assert_close(torch.from_numpy(np.load(out)), expected, atol=ATOL, rtol=RTOL)
+        before = m._pos_embed(m.patch_embed(x))
+        cases = {"z0": m.norm_pre(before)[0], "z0-before-norm": before[0]}
+    for tokens, expected in cases.items():
+        out = tmp_path / f"{tokens}.npy"
+        r = run_cli("encode", image, "-o", out, "--weights", ckpt, "--workers", "0", "--normalize", "clip",
+                    "--image-size", "40x56", "--tokens", tokens)
+        assert r.returncode == 0, r.stderr.decode()
+        torch.testing.assert_close(torch.from_numpy(np.load(out)), expected, atol=ATOL, rtol=RTOL)
 
 
 # --------------------------------------------------------------------------- OpenAI CLIP / open_clip
