@@ -237,7 +237,8 @@ def _refuse_other_families(state: Mapping, layout: Layout, prefix: str, where: s
                            f"which the ViT input layer does not have; vitembed reads {_SUPPORTED}")
     if any(k.startswith(prefix + "blocks_token_only.") for k in state.keys()):
         raise WeightsError(f"{where}: a CaiT model: its class token joins after the patch blocks, so the first block "
-                           "receives no class token; vitembed's z0 would not be what that block receives")
+                           "receives no class token; vitembed's z0 would not be what that block receives; "
+                           f"vitembed reads {_SUPPORTED}")
 
 
 def _convert(state: Mapping[str, torch.Tensor], layout: Layout, prefix: str, where: str,
@@ -265,13 +266,23 @@ def _convert(state: Mapping[str, torch.Tensor], layout: Layout, prefix: str, whe
         config, tensors = _fold_class_position(config, tensors)
         notes.append("the class token's position row is added to it once (the registers take none, as "
                      f"{layout.source} inserts them after adding E_pos); E_pos then covers the patches")
-    source = _label(layout, hints) + (f" (under {prefix[:-1]!r})" if prefix else "")
+    source = _label(layout, hints, state.keys(), prefix) + (f" (under {prefix[:-1]!r})" if prefix else "")
     return LoadedWeights(config, tensors, source=source, notes=notes, pos_resample=layout.resample)
 
 
-def _label(layout: Layout, hints: dict[str, Any]) -> str:
+def _label(layout: Layout, hints: dict[str, Any], keys, prefix: str) -> str:
+    """The class a checkpoint is, for `info`: the layout's, or one its keys single out among those
+    sharing a layout (timm's ViT, DeiT, Beit and Eva keep their input layers under the same names)."""
     if layout.source.startswith("transformers ViTModel") and hints.get("model_type") == "vit_mae":
         return "transformers ViTMAEModel"
+    if layout.source == "timm VisionTransformer":
+        keys = [k for k in keys if k.startswith(prefix)]
+        if prefix + "dist_token" in keys:
+            return "timm VisionTransformerDistilled (DeiT)"
+        if any("relative_position_bias_table" in k for k in keys):
+            return "timm Beit"
+        if _eva_keys(keys, prefix):
+            return "timm Eva"
     return layout.source
 
 
@@ -338,8 +349,7 @@ def _config_from_shapes(state: Mapping[str, torch.Tensor], layout: Layout, prefi
         if grid is None:
             raise bad(layout.pos, pos, f"N + {num_prefix} or N rows with N a square number of patches "
                                        f"({num_prefix} prefix token(s))")
-    attn = layout.attn_positions or ("relative" if any("relative_position_bias_table" in k for k in state.keys())
-                                     else None)
+    attn = layout.attn_positions or _attn_positions(state.keys(), prefix, pos is not None)
     try:
         config = LayerConfig(image_size=(grid or _default_grid(p)) * p, patch_size=p,
                              emb_dim=d, in_channels=c, class_token=has_cls, num_reg_tokens=num_reg,
@@ -360,6 +370,24 @@ def _config_from_shapes(state: Mapping[str, torch.Tensor], layout: Layout, prefi
         if prefix + f"{layout.norm}.bias" in state:
             keys["norm_pre.bias"] = f"{prefix}{layout.norm}.bias"
     return config, keys
+
+
+def _attn_positions(keys, prefix: str, table: bool) -> str | None:
+    """What a checkpoint's keys say of positions inside attention: a relative position bias (BEiT),
+    or, for a timm Eva without a table, RoPE (its `vit_*_rope_*` and DINOv3 models); the
+    RoPE of an Eva with a table (EVA-02) leaves no tensor in the state dict, so it is not known."""
+    if any("relative_position_bias_table" in k for k in keys):
+        return "relative"
+    if not table and _eva_keys(keys, prefix):
+        return "rope"
+    return None
+
+
+def _eva_keys(keys, prefix: str) -> bool:
+    """Whether a timm-layout checkpoint's first block is an Eva block: q and v biases apart (EVA-02,
+    the RoPE ViTs) or layer scale as gamma_1 (timm's DINOv3) where a VisionTransformer has ls1.gamma
+    (Beit's blocks have both, and are told apart by their relative position bias first)."""
+    return prefix + "blocks.0.attn.q_bias" in keys or prefix + "blocks.0.gamma_1" in keys
 
 
 def _default_grid(patch_size: int) -> int:

@@ -314,6 +314,11 @@ def positions(
     if weights is None:  # refused before a random layer of that grid is drawn
         check_position_grid(resolve_config(**layer).grid)
     chosen = _choose_layer(layer, weights, seed, pos_init)
+    if not chosen.config.pos_table:  # RoPE, relative bias: nothing in the layer to draw
+        from .errors import ConfigError
+
+        raise ConfigError(f"show positions draws the position table E_pos, and {chosen.source} has none "
+                          f"({chosen.config.steps()['positions']}); show patches and show filters draw its layer")
     check_position_grid(chosen.config.grid)
     pos = chosen.parameters()["pos_emb"]  # (1, rows, D)
     similarity = position_similarity_rows(grid_positions(pos, chosen.config))  # (gh, gw, gh, gw), row by row
