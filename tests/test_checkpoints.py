@@ -424,3 +424,12 @@ def test_torchscript_archive_is_refused_with_what_to_do(tmp_path):
     torch.jit.save(torch.jit.script(torch.nn.Conv2d(3, 8, 4, 4)), str(path))
     r = run_cli("info", "--weights", path)
     assert_clean_error(r, "a TorchScript archive", "jit=False", "state_dict()")
+
+
+def test_a_table_that_fits_two_grids_is_refused_not_guessed(tmp_path):
+    """A no_embed_class table of 9 rows after 5 prefix tokens: 2 x 2 patches with prefix rows, or 3 x 3 without."""
+    state = {"patch_embed.proj.weight": torch.randn(16, 3, 8, 8), "patch_embed.proj.bias": torch.randn(16),
+             "cls_token": torch.randn(1, 1, 16), "reg_token": torch.randn(1, 4, 16), "pos_embed": torch.randn(1, 9, 16)}
+    r = run_cli("info", "--weights", save(state, tmp_path / "tiny.safetensors"))
+    assert_clean_error(r, "pos_embed has 9 rows, which fit 2 x 2 patches after 5 prefix rows and 3 x 3 patches "
+                          "without them", "refused rather than guessed")

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 RESIZE_MODES = ("squash", "crop", "pad", "native")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
-NORMALIZATIONS = ("imagenet", "inception", "siglip", "clip", "none")
+# --normalize: per-channel (mean, std) of pixels / 255
+NORMALIZATION_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # SigLIP's and SigLIP2's processors
+    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+}
+NORMALIZATIONS = tuple(NORMALIZATION_STATS)
 FORMATS = ("npy", "pt")
 DTYPES = ("float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "single": "float32", "fp16": "float16", "half": "float16",

@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -255,7 +255,7 @@ def info(
 
         vitembed info --weights vit.pth --image-size 224x320 --patch-size 8
     """
-    from .config import PRESETS, resolve_config
+    from .config import PRESETS
 
     if presets:
         rows = {name: _describe(cfg) for name, cfg in PRESETS.items()}
@@ -265,33 +265,8 @@ def info(
             for name, d in rows.items():
                 echo(f"{name:9} image {d['image_size']:4}  patch {d['patch_size']:2}  D {d['emb_dim']:5}  tokens {d['tokens'][0]} x {d['tokens'][1]}")
         return
-    source = loaded = None
-    if weights is not None:
-        from .request import layer_from_options
-
-        loaded, source, notes, weights_prep = layer_from_options(**layer, weights=weights,
-                                                                 pos_resample=value(pos_resample))
-        notice(notes)
-        config = loaded.config
-    else:
-        from .request import preset_preprocess
-
-        config, weights_prep = resolve_config(**layer), preset_preprocess(layer.get("preset"))
-    d = _describe(config)
-    if loaded is not None and config.pos_table and not isinstance(loaded, dict):
-        from .layouts import resample_how
-
-        method = value(pos_resample) or loaded.pos_resample
-        d["pos_resample"], d["pos_resample_how"] = method, resample_how(method, loaded.source, loaded.pos_resample)
-    if source:
-        d["source"] = source
-    if source or weights_prep:
-        from .request import EncodeRequest
-
-        prep = EncodeRequest().preprocess(config, weights_prep)
-        d["preprocess"] = {k: getattr(prep, k) for k in ("image_size", "image_width", "resize", "crop_pct",
-                                                          "interpolation", "mean", "std") if getattr(prep, k) is not None}
-        d["preprocess_from_weights"] = sorted(weights_prep)
+    config, d = _info_layer(layer, weights, value(pos_resample))
+    source, weights_prep = d.get("source"), d.pop("weights_prep")
     if json_out:
         echo(json.dumps(d))
         return
@@ -312,6 +287,40 @@ def info(
         lines.append(f"preprocess    {resize}, {p['interpolation']}, mean {_floats(p['mean'])}, std {_floats(p['std'])}  "
                      f"({origin})")
     echo("\n".join(lines))
+
+
+def _info_layer(layer: dict, weights: str | None, pos_resample: str | None) -> tuple[Any, dict]:
+    """`info`'s layer (the weights', or the options' shape) and what it shows of it: the shape,
+    the steps, the source and the resampling of weights, the preprocessing (the weights' or the
+    preset's), and the preprocessing fields those gave (`weights_prep`)."""
+    from .config import preset_preprocess, resolve_config
+
+    if weights is not None:
+        from .request import layer_from_options
+
+        loaded, source, notes, weights_prep = layer_from_options(**layer, weights=weights, pos_resample=pos_resample)
+        notice(notes)
+        config = loaded.config
+    else:
+        loaded, source = None, None
+        config, weights_prep = resolve_config(**layer), preset_preprocess(layer.get("preset"))
+    d = _describe(config)
+    if loaded is not None and config.pos_table:
+        from .layouts import resample_how
+
+        method = pos_resample or loaded.pos_resample
+        d["pos_resample"], d["pos_resample_how"] = method, resample_how(method, loaded.source, loaded.pos_resample)
+    if source:
+        d["source"] = source
+    if source or weights_prep:
+        from .request import EncodeRequest
+
+        prep = EncodeRequest().preprocess(config, weights_prep)
+        d["preprocess"] = {k: getattr(prep, k) for k in ("image_size", "image_width", "resize", "crop_pct",
+                                                          "interpolation", "mean", "std") if getattr(prep, k) is not None}
+        d["preprocess_from_weights"] = sorted(weights_prep)
+    d["weights_prep"] = weights_prep
+    return config, d
 
 
 def _describe_steps(steps: dict, resample: str | None) -> list[str]:

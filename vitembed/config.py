@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULT_PRESET", "PRESETS", "PRESET_PREPROCESS", "LayerConfig", "nearest_valid_sizes", "parse_image_size",
+__all__ = ["DEFAULT_PRESET", "PRESETS", "PRESET_PREPROCESS", "LayerConfig", "preset_preprocess", "nearest_valid_sizes", "parse_image_size",
            "resolve_config"]
 
 
@@ -299,6 +299,17 @@ PRESET_PREPROCESS: dict[str, dict] = {
     for name in PRESETS if name.startswith(("clip", "siglip", "dino"))
 }
 DEFAULT_PRESET = "seed"
+
+
+def preset_preprocess(preset: str | None) -> dict:
+    """A family preset's preprocessing (its processor's: resize, interpolation, mean and std), as
+    `images.Preprocess` fields; empty for the 2020 ViT shapes, which take vitembed's defaults."""
+    from .choices import NORMALIZATION_STATS
+
+    fields = dict(PRESET_PREPROCESS.get(preset or "", {}))
+    if "normalize" in fields:
+        fields["mean"], fields["std"] = NORMALIZATION_STATS[fields.pop("normalize")]
+    return fields
 
 
 def resolve_config(

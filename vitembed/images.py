@@ -21,7 +21,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageColor, ImageOps
 
-from .choices import RESIZE_MODES
+from .choices import NORMALIZATION_STATS, RESIZE_MODES
 from .config import LIMITS
 from .errors import ConfigError, InputError, one_line
 from .resolution import ResizePlan, resize_plan
@@ -44,13 +44,7 @@ __all__ = [
 ]
 
 # (mean, std) per channel, applied to pixels / 255.
-NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    "siglip": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # SigLIP's and SigLIP2's processors
-    "clip": ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
-    "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
-}
+NORMALIZATIONS = NORMALIZATION_STATS  # --normalize: name -> (mean, std) of pixels / 255
 INTERPOLATIONS = {  # choices.INTERPOLATIONS -> Pillow's filter
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,

@@ -301,71 +301,91 @@ def _fold_class_position(config: LayerConfig, tensors: dict) -> tuple[LayerConfi
     return dataclasses.replace(config, pos_embed_prefix=False), tensors
 
 
-def _config_from_shapes(state: Mapping[str, torch.Tensor], layout: Layout, prefix: str, where: str,
-                        hints: dict[str, Any]) -> tuple[LayerConfig, dict[str, str]]:
-    """The layer's shape from the tensors' shapes alone (no tensor read), and vitembed's name -> key."""
+@dataclass(frozen=True)
+class _Shapes:
+    """The input layer's tensor shapes in a checkpoint, checked (no tensor read).
+
+    Attributes:
+        weight: the patch embedding's (D, C, P, P).
+        found: vitembed's name -> the shape found (None: the layout's tensor is absent).
+        norm: the pre-norm's weight shape, or None.
+    """
+
+    weight: tuple[int, ...]
+    found: dict[str, tuple[int, ...] | None]
+    norm: tuple[int, ...] | None
+
+    @property
+    def num_reg(self) -> int:
+        return self.found["reg_token"][1] if self.found["reg_token"] is not None else 0
+
+
+_OURS = (("patch_emb_layer.weight", "proj_weight"), ("patch_emb_layer.bias", "proj_bias"), ("cls_token", "cls"),
+         ("dist_token", "dist"), ("reg_token", "reg"), ("pos_emb", "pos"))
+
+
+def _read_shapes(state: Mapping[str, torch.Tensor], layout: Layout, prefix: str, where: str) -> _Shapes:
+    """Each of the layout's tensors' shape, checked against the patch embedding's D."""
 
     def shape(name: str | None) -> tuple[int, ...] | None:
         return shape_of(state, prefix + name) if name and prefix + name in state else None
-
-    def bad(name: str, actual: tuple[int, ...], expected: str) -> WeightsError:
-        return WeightsError(f"{where}: {prefix + name} has shape {actual}; expected {expected}")
 
     weight = shape(layout.proj_weight)
     if len(weight) == 2 and layout.source.startswith("transformers Siglip"):
         raise WeightsError(_naflex(where))
     if len(weight) != 4 or weight[2] != weight[3]:
-        raise bad(layout.proj_weight, weight, "(D, C, P, P), a convolution over square patches")
-    d, c, p = weight[:3]
+        raise _bad(where, prefix + layout.proj_weight, weight, "(D, C, P, P), a convolution over square patches")
+    d, c = weight[:2]
     if c > 4:
         raise WeightsError(f"{where}: {prefix + layout.proj_weight} takes {c} input channels: not pixels (RGB or "
                            "grey), but another network's features, as in a hybrid ViT; vitembed reads plain ViTs")
-    found = {name: shape(getattr(layout, attr)) for name, attr in
-             (("patch_emb_layer.bias", "proj_bias"), ("cls_token", "cls"), ("dist_token", "dist"),
-              ("reg_token", "reg"), ("pos_emb", "pos"))}
+    found = {ours: shape(getattr(layout, attr)) for ours, attr in _OURS}
     norm = shape(f"{layout.norm}.weight") if layout.norm else None
-    for name, actual, expected in (("proj_bias", found["patch_emb_layer.bias"], [(d,)]),
-                                   ("cls", found["cls_token"], [(1, 1, d), (d,)]),
-                                   ("dist", found["dist_token"], [(1, 1, d)]),
-                                   ("norm", norm, [(d,)])):
+    for key, actual, expected in ((layout.proj_bias, found["patch_emb_layer.bias"], [(d,)]),
+                                  (layout.cls, found["cls_token"], [(1, 1, d), (d,)]),
+                                  (layout.dist, found["dist_token"], [(1, 1, d)]),
+                                  (f"{layout.norm}.weight", norm, [(d,)])):
         if actual is not None and actual not in expected:
-            key = f"{layout.norm}.weight" if name == "norm" else getattr(layout, name)
-            raise bad(key, actual, " or ".join(map(str, expected)))
+            raise _bad(where, prefix + key, actual, " or ".join(map(str, expected)))
     reg = found["reg_token"]
     if reg is not None and (len(reg) != 3 or reg[0] != 1 or reg[2] != d):
-        raise bad(layout.reg, reg, f"(1, R, {d})")
-    num_reg = reg[1] if reg is not None else 0
-    has_cls, has_dist = found["cls_token"] is not None, found["dist_token"] is not None
-    if not (has_cls or has_dist or num_reg or found["pos_emb"] is not None):
-        raise WeightsError(_not_found(list(state.keys()), where))
-    num_prefix = int(has_cls) + int(has_dist) + (0 if layout.regs_after_pos else num_reg)
+        raise _bad(where, prefix + layout.reg, reg, f"(1, R, {d})")
     pos = found["pos_emb"]
-    grid, pos_embed_prefix = None, True
     if pos is not None:
-        pos = (1, *pos) if len(pos) == 2 else pos  # (rows, D) -> (1, rows, D)
+        found["pos_emb"] = pos = (1, *pos) if len(pos) == 2 else pos  # (rows, D) -> (1, rows, D)
         if len(pos) != 3 or pos[0] != 1 or pos[2] != d:
-            raise bad(layout.pos, pos, f"(1, rows, {d}) or (rows, {d}) for D = {d} from {prefix + layout.proj_weight}")
-        grid, pos_embed_prefix = _grid(pos[1], num_prefix)
-        if grid is None:
-            raise bad(layout.pos, pos, f"N + {num_prefix} or N rows with N a square number of patches "
-                                       f"({num_prefix} prefix token(s))")
-    attn = layout.attn_positions or _attn_positions(state.keys(), prefix, pos is not None)
+            raise _bad(where, prefix + layout.pos, pos, f"(1, rows, {d}) or (rows, {d}) for D = {d} from "
+                                                        f"{prefix + layout.proj_weight}")
+    return _Shapes(weight, found, norm)
+
+
+def _bad(where: str, key: str, actual: tuple[int, ...], expected: str) -> WeightsError:
+    return WeightsError(f"{where}: {key} has shape {actual}; expected {expected}")
+
+
+def _config_from_shapes(state: Mapping[str, torch.Tensor], layout: Layout, prefix: str, where: str,
+                        hints: dict[str, Any]) -> tuple[LayerConfig, dict[str, str]]:
+    """The layer's shape from the tensors' shapes alone (no tensor read), and vitembed's name -> key."""
+    shapes = _read_shapes(state, layout, prefix, where)
+    found, (d, c, p) = shapes.found, shapes.weight[:3]
+    has_cls, has_dist, pos = found["cls_token"] is not None, found["dist_token"] is not None, found["pos_emb"]
+    if not (has_cls or has_dist or shapes.num_reg or pos is not None):
+        raise WeightsError(_not_found(list(state.keys()), where))
+    num_prefix = int(has_cls) + int(has_dist) + (0 if layout.regs_after_pos else shapes.num_reg)
+    grid, pos_embed_prefix = _grid(pos, num_prefix, where, prefix + layout.pos) if pos is not None else (None, True)
     try:
-        config = LayerConfig(image_size=(grid or _default_grid(p)) * p, patch_size=p,
-                             emb_dim=d, in_channels=c, class_token=has_cls, num_reg_tokens=num_reg,
-                             pos_embed_prefix=pos_embed_prefix, dist_token=has_dist,
-                             conv_bias=found["patch_emb_layer.bias"] is not None, pos_table=pos is not None,
-                             attn_positions=attn,
-                             pre_norm_eps=float(hints.get("layer_norm_eps", 1e-5)) if norm is not None else None)
+        config = LayerConfig(image_size=(grid or _default_grid(p)) * p, patch_size=p, emb_dim=d, in_channels=c,
+                             class_token=has_cls, num_reg_tokens=shapes.num_reg, pos_embed_prefix=pos_embed_prefix,
+                             dist_token=has_dist, conv_bias=found["patch_emb_layer.bias"] is not None,
+                             pos_table=pos is not None,
+                             attn_positions=layout.attn_positions or _attn_positions(state.keys(), prefix,
+                                                                                     pos is not None),
+                             pre_norm_eps=float(hints.get("layer_norm_eps", 1e-5)) if shapes.norm else None)
     except ConfigError as exc:  # a dimension of 0, a register count over the limit
-        raise WeightsError(f"{where}: {prefix + layout.proj_weight} has shape {weight}: {exc}") from None
-    names = {ours: getattr(layout, attr) for ours, attr in (("patch_emb_layer.weight", "proj_weight"),
-                                                            ("patch_emb_layer.bias", "proj_bias"), ("cls_token", "cls"),
-                                                            ("dist_token", "dist"), ("reg_token", "reg"),
-                                                            ("pos_emb", "pos"))}
-    keys = {ours: prefix + theirs for ours, theirs in names.items()
-            if theirs and (ours == "patch_emb_layer.weight" or found[ours] is not None)}
-    if norm is not None:
+        raise WeightsError(f"{where}: {prefix + layout.proj_weight} has shape {shapes.weight}: {exc}") from None
+    keys = {ours: prefix + getattr(layout, attr) for ours, attr in _OURS
+            if ours == "patch_emb_layer.weight" or found[ours] is not None}
+    if shapes.norm is not None:
         keys["norm_pre.weight"] = f"{prefix}{layout.norm}.weight"
         if prefix + f"{layout.norm}.bias" in state:
             keys["norm_pre.bias"] = f"{prefix}{layout.norm}.bias"
@@ -395,10 +415,26 @@ def _default_grid(patch_size: int) -> int:
     return max(224 // patch_size, 1)
 
 
-def _grid(rows: int, num_prefix: int) -> tuple[int | None, bool]:
-    """Patches per side, and whether the table has rows for the prefix tokens."""
+def _grid(shape: tuple[int, ...], num_prefix: int, where: str, key: str) -> tuple[int, bool]:
+    """Patches per side, and whether the table has rows for the prefix tokens (timm's
+    `no_embed_class` tables have none).
+
+    Raises:
+        WeightsError: rows that are no square grid with or without the prefix rows, or, for tiny
+            grids, both (9 rows and 5 prefix tokens: 2 x 2 patches after 5 prefix rows, or 3 x 3):
+            the patch grid cannot be told, and a guess could give wrong tokens.
+    """
+    rows, fits = shape[1], []
     for with_prefix, n in ((True, rows - num_prefix), (False, rows)):
         side = math.isqrt(n) if n > 0 else 0
         if side and side * side == n and (with_prefix or num_prefix):
-            return side, with_prefix
-    return None, True
+            fits.append((side, with_prefix))
+    if not fits:
+        raise WeightsError(f"{where}: {key} has shape {shape}; expected N + {num_prefix} or N rows with N a "
+                           f"square number of patches ({num_prefix} prefix token(s))")
+    if len(fits) > 1:
+        (a, _), (b, _) = fits
+        raise WeightsError(f"{where}: {key} has {rows} rows, which fit {a} x {a} patches after {num_prefix} prefix "
+                           f"rows and {b} x {b} patches without them; the patch grid cannot be told from the "
+                           "weights, so they are refused rather than guessed")
+    return fits[0]

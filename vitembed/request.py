@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .choices import POS_RESAMPLES, TOKENS
-from .config import LayerConfig, check_divisible, parse_image_size, resolve_config
+from .config import LayerConfig, check_divisible, parse_image_size, preset_preprocess, resolve_config
 from .errors import ConfigError
 from .formats import output_dtype
 from .pipeline import EncodeOptions
 
-__all__ = ["EncodeRequest", "encode", "layer_from_options", "preset_preprocess"]
+__all__ = ["EncodeRequest", "encode", "layer_from_options"]
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits
 
@@ -178,19 +178,6 @@ def layer_from_options(preset=None, image_size=None, patch_size=None, num_patch_
     loaded = _load_weights(weights, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels,
                            pos_resample, native)
     return loaded, loaded.source, list(loaded.notes), dict(loaded.preprocess)
-
-
-def preset_preprocess(preset: str | None) -> dict:
-    """A family preset's preprocessing (its processor's: resize, interpolation, mean and std), as
-    `images.Preprocess` fields; empty for the 2020 ViT shapes, which take vitembed's defaults."""
-    from .config import PRESET_PREPROCESS
-
-    fields = dict(PRESET_PREPROCESS.get(preset or "", {}))
-    if "normalize" in fields:
-        from .images import NORMALIZATIONS
-
-        fields["mean"], fields["std"] = NORMALIZATIONS[fields.pop("normalize")]
-    return fields
 
 
 def _load_weights(weights, preset, image_size, patch_size, num_patch_row, emb_dim, in_channels, pos_resample,
