@@ -27,8 +27,7 @@ def _photos(folder: Path, names: list[str]) -> Path:
 # --- records that are not regular files --------------------------------------------------------
 
 
-@pytest.mark.parametrize("record", ["run.json", "manifest.jsonl"])
-@pytest.mark.parametrize("overwrite", [False, True])
+@pytest.mark.parametrize("record, overwrite", [("run.json", False), ("manifest.jsonl", False), ("run.json", True)])
 def test_a_fifo_as_a_record_is_refused_without_hanging(tmp_path, record, overwrite):
     photos = _photos(tmp_path / "in", ["a.png"])
     out = tmp_path / "out"
@@ -173,7 +172,7 @@ def test_a_nul_tail_is_dropped_before_appending(tmp_path):
     out = tmp_path / "out"
     assert run_cli("encode", photos / "a.png", "-o", out, *SMALL).returncode == 0
     with open(out / "manifest.jsonl", "ab") as f:
-        f.write(b"\0" * 5000)
+        f.write(b"\0" * 200_000)  # longer than any one look back from the end
     assert run_cli("encode", photos, "-o", out, "--skip-existing", *SMALL).returncode == 0
     lines = (out / "manifest.jsonl").read_bytes().splitlines()
     assert b"\0" not in b"".join(lines)
