@@ -37,9 +37,9 @@ def test_failed_reencode_is_not_skipped_later_and_leaves_no_stale_output(tmp_pat
     assert r.returncode == 1 and got["b.png"]["status"] == "error" and got["a.png"]["status"] == "skipped"
 
 
-def test_output_without_a_manifest_entry_is_made_again(tmp_path):
-    """An output the manifest gives to nobody (its input's last line is an error) is not taken for
-    that input's."""
+def test_output_of_an_input_whose_last_line_is_an_error_is_made_again(tmp_path):
+    """An output left beside a manifest whose last line for its input is an error (a run that
+    did not remove it) is not taken for that input's."""
     photos = _photos(tmp_path / "in", ["a.png", "b.png"])
     out = tmp_path / "out"
     assert run_cli("encode", photos, "-o", out, *SMALL).returncode == 0

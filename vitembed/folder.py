@@ -31,7 +31,7 @@ from typing import Any, BinaryIO
 from .errors import ConfigError, OutputError
 from .files import atomic_write, describe_os_error
 from .outcomes import Failed, Outcome, Written, display_path
-from .outputs import LOCK_FILE, RUN_FILE, nested_run
+from .outputs import LOCK_FILE, RUN_FILE, MadeFrom, nested_run
 from .safeio import NotRegularFile, open_record
 
 __all__ = ["LOCK_FILE", "MANIFEST_FILE", "RUN_FILE", "OutputFolder", "UriFolder", "manifest_records", "read_manifest"]
@@ -366,7 +366,7 @@ def _whole_end(fd: int, size: int, block: int = 1 << 16) -> int | None:
     return None if start == size else start
 
 
-def read_manifest(path: Path) -> dict:
+def read_manifest(path: Path) -> MadeFrom:
     """What each output was last made from, per a manifest.jsonl: output (relative to DIR) ->
     input, and for shards (shard, row) -> input. Unreadable lines (a torn last line, a NUL run)
     are passed over; a missing manifest gives {}. Read a line at a time (each at most
@@ -376,7 +376,7 @@ def read_manifest(path: Path) -> dict:
         OutputError: it is a link, a FIFO, a folder, or cannot be read.
     """
     if not os.path.lexists(path):
-        return {}
+        return MadeFrom()
     try:
         with os.fdopen(open_record(path, os.O_RDONLY), "rb") as f:
             return manifest_records(manifest_lines(f))
@@ -405,9 +405,9 @@ def manifest_lines(f: BinaryIO, chunk: int = 1 << 20) -> Iterator[bytes]:
         yield pending
 
 
-def manifest_records(lines: Iterable[bytes | str]) -> dict:
+def manifest_records(lines: Iterable[bytes | str]) -> MadeFrom:
     """`read_manifest` of a manifest's lines."""
-    made: dict = {}
+    made = MadeFrom()
     latest: dict[str, object] = {}  # input -> its key in `made`, so that a later failure unsets it
     for line in lines:
         try:
@@ -416,6 +416,10 @@ def manifest_records(lines: Iterable[bytes | str]) -> dict:
             previous = latest.pop(source, None)
             if previous is not None and made.get(previous) == source:
                 del made[previous]
+            if record.get("status") == "error":
+                made.failed.add(source)
+            else:
+                made.failed.discard(source)
             if record.get("status") in ("ok", "skipped") and record.get("output"):
                 key = (record["output"], record["row"]) if "row" in record else record["output"]
                 made[key] = source

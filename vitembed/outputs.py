@@ -22,7 +22,7 @@ from .outcomes import Failed, Job, Skipped, display_path
 from .safeio import NotRegularFile, open_record
 from .uris import Store, is_uri
 
-__all__ = ["FILE_SUFFIXES", "LOCK_FILE", "RUN_FILE", "OutputPlan", "Resume", "nested_run", "plan_jobs"]
+__all__ = ["FILE_SUFFIXES", "LOCK_FILE", "MadeFrom", "RUN_FILE", "OutputPlan", "Resume", "nested_run", "plan_jobs"]
 
 RUN_FILE = "run.json"  # an -o folder's configuration (`folder.OutputFolder`)
 LOCK_FILE = ".vitembed.lock"  # held while a run writes into an -o folder
@@ -195,6 +195,15 @@ class OutputPlan:
         return display_path(path)
 
 
+class MadeFrom(dict):
+    """What a manifest says each output was made from (`folder.read_manifest`), and the inputs
+    whose last line there is an error (`failed`): their outputs, if any are left, are not current."""
+
+    def __init__(self, made: dict | None = None, failed: set | None = None):
+        super().__init__(made or {})
+        self.failed = failed if failed is not None else set()
+
+
 @dataclass
 class Resume:
     """What a run may skip (`--skip-existing`) or must not overwrite, and what it knows of
@@ -247,11 +256,13 @@ def _existing(job: Job, plan: OutputPlan, resume: Resume) -> Job | Failed | Skip
     found = plan.header(output)
     made_from = resume.made_from
     name = display_path(job.source.path)
-    # Only the manifest can say an output was made from this input: one it gives to nobody (its
-    # input failed since) or to another input (an input set that changed between runs moves
-    # collision names) is made again, never taken for this input's. Without a manifest (beside
-    # the inputs, -o FILE, a folder whose manifest is gone) the file's shape and dtype decide.
-    ours = made_from is not None and made_from.get(plan.relative(output)) == name
+    # An output the manifest gives to another input (an input set that changed between runs moves
+    # collision names), or whose input's last line there is an error (its tokens are not this
+    # input's now), is made again, never taken for this input's. One it does not list (a run
+    # stopped before it recorded it) is this configuration's: run.json says so, and the file's
+    # shape and dtype, as without a manifest (beside the inputs, -o FILE).
+    ours = made_from is not None and made_from.get(plan.relative(output), name) == name and not (
+        isinstance(made_from, MadeFrom) and name in made_from.failed)
     if isinstance(found, str) or not _fits(found[0], resume) or found[1] != resume.dtype:
         if ours and not os.path.islink(output):
             return job  # this run's own output, damaged since: made again

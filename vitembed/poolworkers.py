@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -123,9 +124,10 @@ class Workers:
 _SETTLE_SECONDS = 1.0  # for an executor's manager thread to end once its workers are dead or done
 
 
-def shut_down(executor: ProcessPoolExecutor, wait: bool = True, seconds: float = _SETTLE_SECONDS) -> bool:
-    """`executor.shutdown(cancel_futures=True)`; with `wait`, its manager thread waited for at most
-    about 2 x `seconds` (plus the kill of its processes). True if it ended.
+def shut_down(executor: ProcessPoolExecutor, wait: bool = True, seconds: float = _SETTLE_SECONDS) -> None:
+    """`executor.shutdown(cancel_futures=True)`, its manager thread waited for (with `wait`) at
+    most about 2 x `seconds`, plus the kill of its processes; without `wait`, the same is done in
+    a daemon thread, so that no manager thread outlives its executor for good.
 
     The stdlib's `shutdown(wait=True)` waits without a bound, and one case never ends: a worker
     killed (SIGKILL, by `Workers.kill`) while it was sending a result leaves half a message in the
@@ -139,17 +141,26 @@ def shut_down(executor: ProcessPoolExecutor, wait: bool = True, seconds: float =
     processes = list((getattr(executor, "_processes", None) or {}).values())
     results = getattr(executor, "_result_queue", None)
     executor.shutdown(wait=False, cancel_futures=True)
-    if not wait or thread is None:
-        return thread is None or not thread.is_alive()
+    if thread is None:
+        return
+    if wait:
+        _settle(thread, processes, results, seconds)
+    else:
+        threading.Thread(target=_settle, args=(thread, processes, results, seconds), daemon=True,
+                         name="vitembed-settle-pool").start()
+
+
+def _settle(thread: threading.Thread, processes: list, results: Any, seconds: float) -> None:
+    """Wait for an executor's manager thread; past `seconds`, end it (see `shut_down`)."""
     thread.join(seconds)
-    if thread.is_alive():
-        for process in processes:
-            process.kill()
-        for process in processes:
-            process.join(seconds)
-        try:
-            results._writer.close()
-        except (AttributeError, OSError):
-            pass
-        thread.join(seconds)
-    return not thread.is_alive()
+    if not thread.is_alive():
+        return
+    for process in processes:
+        process.kill()
+    for process in processes:
+        process.join(seconds)
+    try:
+        results._writer.close()
+    except (AttributeError, OSError):
+        pass
+    thread.join(seconds)
