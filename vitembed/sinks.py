@@ -83,10 +83,12 @@ def _inside(folder: Path, root: Path) -> bool:
     leads outside. Checked once per folder and process: a folder holds many outputs."""
     key = (folder, root)
     if key not in _INSIDE:
+        # Without DIR yet, all below it is new (another writer may make it meanwhile: looked at first).
+        rooted = os.path.lexists(root)
         existing = folder
         while not os.path.lexists(existing) and existing.parent != existing:
             existing = existing.parent
-        if os.path.lexists(root) and not _resolves_inside(existing, root):  # (no root yet: all is new)
+        if rooted and not _resolves_inside(existing, root):
             _INSIDE[key] = False
             return False
         try:
