@@ -19,22 +19,24 @@ Every file here is opened without following links: a planted symbolic link is re
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import platform
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import ConfigError, OutputError
 from .files import atomic_write, describe_folder_error, describe_os_error
-from .outcomes import Outcome, Written, display_path
+from .outcomes import Failed, Outcome, Written, display_path
+from .outputs import LOCK_FILE, RUN_FILE, MadeFrom, nested_run
+from .safeio import NotRegularFile, open_record
 
 __all__ = ["LOCK_FILE", "MANIFEST_FILE", "RUN_FILE", "OutputFolder", "UriFolder", "manifest_records", "read_manifest"]
 
-RUN_FILE = "run.json"
 MANIFEST_FILE = "manifest.jsonl"
-LOCK_FILE = ".vitembed.lock"
-_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _BUFFERED = 1000  # failures held before the first output; past that the folder is made anyway
 
 
@@ -62,6 +64,7 @@ class OutputFolder:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             self._lock = _lock(folder)
+            refuse_nesting(folder)
             previous = _read_run_config(folder)
             if _replaced(display_path(folder), previous, config, overwrite):
                 self._remove_old_outputs()
@@ -79,14 +82,31 @@ class OutputFolder:
         """Remove the outputs the old manifest lists (inside DIR, with an output suffix), then it."""
         root = self.folder.resolve()
         for key in read_manifest(self.folder / MANIFEST_FILE):
-            rel = key[0] if isinstance(key, tuple) else key
-            path = (self.folder / rel).resolve()
-            if path.suffix.lower() in (".npy", ".pt") and root in path.parents:
+            path = removable(root, key[0] if isinstance(key, tuple) else key)
+            if path is not None:
                 path.unlink(missing_ok=True)
         (self.folder / MANIFEST_FILE).unlink(missing_ok=True)
 
+    def _remove_stale(self, outcome: Outcome) -> None:
+        """A failed input's output of an earlier run (the manifest gave it to this input) is
+        removed: its tokens are not this input's now. Shards are the sink's (`ShardSink`)."""
+        job = getattr(outcome, "job", None)
+        if not isinstance(outcome, Failed) or job is None or job.output is None:
+            return
+        rel = self.relative(job.output)
+        if self.made_from.get(rel) != display_path(outcome.input) or job.output.suffix.lower() not in _OUTPUT_SUFFIXES:
+            return
+        path = removable(self.folder.resolve(), rel)
+        if path is not None:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
+
     def record(self, outcome: Outcome) -> None:
-        """Append the outcome's manifest line (run.json and the manifest start with the first output)."""
+        """Append the outcome's manifest line (run.json and the manifest start with the first output);
+        a failed input's earlier output goes (`_remove_stale`)."""
+        self._remove_stale(outcome)
         line = json.dumps(outcome.record(self.relative(outcome.output))) + "\n"
         if self._manifest is None:
             self._pending.append(line)
@@ -143,15 +163,20 @@ class UriFolder:
         replaced = _replaced(store.uri, None if text is None else _run_config(text), config, overwrite)
         self.started = text is not None and not replaced  # else run.json is written with the first output
         if replaced:  # the old outputs the manifest lists (inside the folder, with an output suffix)
-            for key in manifest_records(old.decode("utf-8", "replace").splitlines(True)):
+            local = Path(store.base).resolve() if store.kind == "local" else None
+            for key in manifest_records(manifest_lines(io.BytesIO(old))):
                 rel = PurePosixPath(key[0] if isinstance(key, tuple) else key)
-                if rel.suffix.lower() in (".npy", ".pt") and not rel.is_absolute() and ".." not in rel.parts:
+                if local is not None:  # a linked subfolder must not lead the deletion outside
+                    path = removable(local, str(rel))
+                    if path is not None:
+                        store.delete(path)
+                elif rel.suffix.lower() in _OUTPUT_SUFFIXES and not rel.is_absolute() and ".." not in rel.parts:
                     store.delete(self._path(str(rel)))
         if overwrite:
             store.delete(self._path(MANIFEST_FILE))
             old = b""
         self.old = old[:old.rfind(b"\n") + 1]  # without a line torn by a killed run
-        self.made_from = manifest_records(self.old.decode("utf-8", "replace").splitlines(True))
+        self.made_from = manifest_records(manifest_lines(io.BytesIO(self.old)))
 
     def _path(self, name: str) -> str:
         return f"{self.store.base}/{name}"
@@ -172,10 +197,17 @@ class UriFolder:
 
 _RUN_LIMIT = 1 << 20  # bytes of run.json read: far above any a run writes
 _URI_MANIFEST_LIMIT = 1 << 30  # a manifest a driver reads into memory (about 5 million lines)
+_LINE_LIMIT = 1 << 20  # bytes of one manifest line: far above any a run writes (a path, an error)
+_OUTPUT_SUFFIXES = (".npy", ".pt")
 
 
-def _replaced(name: str, previous: dict | None, config: dict, overwrite: bool) -> bool:
-    """Whether a folder's outputs are of another configuration, to be replaced (--overwrite).
+class Unreadable(str):
+    """run.json's configuration where it cannot be read: the reason why."""
+
+
+def _replaced(name: str, previous: dict | Unreadable | None, config: dict, overwrite: bool) -> bool:
+    """Whether a folder's outputs are of another configuration (or of one its run.json no longer
+    says), to be replaced (--overwrite).
 
     Raises:
         ConfigError: they are, without --overwrite.
@@ -183,10 +215,42 @@ def _replaced(name: str, previous: dict | None, config: dict, overwrite: bool) -
     if previous is None or previous == config:
         return False
     if not overwrite:
+        if isinstance(previous, Unreadable):
+            raise ConfigError(f"{name} holds outputs whose configuration cannot be told: its run.json is "
+                              f"unreadable ({previous}); use another -o folder, or --overwrite to re-encode into it")
         raise ConfigError(f"{name} holds outputs made with another configuration "
                           f"({'; '.join(_differences(previous, config)) or 'unreadable run.json'}); "
                           "use another -o folder, or --overwrite to re-encode into it")
     return True
+
+
+def removable(root: Path, rel: str) -> Path | None:
+    """An output a manifest lists, to remove: `root / rel` where it has an output suffix and its
+    folder resolves inside `root` (resolved); a link there is removed itself, never its target."""
+    path = root / rel
+    if path.suffix.lower() not in _OUTPUT_SUFFIXES:
+        return None
+    try:
+        parent = path.parent.resolve()
+    except (OSError, RuntimeError):
+        return None
+    return parent / path.name if parent == root or root in parent.parents else None
+
+
+def refuse_nesting(folder: Path) -> None:
+    """Refuse -o DIR inside another run's output folder: their manifests and run.json would each
+    cover the other's files, and a resume of the outer run would take the inner run's outputs for
+    its own. (A folder that holds another run's folder is refused input by input, as its outputs
+    reach it: `nested_run`.)
+
+    Raises:
+        ConfigError: a folder above DIR holds another run's outputs, or another run is writing into it.
+    """
+    for above in folder.resolve().parents:
+        found = nested_run(above)
+        if found is not None:
+            raise ConfigError(f"{display_path(folder)} is inside {display_path(above)}, the output folder of another "
+                              f"vitembed run ({found}): their outputs would mix; use an -o folder outside it")
 
 
 def run_record(config: dict, device: str) -> dict[str, Any]:
@@ -207,7 +271,12 @@ def run_record(config: dict, device: str) -> dict[str, Any]:
 
 def _lock(folder: Path) -> int:
     """Hold DIR's lock file (created without following links), or say which run holds it."""
-    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o666)
+    try:
+        fd = open_record(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    except NotRegularFile as exc:
+        raise OutputError(f"{display_path(folder / LOCK_FILE)}: {exc}") from None
+    except OSError as exc:
+        raise OutputError(f"{display_path(folder / LOCK_FILE)}: {describe_os_error(exc)}") from None
     try:
         import fcntl
     except ImportError:  # Windows: no advisory lock; one run per folder is then the user's care
@@ -224,62 +293,121 @@ def _lock(folder: Path) -> int:
     return fd
 
 
-def _read_run_config(folder: Path) -> dict | None:
-    """run.json's configuration; None without one; {} for one that cannot be read."""
+def _read_run_config(folder: Path) -> dict | Unreadable | None:
+    """run.json's configuration; None without one; `Unreadable` for one that cannot be read."""
     path = folder / RUN_FILE
     if not os.path.lexists(path):
         return None
     try:
-        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
-        with os.fdopen(fd, "rb") as f:
-            return _run_config(f.read(_RUN_LIMIT))
-    except OSError:
-        return {}
+        with os.fdopen(open_record(path, os.O_RDONLY), "rb") as f:
+            return _run_config(f.read(_RUN_LIMIT + 1))
+    except NotRegularFile as exc:
+        return Unreadable(str(exc))
+    except OSError as exc:
+        return Unreadable(describe_os_error(exc))
 
 
-def _run_config(text: bytes) -> dict:
-    """run.json's configuration ({} where it cannot be read)."""
+def _run_config(text: bytes) -> dict | Unreadable:
+    """run.json's configuration (`Unreadable` where it cannot be read)."""
+    if not text.strip():
+        return Unreadable("it is empty")
+    if len(text) > _RUN_LIMIT:
+        return Unreadable(f"over {_RUN_LIMIT} bytes")
     try:
-        config = json.loads(text).get("config", {})
-        return config if isinstance(config, dict) else {}
+        config = json.loads(text).get("config")
     except (ValueError, AttributeError):
-        return {}
+        return Unreadable("not a JSON object")
+    return config if isinstance(config, dict) else Unreadable("no configuration in it")
 
 
 def _open_manifest(path: Path):
-    """Open manifest.jsonl for appending (never through a link), first dropping a last line torn
-    by a killed run."""
+    """Open manifest.jsonl for appending (a regular file, never through a link), first dropping
+    a last line torn by a killed run, and a run of NUL bytes a crash left at its end."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | _NOFOLLOW, 0o666)
+        fd = open_record(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+    except NotRegularFile as exc:
+        raise OutputError(f"{display_path(path)}: {exc}") from None
     except OSError as exc:
         raise OutputError(f"{display_path(path)}: {describe_os_error(exc)}") from None
     try:
-        size = os.fstat(fd).st_size
-        tail = os.pread(fd, 65536, max(0, size - 65536)) if size else b"\n"
-        if not tail.endswith(b"\n"):
-            cut = tail.rfind(b"\n")
-            os.ftruncate(fd, size - len(tail) + cut + 1 if cut >= 0 else (0 if size <= 65536 else size))
+        cut = _whole_end(fd, os.fstat(fd).st_size)
+        if cut is not None:
+            os.ftruncate(fd, cut)
+            if cut and os.pread(fd, 1, cut - 1) != b"\n":  # a torn line too long to look back over
+                os.write(fd, b"\n")
         return os.fdopen(fd, "a", encoding="utf-8")
     except OSError as exc:
         os.close(fd)
         raise OutputError(f"{display_path(path)}: {describe_os_error(exc)}") from None
 
 
-def read_manifest(path: Path) -> dict:
+def _whole_end(fd: int, size: int, block: int = 1 << 16) -> int | None:
+    """Where a manifest's whole lines end (None: at its end already): past a trailing run of NUL
+    bytes, and the torn line before it. Reads backwards a block at a time: bounded memory."""
+    end = size
+    while end:  # the NUL run
+        chunk = os.pread(fd, min(block, end), end - min(block, end))
+        kept = len(chunk.rstrip(b"\0"))
+        end -= len(chunk) - kept
+        if kept:
+            break
+    start, searched = end, 0
+    while start and searched <= _LINE_LIMIT:  # the torn line: back to the last newline
+        chunk = os.pread(fd, min(block, start), start - min(block, start))
+        newline = chunk.rfind(b"\n")
+        if newline >= 0:
+            start -= len(chunk) - newline - 1
+            break
+        start -= len(chunk)
+        searched += len(chunk)
+    else:
+        if start:  # a torn "line" longer than any a run writes: passed over by readers as it is
+            start = end
+    return None if start == size else start
+
+
+def read_manifest(path: Path) -> MadeFrom:
     """What each output was last made from, per a manifest.jsonl: output (relative to DIR) ->
-    input, and for shards (shard, row) -> input. Unreadable lines (a torn last line) are passed
-    over; a missing manifest or a link gives {}."""
+    input, and for shards (shard, row) -> input. Unreadable lines (a torn last line, a NUL run)
+    are passed over; a missing manifest gives {}. Read a line at a time (each at most
+    `_LINE_LIMIT` bytes): memory follows the records, not the file.
+
+    Raises:
+        OutputError: it is a link, a FIFO, a folder, or cannot be read.
+    """
+    if not os.path.lexists(path):
+        return MadeFrom()
     try:
-        fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
-    except OSError:
-        return {}
-    with os.fdopen(fd, encoding="utf-8", errors="replace") as f:
-        return manifest_records(f)
+        with os.fdopen(open_record(path, os.O_RDONLY), "rb") as f:
+            return manifest_records(manifest_lines(f))
+    except NotRegularFile as exc:
+        raise OutputError(f"{display_path(path)}: {exc}") from None
+    except OSError as exc:
+        raise OutputError(f"{display_path(path)}: {describe_os_error(exc)}") from None
 
 
-def manifest_records(lines) -> dict:
+_BREAKS = re.compile(rb"[\n\0]+")  # a newline, or a run of NULs (a crash's tail): a line ends
+
+
+def manifest_lines(f: BinaryIO, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """A manifest's lines, read a chunk at a time; a line longer than `_LINE_LIMIT` is passed over."""
+    pending, overflow = b"", False
+    while data := f.read(chunk):
+        pieces = _BREAKS.split(pending + data)
+        pending = pieces.pop()
+        for piece in pieces:
+            if piece and not overflow:
+                yield piece
+            overflow = False
+        if len(pending) > _LINE_LIMIT:
+            pending, overflow = b"", True
+    if pending and not overflow:
+        yield pending
+
+
+def manifest_records(lines: Iterable[bytes | str]) -> MadeFrom:
     """`read_manifest` of a manifest's lines."""
-    made: dict = {}
+    made = MadeFrom()
     latest: dict[str, object] = {}  # input -> its key in `made`, so that a later failure unsets it
     for line in lines:
         try:
@@ -288,6 +416,10 @@ def manifest_records(lines) -> dict:
             previous = latest.pop(source, None)
             if previous is not None and made.get(previous) == source:
                 del made[previous]
+            if record.get("status") == "error":
+                made.failed.add(source)
+            else:
+                made.failed.discard(source)
             if record.get("status") in ("ok", "skipped") and record.get("output"):
                 key = (record["output"], record["row"]) if "row" in record else record["output"]
                 made[key] = source

@@ -8,6 +8,7 @@ travels as its bits in a uint16 array (`cast`) and is written as a bfloat16 tens
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import zipfile
@@ -20,7 +21,7 @@ from .errors import ConfigError
 from .safeio import open_regular
 from .ptformat import bfloat16_bits, read_pt_header, write_pt
 
-__all__ = ["DTYPES", "DTYPE_ALIASES", "FORMATS", "cast", "output_dtype", "output_header", "tensor_bytes", "write_tensor"]
+__all__ = ["DTYPES", "DTYPE_ALIASES", "FORMATS", "cast", "describe_output", "output_dtype", "output_header", "tensor_bytes", "write_tensor"]
 
 
 
@@ -72,9 +73,17 @@ def tensor_bytes(array: np.ndarray, fmt: str, dtype: str | None = None) -> bytes
 
 
 def output_header(path: os.PathLike | str, opener=open_regular) -> tuple[tuple[int, ...], str] | None:
-    """The shape and dtype of an existing `.npy` or `.pt` file of one array, from its header alone;
-    None when it is not one (or cannot be read). `opener`: how to open it for reading (a local
-    regular file; `uris.Store.header` gives pyarrow's)."""
+    """The shape and dtype of an existing, whole `.npy` or `.pt` file of one array, from its
+    header (and its size); None when it is not one (see `describe_output`)."""
+    found = describe_output(path, opener)
+    return None if isinstance(found, str) else found
+
+
+def describe_output(path: os.PathLike | str, opener=open_regular) -> tuple[tuple[int, ...], str] | str:
+    """The shape and dtype of an existing `.npy` or `.pt` file of one array, from its header
+    alone; or why it is not one: "not a .npy/.pt output", or, for a .npy whose data the file
+    does not hold in full, "a truncated ..." (as `inspect` finds it). `opener`: how to open it
+    for reading (a local regular file; `uris.Store.header` gives pyarrow's)."""
     try:
         with opener(path) as f:
             if os.fspath(path).lower().endswith((".pt", ".pth")):
@@ -82,6 +91,15 @@ def output_header(path: os.PathLike | str, opener=open_regular) -> tuple[tuple[i
             version = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, dtype = read(f)
-            return tuple(shape), dtype.name
+            start = f.tell()
+            size = f.seek(0, io.SEEK_END)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError):
-        return None
+        return "not a .npy/.pt output"
+    nbytes = math.prod(shape) * dtype.itemsize
+    if start + nbytes > size:
+        return f"a truncated .npy ({_text(shape)} {dtype.name}: {nbytes:,} bytes promised, {max(size - start, 0):,} there)"
+    return tuple(shape), dtype.name
+
+
+def _text(shape) -> str:
+    return "(" + ", ".join(map(str, shape)) + ")"

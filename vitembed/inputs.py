@@ -7,7 +7,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePath
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .errors import one_line
 from .images import is_image_path
@@ -136,7 +136,10 @@ def _walk_uri(uri: str, fs, root: str) -> Iterator[Source]:
                 if (st.st_dev, st.st_ino) in seen:
                     continue
                 seen.add((st.st_dev, st.st_ino))
-            entries = sorted(fs.get_file_info(FileSelector(folder)), key=lambda e: e.base_name)
+            entries = fs.get_file_info(FileSelector(folder))
+            if fs.type_name == "local":  # pyarrow leaves broken links out; the local walk reports them
+                entries += _broken_links(folder, {entry.base_name for entry in entries})
+            entries.sort(key=lambda e: e.base_name)
         except OSError as exc:
             yield Source(Uri(shown(rel), uri, folder), rel, f"cannot read folder: {one_line(exc)}")
             continue
@@ -149,6 +152,24 @@ def _walk_uri(uri: str, fs, root: str) -> Iterator[Source]:
                 error = {FileType.File: None, FileType.NotFound: "broken symbolic link"}.get(entry.type, _NOT_REGULAR)
                 yield Source(Uri(shown(name), uri, entry.path), name, error)
         stack.extend(reversed(subfolders))
+
+
+@dataclass(frozen=True)
+class _BrokenLink:
+    """A broken link in a local folder, as pyarrow's FileInfo would give it."""
+
+    path: str
+    base_name: str
+    type: Any
+
+
+def _broken_links(folder: str, listed: set[str]) -> list[_BrokenLink]:
+    """The symbolic links in a local `folder` that pyarrow's listing left out (their target is missing)."""
+    from pyarrow.fs import FileType
+
+    with os.scandir(folder) as entries:
+        return [_BrokenLink(entry.path, entry.name, FileType.NotFound) for entry in entries
+                if entry.name not in listed and entry.is_symlink()]
 
 
 def _walk(root: Path) -> Iterator[Source]:

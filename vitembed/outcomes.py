@@ -154,7 +154,18 @@ class Summary:
 
 
 def display_path(path: Path | str | None) -> str | None:
-    """A path as text that any terminal or JSON reader can take: undecodable bytes as \\xNN."""
+    """A path as text that any terminal or JSON reader can take: undecodable bytes as \\xNN.
+
+    Two paths never share a text (the manifest tells inputs apart by it): a name that holds
+    undecodable bytes, or the text \\x itself, has its backslashes doubled as well, so that the
+    byte 0xE9 reads \\xe9 and the four characters \\xe9 read \\\\xe9. Every other name (plain
+    UTF-8 without \\x) is its own text.
+    """
     if path is None:
         return None
-    return os.fsencode(os.fspath(path)).decode("utf-8", "backslashreplace")
+    raw = os.fsencode(os.fspath(path))
+    text = raw.decode("utf-8", "backslashreplace")
+    if "\\x" not in text:
+        return text
+    doubled = raw.decode("utf-8", "surrogateescape").replace("\\", "\\\\")
+    return doubled.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")

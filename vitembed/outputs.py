@@ -16,12 +16,16 @@ from typing import Any
 import numpy as np
 
 from .errors import ConfigError
-from .formats import FORMATS, output_header
+from .formats import FORMATS, describe_output
 from .inputs import Source
 from .outcomes import Failed, Job, Skipped, display_path
+from .safeio import NotRegularFile, open_record
 from .uris import Store, is_uri
 
-__all__ = ["FILE_SUFFIXES", "OutputPlan", "Resume", "plan_jobs"]
+__all__ = ["FILE_SUFFIXES", "LOCK_FILE", "MadeFrom", "RUN_FILE", "OutputPlan", "Resume", "nested_run", "plan_jobs"]
+
+RUN_FILE = "run.json"  # an -o folder's configuration (`folder.OutputFolder`)
+LOCK_FILE = ".vitembed.lock"  # held while a run writes into an -o folder
 
 FILE_SUFFIXES = {"npy": "npy", "pt": "pt", "pth": "pt"}  # -o FILE's suffix -> its format; .pth is torch's other name
 
@@ -99,6 +103,7 @@ class OutputPlan:
     fresh: bool = False  # -o DIR did not exist when planned: nothing in it can be an earlier output
     _claimed: ClaimedPaths = field(default_factory=ClaimedPaths, repr=False)
     _present: ClaimedPaths | None = field(default=None, repr=False)  # a store's files, listed once
+    _nested: dict = field(default_factory=dict, repr=False)  # folder -> another run's folder in it (`nested`)
 
     @classmethod
     def from_option(cls, out: str | None, fmt: str | None) -> OutputPlan:
@@ -147,15 +152,33 @@ class OutputPlan:
             # One lstat an input (a few percent of a run on small images) is spared in a new
             # folder: the folder lock keeps other runs out, and this run's own names are unique.
             return not self.fresh and os.path.lexists(path)
+        if self.store.kind == "local":  # asked of the path alone: a listing would follow links without end
+            return os.path.lexists(path)
         if self._present is None:
             self._present = ClaimedPaths()
             for name in self.store.files():
                 self._present.add(name)
         return os.fspath(path) in self._present
 
-    def header(self, path: Path) -> tuple[tuple[int, ...], str] | None:
-        """An existing output's shape and dtype (`formats.output_header`)."""
-        return output_header(path) if self.store is None else self.store.header(path)
+    def header(self, path: Path) -> tuple[tuple[int, ...], str] | str:
+        """An existing output's shape and dtype, or why it is not a whole output (`formats.describe_output`):
+        a symbolic link is never one."""
+        if self.store is None or self.store.kind == "local":
+            return "a symbolic link, which is never an output" if os.path.islink(path) else describe_output(path)
+        return self.store.header(path)
+
+    def nested(self, path: Path) -> str | None:
+        """Another run's output folder between -o DIR and an output of it (`nested_run`), or None.
+        Each folder is looked at once."""
+        if self.mode != "dir" or self.fresh or self.store is not None:
+            return None
+        folder = path.parent
+        if folder not in self._nested:
+            found = None
+            if folder != self.target and self.target in folder.parents:
+                found = self.nested(folder) or nested_run(folder)
+            self._nested[folder] = found
+        return self._nested[folder]
 
     def _claim(self, path: Path) -> bool:
         return self._claimed.add(os.path.normcase(os.path.abspath(path)))
@@ -172,6 +195,15 @@ class OutputPlan:
         return display_path(path)
 
 
+class MadeFrom(dict):
+    """What a manifest says each output was made from (`folder.read_manifest`), and the inputs
+    whose last line there is an error (`failed`): their outputs, if any are left, are not current."""
+
+    def __init__(self, made: dict | None = None, failed: set | None = None):
+        super().__init__(made or {})
+        self.failed = failed if failed is not None else set()
+
+
 @dataclass
 class Resume:
     """What a run may skip (`--skip-existing`) or must not overwrite, and what it knows of
@@ -184,6 +216,8 @@ class Resume:
             (`--resize native`, each image its own grid).
         made_from: from -o DIR's manifest, output (relative to DIR) -> the input it was made from;
             for shards, (shard, row) -> input. None without a manifest.
+        max_rows: with any number of rows (`--resize native`), the most an output has (the
+            prefix tokens and --max-patches): a file with more is not this configuration's.
     """
 
     skip_existing: bool = False
@@ -191,6 +225,7 @@ class Resume:
     shape: tuple[int, ...] | None = None
     dtype: str | None = None
     made_from: dict | None = None
+    max_rows: int | None = None
 
 
 def plan_jobs(sources: Iterable[Source], plan: OutputPlan, resume: Resume,
@@ -205,6 +240,11 @@ def plan_jobs(sources: Iterable[Source], plan: OutputPlan, resume: Resume,
             continue
         output = plan.assign(source)
         job = Job(source, output, index)
+        nested = None if output is None else plan.nested(output)
+        if nested is not None:
+            yield Failed(source, f"its output folder {display_path(output.parent)} is inside another vitembed "
+                                 f"run's output folder ({nested}); nothing was written")
+            continue
         yield job if output is None else _existing(job, plan, resume)
 
 
@@ -214,21 +254,56 @@ def _existing(job: Job, plan: OutputPlan, resume: Resume) -> Job | Failed | Skip
     if resume.overwrite or not plan.exists(output):
         return job
     found = plan.header(output)
-    if found is None or not _fits(found[0], resume.shape) or found[1] != resume.dtype:
-        what = "not a .npy/.pt output" if found is None else f"{_shape(found[0])} {found[1]}"
-        return Failed(job.source, f"{display_path(output)} exists and holds {what}, not this run's "
-                                  f"{_shape(resume.shape)} {resume.dtype}; use --overwrite to replace it")
     made_from = resume.made_from
     name = display_path(job.source.path)
-    # An output the manifest gives to another input (an input set that changed between runs
-    # moves collision names) is made again, never taken for this input's.
-    if resume.skip_existing and (made_from is None or made_from.get(plan.relative(output), name) == name):
+    # An output the manifest gives to another input (an input set that changed between runs moves
+    # collision names), or whose input's last line there is an error (its tokens are not this
+    # input's now), is made again, never taken for this input's. One it does not list (a run
+    # stopped before it recorded it) is this configuration's: run.json says so, and the file's
+    # shape and dtype, as without a manifest (beside the inputs, -o FILE).
+    ours = made_from is not None and made_from.get(plan.relative(output), name) == name and not (
+        isinstance(made_from, MadeFrom) and name in made_from.failed)
+    if isinstance(found, str) or not _fits(found[0], resume) or found[1] != resume.dtype:
+        if ours and not os.path.islink(output):
+            return job  # this run's own output, damaged since: made again
+        what = found if isinstance(found, str) else f"{_shape(found[0])} {found[1]}"
+        return Failed(job.source, f"{display_path(output)} exists and holds {what}, not this run's "
+                                  f"{_shape(resume.shape)} {resume.dtype}; use --overwrite to replace it")
+    if resume.skip_existing and (made_from is None or ours):
         return Skipped(job.source, output, found[0], resume.dtype)
     return job  # this configuration's output, to be made again (or made from another input)
 
 
-def _fits(shape: tuple[int, ...], expected: tuple[int | None, ...]) -> bool:
-    return len(shape) == len(expected) and all(e is None or s == e for s, e in zip(shape, expected))
+def _fits(shape: tuple[int, ...], resume: Resume) -> bool:
+    expected = resume.shape
+    if len(shape) != len(expected) or not all(e is None or s == e for s, e in zip(shape, expected)):
+        return False
+    return resume.max_rows is None or shape[0] <= resume.max_rows
+
+
+def nested_run(folder: Path) -> str | None:
+    """What makes `folder` another run's output folder (its run.json, or a run writing into it
+    now), or None. A folder is a run's once it has a lock file and run.json, or its lock is held."""
+    lock = folder / LOCK_FILE
+    if not os.path.lexists(lock):
+        return None
+    if os.path.lexists(folder / RUN_FILE):
+        return f"{display_path(folder / RUN_FILE)}"
+    try:
+        import fcntl
+
+        fd = open_record(lock, os.O_RDONLY)
+    except (ImportError, OSError, NotRegularFile):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return f"a run writing into it now, {display_path(lock)}"
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return None
 
 
 def _shape(shape) -> str:

@@ -154,7 +154,8 @@ def run(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOp
     summary = Summary(device=encoder.device)
     task, sink = stages(encoder, plan, options, stdout)
     shape = encoder.token_shape or (None, encoder.config.emb_dim)  # native: any number of rows
-    resume = Resume(options.skip_existing, options.overwrite, shape, encoder.dtype, made_from)
+    max_rows = None if encoder.token_shape else encoder.config.num_prefix_tokens + encoder.prep.max_patches
+    resume = Resume(options.skip_existing, options.overwrite, shape, encoder.dtype, made_from, max_rows)
     workers = options.workers if options.workers is not None else (os.cpu_count() or 1)
     pool = OrderedPool(task, workers, window=window_size(encoder, task, options.batch_size, workers),
                        timeout=options.decode_timeout, stop=stop, initializer=init_worker,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -113,6 +114,53 @@ class Workers:
         return self.executor.submit(_run_chunk, seq, items)
 
     def close(self, wait: bool) -> None:
-        self.executor.shutdown(wait=wait, cancel_futures=True)
+        """Shut the executor down; with `wait`, until its manager thread has ended, within a bound
+        (`shut_down`), whatever the workers did."""
+        shut_down(self.executor, wait)
         self._pids.close()
         self._sender.close()
+
+
+_SETTLE_SECONDS = 1.0  # for an executor's manager thread to end once its workers are dead or done
+
+
+def shut_down(executor: ProcessPoolExecutor, wait: bool = True, seconds: float = _SETTLE_SECONDS) -> None:
+    """`executor.shutdown(cancel_futures=True)`, its manager thread waited for (with `wait`) at
+    most about 2 x `seconds`, plus the kill of its processes; without `wait`, the same is done in
+    a daemon thread, so that no manager thread outlives its executor for good.
+
+    The stdlib's `shutdown(wait=True)` waits without a bound, and one case never ends: a worker
+    killed (SIGKILL, by `Workers.kill`) while it was sending a result leaves half a message in the
+    result pipe, and the manager thread waits in `recv` for the rest of it for ever, this process
+    holding a writer of that pipe. The executor offers no public way out, so past `seconds` its own
+    processes are killed and this process's end of its result pipe is closed: the manager thread
+    reads an end of file, takes the pool for broken, and ends.
+    """
+    # Taken before shutdown(), which drops the executor's references to them.
+    thread = getattr(executor, "_executor_manager_thread", None)
+    processes = list((getattr(executor, "_processes", None) or {}).values())
+    results = getattr(executor, "_result_queue", None)
+    executor.shutdown(wait=False, cancel_futures=True)
+    if thread is None:
+        return
+    if wait:
+        _settle(thread, processes, results, seconds)
+    else:
+        threading.Thread(target=_settle, args=(thread, processes, results, seconds), daemon=True,
+                         name="vitembed-settle-pool").start()
+
+
+def _settle(thread: threading.Thread, processes: list, results: Any, seconds: float) -> None:
+    """Wait for an executor's manager thread; past `seconds`, end it (see `shut_down`)."""
+    thread.join(seconds)
+    if not thread.is_alive():
+        return
+    for process in processes:
+        process.kill()
+    for process in processes:
+        process.join(seconds)
+    try:
+        results._writer.close()
+    except (AttributeError, OSError):
+        pass
+    thread.join(seconds)

@@ -21,7 +21,7 @@ from typing import BinaryIO
 from .errors import one_line
 
 __all__ = ["NotRegularFile", "ZIP_MAGIC", "check_regular", "compressed_record", "file_kind", "looks_like",
-           "open_regular", "read_head"]
+           "open_record", "open_regular", "read_head"]
 
 ZIP_MAGIC = b"PK\x03\x04"
 
@@ -62,8 +62,35 @@ def check_regular(path: str | os.PathLike) -> os.stat_result:
     except OSError as exc:
         raise NotRegularFile(f"cannot read: {exc.strerror or exc}") from None
     if not stat.S_ISREG(st.st_mode):
-        raise NotRegularFile(f"not a regular file ({file_kind(st.st_mode)})")
+        raise _not_regular(st.st_mode)
     return st
+
+
+def _not_regular(mode: int) -> NotRegularFile:
+    return NotRegularFile(f"not a regular file ({file_kind(mode)})")
+
+
+def open_record(path: str | os.PathLike, flags: int, mode: int = 0o666) -> int:
+    """A file of vitembed's own (an -o folder's run.json, manifest, lock) opened as a descriptor
+    with `flags`, never through a symbolic link and never blocking (a FIFO put in its place opens
+    at once, and is then refused), checked to be a regular file.
+
+    Raises:
+        NotRegularFile: it is a folder, a FIFO, a device or a socket.
+        OSError: it cannot be opened (ELOOP: it is a symbolic link).
+    """
+    extra = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags | extra, mode)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(st.st_mode)
+        if getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(fd, True)  # a regular file: reads and writes as usual
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def open_regular(path: str | os.PathLike) -> BinaryIO:

@@ -78,17 +78,30 @@ def write_file(path: Path, data, store=None) -> int:
 
 
 def _inside(folder: Path, root: Path) -> bool:
-    """Whether `folder` (made if missing) resolves to `root` or below it. Checked once per folder
-    and process: a folder holds many outputs."""
+    """Whether `folder` (made if missing) resolves to `root` or below it. Its nearest existing
+    folder is checked before anything is made, so that no folder is created through a link that
+    leads outside. Checked once per folder and process: a folder holds many outputs."""
     key = (folder, root)
     if key not in _INSIDE:
+        # Without DIR yet, all below it is new (another writer may make it meanwhile: looked at first).
+        rooted = os.path.lexists(root)
+        existing = folder
+        while not os.path.lexists(existing) and existing.parent != existing:
+            existing = existing.parent
+        if rooted and not _resolves_inside(existing, root):
+            _INSIDE[key] = False
+            return False
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError:
             return True  # atomic_write reports why it cannot be made
-        resolved = folder.resolve()
-        _INSIDE[key] = resolved == root or root in resolved.parents
+        _INSIDE[key] = _resolves_inside(folder, root)
     return _INSIDE[key]
+
+
+def _resolves_inside(folder: Path, root: Path) -> bool:
+    resolved = folder.resolve()
+    return resolved == root or root in resolved.parents
 
 
 _INSIDE: dict[tuple[Path, Path], bool] = {}  # bounded by the folders of a run
@@ -227,8 +240,9 @@ class ShardSink(Sink):
 
     def _write(self, index: int, rows: int) -> Iterator[Outcome]:
         shard = self.shards.pop(index)
-        if not shard.rows:
-            return  # every input of it failed: nothing to write, as for single files
+        if not shard.rows:  # every input of it failed: nothing to write, as for single files,
+            _remove_file(self.path(index), self.store)  # and no earlier run's rows left looking current
+            return
         yield from self.writes.submit(_write_shard, self.path(index), rows, shard, self.dtype, self.store)
 
     def finish(self, complete: bool = True) -> Iterator[Outcome]:
@@ -239,6 +253,17 @@ class ShardSink(Sink):
 
     def close(self) -> None:
         self.writes.close()
+
+
+def _remove_file(path: Path, store=None) -> None:
+    """Remove an earlier run's output, if there (a link itself, never its target)."""
+    if store is not None:
+        store.delete(path)
+        return
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 @dataclass

@@ -32,7 +32,7 @@ from typing import Any, BinaryIO
 
 from .errors import ConfigError, InputError, OutputError, one_line
 from .files import atomic_write, clean_stale_temporaries, is_temporary, temporary_name
-from .formats import output_header
+from .formats import describe_output
 from .safeio import NotRegularFile, open_regular
 
 __all__ = ["ARROW_SCHEMES", "Store", "Uri", "UriError", "as_file", "filesystem", "is_uri", "read_bounded"]
@@ -204,11 +204,11 @@ class Store:
         except (OSError, NotRegularFile, FileTooLarge) as exc:
             raise OutputError(f"{path}: {one_line(exc)}") from None
 
-    def header(self, path: str | os.PathLike) -> tuple[tuple[int, ...], str] | None:
-        """An output's shape and dtype (`formats.output_header`)."""
+    def header(self, path: str | os.PathLike) -> tuple[tuple[int, ...], str] | str:
+        """An output's shape and dtype, or why it is not a whole output (`formats.describe_output`)."""
         if self.kind == "local":
-            return output_header(path)
-        return output_header(path, lambda p: self.fs.open_input_file(os.fspath(p)))
+            return describe_output(path)
+        return describe_output(path, lambda p: self.fs.open_input_file(os.fspath(p)))
 
     def files(self) -> Iterator[str]:
         """The path of every file under `base`, at once (one listing, not a request per output).
