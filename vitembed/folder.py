@@ -20,6 +20,7 @@ Every file here is opened without following links: a planted symbolic link is re
 from __future__ import annotations
 
 import io
+import errno
 import json
 import os
 import platform
@@ -276,6 +277,8 @@ def _lock(folder: Path) -> int:
     except NotRegularFile as exc:
         raise OutputError(f"{display_path(folder / LOCK_FILE)}: {exc}") from None
     except OSError as exc:
+        if exc.errno == errno.ENOENT:  # the folder exists, yet its new file does not: /proc, /sys
+            raise OutputError(f"{display_path(folder)}: {describe_folder_error(folder, exc)}") from None
         raise OutputError(f"{display_path(folder / LOCK_FILE)}: {describe_os_error(exc)}") from None
     try:
         import fcntl
