@@ -86,8 +86,12 @@ class Layout:
 
 
 _HF = "embeddings.patch_embeddings.projection"
+# BEiT's relative position bias, shared or per block: under the names save_pretrained writes and under
+# the names transformers' modules hold in memory (a `model.state_dict()` saved with torch.save).
 _HF_RELATIVE = ("encoder.relative_position_bias.relative_position_bias_table",
-                "encoder.layer.0.attention.attention.relative_position_bias.relative_position_bias_table")
+                "encoder.layer.0.attention.attention.relative_position_bias.relative_position_bias_table",
+                "shared_position_bias.relative_position_bias_table",
+                "layers.0.relative_position_bias.relative_position_bias_table")
 _HF_VIT = dict(proj_weight=f"{_HF}.weight", proj_bias=f"{_HF}.bias", cls="embeddings.cls_token",
                pos="embeddings.position_embeddings", resample="hf")
 _TIMM = dict(proj_weight="patch_embed.proj.weight", proj_bias="patch_embed.proj.bias", cls="cls_token")
@@ -270,8 +274,10 @@ def _convert(state: Mapping[str, torch.Tensor], layout: Layout, prefix: str, whe
 
 
 def _label(layout: Layout, hints: dict[str, Any]) -> str:
-    if layout.source.startswith("transformers ViTModel") and hints.get("model_type") == "vit_mae":
-        return "transformers ViTMAEModel"
+    """The layout's source; for ViT and ViTMAE, which share their layout, the one config.json names."""
+    if layout.source.startswith("transformers ViTModel"):
+        named = {"vit": "transformers ViTModel", "vit_mae": "transformers ViTMAEModel"}
+        return named.get(hints.get("model_type"), layout.source)
     return layout.source
 
 

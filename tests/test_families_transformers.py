@@ -1,0 +1,195 @@
+"""transformers' ViT families: vitembed's z0 equals each class's own first hidden state.
+
+Each model is built by transformers with random weights (one block, every parameter drawn N(0, 1),
+so that a dropped or misplaced step shows in the numbers: D = 32, P = 8, trained at 32 x 32),
+saved with `save_pretrained` (config.json travels with it) and read back by vitembed from that
+folder. The reference is `model(pixel_values=x, output_hidden_states=True).hidden_states[0]`, what
+the first transformer block receives, with `interpolate_pos_encoding=True` where the class takes it
+(Dinov2 and DINOv3 resample or need nothing on their own). Sizes: the trained one, another square
+and a rectangle, each with vitembed's default resampling (the checkpoint library's own).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import make_image, run_cli
+from tests.test_checkpoints import assert_clean_error, fill_hf_cache, pixels
+from vitembed.checkpoints import resize_weights
+from vitembed.encoder import Encoder
+from vitembed.images import Preprocess
+from vitembed.weights import load_weights
+
+ATOL = RTOL = 1e-4
+P, D, TRAINED = 8, 32, 32
+SIZES = [(32, 32), (48, 48), (32, 48)]
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+# name: (transformers class, its config class, config arguments beyond the common ones)
+FAMILIES = {
+    "ViTModel": ("ViTModel", "ViTConfig", {}),
+    "DeiTModel": ("DeiTModel", "DeiTConfig", {}),
+    "ViTMAEModel": ("ViTMAEModel", "ViTMAEConfig", dict(mask_ratio=0.0)),
+    "BeitModel": ("BeitModel", "BeitConfig", dict(use_relative_position_bias=True)),
+    "BeitModel+abs": ("BeitModel", "BeitConfig", dict(use_shared_relative_position_bias=True,
+                                                      use_absolute_position_embeddings=True)),
+    "Dinov2Model": ("Dinov2Model", "Dinov2Config", {}),
+    "Dinov2WithRegistersModel": ("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", dict(num_register_tokens=2)),
+    "DINOv3ViTModel": ("DINOv3ViTModel", "DINOv3ViTConfig", dict(num_register_tokens=2)),
+    # a pre-norm eps far from the default: read from config.json, or the numbers differ
+    "CLIPVisionModel": ("CLIPVisionModel", "CLIPVisionConfig", dict(layer_norm_eps=0.1)),
+    "CLIPModel": ("CLIPModel", "CLIPConfig", {}),
+    "SiglipVisionModel": ("SiglipVisionModel", "SiglipVisionConfig", {}),
+    "SiglipModel": ("SiglipModel", "SiglipConfig", {}),
+}
+# source (as info names it), and the rows before the patches
+EXPECTED = {
+    "ViTModel": ("transformers ViTModel", 1),
+    "DeiTModel": ("transformers DeiTModel", 2),
+    "ViTMAEModel": ("transformers ViTMAEModel", 1),
+    "BeitModel": ("transformers BeitModel", 1),
+    "BeitModel+abs": ("transformers BeitModel", 1),
+    "Dinov2Model": ("transformers Dinov2Model", 1),
+    "Dinov2WithRegistersModel": ("transformers Dinov2WithRegistersModel", 3),
+    "DINOv3ViTModel": ("transformers DINOv3ViTModel", 3),
+    "CLIPVisionModel": ("transformers CLIPVisionModel", 1),
+    "CLIPModel": ("transformers CLIPVisionModel (under 'vision_model')", 1),
+    "SiglipVisionModel": ("transformers SiglipVisionModel", 0),
+    "SiglipModel": ("transformers SiglipVisionModel (under 'vision_model')", 0),
+}
+
+
+def randomize(model):
+    """Every parameter N(0, 1) (position tables, tokens, norms included), in eval mode."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    return model.eval()
+
+
+def build(name: str, image_size: int = TRAINED, patch_size: int = P):
+    """The family's model, one block, D = 32, its parameters random."""
+    import transformers
+
+    cls_name, config_name, extra = FAMILIES[name]
+    vision = dict(image_size=image_size, patch_size=patch_size, hidden_size=D, num_hidden_layers=1,
+                  num_attention_heads=2, intermediate_size=2 * D, **extra)
+    config_cls = getattr(transformers, config_name)
+    if name in ("CLIPModel", "SiglipModel"):  # the full model: a text tower beside the vision tower
+        text = dict(hidden_size=D, num_hidden_layers=1, num_attention_heads=2, intermediate_size=2 * D,
+                    vocab_size=64, max_position_embeddings=16)
+        config = config_cls(text_config=text, vision_config=vision, projection_dim=D)
+    else:
+        config = config_cls(**vision)
+    torch.manual_seed(0)
+    return randomize(getattr(transformers, cls_name)(config))
+
+
+def hidden0(model, x: torch.Tensor) -> torch.Tensor:
+    """What the model's first block receives for pixel_values x: hidden_states[0]."""
+    tower = model.vision_model if hasattr(model, "text_model") else model
+    kw = {}
+    if "interpolate_pos_encoding" in inspect.signature(tower.forward).parameters:
+        kw["interpolate_pos_encoding"] = True
+    if type(model).__name__ == "ViTMAEModel":  # unmasked (mask_ratio 0), in the patches' own order
+        b, _, h, w = x.shape
+        kw["noise"] = torch.arange((h // P) * (w // P), dtype=torch.float32).expand(b, -1)
+    with torch.no_grad():
+        return tower(pixel_values=x, output_hidden_states=True, **kw).hidden_states[0]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """name -> (model, its save_pretrained folder), each built once for the module."""
+    root, cache = tmp_path_factory.mktemp("families"), {}
+
+    def get(name: str):
+        if name not in cache:
+            model = build(name)
+            model.save_pretrained(root / name)
+            cache[name] = model, root / name
+        return cache[name]
+
+    return get
+
+
+def normalised(u8: np.ndarray, mean, std) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32, (pixels / 255 - mean) / std."""
+    x = torch.from_numpy(u8).permute(0, 3, 1, 2).float() / 255.0
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+# --------------------------------------------------------------------------- z0 = hidden_states[0]
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("name", FAMILIES)
+def test_first_hidden_state_of_each_class(name, size, saved):
+    """The reference layer, the numpy engine and the torch engine, all from the save_pretrained folder."""
+    model, folder = saved(name)
+    loaded = load_weights(folder)
+    source, prefix = EXPECTED[name]
+    assert loaded.source == source
+    h, w = size
+    layer = resize_weights(loaded, size)  # the default: E_pos resampled as the class itself does
+    x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(h * w))
+    expected = hidden0(model, x)
+    assert expected.shape == (2, prefix + (h // P) * (w // P), D)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.build()(x), expected, atol=ATOL, rtol=RTOL)
+    u8 = np.random.default_rng(h + w).integers(0, 256, (2, h, w, 3), dtype=np.uint8)
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    expected = hidden0(model, normalised(u8, mean, std)).numpy()
+    prep = Preprocess(image_size=h, image_width=w, mean=mean, std=std)
+    for engine in ("numpy", "torch"):
+        z0 = Encoder(layer, prep, engine=engine, device="cpu").encode(u8)
+        np.testing.assert_allclose(z0, expected, atol=ATOL, rtol=RTOL, err_msg=engine)
+
+
+@pytest.mark.parametrize("name", ["DeiTModel", "BeitModel+abs", "Dinov2WithRegistersModel", "DINOv3ViTModel",
+                                  "CLIPModel", "SiglipVisionModel"])
+def test_encode_from_the_folder(name, saved, tmp_path):
+    """End to end: `vitembed encode img -o z.npy --weights FOLDER --workers 0` at a rectangular size."""
+    model, folder = saved(name)
+    image = make_image(tmp_path / "x.png", size=(48, 32), seed=11)  # W x H: already 32 x 48, no pixel resampling
+    out = tmp_path / "z.npy"
+    r = run_cli("encode", image, "-o", out, "--weights", folder, "--workers", "0", "--image-size", "32x48",
+                "--normalize", "none")
+    assert r.returncode == 0, r.stderr.decode()
+    torch.testing.assert_close(torch.from_numpy(np.load(out)), hidden0(model, pixels(image))[0], atol=ATOL, rtol=RTOL)
+
+
+def test_clip_tokens_before_its_pre_norm(saved, tmp_path):
+    """--tokens z0-before-norm = CLIP's embeddings(x), before pre_layrnorm; z0 is after it."""
+    model, folder = saved("CLIPVisionModel")
+    image = make_image(tmp_path / "x.png", size=(32, 32), seed=12)
+    x = pixels(image)
+    out = tmp_path / "z.npy"
+    r = run_cli("encode", image, "-o", out, "--weights", folder, "--workers", "0", "--normalize", "none",
+                "--tokens", "z0-before-norm")
+    assert r.returncode == 0, r.stderr.decode()
+    tower = getattr(model, "vision_model", model)  # transformers 5 keeps the tower's modules on the model itself
+    with torch.no_grad():
+        before = tower.embeddings(x)[0]
+        torch.testing.assert_close(torch.from_numpy(np.load(out)), before, atol=ATOL, rtol=RTOL)
+        assert (tower.pre_layrnorm(before) - before).abs().max() > 0.1  # the norm is no no-op
+
+
+def test_beit_state_dict_as_transformers_holds_it(saved, tmp_path):
+    """A BeitModel's own state_dict() (torch.save, not save_pretrained) names its relative position
+    bias as the modules do (layers.0.relative_position_bias, shared_position_bias): still a BEiT."""
+    for name in ("BeitModel", "BeitModel+abs"):
+        model, _ = saved(name)
+        torch.save(model.state_dict(), tmp_path / f"{name}.pth")
+        loaded = load_weights(tmp_path / f"{name}.pth")
+        assert loaded.source == "transformers BeitModel" and loaded.config.attn_positions == "relative"
+        x = torch.randn(1, 3, *loaded.config.size, generator=torch.Generator().manual_seed(1))  # no table: 224
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.build()(x), hidden0(model, x), atol=ATOL, rtol=RTOL)
