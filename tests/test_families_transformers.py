@@ -193,3 +193,15 @@ def test_beit_state_dict_as_transformers_holds_it(saved, tmp_path):
         x = torch.randn(1, 3, *loaded.config.size, generator=torch.Generator().manual_seed(1))  # no table: 224
         with torch.no_grad():
             torch.testing.assert_close(loaded.build()(x), hidden0(model, x), atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("name", ["BeitModel", "DINOv3ViTModel"])
+def test_folder_without_a_table_is_read_at_its_config_size(name, saved, tmp_path):
+    """No position table to give the size (relative bias, RoPE): config.json's image_size is the default."""
+    model, folder = saved(name)
+    assert load_weights(folder).config.size == (TRAINED, TRAINED)
+    image = make_image(tmp_path / "x.png", size=(TRAINED, TRAINED), seed=13)
+    out = tmp_path / "z.npy"
+    r = run_cli("encode", image, "-o", out, "--weights", folder, "--workers", "0", "--normalize", "none")
+    assert r.returncode == 0, r.stderr.decode()
+    torch.testing.assert_close(torch.from_numpy(np.load(out)), hidden0(model, pixels(image))[0], atol=ATOL, rtol=RTOL)

@@ -129,14 +129,18 @@ def load_folder(path: Path) -> LoadedWeights:
 
 
 def folder_hints(path: Path) -> dict[str, Any]:
-    """What a folder's config.json says of the input layer: `model_type`, and the pre-norm's
-    `layer_norm_eps` (a CLIP or SigLIP model's from its `vision_config`)."""
+    """What a folder's config.json says of the input layer: `model_type`, the pre-norm's
+    `layer_norm_eps` (a CLIP or SigLIP model's from its `vision_config`), and the `image_size` it
+    was trained at (the layer's size where no position table gives it: RoPE, relative bias)."""
     config = read_json(path / "config.json")
     vision = config.get("vision_config") if isinstance(config.get("vision_config"), dict) else {}
     hints = {"model_type": vision.get("model_type") or config.get("model_type")}
     eps = _number(vision.get("layer_norm_eps", config.get("layer_norm_eps")))
     if eps is not None and 0 < eps < 1:
         hints["layer_norm_eps"] = eps
+    size = _number(vision.get("image_size", config.get("image_size")))
+    if size is not None and size.is_integer() and 1 <= size <= _MAX_SIDE:
+        hints["image_size"] = int(size)
     return {k: v for k, v in hints.items() if v is not None}
 
 

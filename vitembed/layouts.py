@@ -185,7 +185,7 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], where: str,
     Args:
         state: tensors by name (a whole model or just its input layer); read lazily where possible.
         where: the file or name, for messages.
-        hints: what a folder's config.json says (`model_type`, `layer_norm_eps`), where known.
+        hints: what a folder's config.json says (`model_type`, `layer_norm_eps`, `image_size`), where known.
 
     Raises:
         WeightsError: no known input layer, more than one, a family whose input layer is not one
@@ -347,7 +347,7 @@ def _config_from_shapes(state: Mapping[str, torch.Tensor], layout: Layout, prefi
     attn = layout.attn_positions or ("relative" if any("relative_position_bias_table" in k for k in state.keys())
                                      else None)
     try:
-        config = LayerConfig(image_size=(grid or _default_grid(p)) * p, patch_size=p,
+        config = LayerConfig(image_size=(grid or _default_grid(p, hints.get("image_size"))) * p, patch_size=p,
                              emb_dim=d, in_channels=c, class_token=has_cls, num_reg_tokens=num_reg,
                              pos_embed_prefix=pos_embed_prefix, dist_token=has_dist,
                              conv_bias=found["patch_emb_layer.bias"] is not None, pos_table=pos is not None,
@@ -368,9 +368,10 @@ def _config_from_shapes(state: Mapping[str, torch.Tensor], layout: Layout, prefi
     return config, keys
 
 
-def _default_grid(patch_size: int) -> int:
-    """The grid of a layer without a position table (RoPE): 224 pixels' worth, rounded down."""
-    return max(224 // patch_size, 1)
+def _default_grid(patch_size: int, image_size: int | None = None) -> int:
+    """The grid of a layer without a position table (RoPE, relative bias): the image size its
+    config.json names, else 224 pixels' worth, rounded down."""
+    return max((image_size or 224) // patch_size, 1)
 
 
 def _grid(rows: int, num_prefix: int) -> tuple[int | None, bool]:
