@@ -205,3 +205,46 @@ def test_folder_without_a_table_is_read_at_its_config_size(name, saved, tmp_path
     r = run_cli("encode", image, "-o", out, "--weights", folder, "--workers", "0", "--normalize", "none")
     assert r.returncode == 0, r.stderr.decode()
     torch.testing.assert_close(torch.from_numpy(np.load(out)), hidden0(model, pixels(image))[0], atol=ATOL, rtol=RTOL)
+
+
+# --------------------------------------------------------------------------- a folder's processor
+
+
+@pytest.fixture(scope="module")
+def dinov2_518(tmp_path_factory):
+    """An HF Dinov2 folder as facebook/dinov2-* ship it: a 518-pixel table (37 x 37 patches of 14) and
+    a processor that resizes the shorter side to 256 and crops 224 (bicubic, ImageNet mean and std)."""
+    from transformers import BitImageProcessor
+
+    folder = tmp_path_factory.mktemp("dinov2") / "dinov2"
+    model = build("Dinov2Model", image_size=518, patch_size=14)
+    model.save_pretrained(folder)
+    BitImageProcessor(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224}, do_center_crop=True,
+                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]).save_pretrained(folder)
+    return model, folder
+
+
+def test_dinov2_folder_defaults_to_its_processors_crop(dinov2_518, tmp_path):
+    """By default the layer is at the 224 crop (257 rows, not 1370), its table resampled from 37 x 37 as
+    Dinov2Model.interpolate_pos_encoding does: equal to the model's hidden_states[0] on 224 x 224 input."""
+    from vitembed.request import layer_from_options
+
+    model, folder = dinov2_518
+    layer, _, notes, prep = layer_from_options(weights=folder)
+    assert layer.config.size == (224, 224) and layer.config.num_tokens == 257
+    assert any("from 37x37 to 16x16 patches" in n and "Dinov2Model.interpolate_pos_encoding" in n for n in notes)
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(layer.build()(x), hidden0(model, x), atol=ATOL, rtol=RTOL)
+
+    image = make_image(tmp_path / "photo.png", size=(300, 260), seed=14)
+    out = tmp_path / "z.npy"
+    r = run_cli("encode", image, "-o", out, "--weights", folder, "--workers", "0")  # no option: the processor's
+    assert r.returncode == 0, r.stderr.decode()
+    u8 = Encoder(layer, Preprocess(**{**prep, "image_size": 224})).decode(image)  # shorter side 256, centre 224
+    expected = hidden0(model, normalised(u8[None], (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))[0]
+    torch.testing.assert_close(torch.from_numpy(np.load(out)), expected, atol=ATOL, rtol=RTOL)
+    info = json.loads(run_cli("info", "--weights", folder, "--json").stdout)
+    assert (info["tokens"], info["grid"], info["pos_resample"]) == ([257, D], [16, 16], "hf")
+    assert info["preprocess"]["resize"] == "crop" and info["preprocess"]["interpolation"] == "bicubic"
+    assert int(224 / info["preprocess"]["crop_pct"]) == 256
