@@ -248,3 +248,63 @@ def test_dinov2_folder_defaults_to_its_processors_crop(dinov2_518, tmp_path):
     assert (info["tokens"], info["grid"], info["pos_resample"]) == ([257, D], [16, 16], "hf")
     assert info["preprocess"]["resize"] == "crop" and info["preprocess"]["interpolation"] == "bicubic"
     assert int(224 / info["preprocess"]["crop_pct"]) == 256
+
+
+def processor_folder(tmp_path: Path, name: str, processor: dict) -> Path:
+    """A saved model's folder with `processor` as its preprocessor_config.json."""
+    folder = tmp_path / name
+    build(name).save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    return folder
+
+
+def info_json(weights) -> dict:
+    r = run_cli("info", "--weights", weights, "--json")
+    assert r.returncode == 0, r.stderr.decode()
+    return json.loads(r.stdout)
+
+
+def test_clip_and_siglip_processors_are_the_default_preprocessing(tmp_path):
+    """CLIP's processor (shorter side, centre crop, bicubic, CLIP's mean and std) and SigLIP's (squash to
+    height x width, 0.5 / 0.5, rescaled by 1 / 255) become info's preprocess, in vitembed's form."""
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
+
+    clip = CLIPImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}).to_dict()
+    prep = info_json(processor_folder(tmp_path, "CLIPVisionModel", clip))["preprocess"]
+    assert (prep["image_size"], prep["resize"], prep["interpolation"]) == (32, "crop", "bicubic")
+    assert int(32 / prep["crop_pct"]) == 36
+    assert prep["mean"] == pytest.approx(CLIP_MEAN, abs=1e-9) and prep["std"] == pytest.approx(CLIP_STD, abs=1e-9)
+
+    siglip = SiglipImageProcessor(size={"height": 32, "width": 32}).to_dict()
+    prep = info_json(processor_folder(tmp_path, "SiglipVisionModel", siglip))["preprocess"]
+    assert (prep["image_size"], prep["resize"], prep["interpolation"]) == (32, "squash", "bicubic")
+    assert prep["mean"] == pytest.approx([0.5] * 3, abs=1e-9) and prep["std"] == pytest.approx([0.5] * 3, abs=1e-9)
+
+
+@pytest.mark.parametrize("rescale,mean,std", [
+    ({"do_rescale": False}, 0.5 / 255, 0.25 / 255),  # the model sees 0..255: (x - 0.5) / 0.25 = (x / 255 - 0.5 / 255) / (0.25 / 255)
+    ({"rescale_factor": 1 / 127.5}, 0.25, 0.125),  # the model sees 0..2: (2u - 0.5) / 0.25 = (u - 0.25) / 0.125
+])
+def test_processor_rescale_in_vitembeds_form(rescale, mean, std, tmp_path):
+    """Another rescale (none, or not 1 / 255) gives the mean and std of pixels / 255 that do the same,
+    and the tokens equal the model's on the pixels as the processor's arithmetic makes them."""
+    siglip = {**siglip_processor(), "image_mean": [0.5] * 3, "image_std": [0.25] * 3, **rescale}
+    folder = processor_folder(tmp_path, "SiglipVisionModel", siglip)
+    prep = info_json(folder)["preprocess"]
+    assert prep["mean"] == pytest.approx([mean] * 3, rel=1e-9) and prep["std"] == pytest.approx([std] * 3, rel=1e-9)
+
+    image = make_image(tmp_path / "x.png", size=(TRAINED, TRAINED), seed=15)
+    out = tmp_path / "z.npy"
+    r = run_cli("encode", image, "-o", out, "--weights", folder, "--workers", "0")
+    assert r.returncode == 0, r.stderr.decode()
+    raw = pixels(image) * 255.0  # 0..255, as the processor has them before rescaling
+    factor = 1.0 if rescale.get("do_rescale") is False else rescale["rescale_factor"]
+    model = build("SiglipVisionModel")
+    torch.testing.assert_close(torch.from_numpy(np.load(out)), hidden0(model, (raw * factor - 0.5) / 0.25)[0],
+                               atol=ATOL, rtol=RTOL)
+
+
+def siglip_processor() -> dict:
+    from transformers import SiglipImageProcessor
+
+    return SiglipImageProcessor(size={"height": TRAINED, "width": TRAINED}).to_dict()
