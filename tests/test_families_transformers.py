@@ -308,3 +308,50 @@ def siglip_processor() -> dict:
     from transformers import SiglipImageProcessor
 
     return SiglipImageProcessor(size={"height": TRAINED, "width": TRAINED}).to_dict()
+
+
+# --------------------------------------------------------------------------- named weights, offline
+
+
+NAMED = {  # repo: (family, trained size, its processor, expected tokens, resize, mean)
+    "openai/clip-vit-base-patch16": ("CLIPModel", TRAINED, "CLIPImageProcessor", [17, D], "crop", CLIP_MEAN),
+    "google/siglip-base-patch16-224": ("SiglipModel", TRAINED, "SiglipImageProcessor", [16, D], "squash", (0.5,) * 3),
+    "facebook/dinov2-small": ("Dinov2Model", 64, "BitImageProcessor", [17, D], "crop", (0.485, 0.456, 0.406)),
+    "facebook/dinov2-with-registers-small": ("Dinov2WithRegistersModel", 64, "BitImageProcessor", [19, D], "crop",
+                                             (0.485, 0.456, 0.406)),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("repo", NAMED)
+def test_named_hf_weights_from_the_cache(repo, tmp_path):
+    """hf:ORG/REPO for the common checkpoints, from a Hugging Face cache laid out here (tiny random
+    models in the repos' own files), offline: the family, the token shape and the processor's preprocessing."""
+    import transformers
+
+    name, size, processor_name, tokens, resize, mean = NAMED[repo]
+    model = build(name, image_size=size)
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder)
+    crop = dict(size={"shortest_edge": 36}, crop_size={"height": 32, "width": 32}, do_center_crop=True)
+    kwargs = {"SiglipImageProcessor": dict(size={"height": 32, "width": 32}),
+              "BitImageProcessor": dict(**crop, image_mean=list(mean), image_std=[0.229, 0.224, 0.225])}
+    getattr(transformers, processor_name)(**kwargs.get(processor_name, crop)).save_pretrained(folder)
+    cache = tmp_path / "hf"
+    fill_hf_cache(cache, repo, {n: folder / n for n in ("config.json", "model.safetensors", "preprocessor_config.json")})
+    env = {"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    r = run_cli("info", "--weights", f"hf:{repo}", "--json", env=env)
+    assert r.returncode == 0, r.stderr.decode()
+    info = json.loads(r.stdout)
+    assert info["source"].startswith(f"hf {repo} (transformers {EXPECTED[name][0].split()[1]}"), info["source"]
+    assert info["tokens"] == tokens and info["image_size"] == 32
+    assert info["preprocess"]["resize"] == resize and info["preprocess"]["interpolation"] == "bicubic"
+    assert info["preprocess"]["mean"] == pytest.approx(mean, abs=1e-9)
+    if name == "CLIPModel":  # and the tokens, end to end
+        image = make_image(tmp_path / "x.png", size=(TRAINED, TRAINED), seed=16)
+        out = tmp_path / "z.npy"
+        r = run_cli("encode", image, "-o", out, "--weights", f"hf:{repo}", "--workers", "0", "--resize", "squash",
+                    env=env)
+        assert r.returncode == 0, r.stderr.decode()
+        expected = hidden0(model, pixels(image, CLIP_MEAN, CLIP_STD))[0]
+        torch.testing.assert_close(torch.from_numpy(np.load(out)), expected, atol=ATOL, rtol=RTOL)
