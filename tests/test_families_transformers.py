@@ -84,7 +84,7 @@ def build(name: str, image_size: int = TRAINED, patch_size: int = P):
     config_cls = getattr(transformers, config_name)
     if name in ("CLIPModel", "SiglipModel"):  # the full model: a text tower beside the vision tower
         text = dict(hidden_size=D, num_hidden_layers=1, num_attention_heads=2, intermediate_size=2 * D,
-                    vocab_size=64, max_position_embeddings=16)
+                    vocab_size=64, max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
         config = config_cls(text_config=text, vision_config=vision, projection_dim=D)
     else:
         config = config_cls(**vision)
@@ -355,3 +355,57 @@ def test_named_hf_weights_from_the_cache(repo, tmp_path):
         assert r.returncode == 0, r.stderr.decode()
         expected = hidden0(model, pixels(image, CLIP_MEAN, CLIP_STD))[0]
         torch.testing.assert_close(torch.from_numpy(np.load(out)), expected, atol=ATOL, rtol=RTOL)
+
+
+# --------------------------------------------------------------------------- info, and what is refused
+
+
+def info_text(weights, *extra: str) -> str:
+    r = run_cli("info", "--weights", weights, *extra)
+    assert r.returncode == 0, r.stderr.decode()
+    return r.stdout.decode()
+
+
+def test_info_names_each_family_and_its_steps(saved):
+    out = info_text(saved("CLIPVisionModel")[1], "--image-size", "48")
+    for s in ("source        transformers CLIPVisionModel", "conv bias     no", "pre-norm      LayerNorm (eps 0.1)",
+              "resampled     bicubic, not antialiased, as transformers' CLIPVisionModel.interpolate_pos_encoding"):
+        assert s in out, out
+    out = info_text(saved("CLIPModel")[1])
+    assert "transformers CLIPVisionModel (under 'vision_model')" in out and "conv bias     no" in out, out
+    out = info_text(saved("DINOv3ViTModel")[1])
+    for s in ("source        transformers DINOv3ViTModel", "rows 1..2: register tokens",
+              "positions     no table: rotary (RoPE) positions, applied inside attention", "pre-norm      none"):
+        assert s in out, out
+    assert "resampled" not in out, out
+    out = info_text(saved("BeitModel")[1])
+    assert "positions     no table: relative position bias positions, applied inside attention" in out, out
+    out = info_text(saved("BeitModel+abs")[1])
+    assert "table E_pos of 17 rows (prefix tokens and patches), and relative position bias inside attention" in out
+    out = info_text(saved("DeiTModel")[1])
+    assert "row 0: class token, row 1: distillation token, rows 2..17: patches" in out, out
+    assert "register" not in out, out
+    out = info_text(saved("SiglipVisionModel")[1])
+    assert "source        transformers SiglipVisionModel" in out and "rows 0..15: patches" in out, out
+
+
+def test_dinov3_refuses_tokens_that_need_a_table(saved, tmp_path):
+    image = make_image(tmp_path / "x.png", size=(TRAINED, TRAINED))
+    r = run_cli("encode", image, "-o", tmp_path / "z.npy", "--weights", saved("DINOv3ViTModel")[1], "--workers", "0",
+                "--tokens", "patches+pos")
+    assert_clean_error(r, "--tokens patches+pos needs a position table", "applied inside attention", code=2)
+    assert not (tmp_path / "z.npy").exists()
+
+
+def test_siglip2_naflex_is_refused_with_its_reason(tmp_path):
+    """A Siglip2VisionModel (NaFlex: a Linear patch embedding, its table resampled per image) is refused
+    in one line naming NaFlex, from its folder and from its bare state dict."""
+    import transformers
+
+    config = transformers.Siglip2VisionConfig(hidden_size=D, num_hidden_layers=1, num_attention_heads=2,
+                                              intermediate_size=2 * D, patch_size=P, num_patches=16)
+    model = randomize(transformers.Siglip2VisionModel(config))
+    model.save_pretrained(tmp_path / "siglip2")
+    torch.save(model.state_dict(), tmp_path / "siglip2.pth")
+    for weights in (tmp_path / "siglip2", tmp_path / "siglip2.pth"):
+        assert_clean_error(run_cli("info", "--weights", weights), str(weights), "SigLIP2 NaFlex", "Linear layer")
