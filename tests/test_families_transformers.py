@@ -23,7 +23,7 @@ from tests.conftest import make_image, run_cli
 from tests.test_checkpoints import assert_clean_error, fill_hf_cache, pixels
 from vitembed.checkpoints import resize_weights
 from vitembed.encoder import Encoder
-from vitembed.images import Preprocess
+from vitembed.images import Preprocess, load_image
 from vitembed.weights import load_weights
 
 ATOL = RTOL = 1e-4
@@ -44,7 +44,7 @@ FAMILIES = {
     "DINOv3ViTModel": ("DINOv3ViTModel", "DINOv3ViTConfig", dict(num_register_tokens=2)),
     # a pre-norm eps far from the default: read from config.json, or the numbers differ
     "CLIPVisionModel": ("CLIPVisionModel", "CLIPVisionConfig", dict(layer_norm_eps=0.1)),
-    "CLIPModel": ("CLIPModel", "CLIPConfig", {}),
+    "CLIPModel": ("CLIPModel", "CLIPConfig", dict(layer_norm_eps=0.1)),  # in config.json's vision_config
     "SiglipVisionModel": ("SiglipVisionModel", "SiglipVisionConfig", {}),
     "SiglipModel": ("SiglipModel", "SiglipConfig", {}),
 }
@@ -279,6 +279,31 @@ def test_clip_and_siglip_processors_are_the_default_preprocessing(tmp_path):
     prep = info_json(processor_folder(tmp_path, "SiglipVisionModel", siglip))["preprocess"]
     assert (prep["image_size"], prep["resize"], prep["interpolation"]) == (32, "squash", "bicubic")
     assert prep["mean"] == pytest.approx([0.5] * 3, abs=1e-9) and prep["std"] == pytest.approx([0.5] * 3, abs=1e-9)
+
+
+@pytest.mark.parametrize("processor,kwargs", [
+    ("CLIPImageProcessor", dict(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})),
+    ("BitImageProcessor", dict(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224})),
+    ("SiglipImageProcessor", dict(size={"height": 224, "width": 224})),
+])
+def test_processor_pixels_are_vitembeds(processor, kwargs, sample_paths):
+    """What the processor feeds the model = what vitembed decodes with the preprocessing read from its
+    config, normalised: within one level of 255 (the two round their resized pixels differently)."""
+    import transformers
+    from PIL import Image
+
+    from vitembed.checkpoints import hf_input_size, hf_preprocess
+
+    proc = getattr(transformers, processor)(**kwargs)
+    config = proc.to_dict()
+    h, w = hf_input_size(config)
+    prep = Preprocess(**{**hf_preprocess(config), "image_size": h, "image_width": w})
+    for path in sample_paths[:3]:
+        theirs = proc(images=Image.open(path).convert("RGB"), return_tensors="pt")["pixel_values"]
+        ours = normalised(load_image(path, prep)[None], prep.mean, prep.std)
+        assert ours.shape == theirs.shape == (1, 3, 224, 224)
+        level = 1.01 / 255 / min(prep.std)
+        assert (ours - theirs).abs().max() <= level and (ours - theirs).abs().mean() < level / 20, path
 
 
 @pytest.mark.parametrize("rescale,mean,std", [
