@@ -166,6 +166,22 @@ def test_encode_from_the_folder(name, saved, tmp_path):
     torch.testing.assert_close(torch.from_numpy(np.load(out)), hidden0(model, pixels(image))[0], atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("name", ["DINOv3ViTModel", "Dinov2WithRegistersModel", "CLIPVisionModel", "SiglipVisionModel"])
+def test_native_grid_from_the_folder(name, saved, tmp_path):
+    """--resize native: each image at its own grid (here 4 x 8 patches for an 80 x 40 image, at most
+    32), E_pos resampled to it as the class does = the model on those pixels."""
+    model, folder = saved(name)
+    image = make_image(tmp_path / "wide.png", size=(80, 40), seed=17)
+    out = tmp_path / "z.npy"
+    r = run_cli("encode", image, "-o", out, "--weights", folder, "--workers", "0", "--resize", "native",
+                "--max-patches", "32", "--normalize", "none")
+    assert r.returncode == 0, r.stderr.decode()
+    u8 = load_image(image, Preprocess(resize="native", max_patches=32, patch_size=P))
+    assert u8.shape == (32, 64, 3)
+    expected = hidden0(model, normalised(u8[None], (0.0,) * 3, (1.0,) * 3))[0]
+    torch.testing.assert_close(torch.from_numpy(np.load(out)), expected, atol=ATOL, rtol=RTOL)
+
+
 def test_clip_tokens_before_its_pre_norm(saved, tmp_path):
     """--tokens z0-before-norm = CLIP's embeddings(x), before pre_layrnorm; z0 is after it."""
     model, folder = saved("CLIPVisionModel")
@@ -372,6 +388,10 @@ def test_named_hf_weights_from_the_cache(repo, tmp_path):
     assert info["tokens"] == tokens and info["image_size"] == 32
     assert info["preprocess"]["resize"] == resize and info["preprocess"]["interpolation"] == "bicubic"
     assert info["preprocess"]["mean"] == pytest.approx(mean, abs=1e-9)
+    prefix = {"CLIPModel": ["class"], "SiglipModel": [], "Dinov2Model": ["class"],
+              "Dinov2WithRegistersModel": ["class", "register", "register"]}[name]
+    assert info["steps"]["prefix_tokens"] == prefix
+    assert info["steps"]["pre_norm"] == ("LayerNorm (eps 0.1)" if name == "CLIPModel" else None)
     if name == "CLIPModel":  # and the tokens, end to end
         image = make_image(tmp_path / "x.png", size=(TRAINED, TRAINED), seed=16)
         out = tmp_path / "z.npy"
