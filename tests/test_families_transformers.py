@@ -31,37 +31,24 @@ P, D, TRAINED = 8, 32, 32
 SIZES = [(32, 32), (48, 48), (32, 48)]
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
-# name: (transformers class, its config class, config arguments beyond the common ones)
+# name (the transformers class, +variant): its config class, config arguments beyond the common ones,
+# the source vitembed names, and the rows before the patches
 FAMILIES = {
-    "ViTModel": ("ViTModel", "ViTConfig", {}),
-    "DeiTModel": ("DeiTModel", "DeiTConfig", {}),
-    "ViTMAEModel": ("ViTMAEModel", "ViTMAEConfig", dict(mask_ratio=0.0)),
-    "BeitModel": ("BeitModel", "BeitConfig", dict(use_relative_position_bias=True)),
-    "BeitModel+abs": ("BeitModel", "BeitConfig", dict(use_shared_relative_position_bias=True,
-                                                      use_absolute_position_embeddings=True)),
-    "Dinov2Model": ("Dinov2Model", "Dinov2Config", {}),
-    "Dinov2WithRegistersModel": ("Dinov2WithRegistersModel", "Dinov2WithRegistersConfig", dict(num_register_tokens=2)),
-    "DINOv3ViTModel": ("DINOv3ViTModel", "DINOv3ViTConfig", dict(num_register_tokens=2)),
-    # a pre-norm eps far from the default: read from config.json, or the numbers differ
-    "CLIPVisionModel": ("CLIPVisionModel", "CLIPVisionConfig", dict(layer_norm_eps=0.1)),
-    "CLIPModel": ("CLIPModel", "CLIPConfig", dict(layer_norm_eps=0.1)),  # in config.json's vision_config
-    "SiglipVisionModel": ("SiglipVisionModel", "SiglipVisionConfig", {}),
-    "SiglipModel": ("SiglipModel", "SiglipConfig", {}),
-}
-# source (as info names it), and the rows before the patches
-EXPECTED = {
-    "ViTModel": ("transformers ViTModel", 1),
-    "DeiTModel": ("transformers DeiTModel", 2),
-    "ViTMAEModel": ("transformers ViTMAEModel", 1),
-    "BeitModel": ("transformers BeitModel", 1),
-    "BeitModel+abs": ("transformers BeitModel", 1),
-    "Dinov2Model": ("transformers Dinov2Model", 1),
-    "Dinov2WithRegistersModel": ("transformers Dinov2WithRegistersModel", 3),
-    "DINOv3ViTModel": ("transformers DINOv3ViTModel", 3),
-    "CLIPVisionModel": ("transformers CLIPVisionModel", 1),
-    "CLIPModel": ("transformers CLIPVisionModel (under 'vision_model')", 1),
-    "SiglipVisionModel": ("transformers SiglipVisionModel", 0),
-    "SiglipModel": ("transformers SiglipVisionModel (under 'vision_model')", 0),
+    "ViTModel": ("ViTConfig", {}, "transformers ViTModel", 1),
+    "DeiTModel": ("DeiTConfig", {}, "transformers DeiTModel", 2),
+    "ViTMAEModel": ("ViTMAEConfig", dict(mask_ratio=0.0), "transformers ViTMAEModel", 1),
+    "BeitModel": ("BeitConfig", dict(use_relative_position_bias=True), "transformers BeitModel", 1),
+    "BeitModel+abs": ("BeitConfig", dict(use_shared_relative_position_bias=True, use_absolute_position_embeddings=True),
+                      "transformers BeitModel", 1),
+    "Dinov2Model": ("Dinov2Config", {}, "transformers Dinov2Model", 1),
+    "Dinov2WithRegistersModel": ("Dinov2WithRegistersConfig", dict(num_register_tokens=2),
+                                 "transformers Dinov2WithRegistersModel", 3),
+    "DINOv3ViTModel": ("DINOv3ViTConfig", dict(num_register_tokens=2), "transformers DINOv3ViTModel", 3),
+    # a pre-norm eps far from the default: read from config.json (a full model's vision_config), or z0 differs
+    "CLIPVisionModel": ("CLIPVisionConfig", dict(layer_norm_eps=0.1), "transformers CLIPVisionModel", 1),
+    "CLIPModel": ("CLIPConfig", dict(layer_norm_eps=0.1), "transformers CLIPVisionModel (under 'vision_model')", 1),
+    "SiglipVisionModel": ("SiglipVisionConfig", {}, "transformers SiglipVisionModel", 0),
+    "SiglipModel": ("SiglipConfig", {}, "transformers SiglipVisionModel (under 'vision_model')", 0),
 }
 
 
@@ -78,7 +65,8 @@ def build(name: str, image_size: int = TRAINED, patch_size: int = P):
     """The family's model, one block, D = 32, its parameters random."""
     import transformers
 
-    cls_name, config_name, extra = FAMILIES[name]
+    config_name, extra = FAMILIES[name][:2]
+    cls_name = name.split("+")[0]
     vision = dict(image_size=image_size, patch_size=patch_size, hidden_size=D, num_hidden_layers=1,
                   num_attention_heads=2, intermediate_size=2 * D, **extra)
     config_cls = getattr(transformers, config_name)
@@ -135,7 +123,7 @@ def test_first_hidden_state_of_each_class(name, size, saved):
     """The reference layer, the numpy engine and the torch engine, all from the save_pretrained folder."""
     model, folder = saved(name)
     loaded = load_weights(folder)
-    source, prefix = EXPECTED[name]
+    source, prefix = FAMILIES[name][2:]
     assert loaded.source == source
     h, w = size
     layer = resize_weights(loaded, size)  # the default: E_pos resampled as the class itself does
@@ -325,7 +313,7 @@ def test_processor_pixels_are_vitembeds(processor, kwargs, sample_paths):
 @pytest.mark.parametrize("rescale,mean,std", [
     ({"do_rescale": False}, 0.5 / 255, 0.25 / 255),  # the model sees 0..255: (x - 0.5) / 0.25 = (x / 255 - 0.5 / 255) / (0.25 / 255)
     ({"rescale_factor": 1 / 127.5}, 0.25, 0.125),  # the model sees 0..2: (2u - 0.5) / 0.25 = (u - 0.25) / 0.125
-])
+], ids=["no-rescale", "rescale-by-1/127.5"])
 def test_processor_rescale_in_vitembeds_form(rescale, mean, std, tmp_path):
     """Another rescale (none, or not 1 / 255) gives the mean and std of pixels / 255 that do the same,
     and the tokens equal the model's on the pixels as the processor's arithmetic makes them."""
@@ -384,7 +372,7 @@ def test_named_hf_weights_from_the_cache(repo, tmp_path):
     r = run_cli("info", "--weights", f"hf:{repo}", "--json", env=env)
     assert r.returncode == 0, r.stderr.decode()
     info = json.loads(r.stdout)
-    assert info["source"].startswith(f"hf {repo} (transformers {EXPECTED[name][0].split()[1]}"), info["source"]
+    assert info["source"].startswith(f"hf {repo} (transformers {FAMILIES[name][2].split()[1]}"), info["source"]
     assert info["tokens"] == tokens and info["image_size"] == 32
     assert info["preprocess"]["resize"] == resize and info["preprocess"]["interpolation"] == "bicubic"
     assert info["preprocess"]["mean"] == pytest.approx(mean, abs=1e-9)
