@@ -99,7 +99,7 @@ def _prep(layer: _Layer, preprocessing: dict, normalize=None):
 
 
 def _describe_prep(prep, normalized: bool) -> str:
-    resize = f"crop (crop-pct {prep.crop_pct})" if prep.resize == "crop" else prep.resize
+    resize = f"{prep.resize} (crop-pct {prep.crop_pct})" if "crop" in prep.resize else prep.resize
     text = f"Preprocessing: --resize {resize}, --interpolation {prep.interpolation}"
     if normalized:
         text += f", normalised with mean {_numbers(prep.mean)}, std {_numbers(prep.std)}"
