@@ -7,6 +7,10 @@ folder. The reference is `model(pixel_values=x, output_hidden_states=True).hidde
 the first transformer block receives, with `interpolate_pos_encoding=True` where the class takes it
 (Dinov2 and DINOv3 resample or need nothing on their own). Sizes: the trained one, another square
 and a rectangle, each with vitembed's default resampling (the checkpoint library's own).
+
+Also here: a folder's image processor as the default preprocessing (its crop size, geometry,
+interpolation, mean, std and rescale, against the processor's own pixels), the common `hf:` names
+from a Hugging Face cache laid out by the test, offline, and what `info` says and refuses.
 """
 
 from __future__ import annotations
