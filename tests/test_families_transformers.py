@@ -28,6 +28,7 @@ from tests.test_checkpoints import assert_clean_error, fill_hf_cache, pixels
 from vitembed.checkpoints import resize_weights
 from vitembed.encoder import Encoder
 from vitembed.images import Preprocess, load_image
+from vitembed.pictures import token_layout
 from vitembed.weights import load_weights
 
 ATOL = RTOL = 1e-4
@@ -468,3 +469,15 @@ def test_siglip2_naflex_is_refused_with_its_reason(tmp_path):
     torch.save(model.state_dict(), tmp_path / "siglip2.pth")
     for weights in (tmp_path / "siglip2", tmp_path / "siglip2.pth"):
         assert_clean_error(run_cli("info", "--weights", weights), str(weights), "SigLIP2 NaFlex", "Linear layer")
+
+
+def test_show_names_the_distillation_token_and_refuses_positions_without_a_table(saved, tmp_path):
+    """show patches on a DeiT names its distillation token; show positions on DINOv3 (no table) is
+    one line, exit 2, nothing written."""
+    image = make_image(tmp_path / "x.png", size=(TRAINED, TRAINED))
+    r = run_cli("show", "patches", image, "--weights", saved("DeiTModel")[1], "-o", tmp_path / "p.png")
+    assert r.returncode == 0, r.stderr.decode()
+    assert "token 1: distillation token (no patch)" in token_layout(load_weights(saved("DeiTModel")[1]).config)
+    r = run_cli("show", "positions", "--weights", saved("DINOv3ViTModel")[1], "-o", tmp_path / "pos.png")
+    assert_clean_error(r, "show positions draws the position table", "rotary (RoPE) positions", code=2)
+    assert not (tmp_path / "pos.png").exists()
