@@ -191,6 +191,26 @@ def test_clip_tokens_before_its_pre_norm(saved, tmp_path):
         assert (tower.pre_layrnorm(before) - before).abs().max() > 0.1  # the norm is no no-op
 
 
+def test_mae_masking_takes_patches_plus_positions(saved):
+    """ViTMAE masks x_p E + E_pos's patch rows (--tokens patches+pos): with mask_ratio 0.75, the kept
+    rows of vitembed's patches+pos, in the model's order, and the class row of z0 = hidden_states[0]."""
+    model = build("ViTMAEModel")
+    model.config.mask_ratio = 0.75
+    layer = load_weights(saved("ViTMAEModel")[1])
+    u8 = np.random.default_rng(5).integers(0, 256, (2, TRAINED, TRAINED, 3), dtype=np.uint8)
+    x = normalised(u8, (0.5,) * 3, (0.5,) * 3)
+    noise = torch.rand(2, 16, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        masked = model(pixel_values=x, noise=noise, output_hidden_states=True).hidden_states[0]  # (2, 1 + 4, D)
+    prep = Preprocess(image_size=TRAINED, mean=(0.5,) * 3, std=(0.5,) * 3)
+    patches = Encoder(layer, prep, engine="numpy", tokens="patches+pos").encode(u8)  # (2, 16, D)
+    kept = torch.argsort(noise, dim=1)[:, :4].numpy()
+    np.testing.assert_allclose(np.take_along_axis(patches, kept[:, :, None], 1), masked[:, 1:].numpy(),
+                               atol=ATOL, rtol=RTOL)
+    z0 = Encoder(layer, prep, engine="numpy").encode(u8)
+    np.testing.assert_allclose(z0[:, 0], masked[:, 0].numpy(), atol=ATOL, rtol=RTOL)
+
+
 def test_beit_state_dict_as_transformers_holds_it(saved, tmp_path):
     """A BeitModel's own state_dict() (torch.save, not save_pretrained) names its relative position
     bias as the modules do (layers.0.relative_position_bias, shared_position_bias): still a BEiT."""
