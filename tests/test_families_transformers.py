@@ -175,6 +175,19 @@ def test_native_grid_from_the_folder(name, saved, tmp_path):
     torch.testing.assert_close(torch.from_numpy(np.load(out)), expected, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("name", ["CLIPVisionModel", "Dinov2WithRegistersModel"])
+def test_native_grid_through_the_python_api(name, saved, tmp_path):
+    """Encoder(load_weights(folder), Preprocess(resize="native", ...)) resamples E_pos as the class does
+    by default, as the CLI does (CLIP: bicubic; Dinov2WithRegisters: antialiased), not always timm's way."""
+    model, folder = saved(name)
+    u8 = np.random.default_rng(8).integers(0, 256, (1, 24, 56, 3), dtype=np.uint8)  # a 3 x 7 grid
+    prep = Preprocess(resize="native", max_patches=21, patch_size=P, mean=(0.0,) * 3, std=(1.0,) * 3)
+    expected = hidden0(model, normalised(u8, (0.0,) * 3, (1.0,) * 3))[0].numpy()
+    for engine in ("numpy", "torch"):
+        (z0,) = Encoder(load_weights(folder), prep, engine=engine, device="cpu").encode([u8[0]])
+        np.testing.assert_allclose(z0, expected, atol=ATOL, rtol=RTOL, err_msg=engine)
+
+
 def test_clip_tokens_before_its_pre_norm(saved, tmp_path):
     """--tokens z0-before-norm = CLIP's embeddings(x), before pre_layrnorm; z0 is after it."""
     model, folder = saved("CLIPVisionModel")
