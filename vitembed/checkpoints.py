@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,14 +130,18 @@ def load_folder(path: Path) -> LoadedWeights:
 
 
 def folder_hints(path: Path) -> dict[str, Any]:
-    """What a folder's config.json says of the input layer: `model_type`, and the pre-norm's
-    `layer_norm_eps` (a CLIP or SigLIP model's from its `vision_config`)."""
+    """What a folder's config.json says of the input layer: `model_type`, the pre-norm's
+    `layer_norm_eps` (a CLIP or SigLIP model's from its `vision_config`), and the `image_size` it
+    was trained at (the layer's size where no position table gives it: RoPE, relative bias)."""
     config = read_json(path / "config.json")
     vision = config.get("vision_config") if isinstance(config.get("vision_config"), dict) else {}
     hints = {"model_type": vision.get("model_type") or config.get("model_type")}
     eps = _number(vision.get("layer_norm_eps", config.get("layer_norm_eps")))
     if eps is not None and 0 < eps < 1:
         hints["layer_norm_eps"] = eps
+    size = _number(vision.get("image_size", config.get("image_size")))
+    if size is not None and size.is_integer() and 1 <= size <= _MAX_SIDE:
+        hints["image_size"] = int(size)
     return {k: v for k, v in hints.items() if v is not None}
 
 
@@ -174,11 +179,14 @@ def hf_preprocess(proc: dict[str, Any], where: str = "preprocessor_config.json")
     resample = proc.get("resample")
     if isinstance(resample, int):
         out["interpolation"] = _PIL_RESAMPLE.get(resample, "bilinear")
-    size = _size(proc.get("size"), "size", where, ("shortest_edge",))
+    size = _size(proc.get("size"), "size", where, _plain_size(proc))
     crop = _size(proc.get("crop_size"), "crop_size", where, ("height", "width"))
     if proc.get("do_center_crop") and crop.get("height") and size.get("shortest_edge"):
         out["resize"] = "crop"
         out["crop_pct"] = _crop_pct(crop["height"], size["shortest_edge"])
+    elif proc.get("do_center_crop") and crop.get("height") and _squash_crop(size, crop):
+        out["resize"] = "squash-crop"  # resized to height x width, then the centre crop (DeiT's 256, then 224)
+        out["crop_pct"] = _crop_pct(crop["height"], size["height"])
     elif proc.get("do_resize", True):
         out["resize"] = "squash"
     # Pixels x are rescaled (x r, r = rescale_factor, 1 / 255 unless said) then normalised: (x r - mean) / std
@@ -205,7 +213,7 @@ def hf_input_size(proc: dict[str, Any], where: str = "preprocessor_config.json")
     crop = _size(proc.get("crop_size"), "crop_size", where, ("height", "width"))
     if proc.get("do_center_crop") and crop.get("height") and crop.get("width"):
         return crop["height"], crop["width"]
-    size = _size(proc.get("size"), "size", where, ("shortest_edge",))
+    size = _size(proc.get("size"), "size", where, _plain_size(proc))
     if size.get("height") and size.get("width"):
         return size["height"], size["width"]
     return None
@@ -279,6 +287,27 @@ def _size(value: Any, name: str, where: str, plain: tuple[str, ...]) -> dict[str
                            f'{{"shortest_edge": 224}}, got {_show(value)}')
     return {k: _pixels(v, f"{name}.{k}", where) for k, v in value.items()
             if k in ("height", "width", "shortest_edge", "longest_edge") and v is not None}
+
+
+# Processors that read a plain number as the height and width (transformers' default_to_square); the
+# others (CLIP, Bit for DINOv2, SigLIP, ConvNext, ...) read it as the shorter side.
+_SQUARE_SIZE = re.compile(r"(ViT|DeiT|Beit|Data2VecVision)(ImageProcessor|FeatureExtractor)")
+
+
+def _plain_size(proc: dict[str, Any]) -> tuple[str, ...]:
+    """What a plain number as `size` stands for, as the processor class named in the config reads it."""
+    kind = str(proc.get("image_processor_type") or proc.get("feature_extractor_type") or "")
+    return ("height", "width") if _SQUARE_SIZE.fullmatch(kind.removesuffix("Fast").removesuffix("Pil")) else ("shortest_edge",)
+
+
+def _squash_crop(size: dict[str, int], crop: dict[str, int]) -> bool:
+    """Whether resizing to size's height x width then cropping the centre is `squash-crop` (one
+    crop_pct for both sides) and not a plain squash to the crop size."""
+    h, w, ch, cw = size.get("height"), size.get("width"), crop.get("height"), crop.get("width")
+    if not (h and w and ch and cw) or (ch, cw) == (h, w) or ch > h or cw > w:
+        return False
+    pct = _crop_pct(ch, h)
+    return int(cw / pct) == w
 
 
 def _pixels(value: Any, name: str, where: str) -> int:

@@ -3,7 +3,7 @@ command line's help and the library's checks use the same lists."""
 
 from __future__ import annotations
 
-RESIZE_MODES = ("squash", "crop", "pad", "native")
+RESIZE_MODES = ("squash", "crop", "pad", "native", "squash-crop")
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "lanczos")
 # --normalize: per-channel (mean, std) of pixels / 255
 NORMALIZATION_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {

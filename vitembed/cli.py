@@ -282,7 +282,7 @@ def info(
     ]
     if "preprocess" in d:
         p = d["preprocess"]
-        resize = _describe_crop(config.size, p["crop_pct"]) if p["resize"] == "crop" else p["resize"]
+        resize = _describe_crop(config.size, p["crop_pct"], p["resize"]) if "crop" in p["resize"] else p["resize"]
         origin = ("the weights'" if weights else "the preset's") if weights_prep else "vitembed's defaults"
         lines.append(f"preprocess    {resize}, {p['interpolation']}, mean {_floats(p['mean'])}, std {_floats(p['std'])}  "
                      f"({origin})")
@@ -339,9 +339,12 @@ def _token_layout(config) -> str:
                      for first, last, what in config.token_rows())
 
 
-def _describe_crop(size: tuple[int, int], crop_pct: float) -> str:
-    """'crop (shorter side to 256, centre 224)'; for H x W, timm's: the image covering (H, W) / crop_pct."""
+def _describe_crop(size: tuple[int, int], crop_pct: float, resize: str = "crop") -> str:
+    """'crop (shorter side to 256, centre 224)'; for H x W, timm's: the image covering (H, W) / crop_pct;
+    'squash-crop (squashed to 256x256, centre 224x224)'."""
     h, w = size
+    if resize == "squash-crop":
+        return f"squash-crop (squashed to {int(h / crop_pct)}x{int(w / crop_pct)}, centre {h}x{w})"
     if h == w:
         return f"crop (shorter side to {int(h / crop_pct)}, centre {h})"
     return f"crop (aspect kept, covering {int(h / crop_pct)}x{int(w / crop_pct)}, centre {h}x{w})"

@@ -60,20 +60,22 @@ class Encoder:
         tokens: z0 (default: what the first transformer block receives), z0-before-norm (z0
             without the layer's pre-norm), patches (x_p E: N x D, no class token, no E_pos) or
             patches+pos (x_p E + E_pos's patch rows, N x D).
-        pos_resample: with `prep.resize == "native"`, how E_pos is resampled to each image's grid:
-            timm (default: bicubic, antialiased) or hf (transformers' bicubic).
+        pos_resample: with `prep.resize == "native"`, how E_pos is resampled to each image's grid
+            timm (bicubic, antialiased), hf (transformers' bicubic), torchvision or dinov2; None:
+            as the checkpoint's own library does (`LoadedWeights.pos_resample`), else timm's.
 
     Raises:
         ConfigError: options that cannot work together (the message says which and how to fix it).
     """
 
     def __init__(self, layer: Any, prep: Preprocess | None = None, *, engine: str = "auto",
-                 device: str = "auto", dtype: str = "float32", tokens: str = "z0", pos_resample: str = "timm"):
+                 device: str = "auto", dtype: str = "float32", tokens: str = "z0", pos_resample: str | None = None):
         self.params = as_params(layer)
         self.config: LayerConfig = self.params.config
         cfg = self.config
         self.prep = prep or Preprocess(image_size=cfg.image_size, image_width=cfg.image_width, channels=cfg.in_channels)
         self.dtype = output_dtype(dtype)
+        pos_resample = pos_resample or getattr(layer, "pos_resample", "timm")  # the checkpoint library's own
         self.tokens, self.pos_resample = tokens, pos_resample
         _check(self.prep, cfg, engine, pos_resample)
         native = pos_resample if self.prep.resize == "native" else None

@@ -63,9 +63,11 @@ class Preprocess:
         image_size: side S of the output square; its height H when `image_width` is set.
         resize: `squash` (straight to H x W), `crop` (the aspect ratio kept, the image covering
             (H, W) / crop_pct, then the centre H x W), `pad` (the aspect ratio kept, the image
-            inside H x W, padded with `background`) or `native` (the image's own aspect ratio:
-            a grid of at most `max_patches` patches of `patch_size`); see `resolution.resize_plan`.
-        crop_pct: for `crop`; 0.875 is torchvision's Resize(256) + CenterCrop(224).
+            inside H x W, padded with `background`), `native` (the image's own aspect ratio:
+            a grid of at most `max_patches` patches of `patch_size`) or `squash-crop` (squashed
+            to (H, W) / crop_pct, then the centre H x W: DeiT's processor); see
+            `resolution.resize_plan`.
+        crop_pct: for `crop` and `squash-crop`; 0.875 is torchvision's Resize(256) + CenterCrop(224).
         interpolation: nearest, bilinear, bicubic or lanczos (antialiased, as Pillow does).
         background: RGB colour under transparent pixels and around `pad`ded images.
         mean, std: per-channel normalisation of pixels / 255.
@@ -337,7 +339,7 @@ def _prepare(im: Image.Image, prep: Preprocess, gate=None) -> np.ndarray:
 
 def _draft(im: Image.Image, prep: Preprocess) -> tuple[int, int]:
     """JPEG DCT scaling: decode at 1/2, 1/4 or 1/8 size while the image stays at least twice the
-    size it is resized to (for crop, the size it covers: (W, H) / crop_pct).
+    size it is resized to (for crop and squash-crop, the size it covers: (W, H) / crop_pct).
 
     Returns:
         The image's size before the scaling, as shown (EXIF orientation applied): (width, height).
@@ -345,7 +347,7 @@ def _draft(im: Image.Image, prep: Preprocess) -> tuple[int, int]:
     h, w = prep.size
     turned = im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)
     shown = im.size[::-1] if turned else im.size
-    if prep.resize == "crop":
+    if prep.resize in ("crop", "squash-crop"):
         need = (int(2 * w / prep.crop_pct), int(2 * h / prep.crop_pct))
     elif prep.resize == "native":
         target = resize_plan(*shown, prep).target

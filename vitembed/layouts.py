@@ -86,8 +86,12 @@ class Layout:
 
 
 _HF = "embeddings.patch_embeddings.projection"
+# BEiT's relative position bias, shared or per block: under the names save_pretrained writes and under
+# the names transformers' modules hold in memory (a `model.state_dict()` saved with torch.save).
 _HF_RELATIVE = ("encoder.relative_position_bias.relative_position_bias_table",
-                "encoder.layer.0.attention.attention.relative_position_bias.relative_position_bias_table")
+                "encoder.layer.0.attention.attention.relative_position_bias.relative_position_bias_table",
+                "shared_position_bias.relative_position_bias_table",
+                "layers.0.relative_position_bias.relative_position_bias_table")
 _HF_VIT = dict(proj_weight=f"{_HF}.weight", proj_bias=f"{_HF}.bias", cls="embeddings.cls_token",
                pos="embeddings.position_embeddings", resample="hf")
 _TIMM = dict(proj_weight="patch_embed.proj.weight", proj_bias="patch_embed.proj.bias", cls="cls_token")
@@ -181,7 +185,7 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], where: str,
     Args:
         state: tensors by name (a whole model or just its input layer); read lazily where possible.
         where: the file or name, for messages.
-        hints: what a folder's config.json says (`model_type`, `layer_norm_eps`), where known.
+        hints: what a folder's config.json says (`model_type`, `layer_norm_eps`, `image_size`), where known.
 
     Raises:
         WeightsError: no known input layer, more than one, a family whose input layer is not one
@@ -272,9 +276,11 @@ def _convert(state: Mapping[str, torch.Tensor], layout: Layout, prefix: str, whe
 
 def _label(layout: Layout, hints: dict[str, Any], keys, prefix: str) -> str:
     """The class a checkpoint is, for `info`: the layout's, or one its keys single out among those
-    sharing a layout (timm's ViT, DeiT, Beit and Eva keep their input layers under the same names)."""
-    if layout.source.startswith("transformers ViTModel") and hints.get("model_type") == "vit_mae":
-        return "transformers ViTMAEModel"
+    sharing a layout (timm's ViT, DeiT, Beit and Eva keep their input layers under the same names;
+    transformers' ViT and ViTMAE too, told apart by config.json's model type)."""
+    if layout.source.startswith("transformers ViTModel"):
+        named = {"vit": "transformers ViTModel", "vit_mae": "transformers ViTMAEModel"}
+        return named.get(hints.get("model_type"), layout.source)
     if layout.source == "timm VisionTransformer":
         keys = [k for k in keys if k.startswith(prefix)]
         if prefix + "dist_token" in keys:
@@ -374,7 +380,8 @@ def _config_from_shapes(state: Mapping[str, torch.Tensor], layout: Layout, prefi
     num_prefix = int(has_cls) + int(has_dist) + (0 if layout.regs_after_pos else shapes.num_reg)
     grid, pos_embed_prefix = _grid(pos, num_prefix, where, prefix + layout.pos) if pos is not None else (None, True)
     try:
-        config = LayerConfig(image_size=(grid or _default_grid(p)) * p, patch_size=p, emb_dim=d, in_channels=c,
+        size = (grid or _default_grid(p, hints.get("image_size"))) * p
+        config = LayerConfig(image_size=size, patch_size=p, emb_dim=d, in_channels=c,
                              class_token=has_cls, num_reg_tokens=shapes.num_reg, pos_embed_prefix=pos_embed_prefix,
                              dist_token=has_dist, conv_bias=found["patch_emb_layer.bias"] is not None,
                              pos_table=pos is not None,
@@ -410,9 +417,10 @@ def _eva_keys(keys, prefix: str) -> bool:
     return prefix + "blocks.0.attn.q_bias" in keys or prefix + "blocks.0.gamma_1" in keys
 
 
-def _default_grid(patch_size: int) -> int:
-    """The grid of a layer without a position table (RoPE): 224 pixels' worth, rounded down."""
-    return max(224 // patch_size, 1)
+def _default_grid(patch_size: int, image_size: int | None = None) -> int:
+    """The grid of a layer without a position table (RoPE, relative bias): the image size its
+    config.json names, else 224 pixels' worth, rounded down."""
+    return max((image_size or 224) // patch_size, 1)
 
 
 def _grid(shape: tuple[int, ...], num_prefix: int, where: str, key: str) -> tuple[int, bool]:

@@ -33,7 +33,8 @@ FILTER_COLUMNS = 7  # the ViT paper's Figure 7 left: 4 rows x 7 components
 
 def token_layout(config: LayerConfig) -> str:
     """Which rows of z0 are what, in words: 'Token 0: class token (no patch); tokens 1..256: the patches, row-major'."""
-    words = {"class token": "class token (no patch)", "register tokens": "register tokens",
+    words = {"class token": "class token (no patch)", "distillation token": "distillation token (no patch)",
+             "register tokens": "register tokens",
              "patches": "the patches, row-major"}
     parts = [f"token {first}: {words[what]}" if first == last else f"tokens {first}..{last}: {words[what]}"
              for first, last, what in config.token_rows()]

@@ -37,7 +37,7 @@ class EncodeRequest:
     (`image_size` resamples the position embedding, `patch_size` the patch embedding too, as
     `pos_resample` says: None, as the checkpoint's own library does; timm, hf, torchvision or
     dinov2). `tokens`: z0, z0-before-norm, patches or patches+pos.
-    Images: `resize` (squash, crop, pad, or native with `max_patches`), `crop_pct`,
+    Images: `resize` (squash, crop, pad, squash-crop, or native with `max_patches`), `crop_pct`,
     `interpolation`, `background`, `normalize`, `max_pixels`, `fast_decode` (None: the weights'
     own, else vitembed's defaults).
     Outputs and compute: `output` (None: beside each input; a folder; FILE.npy / FILE.pt; "-" for

@@ -65,6 +65,9 @@ def resize_plan(width: int, height: int, prep) -> ResizePlan:
       image just covering that size, then CenterCrop((H, W)).
     - pad: the aspect ratio kept, the image just fitting inside W x H, centred on the background.
     - native: the image's own grid (`native_grid`), squashed to (gw P, gh P).
+    - squash-crop: squashed to (floor(H / crop_pct), floor(W / crop_pct)), then the centre H x W,
+      its offset rounded down as transformers' center_crop does (DeiT's and BEiT's processors:
+      256 x 256, then 224 x 224).
     """
     h, w = prep.size
     if prep.resize == "squash":
@@ -72,6 +75,9 @@ def resize_plan(width: int, height: int, prep) -> ResizePlan:
     if prep.resize == "native":
         gh, gw = native_grid(width, height, prep.max_patches, prep.patch_size)
         return ResizePlan((gw * prep.patch_size, gh * prep.patch_size), (gw * prep.patch_size, gh * prep.patch_size))
+    if prep.resize == "squash-crop":
+        size = (max(int(w / prep.crop_pct), w), max(int(h / prep.crop_pct), h))
+        return ResizePlan(size, (w, h), crop=((size[0] - w) // 2, (size[1] - h) // 2))
     if prep.resize == "crop":
         size = _crop_size(width, height, h, w, prep.crop_pct)
         size = (max(size[0], w), max(size[1], h))

@@ -100,7 +100,7 @@ def _prep(layer: _Layer, preprocessing: dict, normalize=None):
 
 
 def _describe_prep(prep, normalized: bool) -> str:
-    resize = f"crop (crop-pct {prep.crop_pct})" if prep.resize == "crop" else prep.resize
+    resize = f"{prep.resize} (crop-pct {prep.crop_pct})" if "crop" in prep.resize else prep.resize
     text = f"Preprocessing: --resize {resize}, --interpolation {prep.interpolation}"
     if normalized:
         text += f", normalised with mean {_numbers(prep.mean)}, std {_numbers(prep.std)}"
@@ -314,11 +314,13 @@ def positions(
     if weights is None:  # refused before a random layer of that grid is drawn
         check_position_grid(resolve_config(**layer).grid)
     chosen = _choose_layer(layer, weights, seed, pos_init)
-    if not chosen.config.pos_table:  # RoPE, relative bias: nothing in the layer to draw
+    if not chosen.config.pos_table:
+        from .config import ATTN_POSITIONS_TEXT
         from .errors import ConfigError
 
-        raise ConfigError(f"show positions draws the position table E_pos, and {chosen.source} has none "
-                          f"({chosen.config.steps()['positions']}); show patches and show filters draw its layer")
+        how = ATTN_POSITIONS_TEXT.get(chosen.config.attn_positions, "rotary or relative")
+        raise ConfigError(f"vitembed show positions draws the position table E_pos, and this layer has none (its "
+                          f"{how} positions are applied inside attention); show patches, tokens or filters")
     check_position_grid(chosen.config.grid)
     pos = chosen.parameters()["pos_emb"]  # (1, rows, D)
     similarity = position_similarity_rows(grid_positions(pos, chosen.config))  # (gh, gw, gh, gw), row by row
