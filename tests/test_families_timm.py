@@ -447,3 +447,25 @@ def test_ray_actor_gets_the_pre_norm_through_the_fold(tmp_path):
     with torch.no_grad():
         expected = timm_z0(m, normalised(images))
     torch.testing.assert_close(torch.from_numpy(actor.encoder.encode(images)), expected, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.parametrize("crop_mode,crop_pct", [("squash", 0.875), ("squash", 1.0), ("center", 0.875)])
+def test_timm_eval_transform_is_the_weights_preprocessing(crop_mode, crop_pct, sample_paths):
+    """A timm pretrained cfg's crop_mode and crop_pct give the pixels of timm's own eval transform
+    (crop_mode squash with crop_pct < 1: squash to S / crop_pct, then the centre S)."""
+    from timm.data import create_transform
+
+    from vitembed.checkpoints import timm_preprocess
+
+    cfg = {"crop_mode": crop_mode, "crop_pct": crop_pct, "interpolation": "bilinear", "mean": (0, 0, 0),
+           "std": (1, 1, 1)}
+    prep = Preprocess(image_size=64, **timm_preprocess(cfg))
+    transform = create_transform(input_size=(3, 64, 64), crop_pct=crop_pct, crop_mode=crop_mode,
+                                 interpolation="bilinear", mean=(0, 0, 0), std=(1, 1, 1))
+    from PIL import Image
+
+    for path in sample_paths[:3]:
+        ours = load_image(path, prep).astype(np.float64)
+        theirs = transform(Image.open(path).convert("RGB")).permute(1, 2, 0).numpy() * 255
+        assert ours.shape == theirs.shape
+        assert np.abs(ours - theirs).mean() < 1.0, path  # levels of 255, resampling rounding apart

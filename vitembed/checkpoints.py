@@ -220,7 +220,8 @@ def hf_input_size(proc: dict[str, Any], where: str = "preprocessor_config.json")
 
 
 def timm_preprocess(cfg: dict[str, Any], where: str = "timm pretrained_cfg") -> dict[str, Any]:
-    """A timm pretrained cfg -> `images.Preprocess` fields (timm: Resize(floor(S / crop_pct)) + CenterCrop).
+    """A timm pretrained cfg -> `images.Preprocess` fields (timm: Resize(floor(S / crop_pct)) + CenterCrop;
+    with crop_mode "squash", both sides resized to floor(S / crop_pct), then the centre crop).
 
     Raises:
         WeightsError: a crop_pct outside (0, 1], a mean or std as in `hf_preprocess`.
@@ -234,6 +235,8 @@ def timm_preprocess(cfg: dict[str, Any], where: str = "timm pretrained_cfg") -> 
         if pct is None or not 0 < pct <= 1:
             raise WeightsError(f"{where}: crop_pct must be a number in (0, 1], got {_show(cfg['crop_pct'])}")
         out["crop_pct"] = pct
+    if out["resize"] == "squash" and out.get("crop_pct", 1.0) < 1.0:
+        out["resize"] = "squash-crop"  # timm squashes to S / crop_pct, then crops the centre S
     if cfg.get("mean") is not None and cfg.get("std") is not None:
         out["mean"] = _channel_stats(cfg["mean"], "mean", where)
         out["std"] = _channel_stats(cfg["std"], "std", where, std=True)
