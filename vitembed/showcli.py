@@ -315,12 +315,10 @@ def positions(
         check_position_grid(resolve_config(**layer).grid)
     chosen = _choose_layer(layer, weights, seed, pos_init)
     if not chosen.config.pos_table:
-        from .config import ATTN_POSITIONS_TEXT
         from .errors import ConfigError
 
-        how = ATTN_POSITIONS_TEXT.get(chosen.config.attn_positions, "rotary or relative")
-        raise ConfigError(f"vitembed show positions draws the position table E_pos, and this layer has none (its "
-                          f"{how} positions are applied inside attention); show patches, tokens or filters")
+        raise ConfigError(f"vitembed show positions draws the position table E_pos, and {chosen.source} has none "
+                          f"({chosen.config.steps()['positions']}); show patches, tokens or filters")
     check_position_grid(chosen.config.grid)
     pos = chosen.parameters()["pos_emb"]  # (1, rows, D)
     similarity = position_similarity_rows(grid_positions(pos, chosen.config))  # (gh, gw, gh, gw), row by row
