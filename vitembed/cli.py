@@ -173,7 +173,7 @@ def _check_stdout(output: str | None, json_lines: bool) -> None:
                           "(-o - > cat.npy) or pipe it to a reader, or give -o cat.npy")
 
 
-_NOT_REQUEST = ("ctx", "inputs", "null", "json_lines", "quiet")  # what the command line keeps for itself
+_NOT_REQUEST = ("inputs", "null", "json_lines", "quiet")  # what the command line keeps for itself
 
 
 def _request_options(params: dict) -> dict:
