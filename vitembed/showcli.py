@@ -24,7 +24,6 @@ from .options import (
     guard, notice, stdout_writes, value,
 )
 from .errors import printable
-from .request import ImageOptions, LayerOptions
 
 __all__ = ["show_app"]
 
@@ -81,13 +80,17 @@ class _Layer:
         return as_params(self.layer).tensors
 
 
-_LAYER_NAMES = {f.name for f in dataclasses.fields(LayerOptions)}
-_IMAGE_NAMES = {f.name for f in dataclasses.fields(ImageOptions)}
+def _part(part, params: dict):
+    """The command's options (its `ctx.params`) that are fields of `part`, as a `part`."""
+    names = {f.name for f in dataclasses.fields(part)}
+    return part(**{name: value(v) for name, v in params.items() if name in names})
 
 
-def _layer_options(params: dict) -> LayerOptions:
-    """The command's layer options (its `ctx.params`) as `LayerOptions`."""
-    return LayerOptions(**{name: value(v) for name, v in params.items() if name in _LAYER_NAMES})
+def _layer_options(params: dict):
+    """The command's layer options as `request.LayerOptions` (imported here: `--help` stays light)."""
+    from .request import LayerOptions
+
+    return _part(LayerOptions, params)
 
 
 def _choose_layer(options) -> _Layer:
@@ -99,8 +102,9 @@ def _choose_layer(options) -> _Layer:
 def _prep(layer: _Layer, params: dict):
     """The preprocessing of the command's image options (`ctx.params`), for `layer`."""
     from .errors import ConfigError
+    from .request import ImageOptions
 
-    options = ImageOptions(**{name: value(v) for name, v in params.items() if name in _IMAGE_NAMES})
+    options = _part(ImageOptions, params)
     if options.resize == "native":
         raise ConfigError("vitembed show draws the layer's own grid; --resize native is encode's (each image its own "
                           "grid): show one with --image-size HxW --resize squash")
