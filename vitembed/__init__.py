@@ -41,7 +41,7 @@ _EXPORTS = {
     "FileBatch": "encoder",
     "encode_images": "encoder",
     # whole runs
-    "encode": "request",
+    "encode": "encodejob",
     "EncodeRequest": "request",
     "EncodeOptions": "pipeline",
     "run": "pipeline",

@@ -18,9 +18,11 @@ import typer
 
 from .errors import ConfigError, InputError, printable
 from .options import (
-    IMAGE, IMAGE_OPTIONS, LAYER_OPTIONS, RAY_OPTIONS, RUN, Command, Decode, Engine, Format, Group,
-    InitSeedOpt, JsonOpt, MaxPatchesOpt, NormalizeOpt, PosInit, PosInitOpt, PosResample, PosResampleOpt, SeedOpt,
-    Tokens, TokensOpt, WeightsOpt, choice_metavar, echo, fail, guard, notice, stdout_writes, value, with_options,
+    IMAGE, RUN, BackgroundOpt, Command, CropPctOpt, Decode, EmbDimOpt, Engine, Format, Group, ImageSizeOpt,
+    InChannelsOpt, InitSeedOpt, InterpolationOpt, JsonOpt, MaxPatchesOpt, NormalizeOpt, NumPatchRowOpt,
+    PatchSizeOpt, PosInit, PosInitOpt, PosResampleOpt, PresetOpt, RayActorsOpt, RayAddressOpt, RayCpusOpt,
+    RayGpusOpt, RayOpt, ResizeOpt, SeedOpt, Tokens, TokensOpt, WeightsOpt, choice_metavar, echo, fail, guard,
+    notice, stdout_writes, value,
 )
 from .showcli import show_app
 
@@ -35,10 +37,9 @@ app = typer.Typer(
 )
 
 
-def _command(**groups):
-    """A command: Click-style help, the library's errors as one line and an exit code, and the
-    option `groups` (see `options.with_options`)."""
-    return lambda func: app.command(cls=Command)(guard(with_options(**groups)(func)))
+def _command():
+    """A command: Click-style help, and the library's errors as one line and an exit code."""
+    return lambda func: app.command(cls=Command)(guard(func))
 
 
 def _version(value: bool) -> None:
@@ -69,19 +70,18 @@ def _main(
     pass
 
 
-@_command(layer=LAYER_OPTIONS, preprocessing=IMAGE_OPTIONS, cluster=RAY_OPTIONS)
+@_command()
 def encode(
+    ctx: typer.Context,
     inputs: Annotated[list[str], typer.Argument(metavar="INPUTS...", help="Image files, folders (walked recursively), or - to read paths from stdin.", show_default=False)],
     output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="PATH", help="Output folder (one that exists, ends with / or has no suffix), a FILE.npy / FILE.pt / FILE.pth for one input, or - for stdout. Default: beside each input.", rich_help_panel=RUN)] = None,
-    fmt: Annotated[Optional[Format], typer.Option("--format", "-f", metavar=choice_metavar(Format), help="Output file format (default npy, or the -o file's suffix).", rich_help_panel=RUN)] = None,
+    format: Annotated[Optional[Format], typer.Option("--format", "-f", metavar=choice_metavar(Format), help="Output file format (default npy, or the -o file's suffix).", rich_help_panel=RUN)] = None,
     null: Annotated[bool, typer.Option("--null", "-0", help="Paths on stdin are NUL-separated (find -print0).", rich_help_panel=RUN)] = False,
-    layer: dict = None,
     weights: WeightsOpt = None,
     seed: SeedOpt = 0,
     pos_init: PosInitOpt = PosInit.normal,
     pos_resample: PosResampleOpt = None,
     tokens: TokensOpt = Tokens.z0,
-    preprocessing: dict = None,
     max_patches: MaxPatchesOpt = None,
     normalize: NormalizeOpt = None,
     max_pixels: Annotated[Optional[int], typer.Option("--max-pixels", metavar="INTEGER", help="Refuse images whose header claims more pixels (decompression bombs). Default: 178956970.", rich_help_panel=IMAGE)] = None,
@@ -98,7 +98,12 @@ def encode(
     decode_timeout: Annotated[Optional[float], typer.Option("--decode-timeout", metavar="SECONDS", help="Seconds one image may take to decode before it is reported as an error (with --workers > 0). Default: 120.", show_default=False, rich_help_panel=RUN)] = None,
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per input on stdout, as each finishes.", rich_help_panel=RUN)] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No table, summary or progress bar on stderr.", rich_help_panel=RUN)] = False,
-    cluster: dict = None,
+    preset: PresetOpt = None, image_size: ImageSizeOpt = None, patch_size: PatchSizeOpt = None,
+    num_patch_row: NumPatchRowOpt = None, emb_dim: EmbDimOpt = None, in_channels: InChannelsOpt = None,
+    resize: ResizeOpt = None, crop_pct: CropPctOpt = None, interpolation: InterpolationOpt = None,
+    background: BackgroundOpt = "white",
+    ray: RayOpt = False, ray_address: RayAddressOpt = None, ray_gpus: RayGpusOpt = 0.0, ray_cpus: RayCpusOpt = 1.0,
+    ray_actors: RayActorsOpt = None,
 ) -> None:
     """Encode images into z0 tokens, one (N+1) x D file per image.
 
@@ -118,11 +123,13 @@ def encode(
     # This process computes nothing with numpy's BLAS (decoders do, on one thread each); its extra
     # OpenBLAS threads would only spin for a while after numpy loads.
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from .encodejob import encode_request
     from .files import silence_stream
     from .report import Reporter
-    from .request import encode as run_encode
+    from .request import EncodeRequest
 
     _check_stdout(output, json_lines)
+    request = EncodeRequest.from_options(**_request_options(ctx.params))
     if max_pixels is not None:
         from .images import set_pillow_limit
 
@@ -133,21 +140,12 @@ def encode(
         # The total for the bar, counted beside the run: inputs stream, they are never all held.
         from .inputs import iter_sources
 
-        count = lambda: reporter.set_total(sum(1 for _ in iter_sources(inputs, on_own_output=lambda p: None, uris=cluster["ray"])))  # noqa: E731
+        count = lambda: reporter.set_total(sum(1 for _ in iter_sources(inputs, on_own_output=lambda p: None, uris=ray)))  # noqa: E731
         threading.Thread(target=count, daemon=True).start()
-    options = dict(
-        **layer, weights=weights, seed=seed, pos_init=value(pos_init), pos_resample=value(pos_resample),
-        tokens=value(tokens), **preprocessing, max_patches=max_patches, normalize=value(normalize),
-        max_pixels=max_pixels, fast_decode=fast_decode, format=value(fmt), device=device, engine=value(engine),
-        decode=value(decode), dtype=value(dtype), batch_size=batch_size, workers=workers,
-        skip_existing=skip_existing, overwrite=overwrite, shard_size=shard_size,
-        **({} if decode_timeout is None else {"decode_timeout": decode_timeout}),
-        ray=_ray_options(**cluster),
-    )
     with _signals(stop) as caught:
         try:
-            summary = run_encode(inputs, output, on_result=reporter, stop=stop, null=null,
-                                 on_notice=lambda note: notice([note], quiet), **options)
+            summary = encode_request(request, inputs, on_result=reporter, stop=stop, null=null,
+                                     on_notice=lambda note: notice([note], quiet))
         finally:
             reporter.close()
     reporter.finish(summary)
@@ -175,18 +173,16 @@ def _check_stdout(output: str | None, json_lines: bool) -> None:
                           "(-o - > cat.npy) or pipe it to a reader, or give -o cat.npy")
 
 
-def _ray_options(ray: bool, ray_address: str | None, ray_gpus: float, ray_cpus: float, ray_actors: int | None):
-    """--ray and its options as `RayOptions` (None without --ray; its options alone are refused)."""
-    if not ray:
-        given = [flag for flag, value, default in (("--ray-address", ray_address, None), ("--ray-gpus", ray_gpus, 0.0),
-                                                   ("--ray-cpus", ray_cpus, 1.0), ("--ray-actors", ray_actors, None))
-                 if value != default]
-        if given:
-            raise ConfigError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to a run on Ray: add --ray")
-        return None
-    from .pipeline import RayOptions
+_NOT_REQUEST = ("inputs", "null", "json_lines", "quiet")  # what the command line keeps for itself
 
-    return RayOptions(address=ray_address, gpus=ray_gpus, cpus=ray_cpus, actors=ray_actors)
+
+def _request_options(params: dict) -> dict:
+    """`encode`'s parameters as `EncodeRequest.from_options` takes them: choices as their strings;
+    no --decode-timeout is its default (120 s, where the library's None is no limit)."""
+    options = {name: value(v) for name, v in params.items() if name not in _NOT_REQUEST}
+    if options["decode_timeout"] is None:
+        del options["decode_timeout"]
+    return options
 
 
 @contextlib.contextmanager
@@ -209,12 +205,13 @@ def _signals(stop: threading.Event):
             signal.signal(s, handler)
 
 
-@_command(layer=LAYER_OPTIONS)
+@_command()
 def init(
     output: Annotated[Path, typer.Option("--output", "-o", metavar="PATH", help="Layer file to write: .pt or .safetensors.", show_default=False)],
-    layer: dict = None,
     seed: InitSeedOpt = 0,
     pos_init: PosInitOpt = PosInit.normal,
+    preset: PresetOpt = None, image_size: ImageSizeOpt = None, patch_size: PatchSizeOpt = None,
+    num_patch_row: NumPatchRowOpt = None, emb_dim: EmbDimOpt = None, in_channels: InChannelsOpt = None,
 ) -> None:
     """Write a freshly initialised layer to a file, to encode with later via --weights.
 
@@ -226,12 +223,14 @@ def init(
 
         vitembed init --pos-init sincos -o sincos.pt     # MAE's fixed 2-D sine-cosine E_pos
     """
-    from .config import resolve_config
     from .layer import build_layer
+    from .request import LayerOptions
     from .weights import save_layer
 
-    config = resolve_config(**layer)
-    size = save_layer(build_layer(config, seed, pos_init.value), output)
+    layer = LayerOptions(preset, image_size, patch_size, num_patch_row, emb_dim, in_channels, seed=seed,
+                         pos_init=pos_init.value)
+    config = layer.config()
+    size = save_layer(build_layer(config, seed, layer.pos_init), output)
     from rich.console import Console
 
     Console(stderr=True, highlight=False).print(printable(
@@ -239,13 +238,14 @@ def init(
         f"{', E_pos: sincos (MAE)' if pos_init is PosInit.sincos else ''}"), markup=False, soft_wrap=True)
 
 
-@_command(layer=LAYER_OPTIONS)
+@_command()
 def info(
-    layer: dict = None,
     weights: WeightsOpt = None,
     pos_resample: PosResampleOpt = None,
     presets: Annotated[bool, typer.Option("--presets", help="List the presets.")] = False,
     json_out: JsonOpt = False,
+    preset: PresetOpt = None, image_size: ImageSizeOpt = None, patch_size: PatchSizeOpt = None,
+    num_patch_row: NumPatchRowOpt = None, emb_dim: EmbDimOpt = None, in_channels: InChannelsOpt = None,
 ) -> None:
     """Show a layer's shape: patch grid, P^2*C, N, D, token shape, parameters.
 
@@ -265,7 +265,11 @@ def info(
             for name, d in rows.items():
                 echo(f"{name:9} image {d['image_size']:4}  patch {d['patch_size']:2}  D {d['emb_dim']:5}  tokens {d['tokens'][0]} x {d['tokens'][1]}")
         return
-    config, d = _info_layer(layer, weights, value(pos_resample))
+    from .request import LayerOptions
+
+    layer = LayerOptions(preset, image_size, patch_size, num_patch_row, emb_dim, in_channels, weights=weights,
+                         pos_resample=value(pos_resample))
+    config, d = _info_layer(layer)
     source, weights_prep = d.get("source"), d.pop("weights_prep")
     if json_out:
         echo(json.dumps(d))
@@ -289,33 +293,31 @@ def info(
     echo("\n".join(lines))
 
 
-def _info_layer(layer: dict, weights: str | None, pos_resample: str | None) -> tuple[Any, dict]:
-    """`info`'s layer (the weights', or the options' shape) and what it shows of it: the shape,
-    the steps, the source and the resampling of weights, the preprocessing (the weights' or the
-    preset's), and the preprocessing fields those gave (`weights_prep`)."""
-    from .config import preset_preprocess, resolve_config
+def _info_layer(layer) -> tuple[Any, dict]:
+    """`info`'s layer (the weights', or the options' shape: `request.LayerOptions`) and what it
+    shows of it: the shape, the steps, the source and the resampling of weights, the preprocessing
+    (the weights' or the preset's), and the preprocessing fields those gave (`weights_prep`)."""
+    from .config import preset_preprocess
 
-    if weights is not None:
-        from .request import layer_from_options
-
-        loaded, source, notes, weights_prep = layer_from_options(**layer, weights=weights, pos_resample=pos_resample)
+    if layer.weights is not None:
+        loaded, source, notes, weights_prep = layer.load()
         notice(notes)
         config = loaded.config
     else:
         loaded, source = None, None
-        config, weights_prep = resolve_config(**layer), preset_preprocess(layer.get("preset"))
+        config, weights_prep = layer.config(), preset_preprocess(layer.preset)
     d = _describe(config)
     if loaded is not None and config.pos_table:
         from .layouts import resample_how
 
-        method = pos_resample or loaded.pos_resample
+        method = layer.pos_resample or loaded.pos_resample
         d["pos_resample"], d["pos_resample_how"] = method, resample_how(method, loaded.source, loaded.pos_resample)
     if source:
         d["source"] = source
     if source or weights_prep:
-        from .request import EncodeRequest
+        from .request import ImageOptions
 
-        prep = EncodeRequest().preprocess(config, weights_prep)
+        prep = ImageOptions().preprocess(config, weights_prep)
         d["preprocess"] = {k: getattr(prep, k) for k in ("image_size", "image_width", "resize", "crop_pct",
                                                           "interpolation", "mean", "std") if getattr(prep, k) is not None}
         d["preprocess_from_weights"] = sorted(weights_prep)

@@ -1,4 +1,5 @@
-"""The command line's shared parts: option types (every command's --preset is the same option),
+"""The command line's shared parts: option types (every command's --preset is the same option,
+an `Annotated` alias that each command names in its own signature),
 the choices they offer (from `choices`), help as Click users expect it, and the mapping of the
 library's errors to one red line and an exit code. Light to import: typer only.
 """
@@ -7,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import sys
 from enum import Enum
 from typing import Annotated, Optional
@@ -18,8 +18,7 @@ from typer.core import TyperCommand, TyperGroup
 from . import choices
 from .errors import ConfigError, InputError, OutputError, VitembedError, WeightsError, printable
 
-__all__ = ["IMAGE_OPTIONS", "LAYER_OPTIONS", "RAY_OPTIONS", "Command", "Group", "echo", "fail", "guard", "notice",
-           "stdout_writes", "value", "with_options"]
+__all__ = ["Command", "Group", "echo", "fail", "guard", "notice", "stdout_writes", "value"]
 
 
 def _choice(name: str, values) -> type[Enum]:
@@ -163,43 +162,3 @@ def guard(func):
 
     return wrapper
 
-
-
-
-# Option groups: several commands take the same options; each group reaches a command as one dict.
-LAYER_OPTIONS = {
-    "preset": (PresetOpt, None), "image_size": (ImageSizeOpt, None), "patch_size": (PatchSizeOpt, None),
-    "num_patch_row": (NumPatchRowOpt, None), "emb_dim": (EmbDimOpt, None), "in_channels": (InChannelsOpt, None),
-}
-IMAGE_OPTIONS = {
-    "resize": (ResizeOpt, None), "crop_pct": (CropPctOpt, None), "interpolation": (InterpolationOpt, None),
-    "background": (BackgroundOpt, "white"),
-}
-RAY_OPTIONS = {
-    "ray": (RayOpt, False), "ray_address": (RayAddressOpt, None), "ray_gpus": (RayGpusOpt, 0.0),
-    "ray_cpus": (RayCpusOpt, 1.0), "ray_actors": (RayActorsOpt, None),
-}
-
-
-def with_options(**groups: dict):
-    """A decorator that gives a command the options of each group, which reach it as one dict
-    argument per group, named by its keyword (Enum choices as their strings): a group is
-    declared once for every command that takes it, and Typer sees each option as usual."""
-
-    def decorate(func):
-        signature = inspect.signature(func, eval_str=True)
-        params = [p for p in signature.parameters.values() if p.name not in groups]
-        params += [inspect.Parameter(option, inspect.Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
-                   for group in groups.values() for option, (annotation, default) in group.items()]
-
-        @functools.wraps(func)
-        def wrapper(*args, **kwargs):
-            for name, group in groups.items():
-                kwargs[name] = {option: value(kwargs.pop(option)) for option in group}
-            return func(*args, **kwargs)
-
-        wrapper.__signature__ = signature.replace(parameters=params)
-        wrapper.__annotations__ = {p.name: p.annotation for p in params}
-        return wrapper
-
-    return decorate

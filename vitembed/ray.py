@@ -40,10 +40,6 @@ from .uris import as_file
 
 __all__ = ["TokenEncoder", "encode", "encoder_args"]
 
-_ENCODER_OPTIONS = {"preset", "image_size", "patch_size", "num_patch_row", "emb_dim", "in_channels", "weights", "seed",
-                    "pos_init", "resize", "crop_pct", "interpolation", "background", "normalize", "max_pixels",
-                    "fast_decode", "dtype", "engine", "tokens", "pos_resample"}
-
 
 def encoder_args(*, num_gpus: float = 0, **options) -> dict[str, Any]:
     """`TokenEncoder`'s constructor arguments (for `fn_constructor_kwargs`): the layer's parameters
@@ -57,15 +53,16 @@ def encoder_args(*, num_gpus: float = 0, **options) -> dict[str, Any]:
     Raises:
         ConfigError: options that cannot work together; TypeError: an option that is not one of these.
     """
-    from .request import EncodeRequest
+    from .request import EncodeRequest, encoder_option_names
 
-    unknown = set(options) - _ENCODER_OPTIONS
+    names = encoder_option_names()
+    unknown = set(options) - names
     if unknown:
         raise TypeError(f"not an encoder option: {', '.join(sorted(unknown))}; "
-                        f"these are: {', '.join(sorted(_ENCODER_OPTIONS))}")
-    engine = options.pop("engine", "auto")
-    encoder, _, _ = EncodeRequest.from_options(engine="numpy", device="cpu", **options).encoder()
-    engine, device = actor_engine(engine, num_gpus)
+                        f"these are: {', '.join(sorted(names))}")
+    request = EncodeRequest.from_options(**options)
+    encoder, _, _ = request.build_encoder("numpy", "cpu")  # here only for its parameters and preprocessing
+    engine, device = actor_engine(request.executor.engine, num_gpus)
     return dict(params=encoder.params, prep=encoder.prep, dtype=encoder.dtype, engine=engine, device=device,
                 tokens=encoder.tokens, pos_resample=encoder.pos_resample)
 

@@ -3,11 +3,12 @@
 Light at import (typer only), so that `vitembed --help` and `vitembed show --help` stay fast:
 torch, numpy and Pillow are imported inside the commands. The layer and image options are
 `encode`'s (`options.py`); the layer and the preprocessing come from them as for `encode`
-(`request.layer_from_options`, `EncodeRequest.preprocess`).
+(`request.LayerOptions`, `request.ImageOptions`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -18,8 +19,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from .options import (
-    IMAGE, IMAGE_OPTIONS, LAYER_OPTIONS, Command, Group,
-    NormalizeOpt, PosInit, PosInitOpt, SeedOpt, WeightsOpt, with_options,
+    IMAGE, BackgroundOpt, Command, CropPctOpt, EmbDimOpt, Group, ImageSizeOpt, InChannelsOpt, InterpolationOpt,
+    NormalizeOpt, NumPatchRowOpt, PatchSizeOpt, PosInit, PosInitOpt, PresetOpt, ResizeOpt, SeedOpt, WeightsOpt,
     guard, notice, stdout_writes, value,
 )
 from .errors import printable
@@ -52,14 +53,14 @@ def _guard(func):
     return wrapper
 
 
-def _command(**groups):
-    """A `show` command: Click-style help, errors as one line, and the option `groups`."""
-    return lambda func: show_app.command(cls=Command)(_guard(with_options(**groups)(func)))
+def _command():
+    """A `show` command: Click-style help, and errors as one line."""
+    return lambda func: show_app.command(cls=Command)(_guard(func))
 
 
 @dataclass
 class _Layer:
-    """The layer the options chose, as `request.layer_from_options` gives it."""
+    """The layer the options chose, as `request.LayerOptions.load` gives it."""
 
     layer: Any  # LayerParams (random) or LoadedWeights
     source: str
@@ -79,24 +80,35 @@ class _Layer:
         return as_params(self.layer).tensors
 
 
-def _choose_layer(options: dict, weights, seed=0, pos_init=PosInit.normal) -> _Layer:
-    from .request import layer_from_options
+def _part(part, params: dict):
+    """The command's options (its `ctx.params`) that are fields of `part`, as a `part`."""
+    names = {f.name for f in dataclasses.fields(part)}
+    return part(**{name: value(v) for name, v in params.items() if name in names})
 
-    layer, source, notes, weights_prep = layer_from_options(**options, weights=weights, seed=seed,
-                                                            pos_init=value(pos_init))
+
+def _layer_options(params: dict):
+    """The command's layer options as `request.LayerOptions` (imported here: `--help` stays light)."""
+    from .request import LayerOptions
+
+    return _part(LayerOptions, params)
+
+
+def _choose_layer(options) -> _Layer:
+    layer, source, notes, weights_prep = options.load()
     notice(notes)
     return _Layer(layer, source, weights_prep)
 
 
-def _prep(layer: _Layer, preprocessing: dict, normalize=None):
+def _prep(layer: _Layer, params: dict):
+    """The preprocessing of the command's image options (`ctx.params`), for `layer`."""
     from .errors import ConfigError
-    from .request import EncodeRequest
+    from .request import ImageOptions
 
-    request = EncodeRequest(**preprocessing, normalize=value(normalize))
-    if request.resize == "native":
+    options = _part(ImageOptions, params)
+    if options.resize == "native":
         raise ConfigError("vitembed show draws the layer's own grid; --resize native is encode's (each image its own "
                           "grid): show one with --image-size HxW --resize squash")
-    return request.preprocess(layer.config, layer.weights_prep)
+    return options.preprocess(layer.config, layer.weights_prep)
 
 
 def _describe_prep(prep, normalized: bool) -> str:
@@ -148,13 +160,16 @@ def _emit(picture, target: Path | None, source: Path | None) -> None:
     typer.echo(printable(f"{'replaced' if replaced else 'wrote'} {target} ({w} x {h} px)"), err=True)
 
 
-@_command(layer=LAYER_OPTIONS, preprocessing=IMAGE_OPTIONS)
+@_command()
 def patches(
+    ctx: typer.Context,
     image: Annotated[Path, typer.Argument(help="An image file.", show_default=False)],
     output: OutputOpt = None,
-    layer: dict = None,
     weights: WeightsOpt = None,
-    preprocessing: dict = None,
+    preset: PresetOpt = None, image_size: ImageSizeOpt = None, patch_size: PatchSizeOpt = None,
+    num_patch_row: NumPatchRowOpt = None, emb_dim: EmbDimOpt = None, in_channels: InChannelsOpt = None,
+    resize: ResizeOpt = None, crop_pct: CropPctOpt = None, interpolation: InterpolationOpt = None,
+    background: BackgroundOpt = "white",
 ) -> None:
     """The image as the layer sees it, with its patch grid and token numbers.
 
@@ -170,8 +185,8 @@ def patches(
     from .pictures import draw_patches
 
     target = _target(output, "patches", image)
-    chosen = _choose_layer(layer, weights)
-    prep = _prep(chosen, preprocessing)
+    chosen = _choose_layer(_layer_options(ctx.params))
+    prep = _prep(chosen, ctx.params)
     pixels = _load_pixels(image, prep)
     (h, w), (gh, gw) = chosen.config.size, chosen.config.grid
     title = f"{image.name} as the layer sees it: {h} x {w} px in {gh} x {gw} patches, numbered in token order"
@@ -179,14 +194,18 @@ def patches(
     _emit(picture, target, image)
 
 
-@_command(layer=LAYER_OPTIONS, preprocessing=IMAGE_OPTIONS)
+@_command()
 def tokens(
+    ctx: typer.Context,
     source: Annotated[Path, typer.Argument(help="An image, or tokens saved by `vitembed encode` (.npy / .pt; give the layer options they were made with).", show_default=False)],
     output: OutputOpt = None,
     image: Annotated[Optional[Path], typer.Option("--image", help="With saved tokens: the image they came from, drawn beside them.", rich_help_panel=IMAGE)] = None,
-    layer: dict = None,
     weights: WeightsOpt = None, seed: SeedOpt = 0, pos_init: PosInitOpt = PosInit.normal,
-    preprocessing: dict = None, normalize: NormalizeOpt = None,
+    normalize: NormalizeOpt = None,
+    preset: PresetOpt = None, image_size: ImageSizeOpt = None, patch_size: PatchSizeOpt = None,
+    num_patch_row: NumPatchRowOpt = None, emb_dim: EmbDimOpt = None, in_channels: InChannelsOpt = None,
+    resize: ResizeOpt = None, crop_pct: CropPctOpt = None, interpolation: InterpolationOpt = None,
+    background: BackgroundOpt = "white",
 ) -> None:
     """Each patch token's L2 norm and first principal components, beside the image.
 
@@ -203,8 +222,8 @@ def tokens(
     from .pictures import draw_tokens
 
     target = _target(output, "tokens", source)
-    chosen = _choose_layer(layer, weights, seed, pos_init)
-    prep = _prep(chosen, preprocessing, normalize)
+    chosen = _choose_layer(_layer_options(ctx.params))
+    prep = _prep(chosen, ctx.params)
     saved = source.suffix.lower() in (".npy", ".pt")
     pixels = _load_pixels(image if saved else source, prep) if image is not None or not saved else None
     if saved:
@@ -259,11 +278,13 @@ def _read_tokens(path: Path, config):
     return array
 
 
-@_command(layer=LAYER_OPTIONS)
+@_command()
 def filters(
+    ctx: typer.Context,
     output: OutputOpt = None,
-    layer: dict = None,
     weights: WeightsOpt = None, seed: SeedOpt = 0,
+    preset: PresetOpt = None, image_size: ImageSizeOpt = None, patch_size: PatchSizeOpt = None,
+    num_patch_row: NumPatchRowOpt = None, emb_dim: EmbDimOpt = None, in_channels: InChannelsOpt = None,
 ) -> None:
     """The first 28 principal components of the patch embedding's filters (ViT Figure 7 left).
 
@@ -280,7 +301,7 @@ def filters(
     from .pictures import draw_filters
 
     target = _target(output, "filters", None)
-    chosen = _choose_layer(layer, weights, seed)
+    chosen = _choose_layer(_layer_options(ctx.params))
     weight = chosen.parameters()["patch_emb_layer.weight"]  # (D, C, P, P)
     pca = filter_pca(weight, 28)
     k = pca.values.shape[0]
@@ -289,11 +310,13 @@ def filters(
     _emit(picture, target, None)
 
 
-@_command(layer=LAYER_OPTIONS)
+@_command()
 def positions(
+    ctx: typer.Context,
     output: OutputOpt = None,
-    layer: dict = None,
     weights: WeightsOpt = None, seed: SeedOpt = 0, pos_init: PosInitOpt = PosInit.normal,
+    preset: PresetOpt = None, image_size: ImageSizeOpt = None, patch_size: PatchSizeOpt = None,
+    num_patch_row: NumPatchRowOpt = None, emb_dim: EmbDimOpt = None, in_channels: InChannelsOpt = None,
 ) -> None:
     """Cosine similarity of the position embeddings between patches (ViT Figure 7 centre).
 
@@ -306,15 +329,15 @@ def positions(
 
         vitembed show positions --weights vit.safetensors -o pos.png
     """
-    from .config import resolve_config
     from .figures import check_position_grid, grid_positions, position_similarity_rows
     from .pictures import draw_positions
 
     target = _target(output, "positions", None)
+    options = _layer_options(ctx.params)
     if weights is None:  # refused before a random layer of that grid is drawn
-        check_position_grid(resolve_config(**layer).grid)
-    chosen = _choose_layer(layer, weights, seed, pos_init)
-    if not chosen.config.pos_table:
+        check_position_grid(options.config().grid)
+    chosen = _choose_layer(options)
+    if not chosen.config.pos_table:  # RoPE, relative bias: nothing in the layer to draw
         from .errors import ConfigError
 
         raise ConfigError(f"vitembed show positions draws the position table E_pos, and {chosen.source} has none "
