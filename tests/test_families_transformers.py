@@ -269,10 +269,10 @@ def dinov2_518(tmp_path_factory):
 def test_dinov2_folder_defaults_to_its_processors_crop(dinov2_518, tmp_path):
     """By default the layer is at the 224 crop (257 rows, not 1370), its table resampled from 37 x 37 as
     Dinov2Model.interpolate_pos_encoding does: equal to the model's hidden_states[0] on 224 x 224 input."""
-    from vitembed.request import layer_from_options
+    from vitembed.request import LayerOptions
 
     model, folder = dinov2_518
-    layer, _, notes, prep = layer_from_options(weights=folder)
+    layer, _, notes, prep = LayerOptions(weights=str(folder)).load()
     assert layer.config.size == (224, 224) and layer.config.num_tokens == 257
     assert any("from 37x37 to 16x16 patches" in n and "Dinov2Model.interpolate_pos_encoding" in n for n in notes)
     x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
