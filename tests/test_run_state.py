@@ -134,3 +134,15 @@ def test_an_encode_leaves_pillows_limit_as_it_found_it(tmp_path):
     result = run_cli("encode", str(inputs), "-o", str(tmp_path / "cli"), "-j0", "-q", *_cli_args(LAYERS["b"]))
     assert result.returncode == 0, result.stderr.decode()
     assert Image.MAX_IMAGE_PIXELS == before
+
+
+def test_a_picture_write_removes_a_killed_commands_temporary(tmp_path):
+    """`vitembed show` writes its PNG as every other file is written: a temporary left by a killed
+    command in that folder is removed by the next picture written there."""
+    from vitembed.pngfile import PNG_SIGNATURE, write_png
+
+    stale = tmp_path / f".vitembed-{_dead_pid()}-0123456789abcdef.tmp"
+    stale.write_bytes(b"half a picture")
+    assert write_png(PNG_SIGNATURE + b"rest", tmp_path / "filters.png") is False
+    assert (tmp_path / "filters.png").read_bytes() == PNG_SIGNATURE + b"rest"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["filters.png"]

@@ -24,7 +24,7 @@ from typing import BinaryIO
 from .errors import OutputError
 
 __all__ = ["Cleaner", "atomic_write", "clean_stale_temporaries", "describe_folder_error", "describe_os_error", "is_temporary", "leave_temporaries",
-           "silence_stream", "temporary_name"]
+           "replace_atomically", "silence_stream", "temporary_name"]
 
 _TMP_RE = re.compile(r"^\.vitembed-(\d+)-[0-9a-f]+\.tmp$")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -41,6 +41,14 @@ def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], None], cleaner: 
         OutputError: the folder cannot be made, the disk is full, the target is read-only, ...
             No partial file is left behind.
     """
+    try:
+        return replace_atomically(path, data, cleaner)
+    except OSError as exc:
+        raise OutputError(f"{path}: {describe_os_error(exc)}") from None
+
+
+def replace_atomically(path: Path, data: bytes | Callable[[BinaryIO], None], cleaner: Cleaner | None = None) -> int:
+    """`atomic_write`, for a caller that words the OSError itself (`pngfile.write_png`)."""
     folder = path.parent
     tmp = None
     try:
@@ -55,9 +63,6 @@ def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], None], cleaner: 
             size = f.tell()
         os.replace(tmp, path)
         return size
-    except OSError as exc:
-        _remove_quietly(tmp)
-        raise OutputError(f"{path}: {describe_os_error(exc)}") from None
     except BaseException:
         _remove_quietly(tmp)
         raise
