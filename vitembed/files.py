@@ -23,8 +23,8 @@ from typing import BinaryIO
 
 from .errors import OutputError
 
-__all__ = ["Cleaner", "atomic_write", "clean_stale_temporaries", "describe_folder_error", "describe_os_error", "is_temporary", "leave_temporaries",
-           "replace_atomically", "silence_stream", "temporary_name"]
+__all__ = ["Cleaner", "atomic_write", "clean_stale_temporaries", "describe_folder_error", "describe_os_error",
+           "is_temporary", "leave_temporaries", "replace_atomically", "silence_stream", "temporary_name"]
 
 _TMP_RE = re.compile(r"^\.vitembed-(\d+)-[0-9a-f]+\.tmp$")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)

@@ -2,9 +2,10 @@
 
 - **run.json** holds its `schema` version, the configuration that decides the outputs' bytes
   (layer, weights fingerprint, preprocessing, format, dtype, shard size) and the versions and
-  device that made them; an earlier version is read as it was written. A run whose configuration differs is refused (exit 2), unless `--overwrite`: then the
-  outputs the old manifest lists are removed first, before run.json changes, so that a run stopped
-  half-way leaves the old configuration with fewer files, never old outputs under a new run.json.
+  device that made them; an earlier version is read as it was written. A run whose configuration
+  differs is refused (exit 2), unless `--overwrite`: then the outputs the old manifest lists are
+  removed first, before run.json changes, so that a run stopped half-way leaves the old
+  configuration with fewer files, never old outputs under a new run.json.
 - **manifest.jsonl** gets one JSON line per input as it finishes (`input`, `output` relative to
   DIR, `shape`, `dtype`, `status`, `error`, and `row` for shards); on a resumed run the last line
   for an input is the current one. A last line torn by a killed run is dropped on the next run.
@@ -34,7 +35,8 @@ from .outcomes import Failed, Outcome, Written, display_path
 from .outputs import LOCK_FILE, RUN_FILE, nested_run
 from .safeio import NotRegularFile, open_record
 
-__all__ = ["LOCK_FILE", "MANIFEST_FILE", "RUN_FILE", "RUN_SCHEMA", "OutputFolder", "UriFolder", "manifest_records", "read_manifest"]
+__all__ = ["LOCK_FILE", "MANIFEST_FILE", "RUN_FILE", "RUN_SCHEMA", "OutputFolder", "UriFolder", "manifest_records",
+           "read_manifest"]
 
 MANIFEST_FILE = "manifest.jsonl"
 RUN_SCHEMA = 2  # run.json's version (see `_CONFIG_READERS`)
@@ -42,9 +44,11 @@ _BUFFERED = 1000  # failures held before the first output; past that the folder 
 
 
 class _RunFolder:
-    """What -o DIR and -o URI share, over their store's `_path`, `_old_output`, `_delete` and
-    `_write`: run.json checked against the configuration, another configuration's outputs removed
-    (--overwrite) before anything is written, and run.json written with the first output."""
+    """What -o DIR and -o URI share: run.json checked against the configuration, another
+    configuration's outputs removed (--overwrite) before anything is written, and run.json written
+    with the first output. Each subclass says how its store does it: `_path(name)` (a file of the
+    folder), `_old_output(rel)` (a manifest's output to remove, or None), `_delete(path)` and
+    `_write(path, data)`."""
 
     record_data: dict
 
@@ -65,18 +69,6 @@ class _RunFolder:
 
     def _write_run(self) -> None:
         self._write(self._path(RUN_FILE), (json.dumps(self.record_data, indent=2) + "\n").encode())
-
-    def _path(self, name: str):
-        raise NotImplementedError
-
-    def _old_output(self, rel: str):
-        raise NotImplementedError
-
-    def _delete(self, path) -> None:
-        raise NotImplementedError
-
-    def _write(self, path, data: bytes) -> None:
-        raise NotImplementedError
 
 
 class OutputFolder(_RunFolder):
