@@ -71,19 +71,17 @@ def run_cli(*args: str, input: bytes | None = None, cwd: Path | None = None, tim
                               capture_output=True, cwd=cwd, timeout=timeout, env=full_env)
     import traceback
 
-    from PIL import Image
     from typer.testing import CliRunner
 
     from vitembed.cli import app
 
-    pillow_limit, here = Image.MAX_IMAGE_PIXELS, os.getcwd()
+    here = os.getcwd()
     try:
         if cwd is not None:
             os.chdir(cwd)
         result = CliRunner().invoke(app, [str(a) for a in args], input=input, env=env, catch_exceptions=True)
     finally:
         os.chdir(here)
-        Image.MAX_IMAGE_PIXELS = pillow_limit  # --max-pixels raises the command's own process's limit
     stderr = result.stderr_bytes or b""
     code = result.exit_code
     if result.exception is not None and not isinstance(result.exception, SystemExit):

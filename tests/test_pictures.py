@@ -22,6 +22,7 @@ from tests.conftest import make_image
 from vitembed.cli import app
 from vitembed.colormaps import VIRIDIS
 from vitembed.config import PRESETS, LayerConfig
+from vitembed.files import is_temporary
 from vitembed.figures import (filter_pca, grid_positions, grid_tokens, patch_boxes, patch_rows, position_similarity,
                               token_norms, token_pca)
 from vitembed.images import Preprocess, load_image
@@ -358,23 +359,23 @@ def test_default_names_and_replacing(sample_paths, tmp_path, monkeypatch):
     (tmp_path / "planted.png").symlink_to(victim)
     assert_one_line_error(show("filters", *SMALL_OPTS, "-o", "planted.png"), 1, "symbolic link")
     assert victim.read_bytes() == before and (tmp_path / "planted.png").is_symlink()
-    assert not [p for p in os.listdir(tmp_path) if p.endswith(".vitembed-tmp")]
+    assert not [p for p in os.listdir(tmp_path) if is_temporary(p)]
 
 
 def test_write_png_never_follows_a_link_planted_after_the_check(tmp_path, monkeypatch):
     """A link that appears between the check and the rename is replaced, never written through."""
-    from vitembed import pngfile
+    from vitembed import files, pngfile
 
     victim = tmp_path / "victim.txt"
     victim.write_text("keep")
     target = tmp_path / "p.png"
-    real_mkstemp = pngfile.tempfile.mkstemp
+    real_create = files._create_temporary
 
-    def plant_then_mkstemp(*args, **kwargs):
+    def plant_then_create(*args, **kwargs):
         target.symlink_to(victim)
-        return real_mkstemp(*args, **kwargs)
+        return real_create(*args, **kwargs)
 
-    monkeypatch.setattr(pngfile.tempfile, "mkstemp", plant_then_mkstemp)
+    monkeypatch.setattr(files, "_create_temporary", plant_then_create)
     pngfile.write_png(b"\x89PNG\r\n\x1a\nrest", target)
     assert victim.read_text() == "keep" and not target.is_symlink()
     assert oct(target.stat().st_mode & 0o777) != "0o600"  # an ordinary file's mode, not mkstemp's

@@ -120,9 +120,6 @@ def encode(
         find photos -name '*.jpg' -print0 |
             vitembed encode - -0 -o tokens/ --json | jq .output
     """
-    # This process computes nothing with numpy's BLAS (decoders do, on one thread each); its extra
-    # OpenBLAS threads would only spin for a while after numpy loads.
-    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     from .encodejob import encode_request
     from .files import silence_stream
     from .report import Reporter
@@ -130,10 +127,6 @@ def encode(
 
     _check_stdout(output, json_lines)
     request = EncodeRequest.from_options(**_request_options(ctx.params))
-    if max_pixels is not None:
-        from .images import set_pillow_limit
-
-        set_pillow_limit(max_pixels)  # this process's Pillow (--workers 0); vitembed checks the limit itself
     stop = threading.Event()
     reporter = Reporter(json_lines=json_lines, quiet=quiet, stop=stop)
     if reporter.shows_progress and "-" not in inputs:

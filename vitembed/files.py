@@ -4,7 +4,8 @@ Every file vitembed writes is first created under a fresh, unpredictable tempora
 own folder, with `O_CREAT | O_EXCL | O_NOFOLLOW` (a name that exists, or a planted symbolic link,
 is never opened: another name is drawn), then renamed over the target, which replaces a link
 rather than following it. At any instant an output either does not exist or is complete.
-Temporaries of a killed run are removed the next time a run writes into that folder. Temporary
+Temporaries of a killed run are removed the next time a run writes into that folder: a run's
+writers share a `Cleaner`, which cleans each folder before the run's first write there. Temporary
 names are short (`.vitembed-PID-RANDOM.tmp`), so that they fit wherever the output's name fits.
 """
 
@@ -22,26 +23,37 @@ from typing import BinaryIO
 
 from .errors import OutputError
 
-__all__ = ["atomic_write", "clean_stale_temporaries", "describe_folder_error", "describe_os_error", "is_temporary", "leave_temporaries",
-           "silence_stream", "temporary_name"]
+__all__ = ["Cleaner", "atomic_write", "clean_stale_temporaries", "describe_folder_error", "describe_os_error",
+           "is_temporary", "leave_temporaries", "replace_atomically", "silence_stream", "temporary_name"]
 
 _TMP_RE = re.compile(r"^\.vitembed-(\d+)-[0-9a-f]+\.tmp$")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _BINARY = getattr(os, "O_BINARY", 0)  # Windows
 
 
-def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], None]) -> int:
+def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], None], cleaner: Cleaner | None = None) -> int:
     """Write `data` to `path` through a temporary file and a rename; returns the bytes written.
+
+    Dead runs' temporaries in its folder are removed first: by the run's `cleaner`, once per
+    folder, or (without one: a file written alone) now.
 
     Raises:
         OutputError: the folder cannot be made, the disk is full, the target is read-only, ...
             No partial file is left behind.
     """
+    try:
+        return replace_atomically(path, data, cleaner)
+    except OSError as exc:
+        raise OutputError(f"{path}: {describe_os_error(exc)}") from None
+
+
+def replace_atomically(path: Path, data: bytes | Callable[[BinaryIO], None], cleaner: Cleaner | None = None) -> int:
+    """`atomic_write`, for a caller that words the OSError itself (`pngfile.write_png`)."""
     folder = path.parent
     tmp = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        _clean_once(folder)
+        (cleaner or _clean_now)(folder)
         tmp, fd = _create_temporary(folder)
         with os.fdopen(fd, "wb") as f:
             if callable(data):
@@ -51,9 +63,6 @@ def atomic_write(path: Path, data: bytes | Callable[[BinaryIO], None]) -> int:
             size = f.tell()
         os.replace(tmp, path)
         return size
-    except OSError as exc:
-        _remove_quietly(tmp)
-        raise OutputError(f"{path}: {describe_os_error(exc)}") from None
     except BaseException:
         _remove_quietly(tmp)
         raise
@@ -124,24 +133,40 @@ def _remove_quietly(path: Path | None) -> None:
         pass
 
 
-_cleaned: set[str] = set()
-_cleaned_lock = threading.Lock()
-_cleaning = [True]
+_cleaning = [True]  # this process's setting, made once by the code that owns the process
 
 
 def leave_temporaries() -> None:
     """From now on, this process's writes leave other processes' temporaries alone. For a Ray
-    actor: on storage that several machines share, the PID in a temporary's name is a process of
-    some machine, not necessarily a dead one of this; the run's driver cleans up after the run."""
+    actor's process: on storage that several machines share, the PID in a temporary's name is a
+    process of some machine, not necessarily a dead one of this; the run's driver cleans up after
+    the run."""
     _cleaning[0] = False
 
 
-def _clean_once(folder: Path) -> None:
-    key = os.path.abspath(folder)
-    with _cleaned_lock:  # writer threads: the first to reach a folder cleans it, the others wait
-        if _cleaning[0] and key not in _cleaned:
-            _cleaned.add(key)
-            clean_stale_temporaries(folder)
+def _clean_now(folder: Path) -> None:
+    if _cleaning[0]:
+        clean_stale_temporaries(folder)
+
+
+class Cleaner:
+    """The folders one run has cleaned of dead runs' temporaries: each is cleaned before the run's
+    first write into it, once (a folder holds many outputs). One per run, so that the next run
+    cleans again; a copy sent to another process starts empty (that process cleans for itself)."""
+
+    def __init__(self) -> None:
+        self._done: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, folder: Path) -> None:
+        key = os.path.abspath(folder)
+        with self._lock:  # writer threads: the first to reach a folder cleans it, the others wait
+            if key not in self._done:
+                self._done.add(key)
+                _clean_now(folder)
+
+    def __reduce__(self):
+        return Cleaner, ()
 
 
 def clean_stale_temporaries(folder: Path) -> int:

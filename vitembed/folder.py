@@ -1,10 +1,11 @@
 """An output folder (`-o DIR`): one configuration, one run at a time, and a record of every input.
 
-- **run.json** holds the configuration that decides the outputs' bytes (layer, weights
-  fingerprint, preprocessing, format, dtype, shard size) and the versions and device that made
-  them. A run whose configuration differs is refused (exit 2), unless `--overwrite`: then the
-  outputs the old manifest lists are removed first, before run.json changes, so that a run stopped
-  half-way leaves the old configuration with fewer files, never old outputs under a new run.json.
+- **run.json** holds its `schema` version, the configuration that decides the outputs' bytes
+  (layer, weights fingerprint, preprocessing, format, dtype, shard size) and the versions and
+  device that made them; an earlier version is read as it was written. A run whose configuration
+  differs is refused (exit 2), unless `--overwrite`: then the outputs the old manifest lists are
+  removed first, before run.json changes, so that a run stopped half-way leaves the old
+  configuration with fewer files, never old outputs under a new run.json.
 - **manifest.jsonl** gets one JSON line per input as it finishes (`input`, `output` relative to
   DIR, `shape`, `dtype`, `status`, `error`, and `row` for shards); on a resumed run the last line
   for an input is the current one. A last line torn by a killed run is dropped on the next run.
@@ -24,24 +25,54 @@ import errno
 import json
 import os
 import platform
-import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
-from typing import Any, BinaryIO
+from typing import Any
 
 from .errors import ConfigError, OutputError
 from .files import atomic_write, describe_folder_error, describe_os_error
+from .manifest import manifest_lines, manifest_records, open_manifest, read_manifest
 from .outcomes import Failed, Outcome, Written, display_path
-from .outputs import LOCK_FILE, RUN_FILE, MadeFrom, nested_run
+from .outputs import LOCK_FILE, RUN_FILE, nested_run
 from .safeio import NotRegularFile, open_record
 
-__all__ = ["LOCK_FILE", "MANIFEST_FILE", "RUN_FILE", "OutputFolder", "UriFolder", "manifest_records", "read_manifest"]
+__all__ = ["LOCK_FILE", "MANIFEST_FILE", "RUN_FILE", "RUN_SCHEMA", "OutputFolder", "UriFolder", "manifest_records",
+           "read_manifest"]
 
 MANIFEST_FILE = "manifest.jsonl"
+RUN_SCHEMA = 2  # run.json's version (see `_CONFIG_READERS`)
 _BUFFERED = 1000  # failures held before the first output; past that the folder is made anyway
 
 
-class OutputFolder:
+class _RunFolder:
+    """What -o DIR and -o URI share: run.json checked against the configuration, another
+    configuration's outputs removed (--overwrite) before anything is written, and run.json written
+    with the first output. Each subclass says how its store does it: `_path(name)` (a file of the
+    folder), `_old_output(rel)` (a manifest's output to remove, or None), `_delete(path)` and
+    `_write(path, data)`."""
+
+    record_data: dict
+
+    def _start(self, name: str, previous: dict | Unreadable | None, config: dict, overwrite: bool,
+               manifest: Callable[[], Iterable]) -> bool:
+        """Check `previous` (run.json's configuration) against `config`; with --overwrite, remove
+        the outputs the old `manifest` lists (inside the folder, with an output suffix), and the
+        manifest. Returns whether the outputs were of another configuration."""
+        replaced = _replaced(name, previous, config, overwrite)
+        if replaced:
+            for key in manifest():
+                path = self._old_output(key[0] if isinstance(key, tuple) else key)
+                if path is not None:
+                    self._delete(path)
+        if overwrite:
+            self._delete(self._path(MANIFEST_FILE))
+        return replaced
+
+    def _write_run(self) -> None:
+        self._write(self._path(RUN_FILE), (json.dumps(self.record_data, indent=2) + "\n").encode())
+
+
+class OutputFolder(_RunFolder):
     """-o DIR for one run: locked, checked against `config`, recording each outcome.
 
     Args:
@@ -66,11 +97,8 @@ class OutputFolder:
             folder.mkdir(parents=True, exist_ok=True)
             self._lock = _lock(folder)
             refuse_nesting(folder)
-            previous = _read_run_config(folder)
-            if _replaced(display_path(folder), previous, config, overwrite):
-                self._remove_old_outputs()
-            elif overwrite:
-                (folder / MANIFEST_FILE).unlink(missing_ok=True)
+            self._start(display_path(folder), _read_run_config(folder), config, overwrite,
+                        lambda: read_manifest(folder / MANIFEST_FILE))
             self.made_from = read_manifest(folder / MANIFEST_FILE)
         except OSError as exc:
             self.close()
@@ -79,14 +107,17 @@ class OutputFolder:
             self.close()
             raise
 
-    def _remove_old_outputs(self) -> None:
-        """Remove the outputs the old manifest lists (inside DIR, with an output suffix), then it."""
-        root = self.folder.resolve()
-        for key in read_manifest(self.folder / MANIFEST_FILE):
-            path = removable(root, key[0] if isinstance(key, tuple) else key)
-            if path is not None:
-                path.unlink(missing_ok=True)
-        (self.folder / MANIFEST_FILE).unlink(missing_ok=True)
+    def _path(self, name: str) -> Path:
+        return self.folder / name
+
+    def _old_output(self, rel: str) -> Path | None:
+        return removable(self.folder.resolve(), rel)
+
+    def _delete(self, path: Path) -> None:
+        path.unlink(missing_ok=True)
+
+    def _write(self, path: Path, data: bytes) -> None:
+        atomic_write(path, data)
 
     def _remove_stale(self, outcome: Outcome) -> None:
         """A failed input's output of an earlier run (the manifest gave it to this input) is
@@ -123,8 +154,8 @@ class OutputFolder:
             raise OutputError(f"{display_path(self.folder / MANIFEST_FILE)}: {describe_os_error(exc)}") from None
 
     def _open(self) -> None:
-        atomic_write(self.folder / RUN_FILE, (json.dumps(self.record_data, indent=2) + "\n").encode())
-        self._manifest = _open_manifest(self.folder / MANIFEST_FILE)
+        self._write_run()
+        self._manifest = open_manifest(self.folder / MANIFEST_FILE)
 
     def close(self) -> None:
         """Close the manifest and release the lock; a folder this run made and left empty goes."""
@@ -138,7 +169,7 @@ class OutputFolder:
         if self._manifest is not None:
             try:
                 self._manifest.close()
-            except OSError:  # a full disk: the lines that fit are whole, see _open_manifest
+            except OSError:  # a full disk: the lines that fit are whole, see open_manifest
                 pass
             self._manifest = None
         if self._lock is not None:
@@ -149,7 +180,7 @@ class OutputFolder:
                 os.rmdir(self.folder)
 
 
-class UriFolder:
+class UriFolder(_RunFolder):
     """-o URI for one run (`uris.Store`), as `OutputFolder` is for -o DIR: run.json checked, and
     written with the first output; the manifest read, and written whole when the run ends, its
     earlier lines and this run's (object stores cannot append). There is no lock (object stores
@@ -161,44 +192,47 @@ class UriFolder:
         self.lines: list[str] = []
         text = store.read(self._path(RUN_FILE), _RUN_LIMIT)
         old = store.read(self._path(MANIFEST_FILE), _URI_MANIFEST_LIMIT) or b""
-        replaced = _replaced(store.uri, None if text is None else _run_config(text), config, overwrite)
+        previous = None if text is None else _run_config(text)
+        replaced = self._start(store.uri, previous, config, overwrite,
+                               lambda: manifest_records(manifest_lines(io.BytesIO(old))))
         self.started = text is not None and not replaced  # else run.json is written with the first output
-        if replaced:  # the old outputs the manifest lists (inside the folder, with an output suffix)
-            local = Path(store.base).resolve() if store.kind == "local" else None
-            for key in manifest_records(manifest_lines(io.BytesIO(old))):
-                rel = PurePosixPath(key[0] if isinstance(key, tuple) else key)
-                if local is not None:  # a linked subfolder must not lead the deletion outside
-                    path = removable(local, str(rel))
-                    if path is not None:
-                        store.delete(path)
-                elif rel.suffix.lower() in _OUTPUT_SUFFIXES and not rel.is_absolute() and ".." not in rel.parts:
-                    store.delete(self._path(str(rel)))
-        if overwrite:
-            store.delete(self._path(MANIFEST_FILE))
-            old = b""
+        old = b"" if overwrite else old
         self.old = old[:old.rfind(b"\n") + 1]  # without a line torn by a killed run
         self.made_from = manifest_records(manifest_lines(io.BytesIO(self.old)))
 
     def _path(self, name: str) -> str:
         return f"{self.store.base}/{name}"
 
+    def _old_output(self, rel: str) -> Path | str | None:
+        if self.store.kind == "local":  # a linked subfolder must not lead the deletion outside
+            return removable(Path(self.store.base).resolve(), rel)
+        path = PurePosixPath(rel)
+        if path.suffix.lower() in _OUTPUT_SUFFIXES and not path.is_absolute() and ".." not in path.parts:
+            return self._path(rel)
+        return None
+
+    def _delete(self, path) -> None:
+        self.store.delete(path)
+
+    def _write(self, path, data: bytes) -> None:
+        self.store.write(path, data)
+
     def record(self, outcome: Outcome) -> None:
         """Hold the outcome's manifest line; run.json is written with the first output."""
         self.lines.append(json.dumps(outcome.record(self.relative(outcome.output))) + "\n")
         if isinstance(outcome, Written) and not self.started:
-            self.store.write(self._path(RUN_FILE), (json.dumps(self.record_data, indent=2) + "\n").encode())
+            self._write_run()
             self.started = True
 
     def close(self) -> None:
         """Write the manifest, where the folder holds outputs."""
         if self.lines and self.started:
-            self.store.write(self._path(MANIFEST_FILE), self.old + "".join(self.lines).encode())
+            self._write(self._path(MANIFEST_FILE), self.old + "".join(self.lines).encode())
             self.lines = []
 
 
 _RUN_LIMIT = 1 << 20  # bytes of run.json read: far above any a run writes
 _URI_MANIFEST_LIMIT = 1 << 30  # a manifest a driver reads into memory (about 5 million lines)
-_LINE_LIMIT = 1 << 20  # bytes of one manifest line: far above any a run writes (a path, an error)
 _OUTPUT_SUFFIXES = (".npy", ".pt")
 
 
@@ -267,7 +301,7 @@ def run_record(config: dict, device: str) -> dict[str, Any]:
             return None
 
     versions = {"python": platform.python_version(), **{n: version(n) for n in ("torch", "numpy", "pillow")}}
-    return {"config": config, "vitembed": __version__, "versions": versions, "device": device}
+    return {"schema": RUN_SCHEMA, "config": config, "vitembed": __version__, "versions": versions, "device": device}
 
 
 def _lock(folder: Path) -> int:
@@ -311,125 +345,30 @@ def _read_run_config(folder: Path) -> dict | Unreadable | None:
 
 
 def _run_config(text: bytes) -> dict | Unreadable:
-    """run.json's configuration (`Unreadable` where it cannot be read)."""
+    """run.json's configuration, read as its `schema` version says (`Unreadable` where it cannot be)."""
     if not text.strip():
         return Unreadable("it is empty")
     if len(text) > _RUN_LIMIT:
         return Unreadable(f"over {_RUN_LIMIT} bytes")
     try:
-        config = json.loads(text).get("config")
+        record = json.loads(text)
+        schema = record.get("schema", 1)
     except (ValueError, AttributeError):
         return Unreadable("not a JSON object")
+    reader = _CONFIG_READERS.get(schema) if type(schema) is int else None
+    if reader is None:
+        return Unreadable(f"its schema is {schema!r}, which this vitembed cannot read (a newer one wrote it?)")
+    config = reader(record)
     return config if isinstance(config, dict) else Unreadable("no configuration in it")
 
 
-def _open_manifest(path: Path):
-    """Open manifest.jsonl for appending (a regular file, never through a link), first dropping
-    a last line torn by a killed run, and a run of NUL bytes a crash left at its end."""
-    try:
-        fd = open_record(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
-    except NotRegularFile as exc:
-        raise OutputError(f"{display_path(path)}: {exc}") from None
-    except OSError as exc:
-        raise OutputError(f"{display_path(path)}: {describe_os_error(exc)}") from None
-    try:
-        cut = _whole_end(fd, os.fstat(fd).st_size)
-        if cut is not None:
-            os.ftruncate(fd, cut)
-            if cut and os.pread(fd, 1, cut - 1) != b"\n":  # a torn line too long to look back over
-                os.write(fd, b"\n")
-        return os.fdopen(fd, "a", encoding="utf-8")
-    except OSError as exc:
-        os.close(fd)
-        raise OutputError(f"{display_path(path)}: {describe_os_error(exc)}") from None
-
-
-def _whole_end(fd: int, size: int, block: int = 1 << 16) -> int | None:
-    """Where a manifest's whole lines end (None: at its end already): past a trailing run of NUL
-    bytes, and the torn line before it. Reads backwards a block at a time: bounded memory."""
-    end = size
-    while end:  # the NUL run
-        chunk = os.pread(fd, min(block, end), end - min(block, end))
-        kept = len(chunk.rstrip(b"\0"))
-        end -= len(chunk) - kept
-        if kept:
-            break
-    start, searched = end, 0
-    while start and searched <= _LINE_LIMIT:  # the torn line: back to the last newline
-        chunk = os.pread(fd, min(block, start), start - min(block, start))
-        newline = chunk.rfind(b"\n")
-        if newline >= 0:
-            start -= len(chunk) - newline - 1
-            break
-        start -= len(chunk)
-        searched += len(chunk)
-    else:
-        if start:  # a torn "line" longer than any a run writes: passed over by readers as it is
-            start = end
-    return None if start == size else start
-
-
-def read_manifest(path: Path) -> MadeFrom:
-    """What each output was last made from, per a manifest.jsonl: output (relative to DIR) ->
-    input, and for shards (shard, row) -> input. Unreadable lines (a torn last line, a NUL run)
-    are passed over; a missing manifest gives {}. Read a line at a time (each at most
-    `_LINE_LIMIT` bytes): memory follows the records, not the file.
-
-    Raises:
-        OutputError: it is a link, a FIFO, a folder, or cannot be read.
-    """
-    if not os.path.lexists(path):
-        return MadeFrom()
-    try:
-        with os.fdopen(open_record(path, os.O_RDONLY), "rb") as f:
-            return manifest_records(manifest_lines(f))
-    except NotRegularFile as exc:
-        raise OutputError(f"{display_path(path)}: {exc}") from None
-    except OSError as exc:
-        raise OutputError(f"{display_path(path)}: {describe_os_error(exc)}") from None
-
-
-_BREAKS = re.compile(rb"[\n\0]+")  # a newline, or a run of NULs (a crash's tail): a line ends
-
-
-def manifest_lines(f: BinaryIO, chunk: int = 1 << 20) -> Iterator[bytes]:
-    """A manifest's lines, read a chunk at a time; a line longer than `_LINE_LIMIT` is passed over."""
-    pending, overflow = b"", False
-    while data := f.read(chunk):
-        pieces = _BREAKS.split(pending + data)
-        pending = pieces.pop()
-        for piece in pieces:
-            if piece and not overflow:
-                yield piece
-            overflow = False
-        if len(pending) > _LINE_LIMIT:
-            pending, overflow = b"", True
-    if pending and not overflow:
-        yield pending
-
-
-def manifest_records(lines: Iterable[bytes | str]) -> MadeFrom:
-    """`read_manifest` of a manifest's lines."""
-    made = MadeFrom()
-    latest: dict[str, object] = {}  # input -> its key in `made`, so that a later failure unsets it
-    for line in lines:
-        try:
-            record = json.loads(line)
-            source = record["input"]
-            previous = latest.pop(source, None)
-            if previous is not None and made.get(previous) == source:
-                del made[previous]
-            if record.get("status") == "error":
-                made.failed.add(source)
-            else:
-                made.failed.discard(source)
-            if record.get("status") in ("ok", "skipped") and record.get("output"):
-                key = (record["output"], record["row"]) if "row" in record else record["output"]
-                made[key] = source
-                latest[source] = key
-        except (ValueError, AttributeError, TypeError, KeyError):
-            continue
-    return made
+# run.json's configuration by schema version. 1: a run.json without "schema" (the first ones); 2
+# adds the version itself. A change to what run.json holds gets a new version and a reader that
+# gives the configuration as this vitembed writes it, so that an earlier folder still matches.
+_CONFIG_READERS: dict[int, Callable[[dict], Any]] = {
+    1: lambda record: record.get("config"),
+    2: lambda record: record.get("config"),
+}
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:

@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import io
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from struct import error as struct_error
@@ -28,20 +29,9 @@ from .resolution import ResizePlan, resize_plan
 from .safeio import NotRegularFile, open_regular
 from .uris import Uri
 
-__all__ = [
-    "NORMALIZATIONS",
-    "PlainJpeg",
-    "Preprocess",
-    "ResizePlan",
-    "image_extensions",
-    "is_image_path",
-    "load_image",
-    "max_file_bytes",
-    "parse_color",
-    "read_plain_jpeg",
-    "resize_plan",
-    "set_pillow_limit",
-]
+__all__ = ["NORMALIZATIONS", "PlainJpeg", "Preprocess", "ResizePlan", "image_extensions", "is_image_path",
+           "load_image", "max_file_bytes", "parse_color", "pillow_limit", "read_plain_jpeg", "resize_plan",
+           "set_pillow_limit"]
 
 # (mean, std) per channel, applied to pixels / 255.
 NORMALIZATIONS = NORMALIZATION_STATS  # --normalize: name -> (mean, std) of pixels / 255
@@ -254,6 +244,29 @@ def set_pillow_limit(max_pixels: int) -> None:
     """
     if Image.MAX_IMAGE_PIXELS is not None and 2 * Image.MAX_IMAGE_PIXELS < max_pixels:
         Image.MAX_IMAGE_PIXELS = (max_pixels + 1) // 2
+
+
+_pillow_own: list[int | None] = []  # Pillow's own limit, while any `pillow_limit` is open
+_limits_open: list[int] = []  # the `pillow_limit`s open now, in any thread
+_limits_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def pillow_limit(max_pixels: int):
+    """Pillow's limit raised as `set_pillow_limit` does, for a while: a run that decodes in this
+    process (--workers 0), as its decoder processes would. Runs in other threads may overlap: the
+    limit is what the largest of them needs, and Pillow's own again once the last one ends."""
+    with _limits_lock:
+        _pillow_own[:] = _pillow_own or [Image.MAX_IMAGE_PIXELS]
+        _limits_open.append(max_pixels)
+        set_pillow_limit(max_pixels)
+    try:
+        yield
+    finally:
+        with _limits_lock:
+            _limits_open.remove(max_pixels)
+            if not _limits_open:
+                Image.MAX_IMAGE_PIXELS = _pillow_own.pop()
 
 
 ORIENTATION = 0x0112  # the EXIF tag

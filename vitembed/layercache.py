@@ -28,17 +28,14 @@ __all__ = ["cached_random_layer", "layer_cache_dir", "random_layer_params", "rem
 
 
 def layer_cache_dir() -> Path:
-    """Where random layers' parameters are kept: $VITEMBED_CACHE_DIR, else the user's cache folder."""
+    """Where random layers' parameters are kept: $VITEMBED_CACHE_DIR, else the user's cache folder
+    (platformdirs: $XDG_CACHE_HOME or ~/.cache, ~/Library/Caches, %LOCALAPPDATA%; then vitembed)."""
     explicit = os.environ.get("VITEMBED_CACHE_DIR")
     if explicit:
         return Path(explicit)
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA") or Path.home() / "AppData" / "Local")
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Caches"
-    else:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "vitembed"
+    from platformdirs import user_cache_path
+
+    return user_cache_path("vitembed", appauthor=False, opinion=False)
 
 
 def torch_version() -> str:

@@ -27,6 +27,7 @@ from .choices import DECODES
 from .encoder import Encoder
 from .errors import ConfigError, InputError, OutputError, StdoutClosed
 from .files import clean_stale_temporaries
+from .images import pillow_limit
 from .outcomes import Decoded, Encoded, Failed, Job, Outcome, OutputFailed, Skipped, Summary, Written
 from .outputs import OutputPlan, Resume, plan_jobs
 from .pool import OrderedPool, TaskFailed
@@ -164,8 +165,9 @@ def run(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOp
     start = time.perf_counter()
     try:
         pool.start(plan_jobs(sources, plan, resume, options.shard_size), is_task=lambda item: isinstance(item, Job))
-        for outcome in outcomes(pool, encoder, sink, options.batch_size, stop):
-            _report(outcome, summary, on_result)
+        with pillow_limit(encoder.prep.max_pixels if workers == 0 else 0):  # decoders set their own
+            for outcome in outcomes(pool, encoder, sink, options.batch_size, stop):
+                _report(outcome, summary, on_result)
     except OutputError as exc:
         summary.stopped, summary.pipe_closed = str(exc), isinstance(exc, StdoutClosed)
         for outcome in sink.salvage():

@@ -8,10 +8,11 @@ Replacing: a file already at the target is replaced only when it is a PNG (an ea
 and the replacement is said on stderr; anything else there (another kind of file, a symbolic
 link, a folder, or the input itself) is refused with a one-line error, and nothing is written.
 
-Writing: the bytes go to a new temporary file in the target's folder (`tempfile.mkstemp`:
-created exclusively, so a planted symbolic link is never followed), which is then renamed over
-the target (`os.replace`, atomic; a link at the target would be replaced, never written through).
-A reader sees the old picture or the new one, never half of one.
+Writing: `files.atomic_write`'s way, the one writer of every vitembed file: the bytes go to a new
+temporary file in the target's folder (created exclusively, so a planted symbolic link is never
+followed), which is then renamed over the target (atomic; a link at the target would be
+replaced, never written through). A reader sees the old picture or the new one, never half of
+one, and a killed command's temporary is removed by the next write into that folder.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from __future__ import annotations
 import errno
 import os
 import stat
-import tempfile
 from pathlib import Path
 
 from .errors import ConfigError, OutputError
+from .files import describe_folder_error, replace_atomically
 
 __all__ = ["PNG_SIGNATURE", "check_replaceable", "picture_target", "write_png"]
 
@@ -110,23 +111,11 @@ def write_png(data: bytes, path: Path, protected: tuple[Path, ...] = ()) -> bool
     """
     check_replaceable(path, protected)
     existed = os.path.lexists(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    tmp = None
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".vitembed-tmp", dir=folder)
-        with os.fdopen(fd, "wb") as f:
-            umask = os.umask(0o022)
-            os.umask(umask)
-            os.fchmod(f.fileno(), 0o666 & ~umask)  # mkstemp makes 0600; a picture is an ordinary file
-            f.write(data)
-        os.replace(tmp, path)
+        replace_atomically(path, data)
         return existed
     except OSError as exc:
-        if tmp is not None and os.path.lexists(tmp):
-            os.unlink(tmp)
-        from .files import describe_folder_error
-
+        folder = path.parent
         reason = f"{folder}: {describe_folder_error(folder, exc)}" \
             if exc.errno in (errno.EEXIST, errno.ENOENT, errno.ENOTDIR) else exc.strerror or exc
         raise OutputError(f"{path}: cannot write: {reason}") from None

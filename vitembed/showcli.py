@@ -9,8 +9,6 @@ torch, numpy and Pillow are imported inside the commands. The layer and image op
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,23 +37,9 @@ OUT = "Output"
 OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", metavar="PATH", help="PNG file, a folder, or - for stdout. Default: beside the input (cat.patches.png), or in the current folder (filters.png). An earlier PNG there is replaced (said on stderr); any other file is left alone, with an error.", rich_help_panel=OUT)]
 
 
-def _guard(func):
-    """`options.guard`, with one BLAS thread: the PCAs and products here are small, and OpenBLAS's
-    threads would contend with torch's on few cores (seconds instead of 50 ms). Takes effect when
-    numpy is first imported, as in a `vitembed show` process."""
-    guarded = guard(func)
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-        return guarded(*args, **kwargs)
-
-    return wrapper
-
-
 def _command():
     """A `show` command: Click-style help, and errors as one line."""
-    return lambda func: show_app.command(cls=Command)(_guard(func))
+    return lambda func: show_app.command(cls=Command)(guard(func))
 
 
 @dataclass

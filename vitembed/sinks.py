@@ -18,14 +18,14 @@ import sys
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
 from .errors import OutputError, StdoutClosed
-from .files import atomic_write, describe_os_error, silence_stream
+from .files import Cleaner, atomic_write, describe_os_error, silence_stream
 from .formats import tensor_bytes, write_tensor
 from .outcomes import Encoded, Failed, Job, Outcome, Written
 
@@ -47,12 +47,17 @@ class FileWriter:
     Attributes:
         root: with -o DIR, the folder every output must stay inside (resolved, links followed).
         store: with -o URI, the `uris.Store` that writes the files.
+        cleaner: the run's (`files.Cleaner`): one writer per run.
+        inside: the folders checked to be inside `root`, and the answers: a folder holds many
+            outputs. This run's and this process's, as a link may be planted between runs.
     """
 
     fmt: str
     dtype: str
     root: Path | None = None
     store: Any = None
+    cleaner: Cleaner = field(default_factory=Cleaner, repr=False, compare=False)
+    inside: dict = field(default_factory=dict, repr=False, compare=False)
 
     def write(self, job: Job, tokens: np.ndarray, grid: tuple[int, int] | None = None) -> Written | Failed:
         """The input's file written; Failed when this input's output cannot be (its name is too
@@ -65,46 +70,44 @@ class FileWriter:
         if len(os.fsencode(path.name)) > NAME_MAX:
             return Failed(job.source, f"its output name is too long ({len(os.fsencode(path.name))} bytes, "
                                       f"at most {NAME_MAX}): {path.name[:40]}...", job)
-        if self.root is not None and not _inside(path.parent, self.root):
+        if self.root is not None and not _inside(path.parent, self.root, self.inside):
             return Failed(job.source, f"its output folder {path.parent} leads outside {self.root} "
                                       "(a symbolic link?); nothing was written", job)
-        nbytes = write_file(path, lambda f: write_tensor(f, tokens, self.fmt, self.dtype), self.store)
+        nbytes = write_file(path, lambda f: write_tensor(f, tokens, self.fmt, self.dtype), self.store, self.cleaner)
         return Written(job.source, path, tuple(tokens.shape), self.dtype, nbytes, grid=grid)
 
 
-def write_file(path: Path, data, store=None) -> int:
-    """A whole file, atomically: `files.atomic_write`, or the `uris.Store` of -o URI."""
-    return atomic_write(path, data) if store is None else store.write(path, data)
+def write_file(path: Path, data, store=None, cleaner: Cleaner | None = None) -> int:
+    """A whole file, atomically: `files.atomic_write` (with the run's `cleaner`), or the
+    `uris.Store` of -o URI."""
+    return atomic_write(path, data, cleaner) if store is None else store.write(path, data)
 
 
-def _inside(folder: Path, root: Path) -> bool:
+def _inside(folder: Path, root: Path, checked: dict[Path, bool]) -> bool:
     """Whether `folder` (made if missing) resolves to `root` or below it. Its nearest existing
     folder is checked before anything is made, so that no folder is created through a link that
-    leads outside. Checked once per folder and process: a folder holds many outputs."""
-    key = (folder, root)
-    if key not in _INSIDE:
+    leads outside. Checked once per folder in `checked` (a run's)."""
+    if folder not in checked:
         # Without DIR yet, all below it is new (another writer may make it meanwhile: looked at first).
         rooted = os.path.lexists(root)
         existing = folder
         while not os.path.lexists(existing) and existing.parent != existing:
             existing = existing.parent
         if rooted and not _resolves_inside(existing, root):
-            _INSIDE[key] = False
+            checked[folder] = False
             return False
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError:
             return True  # atomic_write reports why it cannot be made
-        _INSIDE[key] = _resolves_inside(folder, root)
-    return _INSIDE[key]
+        checked[folder] = _resolves_inside(folder, root)
+    return checked[folder]
 
 
 def _resolves_inside(folder: Path, root: Path) -> bool:
     resolved = folder.resolve()
     return resolved == root or root in resolved.parents
 
-
-_INSIDE: dict[tuple[Path, Path], bool] = {}  # bounded by the folders of a run
 
 
 class Sink:
@@ -211,6 +214,7 @@ class ShardSink(Sink):
 
     def __init__(self, folder: Path, size: int, dtype: str, threads: int | None = None, store=None):
         self.folder, self.size, self.dtype, self.store = folder, size, dtype, store
+        self.cleaner = Cleaner()
         self.writes = _Writes(writer_threads(threads), max_pending=2)
         self.shards: dict[int, _Shard] = {}
         self.last_index = -1  # the largest input index seen, for the last shard's length
@@ -243,7 +247,7 @@ class ShardSink(Sink):
         if not shard.rows:  # every input of it failed: nothing to write, as for single files,
             _remove_file(self.path(index), self.store)  # and no earlier run's rows left looking current
             return
-        yield from self.writes.submit(_write_shard, self.path(index), rows, shard, self.dtype, self.store)
+        yield from self.writes.submit(_write_shard, self.path(index), rows, shard, self.dtype, self.store, self.cleaner)
 
     def finish(self, complete: bool = True) -> Iterator[Outcome]:
         if complete:  # the last shard has fewer rows; after a stop, unfinished shards are not written
@@ -275,13 +279,14 @@ class _Shard:
         self.rows = {}
 
 
-def _write_shard(path: Path, length: int, shard: _Shard, dtype: str, store=None) -> list[Outcome]:
+def _write_shard(path: Path, length: int, shard: _Shard, dtype: str, store=None,
+                 cleaner: Cleaner | None = None) -> list[Outcome]:
     """Stack a shard's rows (NaN where an input failed), write it, and report each row."""
     first = next(iter(shard.rows.values()))[1]
     array = np.full((length, *first.shape), np.nan, dtype=first.dtype)
     for row, (_, tokens) in shard.rows.items():
         array[row] = tokens
-    nbytes = write_file(path, lambda f: write_tensor(f, array, "npy"), store)
+    nbytes = write_file(path, lambda f: write_tensor(f, array, "npy"), store, cleaner)
     shape = tuple(first.shape)
     return [Written(job.source, path, shape, dtype, nbytes if i == 0 else 0, row)
             for i, (row, (job, _)) in enumerate(sorted(shard.rows.items()))]

@@ -25,7 +25,16 @@ __all__ = ["exit_without_teardown", "start_early", "wants_decoders"]
 
 
 def start_early(argv: list[str]) -> None:
-    """Start the decoder server now if `vitembed ARGV` is an encode that will use it."""
+    """What the `vitembed` process sets for itself before anything is imported: one BLAS thread
+    for `encode` and `show`, and the decoder server if `vitembed ARGV` is an encode that will use it.
+
+    One BLAS thread: an encode's main process computes nothing with numpy's BLAS (decoders do, on
+    one thread each: see blas.py), and `show`'s PCAs and products are small, where OpenBLAS's
+    threads would contend with torch's on few cores and spin for a while after numpy loads. It
+    takes effect when numpy is first imported, and decoder processes inherit it.
+    """
+    if argv[:1] in (["encode"], ["show"]):
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     if argv[:1] == ["encode"] and wants_decoders(argv[1:]):
         from .processes import start_decoder_server
 

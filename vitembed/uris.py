@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from .errors import ConfigError, InputError, OutputError, one_line
-from .files import atomic_write, clean_stale_temporaries, is_temporary, temporary_name
+from .files import Cleaner, atomic_write, clean_stale_temporaries, is_temporary, temporary_name
 from .formats import describe_output
 from .safeio import NotRegularFile, open_regular
 
@@ -140,6 +140,7 @@ class Store:
     fs: Any = field(repr=False, compare=False)
     base: str
     kind: str = ""
+    cleaner: Cleaner = field(default_factory=Cleaner, repr=False, compare=False)  # this run's (local)
 
     def __post_init__(self) -> None:
         if not self.kind:
@@ -166,7 +167,7 @@ class Store:
             OutputError: it cannot be written; nothing partial is left where it goes.
         """
         if self.kind == "local":
-            return atomic_write(Path(path), data)
+            return atomic_write(Path(path), data, self.cleaner)
         path = os.fspath(path)
         if callable(data):
             buffer = io.BytesIO()
