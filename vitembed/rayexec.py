@@ -36,6 +36,7 @@ IN_FLIGHT = 3  # windows queued per actor: the next is there when one ends
 DIED = ("its Ray actor died each time it was given this input, {} times (killed, out of memory, or a "
         "crash in a decoder)").format(2 * (RETRIES + 1))
 _POLL = 0.1  # seconds between looks at the stop event
+_KILL_WAIT = 10.0  # seconds, at most, for killed actors to be gone
 _READY = 1024  # items that need no task, held at most before they are given back
 
 
@@ -69,9 +70,11 @@ class RayExecutor:
         rows_per_window: inputs per window (the batch size); with shards, 1 (a row is a shard).
         shards: whether a row is a shard (the consecutive items with one output) or an input.
         stop: when set, iteration returns within `_POLL` seconds.
+        actor_class: the actors' class (`JobActor`; one with its `run`, in tests).
     """
 
-    def __init__(self, actor_arguments: dict, ray_options: Any, rows_per_window: int, shards: bool, stop) -> None:
+    def __init__(self, actor_arguments: dict, ray_options: Any, rows_per_window: int, shards: bool, stop, *,
+                 actor_class: type = JobActor) -> None:
         import ray
 
         self.ray, self.stop = ray, stop
@@ -81,7 +84,7 @@ class RayExecutor:
         held = cluster.get("GPU", 0) / ray_options.gpus if ray_options.gpus else cluster.get("CPU", 0) / ray_options.cpus
         self.count = ray_options.actors or max(1, math.floor(held))
         self.device = "cuda" if ray_options.gpus else "cpu"
-        self._arguments = actor_arguments
+        self._arguments, self.actor_class = actor_arguments, actor_class
         self._reference: list | None = None
         self.actors: list = []
         self.queued: list[int] = []  # windows out, per actor
@@ -113,10 +116,14 @@ class RayExecutor:
             yield from head.results
 
     def close(self) -> list:
-        """Kill the actors; returns a job of every output folder written into (a killed actor may
-        have left a temporary file there)."""
+        """Kill the actors, and wait (a few seconds at most) until Ray has them for dead: the
+        temporary file of one killed mid-write is removed only once its process is gone. Returns a
+        job of every output folder written into (where such files may be)."""
         for actor in self.actors:
             self.ray.kill(actor, no_restart=True)
+        if self.actors:  # a call to a killed actor fails once it is dead
+            self.ray.wait([actor.__ray_ready__.remote() for actor in self.actors], num_returns=len(self.actors),
+                          timeout=_KILL_WAIT)
         self.actors, self.queued = [], []
         return list(self.folders.values())
 
@@ -177,7 +184,7 @@ class RayExecutor:
     def _start_actor(self) -> None:
         if self._reference is None:  # put once, for every actor
             self._reference = [self.ray.put(self._arguments)]
-        remote = self.ray.remote(JobActor).options(max_restarts=-1, max_task_retries=RETRIES, **self.resources)
+        remote = self.ray.remote(self.actor_class).options(max_restarts=-1, max_task_retries=RETRIES, **self.resources)
         self.actors.append(remote.remote())
         self.queued.append(0)
 
