@@ -61,7 +61,7 @@ def test_ray_actors_give_the_outcomes_and_bytes_of_a_local_run(ray_session, phot
 
 
 def _jobs(tmp_path: Path, names: list[str]) -> list[Job]:
-    return [Job(Source(tmp_path / name), tmp_path / "out" / f"{name}.npy", i) for i, name in enumerate(names)]
+    return [Job(Source(tmp_path / name, Path(name)), tmp_path / "out" / f"{name}.npy", i) for i, name in enumerate(names)]
 
 
 def die_on_poison(job: Job) -> str:
@@ -112,7 +112,7 @@ def test_the_ray_executor_reads_the_plan_a_few_windows_ahead(ray_session, tmp_pa
 
     read = itertools.count()
     names = (f"i{next(read)}" for _ in range(100_000))
-    jobs = (Job(Source(tmp_path / name), tmp_path / f"{name}.npy", i) for i, name in enumerate(names))
+    jobs = (Job(Source(tmp_path / name, Path(name)), tmp_path / f"{name}.npy", i) for i, name in enumerate(names))
     executor = RayExecutor({}, RayOptions(cpus=0.5, actors=2), 4, False, threading.Event(), actor_class=PoisonActor)
     try:
         executor.start(jobs)
@@ -161,7 +161,7 @@ def test_the_skeleton_counts_reports_and_cleans_up_after_any_executor(tmp_path):
     scripted: list[_Scripted] = []
 
     def executor(encoder, plan, options, stdout, stop) -> tuple[Executor, Sink]:
-        scripted.append(_Scripted(backwards, [Job(Source(tmp_path / "in" / "p0.png"), stale, 0)]))
+        scripted.append(_Scripted(backwards, [Job(Source(tmp_path / "in" / "p0.png", Path("p0.png")), stale, 0)]))
         return scripted[0], Sink()
 
     from vitembed.inputs import iter_sources
@@ -179,6 +179,6 @@ def test_a_pass_through_item_is_its_own_outcome(tmp_path):
     """(item, None): an item that needed no task (a skip, a known failure) is final as it is."""
     from vitembed.outcomes import Skipped
 
-    skipped = Skipped(Source(tmp_path / "x.png"))
+    skipped = Skipped(Source(tmp_path / "x.png", Path("x.png")))
     got = list(outcomes([(skipped, None)], None, Sink(), 4, threading.Event()))
     assert got == [skipped]

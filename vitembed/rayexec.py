@@ -122,7 +122,7 @@ class RayExecutor:
         for actor in self.actors:
             self.ray.kill(actor, no_restart=True)
         if self.actors:  # a call to a killed actor fails once it is dead
-            self.ray.wait([actor.__ray_ready__.remote() for actor in self.actors], num_returns=len(self.actors),
+            self.ray.wait([actor.__ray_ready__.options(max_task_retries=0).remote() for actor in self.actors], num_returns=len(self.actors),
                           timeout=_KILL_WAIT)
         self.actors, self.queued = [], []
         return list(self.folders.values())
