@@ -1,13 +1,18 @@
 """A run: inputs -> decode -> encode -> sink -> outcomes, streaming, one bounded window at a time.
 
     sources ─ plan_jobs ─> Job | Skipped | Failed
-            ─ OrderedPool of decoder processes (workers.WorkerTask) ─> Decoded | Encoded | Written | Failed
+            ─ an Executor ─> (job, Decoded | Encoded | Written | Failed | TaskFailed)
             ─ Encoder, in batches of Decoded ─> Encoded
             ─ Sink (per-image files | stdout | shards) ─> Written | Failed | Skipped ─> on_result
 
+`run` is the one run of every executor: it checks, plans, resumes, counts, reports, stops and
+cleans up; the executor only runs jobs. Executors: `pool.OrderedPool` (decoder processes, or
+this process with workers=0; `local_executor`) and `rayexec.RayExecutor` (Ray actors, which
+decode, encode and write, so that what comes back is final; `raydriver`).
+
 Where the numpy engine runs, the decoder processes encode (and write per-image files) themselves,
 so their outcomes skip the stages they have done. Every stage holds a bounded number of inputs
-(the pool's window, one batch, the sink's pending writes), so memory stays flat however many
+(the executor's window, one batch, the sink's pending writes), so memory stays flat however many
 inputs there are; outcomes are reported as they become final.
 """
 

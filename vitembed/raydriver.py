@@ -221,23 +221,9 @@ class _Reaper:
             self.process.kill()
 
 
-class _Nothing(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return False  # Ray Data's log file keeps it; what stops the run reaches the driver as an exception
-
-
 @contextlib.contextmanager
 def _quiet():
-    """While the run goes: Ray Data's log lines kept off the console (its log file keeps them:
-    progress, tasks retried), and what Ray prints to stdout (the raylet's messages about dead workers) sent to
-    stderr, so that stdout carries only data."""
-    consoles = [h for h in logging.getLogger("ray.data").handlers if hasattr(h, "stream")]
-    quiet = _Nothing()
-    for handler in consoles:
-        handler.addFilter(quiet)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        for handler in consoles:
-            handler.removeFilter(quiet)
+    """While the run goes: what Ray prints to stdout (the raylet's messages about dead workers and
+    tasks retried) sent to stderr, so that stdout carries only data."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield
