@@ -182,3 +182,11 @@ def test_a_pass_through_item_is_its_own_outcome(tmp_path):
     skipped = Skipped(Source(tmp_path / "x.png", Path("x.png")))
     got = list(outcomes([(skipped, None)], None, Sink(), 4, threading.Event()))
     assert got == [skipped]
+
+
+def test_a_ray_run_starts_no_local_decoder_server():
+    """`--ray`: the actors decode; the CLI does not start the forkserver of local decoders."""
+    from vitembed.startup import wants_decoders
+
+    assert wants_decoders(["photos", "-o", "out"])
+    assert not wants_decoders(["photos", "-o", "out", "--ray", "--ray-actors", "2"])
