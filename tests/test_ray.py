@@ -154,11 +154,11 @@ def test_without_ray_installed_one_line_says_what_to_install(photos, tmp_path):
 
 
 def _actor_pids() -> list[int]:
-    """Processes of JobActors (their title is Ray's `ray::MapWorker(MapBatches(JobActor))...`)."""
+    """Processes of JobActors (their title is Ray's `ray::JobActor...`)."""
     pids = []
     for entry in os.listdir("/proc"):
         try:
-            if entry.isdigit() and b"MapBatches(JobActor)" in Path(f"/proc/{entry}/cmdline").read_bytes():
+            if entry.isdigit() and b"JobActor" in Path(f"/proc/{entry}/cmdline").read_bytes():
                 pids.append(int(entry))
         except OSError:
             continue

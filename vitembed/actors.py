@@ -1,11 +1,10 @@
 """What runs inside a Ray actor: one `Encoder`, built once per actor, called on batches of rows.
 
-Ray Data runs a model over a dataset with a callable class that `map_batches` constructs once per
-actor and calls once per batch. Two such classes stand on `EncoderActor` (which sets the actor's
+Two classes stand on `EncoderActor` (which sets the actor's
 process up as a local decoder process is, and builds the Encoder from the layer's parameters, so
 that a random layer is the driver's to the bit):
 
-- `JobActor` (here), for `vitembed encode --ray` (`raydriver`): rows of planned jobs -> each
+- `JobActor` (here), for `vitembed encode --ray` (`rayexec`): windows of planned jobs -> each
   input's outcome. It runs the local run's own stages (`pipeline.stages`: the decoder's task, then
   the sink), so an actor decodes, embeds and writes each file as a local decoder process does, and
   the files are the same bytes.
@@ -18,13 +17,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pickle
 import threading
 from typing import Any
 
-from .errors import ConfigError, OutputError, one_line
-from .outcomes import Failed, Job, OutputFailed
-from .pool import TaskFailed
+from .errors import ConfigError, OutputError
+from .outcomes import Failed, Job, OutputFailed, job_of
+from .poolworkers import call
 
 __all__ = ["EncoderActor", "JobActor", "actor_engine", "node_id"]
 
@@ -71,22 +69,27 @@ class EncoderActor:
 
 
 class JobActor(EncoderActor):
-    """`vitembed encode --ray`'s actor: a batch of rows of jobs -> a table of their outcomes.
+    """`vitembed encode --ray`'s actor (`rayexec.RayExecutor`): windows of planned items -> their outcomes.
 
-    A row is `key` (an input's index; with shards, the shard's number) and `job` (a pickled list:
-    the row's `Job`, or with shards every input of the shard, a `Failed` for those known bad). The
-    result has a row per outcome: `key`, `outcome` (a pickled `Written` or `Failed`; an
-    `OutputFailed` with key -1 when an output could not be written, which stops the run) and
-    `node`. Files are written here, by the local run's sink; this process never removes other
+    A window is a list of rows; a row is an input's `Job`, or with shards every item of one shard
+    (a `Failed` for those known bad: their row stays empty). `run` gives back each input's
+    outcome: a `Written` or a `Failed`, or an `OutputFailed` when an output could not be written
+    (it stops the run). Files are written here, by the local run's own stages (`pipeline.stages`
+    and `pipeline.outcomes`), so they are a local run's bytes; this process never removes other
     processes' temporary files (`files.leave_temporaries`).
 
-    Args:
-        plan: the driver's `OutputPlan` (mode, format, folder), with no names claimed.
-        options: the run's `EncodeOptions`.
-        cwd: the driver's folder, where relative paths start (every node must see it).
+    The actor is set up by its first window (`run`), from `arguments`: the layer's parameters are
+    put in the object store once for all actors and go to each by reference, and an actor that Ray
+    restarts sets itself up again the same way. (Constructor arguments that large would sit in the
+    object store too, and Ray warns on every run that a restart then depends on them.)
     """
 
-    def __init__(self, params: Any, prep: Any, *, plan: Any, options: Any, cwd: str, **encoder):
+    def __init__(self) -> None:
+        self.encoder = None
+
+    def _start(self, params: Any, prep: Any, *, plan: Any, options: Any, cwd: str, **encoder) -> None:
+        """plan: the driver's `OutputPlan` with no names claimed; options: the run's `EncodeOptions`;
+        cwd: the driver's folder, where relative paths start (every node must see it)."""
         from .files import leave_temporaries
         from .pipeline import stages
 
@@ -101,44 +104,29 @@ class JobActor(EncoderActor):
         self.options = dataclasses.replace(options, workers=0, ray=None)
         self.task, self.sink = stages(self.encoder, plan, self.options, None)
 
-    def __call__(self, batch):
-        import pyarrow as pa
+    def run(self, arguments: list, rows: list[list]) -> tuple[str, list]:
+        """(this actor's node, the outcome of every input of the window's rows).
 
-        key_of, items = {}, []
-        for key, blob in zip(batch.column("key").to_pylist(), batch.column("job").to_pylist()):
-            for item in pickle.loads(blob):
-                key_of[_job(item).output] = key
-                items.append(item)
-        keys, outcomes = [], []
-        for outcome in self._outcomes(items):
-            job = _job(outcome)
-            keys.append(key_of.get(job.output if job is not None else getattr(outcome, "output", None), -1))
-            outcomes.append(pickle.dumps(outcome))
-        return pa.table({"key": pa.array(keys, pa.int64()), "outcome": pa.array(outcomes, pa.binary()),
-                         "node": pa.array([self.node] * len(keys), pa.string())})
+        Args:
+            arguments: a list of one ObjectRef of `_start`'s keyword arguments
+                (`raydriver.actor_arguments`); in a list, Ray passes the reference as it is.
+        """
+        if self.encoder is None:
+            import ray
+
+            self._start(**ray.get(arguments[0]))
+        items = [item for row in rows for item in row]
+        return self.node, list(self._outcomes(items))
 
     def _outcomes(self, items: list):
         from .pipeline import outcomes
 
         if self.broken is not None:
-            yield from (Failed(item.source, self.broken, _job(item)) for item in items)
+            yield from (Failed(item.source, self.broken, job_of(item)) for item in items)
             return
-        results = ((item, self._task(item)) for item in items)
+        results = ((item, call(self.task, item) if isinstance(item, Job) else None) for item in items)
         try:
             yield from outcomes(results, self.encoder, self.sink, self.options.batch_size, threading.Event())
         except OutputError as exc:
             yield OutputFailed(str(exc))
             yield from self.sink.salvage()
-
-    def _task(self, item):
-        if not isinstance(item, Job):
-            return None  # a Failed, for the sink (a shard's empty row)
-        try:
-            return self.task(item)
-        except Exception as exc:  # noqa: BLE001 - a bug costs this input, as in a local decoder
-            return TaskFailed(f"the decoder failed: {type(exc).__name__}: {one_line(exc)}")
-
-
-def _job(item) -> Job | None:
-    """The job of a planned item or an outcome (a `Written` has none: its output names it)."""
-    return item if isinstance(item, Job) else getattr(item, "job", None)

@@ -19,7 +19,7 @@ import numpy as np
 
 from .inputs import Source
 
-__all__ = ["Decoded", "Encoded", "Failed", "Job", "Outcome", "OutputFailed", "Skipped", "Summary", "Written"]
+__all__ = ["Decoded", "Encoded", "Failed", "Job", "Outcome", "OutputFailed", "Skipped", "Summary", "Written", "job_of"]
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,12 @@ class Failed(Outcome):
     source: Source
     error: str
     job: Job | None = None  # for a shard: the row to leave empty
+
+
+def job_of(item: Any) -> Job | None:
+    """The job of a planned item or an outcome: a Job itself, a `Failed`'s (with shards, a known
+    bad input's row, which stays empty); None for what has none (a `Skipped`, a `Written`)."""
+    return item if isinstance(item, Job) else getattr(item, "job", None)
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,18 @@
 """A run: inputs -> decode -> encode -> sink -> outcomes, streaming, one bounded window at a time.
 
     sources ─ plan_jobs ─> Job | Skipped | Failed
-            ─ OrderedPool of decoder processes (workers.WorkerTask) ─> Decoded | Encoded | Written | Failed
+            ─ an Executor ─> (job, Decoded | Encoded | Written | Failed | TaskFailed)
             ─ Encoder, in batches of Decoded ─> Encoded
             ─ Sink (per-image files | stdout | shards) ─> Written | Failed | Skipped ─> on_result
 
+`run` is the one run of every executor: it checks, plans, resumes, counts, reports, stops and
+cleans up; the executor only runs jobs. Executors: `pool.OrderedPool` (decoder processes, or
+this process with workers=0; `local_executor`) and `rayexec.RayExecutor` (Ray actors, which
+decode, encode and write, so that what comes back is final; `raydriver`).
+
 Where the numpy engine runs, the decoder processes encode (and write per-image files) themselves,
 so their outcomes skip the stages they have done. Every stage holds a bounded number of inputs
-(the pool's window, one batch, the sink's pending writes), so memory stays flat however many
+(the executor's window, one batch, the sink's pending writes), so memory stays flat however many
 inputs there are; outcomes are reported as they become final.
 """
 
@@ -21,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from .choices import DECODES
 from .encoder import Encoder
@@ -35,7 +40,7 @@ from .processes import decoder_context
 from .sinks import FileSink, FileWriter, ShardSink, Sink, StdoutSink
 from .workers import WorkerTask, init_worker
 
-__all__ = ["DECODES", "DECODE_TIMEOUT", "EncodeOptions", "RayOptions", "run"]
+__all__ = ["DECODES", "DECODE_TIMEOUT", "EncodeOptions", "Executor", "RayOptions", "local_executor", "run"]
 
 _DEVICE_DECODE_TYPES = ("cuda",)  # devices whose JPEG decoder (nvJPEG) beats Pillow processes
 
@@ -135,7 +140,8 @@ class EncodeOptions:
 
 def run(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOptions | None = None, *,
         on_result: Callable[[Outcome], None] | None = None, stop: threading.Event | None = None,
-        stdout: BinaryIO | None = None, made_from: dict | None = None) -> Summary:
+        stdout: BinaryIO | None = None, made_from: dict | None = None,
+        executor: ExecutorFactory | None = None) -> Summary:
     """Encode every source with `encoder` and put each z0 where `plan` says.
 
     Args:
@@ -145,6 +151,8 @@ def run(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOp
             whole, and `summary.stopped` is "interrupted".
         stdout: binary stream for `-o -` (default: sys.stdout.buffer).
         made_from: what an -o DIR's manifest says each output was made from (`folder.read_manifest`).
+        executor: what runs the jobs, and the sink for what it leaves to this process
+            (`ExecutorFactory`; default `local_executor`: decoder processes, or this process).
 
     Returns:
         The run's Summary. A failed input is an outcome; an output that cannot be written stops
@@ -153,27 +161,23 @@ def run(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOp
     options, stop, on_result = options or EncodeOptions(), stop or threading.Event(), on_result or (lambda o: None)
     check(encoder, plan, options)
     summary = Summary(device=encoder.device)
-    task, sink = stages(encoder, plan, options, stdout)
     shape = encoder.token_shape or (None, encoder.config.emb_dim)  # native: any number of rows
     max_rows = None if encoder.token_shape else encoder.config.num_prefix_tokens + encoder.prep.max_patches
     resume = Resume(options.skip_existing, options.overwrite, shape, encoder.dtype, made_from, max_rows)
-    workers = options.workers if options.workers is not None else (os.cpu_count() or 1)
-    pool = OrderedPool(task, workers, window=window_size(encoder, task, options.batch_size, workers),
-                       timeout=options.decode_timeout, stop=stop, initializer=init_worker,
-                       initargs=(encoder.prep.max_pixels, task.kernel is not None, os.getpid()),
-                       context=decoder_context())
+    jobs, sink = (executor or local_executor)(encoder, plan, options, stdout, stop)
     start = time.perf_counter()
     try:
-        pool.start(plan_jobs(sources, plan, resume, options.shard_size), is_task=lambda item: isinstance(item, Job))
-        with pillow_limit(encoder.prep.max_pixels if workers == 0 else 0):  # decoders set their own
-            for outcome in outcomes(pool, encoder, sink, options.batch_size, stop):
+        jobs.start(plan_jobs(sources, plan, resume, options.shard_size), is_task=lambda item: isinstance(item, Job))
+        in_process = executor is None and options.workers == 0  # else the decoders (or actors) set their own
+        with pillow_limit(encoder.prep.max_pixels if in_process else 0):
+            for outcome in outcomes(jobs, encoder, sink, options.batch_size, stop):
                 _report(outcome, summary, on_result)
     except OutputError as exc:
         summary.stopped, summary.pipe_closed = str(exc), isinstance(exc, StdoutClosed)
         for outcome in sink.salvage():
             _report(outcome, summary, on_result)
     finally:
-        _remove_temporaries(pool.close())
+        _remove_temporaries(jobs.close(), plan.store)
         sink.close()
         summary.elapsed = time.perf_counter() - start
     if stop.is_set() and not summary.stopped:
@@ -181,16 +185,49 @@ def run(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOp
     return summary
 
 
+class Executor(Protocol):
+    """What runs a run's jobs (`OrderedPool`: decoder processes or this process; `rayexec.RayExecutor`).
+
+    `start(items, is_task)` takes the planned items lazily (the items for which `is_task` is
+    false need no task); iterating gives (item, result) pairs, each item once, in input order or
+    not (the outcomes are the same), with a pass-through item as (item, None); `close()` stops
+    it and returns jobs whose output folders may hold a killed writer's temporaries."""
+
+    def start(self, items: Iterable, is_task: Callable[[object], bool]) -> None: ...
+
+    def __iter__(self) -> Iterator[tuple]: ...
+
+    def close(self) -> list: ...
+
+
+# (encoder, plan, options, stdout, stop) -> (the executor, the sink for its results in this process)
+ExecutorFactory = Callable[[Encoder, OutputPlan, "EncodeOptions", "BinaryIO | None", threading.Event],
+                           tuple[Executor, Sink]]
+
+
+def local_executor(encoder: Encoder, plan: OutputPlan, options: EncodeOptions, stdout: BinaryIO | None,
+                   stop: threading.Event) -> tuple[OrderedPool, Sink]:
+    """The run on this machine: decoder processes (`options.workers`; 0: this process)."""
+    task, sink = stages(encoder, plan, options, stdout)
+    workers = options.workers if options.workers is not None else (os.cpu_count() or 1)
+    pool = OrderedPool(task, workers, window=window_size(encoder, task, options.batch_size, workers),
+                       timeout=options.decode_timeout, stop=stop, initializer=init_worker,
+                       initargs=(encoder.prep.max_pixels, task.kernel is not None, os.getpid()),
+                       context=decoder_context())
+    return pool, sink
+
+
 def outcomes(results: Iterable[tuple], encoder: Encoder, sink: Sink, batch_size: int,
              stop: threading.Event) -> Iterator[Outcome]:
     """The stages after decoding, each item in input order to the stage it has reached.
 
     Args:
-        results: (item, what its task returned) pairs: the pool's, or a Ray actor's own.
+        results: (item, what its task returned) pairs from an `Executor`, or a Ray actor's own;
+            (item, None) for an item that needed no task.
     """
     batch: list[Decoded] = []
     for item, result in results:
-        match result if isinstance(item, Job) else item:
+        match item if result is None else result:
             case Decoded() as decoded:
                 batch.append(decoded)
                 if len(batch) == batch_size:
@@ -294,7 +331,7 @@ def window_size(encoder: Encoder, task: WorkerTask, batch_size: int, workers: in
     return max(2 * batch_size, 4 * workers, min(1024, (64 << 20) // per_image))
 
 
-def _remove_temporaries(killed: list) -> None:
-    """Decoders killed while writing leave temporary files: remove them (their outputs are absent)."""
+def _remove_temporaries(killed: list, store=None) -> None:
+    """Writers killed while writing leave temporary files: remove them (their outputs are absent)."""
     for folder in {job.output.parent for job in killed if isinstance(job, Job) and job.output is not None}:
-        clean_stale_temporaries(folder)
+        store.clean(folder) if store is not None else clean_stale_temporaries(folder)

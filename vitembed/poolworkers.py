@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from .errors import VitembedError
+from .errors import VitembedError, one_line
 
 DIED = "the decoder process died while reading this file"
 TIMED_OUT = "decoding took longer than {timeout:g} s; the decoder was stopped"
@@ -37,7 +37,7 @@ class WorkersDied(VitembedError):
 
 def failure(exc: BaseException) -> str:
     """The report for an item whose task raised, or whose result could not come back."""
-    return f"the decoder failed: {type(exc).__name__}: {exc}"
+    return f"the decoder failed: {type(exc).__name__}: {one_line(exc)}"
 
 
 def call(task: Callable[[Any], Any], item: Any) -> Any:

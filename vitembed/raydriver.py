@@ -1,24 +1,23 @@
-"""`vitembed encode --ray`: the run of `pipeline.run`, with Ray actors as its decoder processes.
+"""`vitembed encode --ray`: the run of `pipeline.run`, with Ray actors as its executor.
 
-    sources ─ plan_jobs (on the driver, as locally) ─> Job | Skipped | Failed
-            ─ rows of jobs, a block per batch (a Ray dataset; with --shard-size a row is a shard)
-            ─ map_batches(actors.JobActor, ActorPoolStrategy) ─> outcomes; files written by the actors
+    sources ─ plan_jobs (on the driver, as locally, streaming) ─> Job | Skipped | Failed
+            ─ rayexec.RayExecutor: windows of jobs (with --shard-size a shard) to actors.JobActor
+              ─> outcomes; files written by the actors
             ─ on_result, on the driver (manifest, report)
 
 - **Outputs.** An actor decodes, embeds and writes each of its inputs as a local decoder process
   does (the same `WorkerTask` and sink), so the files are the same bytes, each written under a
-  temporary name and renamed: a killed actor leaves no torn file. With shards, a row is a whole
+  temporary name and renamed: a killed actor leaves no torn file. With shards, a window is a whole
   shard, written by its actor once all its inputs are done. The driver plans the names (so that
   collisions are settled once, in input order), writes the manifest and run.json, and after the
   run removes the temporaries of actors that were killed (`files.leave_temporaries`).
-- **Faults.** A bad image is its input's `Failed` outcome, never a failed task. An actor that dies
-  (killed, out of memory) is restarted by Ray and its task tried again, `RETRIES` times; the rows
-  of a task that died every time are then run again one to a task, and an input that kills its
-  actor even alone is reported failed, alone. A write that fails (a full disk) stops the run.
-- **Stop.** When `stop` is set (Ctrl-C), the run ends after the batch of outcomes in hand; actors
-  are stopped with the dataset, and every output on disk is whole. `--skip-existing` then finishes
+- **Faults.** See `rayexec`: an actor that dies is restarted and its tasks tried again; an input
+  that kills its actor even alone is reported failed, alone. A write that fails (a full disk)
+  stops the run.
+- **Stop.** When `stop` is set (Ctrl-C), the run ends after the outcomes in hand; the actors are
+  killed before Ray is shut down, and every output on disk is whole. `--skip-existing` then finishes
   the job: outputs whose outcome never reached the manifest are whole files of this configuration.
-- **What the user sees.** Ray's progress bars are off (the report's are the run's); its log lines
+- **What the user sees.** Ray's log lines
   go to stderr, never to stdout, which carries only `--json` lines.
 - **Where.** With `RayOptions.address` (or $RAY_ADDRESS) the run joins that cluster; otherwise it
   starts a local one and stops it after, and on Linux a small reaper process (`_Reaper`) ends
@@ -34,30 +33,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
-import pickle
 import signal
 import sys
 import threading
-import time
-import warnings
 from collections.abc import Callable, Iterable
 
-from .actors import JobActor, actor_engine
+from . import pipeline
+from .actors import actor_engine
 from .encoder import Encoder
-from .errors import ConfigError, OutputError
-from .files import clean_stale_temporaries
-from .outcomes import Failed, Job, Outcome, OutputFailed, Summary
-from .outputs import OutputPlan, Resume, plan_jobs
+from .errors import ConfigError
+from .outcomes import Outcome, Summary
+from .outputs import OutputPlan
 from .pipeline import DECODE_TIMEOUT, EncodeOptions, RayOptions
 from .pipeline import check as check_local
+from .rayexec import RayExecutor
+from .sinks import Sink
 
-__all__ = ["RETRIES", "actor_arguments", "check", "refuse", "require_ray", "run"]
-
-RETRIES = 1  # tries of a task again after its actor died, before its rows go one to a task
-DIED = ("its Ray actor died each time it was given this input, {} times (killed, out of memory, or a "
-        "crash in a decoder)")
+__all__ = ["actor_arguments", "check", "refuse", "require_ray", "run"]
 
 
 def require_ray() -> None:
@@ -99,172 +92,31 @@ def refuse(plan: OutputPlan, options: EncodeOptions) -> None:
 def run(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOptions, *,
         on_result: Callable[[Outcome], None] | None = None, stop: threading.Event | None = None,
         stdout=None, made_from: dict | None = None) -> Summary:
-    """Encode every source on a Ray cluster, as `pipeline.run` does here (same arguments and
-    outcomes; `options.ray` says where and with how much)."""
-    stop, on_result = stop or threading.Event(), on_result or (lambda outcome: None)
+    """Encode every source on a Ray cluster: `pipeline.run` with a `rayexec.RayExecutor` (same
+    arguments and outcomes; `options.ray` says where and with how much)."""
     check(encoder, plan, options)
-    summary = Summary(device="Ray")
+    executors: list[RayExecutor] = []
 
-    def report(outcome: Outcome) -> None:
-        summary.count(outcome)
-        on_result(outcome)
+    def executor(encoder: Encoder, plan: OutputPlan, options: EncodeOptions, stdout, stop) -> tuple:
+        ray_executor = RayExecutor(actor_arguments(encoder, plan, options), options.ray,
+                                   1 if options.shard_size else options.batch_size, bool(options.shard_size), stop)
+        executors.append(ray_executor)
+        return ray_executor, Sink()  # an actor's outcomes are final: the driver's sink passes them on
 
-    resume = Resume(options.skip_existing, options.overwrite, encoder.token_shape, encoder.dtype, made_from)
-    rows = _Rows(options.shard_size, options.batch_size)
-    start = time.perf_counter()
-    try:
-        for item in plan_jobs(sources, plan, resume, options.shard_size):
-            rows.add(item) if _job(item) is not None else report(item)
-        with _quiet(), _connected(options.ray):
-            runs = _Runs(encoder, plan, options, rows, report, stop)
-            runs.all()
-            summary.device = runs.describe()
-    except OutputError as exc:
-        summary.stopped = str(exc)
-    finally:
-        for folder in rows.folders:  # the temporaries of actors killed while they wrote
-            plan.store.clean(folder) if plan.store is not None else clean_stale_temporaries(folder)
-        summary.elapsed = time.perf_counter() - start
-    if stop.is_set() and not summary.stopped:
-        summary.stopped = "interrupted"
+    with _quiet(), _connected(options.ray):
+        summary = pipeline.run(sources, encoder, plan, options, on_result=on_result, stop=stop,
+                               made_from=made_from, executor=executor)
+    summary.device = executors[0].describe() if executors else "Ray"
     return summary
 
 
-def _job(item) -> Job | None:
-    """The job of a planned item that goes to the actors: a Job, or with shards a known failure
-    in a shard (its row stays empty); None for what is final already."""
-    return item if isinstance(item, Job) else getattr(item, "job", None)
-
-
-class _Rows:
-    """Planned jobs as Arrow tables of rows, a table a block: a row an input (a batch a block),
-    or with shards a row a shard (its inputs' jobs together). Also the folders written into."""
-
-    def __init__(self, shard_size: int | None, batch_size: int):
-        self.shard_size, self.per_table = shard_size, 1 if shard_size else batch_size
-        self.tables: list = []
-        self.keys: list[int] = []
-        self.jobs: list[list] = []
-        self.folders: set = set()
-
-    def add(self, item) -> None:
-        job = _job(item)
-        key = job.index // self.shard_size if self.shard_size else job.index
-        if self.keys and self.keys[-1] == key:
-            self.jobs[-1].append(item)
-            return
-        if len(self.keys) == self.per_table:
-            self.flush()
-        self.keys.append(key)
-        self.jobs.append([item])
-        self.folders.add(job.output.parent)
-
-    def flush(self) -> None:
-        import pyarrow as pa
-
-        if self.keys:
-            self.tables.append(pa.table({"key": pa.array(self.keys, pa.int64()),
-                                         "job": pa.array([pickle.dumps(j) for j in self.jobs], pa.binary())}))
-        self.keys, self.jobs = [], []
-
-
 def actor_arguments(encoder: Encoder, plan: OutputPlan, options: EncodeOptions) -> dict:
-    """`JobActor`'s constructor arguments: the driver's layer, preprocessing and token choice, so
-    that every actor computes the tokens run.json records, and the plan with no names claimed."""
+    """`JobActor`'s arguments: the driver's layer, preprocessing and token choice, so that every
+    actor computes the tokens run.json records, and the plan with no names claimed."""
     engine, device = actor_engine(options.ray.engine, options.ray.gpus)
     return dict(params=encoder.params, prep=encoder.prep, dtype=encoder.dtype, engine=engine, device=device,
                 tokens=encoder.tokens, pos_resample=encoder.pos_resample,
                 plan=OutputPlan(plan.mode, plan.fmt, plan.target, plan.store), options=options, cwd=os.getcwd())
-
-
-class _Runs:
-    """The actors' runs over the rows: all of them, then the rows of tasks that died, one to a task."""
-
-    def __init__(self, encoder: Encoder, plan: OutputPlan, options: EncodeOptions, rows: _Rows,
-                 report: Callable[[Outcome], None], stop: threading.Event):
-        import ray
-
-        rows.flush()
-        ray_options: RayOptions = options.ray
-        engine, device = actor_engine(ray_options.engine, ray_options.gpus)
-        self.options, self.ray_options, self.report, self.stop = options, ray_options, report, stop
-        self.tables = rows.tables
-        self.actor_args = actor_arguments(encoder, plan, options)
-        resources = ray.cluster_resources()
-        held = resources.get("GPU", 0) / ray_options.gpus if ray_options.gpus else \
-            resources.get("CPU", 0) / ray_options.cpus
-        self.actors = ray_options.actors or max(1, math.floor(held))
-        self.nodes: set[str] = set()
-        self.device = device
-
-    def all(self) -> None:
-        """Run every row, reporting each input's outcome."""
-        pending = {key for table in self.tables for key in table.column("key").to_pylist()}
-        if pending:  # else every input was skipped, or known bad
-            self._collect(self._dataset(self.tables, self.options.batch_size), pending)
-        if pending and not self.stop.is_set():  # tasks that killed their actor each time: one row a task
-            alone = [table.slice(i, 1) for table in self.tables
-                     for i, key in enumerate(table.column("key").to_pylist()) if key in pending]
-            self._collect(self._dataset(alone, 1), pending)
-        if not self.stop.is_set():
-            self._failed(pending)
-
-    def describe(self) -> str:
-        """Where the run went, for the report: "Ray: 2 nodes, 4 actors, cpu"."""
-        nodes, actors = len(self.nodes), self.actors
-        return f"Ray: {nodes} node{'s' * (nodes != 1)}, {actors} actor{'s' * (actors != 1)}, {self.device}"
-
-    def _dataset(self, tables: list, batch_size: int):
-        """The actors' run over `tables`: Ray Data's way, a callable class on an actor pool."""
-        import ray
-
-        size = min(self.actors, len(tables))
-        least = size if self.ray_options.actors else 1  # --ray-actors: a pool of that size
-        with warnings.catch_warnings():
-            # Ray 2.60 deprecates remote arguments such as max_task_retries in map_batches and has
-            # no other way to bound the retries yet: by default a task that kills its actor is
-            # retried forever.
-            warnings.simplefilter("ignore", DeprecationWarning)
-            ds = ray.data.from_arrow(tables).map_batches(
-                JobActor, fn_constructor_kwargs=self.actor_args,
-                batch_size=1 if self.options.shard_size else batch_size, batch_format="pyarrow",
-                # One row a task (the rows of tasks that died): one task at a time in an actor, so that
-                # an input that kills its actor costs no other input a try.
-                compute=ray.data.ActorPoolStrategy(min_size=least, max_size=size, initial_size=size,
-                                                   max_tasks_in_flight_per_actor=1 if batch_size == 1 else None),
-                num_cpus=self.ray_options.cpus, num_gpus=self.ray_options.gpus or None,
-                max_restarts=-1, max_task_retries=RETRIES)
-        context = ds.context
-        context.max_errored_blocks = -1  # a task whose actor died every time: its rows are retried alone
-        context.enable_progress_bars = False  # the report's progress, not Ray's (not both at once)
-        context.print_on_execution_start = False
-        return ds
-
-    def _collect(self, ds, pending: set[int]) -> None:
-        """Report each outcome as it arrives, until the end or `stop`."""
-        if not pending:
-            return
-        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            columns = (table.column(name).to_pylist() for name in ("key", "outcome", "node"))
-            for key, blob, node in zip(*columns):
-                outcome = pickle.loads(blob)
-                if isinstance(outcome, OutputFailed):
-                    raise OutputError(outcome.reason)
-                pending.discard(key)
-                self.nodes.add(node)
-                self.report(outcome)
-            if self.stop.is_set():
-                return
-
-    def _failed(self, pending: set[int]) -> None:
-        """The inputs of rows that killed their actor every time, even alone."""
-        for table in self.tables:
-            for key, blob in zip(table.column("key").to_pylist(), table.column("job").to_pylist()):
-                if key in pending:
-                    for item in pickle.loads(blob):
-                        job = _job(item)
-                        self.report(item if isinstance(item, Failed) else
-                                    Failed(item.source, DIED.format(2 * (RETRIES + 1)), job))
 
 
 @contextlib.contextmanager
@@ -369,23 +221,9 @@ class _Reaper:
             self.process.kill()
 
 
-class _Nothing(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return False  # Ray Data's log file keeps it; what stops the run reaches the driver as an exception
-
-
 @contextlib.contextmanager
 def _quiet():
-    """While the run goes: Ray Data's log lines kept off the console (its log file keeps them:
-    progress, tasks retried), and what Ray prints to stdout (the raylet's messages about dead workers) sent to
-    stderr, so that stdout carries only data."""
-    consoles = [h for h in logging.getLogger("ray.data").handlers if hasattr(h, "stream")]
-    quiet = _Nothing()
-    for handler in consoles:
-        handler.addFilter(quiet)
-    try:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield
-    finally:
-        for handler in consoles:
-            handler.removeFilter(quiet)
+    """While the run goes: what Ray prints to stdout (the raylet's messages about dead workers and
+    tasks retried) sent to stderr, so that stdout carries only data."""
+    with contextlib.redirect_stdout(sys.stderr):
+        yield

@@ -42,8 +42,9 @@ def start_early(argv: list[str]) -> None:
 
 
 def wants_decoders(args: list[str]) -> bool:
-    """Whether `encode ARGS` will start decoder processes: not for --help or --workers 0."""
-    if "--help" in args or "-h" in args:
+    """Whether `encode ARGS` will start decoder processes: not for --help, --workers 0 or --ray
+    (Ray's actors decode)."""
+    if "--help" in args or "-h" in args or "--ray" in args:
         return False
     for i, arg in enumerate(args):
         if arg in ("-j", "--workers") and args[i + 1:i + 2] == ["0"] or arg in ("-j0", "--workers=0"):
