@@ -56,6 +56,30 @@ def make_image(path: Path, size=(64, 48), mode="RGB", seed=0, **save_kwargs) -> 
     return path
 
 
+def make_images(folder: Path, names: list[str]) -> Path:
+    """Small random images of slightly different sizes at `folder`/NAME for each name (subfolders
+    made as needed); returns `folder`."""
+    for i, name in enumerate(names):
+        make_image(folder / name, size=(40 + i, 30 + i), seed=i)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory) -> Path:
+    """300 small photo-like images: enough that a run is still going when it is signalled or its
+    disk fills."""
+    folder = tmp_path_factory.mktemp("many")
+    rng = np.random.default_rng(3)
+    for i in range(300):
+        Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(folder / f"img{i:03d}.png")
+    return folder
+
+
+def npy_outputs(folder: Path) -> dict[str, bytes]:
+    """The bytes of each .npy file directly in `folder`, by name."""
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.npy"))}
+
+
 _READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TORCH_HOME")  # settings libraries read once, when imported
 
 
