@@ -54,22 +54,72 @@ def test_a_large_16_bit_image_decodes_in_a_fraction_of_the_memory(tmp_path):
     assert int(r.stdout) < 2 << 20  # KiB
 
 
-def test_large_images_are_decoded_one_at_a_time_across_decoders(tmp_path):
-    """The decoders share a gate: an image over LARGE_PIXELS waits while another one decodes;
-    smaller images never wait."""
+class _Gate:
+    """A lock that knows which thread holds it and how often it was taken."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock, self.holder, self.taken = threading.Lock(), None, 0
+
+    def __enter__(self):
+        import threading
+
+        self._lock.acquire()
+        self.holder, self.taken = threading.get_ident(), self.taken + 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.holder = None
+        self._lock.release()
+
+
+def test_large_images_are_decoded_one_at_a_time_across_decoders(tmp_path, monkeypatch):
+    """The decoders share a gate: an image over LARGE_PIXELS is read and converted only while its
+    decoder holds the gate, so two of them never decode at once; smaller images never take it, and
+    never wait for it. Observed through the gate and Pillow's `load`, not through timing."""
     import threading
 
+    from PIL import ImageFile
+
+    from vitembed import images
     from vitembed.images import LARGE_PIXELS, Preprocess, load_image
 
     side = int(LARGE_PIXELS ** 0.5) + 2
-    large = _png16_grey_zeros(tmp_path / "large.png", side)
+    large = [_png16_grey_zeros(tmp_path / f"large{i}.png", side) for i in range(2)]
     small = make_image(tmp_path / "small.png")
-    gate = threading.Lock()
-    done = threading.Event()
-    with gate:  # another decoder holds it
-        load_image(small, Preprocess(), gate)  # not held up
-        worker = threading.Thread(target=lambda: (load_image(large, Preprocess(), gate), done.set()))
+    gate = _Gate()
+    seen = []  # (pixels of the image, whether this thread held the gate) at each load and conversion
+    load, to_rgb = ImageFile.ImageFile.load, images._to_rgb
+
+    def held() -> bool:
+        return gate.holder == threading.get_ident()
+
+    def recording_load(im):
+        seen.append((im.size[0] * im.size[1], held()))
+        return load(im)
+
+    def recording_to_rgb(im, background):
+        seen.append((im.size[0] * im.size[1], held()))
+        return to_rgb(im, background)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", recording_load)
+    monkeypatch.setattr(images, "_to_rgb", recording_to_rgb)
+
+    with gate:  # another decoder holds it: a small image does not wait
+        worker = threading.Thread(target=load_image, args=(small, Preprocess(), gate), daemon=True)
         worker.start()
-        assert not done.wait(1.0)
-    worker.join(60)
-    assert done.is_set()
+        worker.join(60)
+        assert not worker.is_alive(), "a small image waited for the gate"
+    assert gate.taken == 1 and seen and all(not inside for _, inside in seen)
+
+    seen.clear()
+    start = threading.Barrier(2)
+    workers = [threading.Thread(target=lambda p=p: (start.wait(), load_image(p, Preprocess(), gate))) for p in large]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    assert gate.taken == 3  # each large image took the gate once
+    big = [inside for pixels, inside in seen if pixels > LARGE_PIXELS]
+    assert len(big) >= 4 and all(big), seen  # every read and conversion of a large image inside the gate
