@@ -87,8 +87,10 @@ def run_cli(*args: str, input: bytes | None = None, cwd: Path | None = None, tim
             env: dict | None = None, process: bool = False) -> subprocess.CompletedProcess:
     """`vitembed ARGS`, bytes in and out: in this process with Typer's CliRunner, or, with
     `process` (signals, start-up, an environment that must not leak: PYTHONPATH), as
-    `python -m vitembed` in a subprocess. An exception that escapes the command comes back as a
-    traceback on stderr and exit code 1, as from a real process."""
+    `python -m vitembed` in a subprocess. In this process, `encode` decodes in this process too
+    (`--workers 0`) unless ARGS name --workers/-j or --ray: a test about decoder processes says so.
+    An exception that escapes the command comes back as a traceback on stderr and exit code 1, as
+    from a real process."""
     if process or any(k == "PYTHONPATH" or k.startswith(_READ_AT_IMPORT) for k in env or {}):
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         return subprocess.run([sys.executable, "-m", "vitembed", *map(str, args)], input=input,
@@ -100,6 +102,7 @@ def run_cli(*args: str, input: bytes | None = None, cwd: Path | None = None, tim
 
     from vitembed.cli import app
 
+    args = _decoding_here(args)
     pillow_limit, here = Image.MAX_IMAGE_PIXELS, os.getcwd()
     try:
         if cwd is not None:
@@ -114,6 +117,17 @@ def run_cli(*args: str, input: bytes | None = None, cwd: Path | None = None, tim
         stderr += "".join(traceback.format_exception(result.exception)).encode()
         code = 1
     return subprocess.CompletedProcess(["vitembed", *map(str, args)], code, result.stdout_bytes, stderr)
+
+
+def _decoding_here(args: tuple) -> tuple:
+    """`encode ARGS` with `--workers 0` first, unless ARGS choose the decoders (-j, --workers) or Ray."""
+    if not args or str(args[0]) != "encode":
+        return args
+    options = [str(a) for a in args[1:]]
+    options = options[:options.index("--")] if "--" in options else options  # after --: inputs
+    if any(a in ("-j", "--workers") or a.startswith(("-j", "--workers=", "--ray")) for a in options):
+        return args
+    return ("encode", "--workers", "0", *args[1:])
 
 
 def json_lines(stdout: bytes | str) -> list[dict]:
