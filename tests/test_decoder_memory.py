@@ -83,8 +83,10 @@ def test_large_images_are_decoded_one_at_a_time_across_decoders(tmp_path, monkey
     from PIL import ImageFile
 
     from vitembed import images
-    from vitembed.images import LARGE_PIXELS, Preprocess, load_image
+    from vitembed.images import Preprocess, load_image
 
+    LARGE_PIXELS = 100 * 100  # the bound, lowered: the same rule over small files
+    monkeypatch.setattr(images, "LARGE_PIXELS", LARGE_PIXELS)
     side = int(LARGE_PIXELS ** 0.5) + 2
     large = [_png16_grey_zeros(tmp_path / f"large{i}.png", side) for i in range(2)]
     small = make_image(tmp_path / "small.png")
