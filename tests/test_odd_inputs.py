@@ -291,7 +291,7 @@ def test_fifo_in_folder_is_an_error(tmp_path):
 
 @pytest.mark.parametrize("workers", ["0", "1"])
 def test_fifos_named_directly_or_on_stdin_are_refused_without_waiting(tmp_path, workers):
-    """#12.14: a FIFO is refused before it is opened for reading: no hang with --workers 0, no
+    """A FIFO is refused before it is opened for reading: no hang with --workers 0, no
     decode timeout to wait out with decoders."""
     folder = tmp_path / "in"
     make_image(folder / "a.png")
