@@ -56,6 +56,30 @@ def make_image(path: Path, size=(64, 48), mode="RGB", seed=0, **save_kwargs) -> 
     return path
 
 
+def make_images(folder: Path, names: list[str]) -> Path:
+    """Small random images of slightly different sizes at `folder`/NAME for each name (subfolders
+    made as needed); returns `folder`."""
+    for i, name in enumerate(names):
+        make_image(folder / name, size=(40 + i, 30 + i), seed=i)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def many_images(tmp_path_factory) -> Path:
+    """300 small photo-like images: enough that a run is still going when it is signalled or its
+    disk fills."""
+    folder = tmp_path_factory.mktemp("many")
+    rng = np.random.default_rng(3)
+    for i in range(300):
+        Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(folder / f"img{i:03d}.png")
+    return folder
+
+
+def npy_outputs(folder: Path) -> dict[str, bytes]:
+    """The bytes of each .npy file directly in `folder`, by name."""
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.npy"))}
+
+
 _READ_AT_IMPORT = ("HF_", "HUGGINGFACE_", "TORCH_HOME")  # settings libraries read once, when imported
 
 
@@ -63,8 +87,10 @@ def run_cli(*args: str, input: bytes | None = None, cwd: Path | None = None, tim
             env: dict | None = None, process: bool = False) -> subprocess.CompletedProcess:
     """`vitembed ARGS`, bytes in and out: in this process with Typer's CliRunner, or, with
     `process` (signals, start-up, an environment that must not leak: PYTHONPATH), as
-    `python -m vitembed` in a subprocess. An exception that escapes the command comes back as a
-    traceback on stderr and exit code 1, as from a real process."""
+    `python -m vitembed` in a subprocess. In this process, `encode` decodes in this process too
+    (`--workers 0`) unless ARGS name --workers/-j or --ray: a test about decoder processes says so.
+    An exception that escapes the command comes back as a traceback on stderr and exit code 1, as
+    from a real process."""
     if process or any(k == "PYTHONPATH" or k.startswith(_READ_AT_IMPORT) for k in env or {}):
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         return subprocess.run([sys.executable, "-m", "vitembed", *map(str, args)], input=input,
@@ -75,6 +101,7 @@ def run_cli(*args: str, input: bytes | None = None, cwd: Path | None = None, tim
 
     from vitembed.cli import app
 
+    args = _decoding_here(args)
     here = os.getcwd()
     try:
         if cwd is not None:
@@ -88,6 +115,17 @@ def run_cli(*args: str, input: bytes | None = None, cwd: Path | None = None, tim
         stderr += "".join(traceback.format_exception(result.exception)).encode()
         code = 1
     return subprocess.CompletedProcess(["vitembed", *map(str, args)], code, result.stdout_bytes, stderr)
+
+
+def _decoding_here(args: tuple) -> tuple:
+    """`encode ARGS` with `--workers 0` first, unless ARGS choose the decoders (-j, --workers) or Ray."""
+    if not args or str(args[0]) != "encode":
+        return args
+    options = [str(a) for a in args[1:]]
+    options = options[:options.index("--")] if "--" in options else options  # after --: inputs
+    if any(a in ("-j", "--workers") or a.startswith(("-j", "--workers=", "--ray")) for a in options):
+        return args
+    return ("encode", "--workers", "0", *args[1:])
 
 
 def json_lines(stdout: bytes | str) -> list[dict]:

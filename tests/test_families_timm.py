@@ -430,12 +430,16 @@ def test_api_native_grids_with_a_pre_norm(tmp_path):
     assert len(grids) == 3
 
 
-def test_ray_actor_gets_the_pre_norm_through_the_fold(tmp_path):
+def test_ray_actor_gets_the_pre_norm_through_the_fold(tmp_path, monkeypatch):
     """A Ray actor's Encoder is built from the driver's LayerParams, pickled: a pre-norm layer without
-    a table (a Perception Encoder-style RoPE ViT) gives the driver's tokens, timm's z0."""
+    a table (a Perception Encoder-style RoPE ViT) gives the driver's tokens, timm's z0. The actor is
+    built here, outside Ray: its node label is not asked of Ray (asking would start a local cluster)."""
     import pickle
 
+    from vitembed import actors
     from vitembed.actors import EncoderActor
+
+    monkeypatch.setattr(actors, "node_id", lambda: "")
 
     torch.manual_seed(0)
     m = randomized(_eva(use_rot_pos_emb=True, use_abs_pos_emb=False, use_pre_transformer_norm=True))

@@ -3,6 +3,8 @@ nothing from a file name driving the terminal, and a reason that says what is wr
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 
 import vitembed
-from tests.conftest import make_image, run_cli
+from tests.conftest import make_image, read_manifest, run_cli
 from vitembed.errors import ConfigError
 
 SMALL = ["--image-size", "32", "--patch-size", "8", "--emb-dim", "16"]
@@ -125,3 +127,130 @@ def test_an_output_folder_that_takes_no_files_says_so(tmp_path):
     assert r.returncode == 1
     [line] = _error_lines(r.stderr)
     assert line.endswith("no file can be created in this folder (a special file system, such as /proc)"), line
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs, where mounting is allowed (root on Linux)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_with_one_line(many_images, small_disk):
+    out = small_disk / "out"
+    r = run_cli("encode", many_images, "-o", out, "--image-size", "64", "--patch-size", "8", "--emb-dim", "64",
+                "-b", "4", "-q")
+    assert r.returncode == 1 and b"Traceback" not in r.stderr
+    assert b"disk full" in r.stderr
+    written = list(out.glob("*.npy"))
+    assert written and len(written) < 300
+    for path in written:
+        assert np.load(path).shape == (65, 64)
+    assert not list(out.glob(".vitembed-*.tmp"))
+
+
+@pytest.mark.slow
+def test_a_read_only_target_is_one_line(photo_dir, small_disk):
+    (small_disk / "out").mkdir()
+    if subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], capture_output=True).returncode:
+        pytest.skip("cannot remount read-only here")
+    r = run_cli("encode", photo_dir, "-o", small_disk / "out", *SMALL)
+    assert r.returncode == 1 and b"read-only" in r.stderr and b"Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--seed", "1180591620717411303424"], "seed"),
+    (["--image-size", "140000", "--patch-size", "14"], "image-size (140000) is over the limit"),
+    (["--emb-dim", "1000000000"], "emb-dim"),
+    (["--decode-timeout", "nan"], "decode timeout"),
+    (["--shard-size", "100000000", "-o", "OUT"], "shard size"),
+])
+def test_absurd_options_are_one_line_usage_errors(tmp_path, args, needle):
+    image = make_image(tmp_path / "a.png")
+    args = [str(tmp_path / "o") if a == "OUT" else a for a in args]
+    r = run_cli("encode", image, *args)
+    assert r.returncode == 2 and needle.encode() in r.stderr and b"Traceback" not in r.stderr
+    assert not (tmp_path / "a.npy").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+@pytest.mark.parametrize("args", [["-o", "-"], ["--json", "-o", "OUT"]])
+def test_encode_stdout_on_a_full_disk_is_one_line(tmp_path, args):
+    import subprocess
+    import sys
+
+    image = make_image(tmp_path / "a.png")
+    args = [str(tmp_path / "o") if a == "OUT" else a for a in args]
+    with open("/dev/full", "wb") as full:
+        r = subprocess.run([sys.executable, "-m", "vitembed", "encode", str(image), *args, *SMALL],
+                           stdout=full, stderr=subprocess.PIPE, timeout=120)
+    assert r.returncode == 1 and b"Traceback" not in r.stderr
+    errors = [line for line in r.stderr.decode().splitlines() if line.startswith("error")]
+    assert errors == ["error: stopped: stdout: disk full (no space left on device)"]
+
+
+def test_markup_in_names_and_options_is_printed_as_is(sample_paths, tmp_path):
+    """Rich markup never eats a `[` from a user, a file system or another library."""
+    holiday = tmp_path / "holiday [draft]"
+    holiday.mkdir()
+    shutil.copy(sample_paths[0], holiday / "cat.png")
+    (tmp_path / "d[").mkdir()
+    shutil.copy(sample_paths[1], tmp_path / "d[/x].png")  # a file name that closes a tag
+    shutil.copy(sample_paths[2], tmp_path / "[bold]b.png")
+    out = tmp_path / "out [/]"
+    result = run_cli("encode", holiday, tmp_path / "d[/x].png", tmp_path / "[bold]b.png", tmp_path / "[red]gone.png",
+                     "-o", out)
+    assert result.returncode == 1, result.stderr
+    err = result.stderr.decode()
+    assert "Traceback" not in err and "MarkupError" not in err
+    for name in ("holiday [draft]/cat.png", "d[/x].png", "[bold]b.png", "[red]gone.png: no such file",
+                 "[bold]b.npy", "out [/]"):
+        assert name in err, name
+    assert [r["status"] for r in read_manifest(out)] == ["ok", "ok", "ok", "error"]
+
+    listed = run_cli("inspect", out / "[bold]b.npy", out / "x].npy", out / "[/nope].npy")
+    assert listed.returncode == 1
+    assert "[bold]b.npy" in listed.stdout.decode() and "x].npy" in listed.stdout.decode()
+    assert "[/nope].npy" in listed.stderr.decode()
+
+    made = run_cli("init", "-o", tmp_path / "layer [bold].pt")
+    assert made.returncode == 0 and "layer [bold].pt" in made.stderr.decode()
+
+
+@pytest.mark.parametrize("command", [["encode", "x.png"], ["info"]])
+@pytest.mark.parametrize("weights", ["timm:x[pretrained]", "missing [bold]w.pt"])
+def test_markup_in_weights_is_printed_as_is(tmp_path, command, weights):
+    result = run_cli(*command, "--weights", weights, cwd=tmp_path)
+    assert result.returncode in (1, 2)
+    err = result.stderr.decode()
+    assert "Traceback" not in err
+    # timm's own message names the model; without timm, the hint is pip install 'vitembed[pretrained]'.
+    assert ("[pretrained]" if weights.startswith("timm") else weights) in err
+
+
+def test_a_url_is_not_read_and_the_message_says_so(tmp_path):
+    url = "https://upload.wikimedia.org/wikipedia/commons/cat.jpg"
+    for result in (run_cli("encode", url, "-o", "out", cwd=tmp_path),
+                   run_cli("encode", "-", "-o", "out", input=url.encode() + b"\n", cwd=tmp_path)):
+        assert result.returncode == 1
+        err = result.stderr.decode()
+        assert "a URL; vitembed reads only local files" in err and "download it first" in err
+    assert f"curl -O {url})" in run_cli("encode", url, cwd=tmp_path).stderr.decode()  # as typed, // kept
+
+
+@pytest.mark.slow
+def test_missing_extra_hint_keeps_its_brackets(tmp_path):
+    """Without timm, the hint names the extra: pip install 'vitembed[pretrained]'."""
+    (tmp_path / "timm").mkdir()
+    (tmp_path / "timm" / "__init__.py").write_text("raise ImportError('no timm here')\n")
+    result = run_cli("info", "--weights", "timm:vit_base_patch16_224",
+                     env={"PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])})
+    assert result.returncode == 1
+    assert b"vitembed[pretrained]" in result.stderr and b"Traceback" not in result.stderr

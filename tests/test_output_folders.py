@@ -11,17 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
-from tests.conftest import json_lines, make_image, run_cli
+from tests.conftest import json_lines, make_image, make_images, npy_outputs, run_cli
 
 SMALL = ("--image-size", "32", "--patch-size", "8", "--emb-dim", "16", "-j", "0")
 
-
-def _photos(folder: Path, names: list[str]) -> Path:
-    for i, name in enumerate(names):
-        make_image(folder / name, size=(40 + i, 30 + i), seed=i)
-    return folder
 
 
 # --- records that are not regular files --------------------------------------------------------
@@ -29,7 +25,7 @@ def _photos(folder: Path, names: list[str]) -> Path:
 
 @pytest.mark.parametrize("record, overwrite", [("run.json", False), ("manifest.jsonl", False), ("run.json", True)])
 def test_a_fifo_as_a_record_is_refused_without_hanging(tmp_path, record, overwrite):
-    photos = _photos(tmp_path / "in", ["a.png"])
+    photos = make_images(tmp_path / "in", ["a.png"])
     out = tmp_path / "out"
     out.mkdir()
     os.mkfifo(out / record)
@@ -50,7 +46,7 @@ def test_a_fifo_as_a_record_is_refused_without_hanging(tmp_path, record, overwri
 
 @pytest.mark.parametrize("kind", ["bad json", "empty", "folder", "link"])
 def test_an_unreadable_run_json_is_called_unreadable(tmp_path, kind):
-    photos = _photos(tmp_path / "in", ["a.png"])
+    photos = make_images(tmp_path / "in", ["a.png"])
     out = tmp_path / "out"
     assert run_cli("encode", photos, "-o", out, *SMALL).returncode == 0
     (out / "run.json").unlink()
@@ -69,7 +65,7 @@ def test_an_unreadable_run_json_is_called_unreadable(tmp_path, kind):
 
 
 def test_a_fifo_as_the_lock_file_is_named_as_such(tmp_path):
-    photos = _photos(tmp_path / "in", ["a.png"])
+    photos = make_images(tmp_path / "in", ["a.png"])
     out = tmp_path / "out"
     out.mkdir()
     os.mkfifo(out / ".vitembed.lock")
@@ -82,7 +78,7 @@ def test_a_fifo_as_the_lock_file_is_named_as_such(tmp_path):
 
 
 def test_a_folder_inside_another_runs_folder_is_refused(tmp_path):
-    photos = _photos(tmp_path / "in", ["x.png", "sub/y.png"])
+    photos = make_images(tmp_path / "in", ["x.png", "sub/y.png"])
     outer = tmp_path / "P"
     assert run_cli("encode", photos, "-o", outer, *SMALL).returncode == 0
     before = (outer / "sub" / "y.npy").read_bytes()
@@ -93,7 +89,7 @@ def test_a_folder_inside_another_runs_folder_is_refused(tmp_path):
 
 
 def test_a_folder_that_holds_another_runs_folder_refuses_the_inputs_that_would_mix(tmp_path):
-    photos = _photos(tmp_path / "in", ["x.png", "sub/y.png"])
+    photos = make_images(tmp_path / "in", ["x.png", "sub/y.png"])
     outer = tmp_path / "P"
     assert run_cli("encode", photos / "sub", "-o", outer / "sub", "--seed", "7", *SMALL).returncode == 0
     inner = (outer / "sub" / "y.npy").read_bytes()
@@ -132,7 +128,7 @@ def test_a_linked_subfolder_is_refused_before_anything_is_created_through_it(tmp
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "sub").symlink_to(tmp_path / "elsewhere")
-    photos = _photos(tmp_path / "photos", ["sub/deep/er/b.png"])
+    photos = make_images(tmp_path / "photos", ["sub/deep/er/b.png"])
     r = run_cli("encode", photos, "-o", tmp_path / "out", "--json", *SMALL)
     assert r.returncode == 1 and "outside" in json_lines(r.stdout)[0]["error"]
     assert not any((tmp_path / "elsewhere").iterdir()), "folders were created outside -o DIR"
@@ -167,7 +163,7 @@ def test_a_manifest_is_read_line_by_line_with_a_bound(tmp_path):
 
 
 def test_a_nul_tail_is_dropped_before_appending(tmp_path):
-    photos = _photos(tmp_path / "in", ["a.png", "b.png"])
+    photos = make_images(tmp_path / "in", ["a.png", "b.png"])
     out = tmp_path / "out"
     assert run_cli("encode", photos / "a.png", "-o", out, *SMALL).returncode == 0
     with open(out / "manifest.jsonl", "ab") as f:
@@ -245,3 +241,40 @@ def test_file_uri_input_listing_reports_broken_links(tmp_path):
     errors = {Path(str(s.path)).name: s.error for s in sources}
     assert errors.get("a.png", "missing") is None
     assert errors.get("gone.png") == "broken symbolic link", errors
+
+
+def test_another_configuration_is_refused_or_overwritten_whole(photo_dir, tmp_path):
+    out = tmp_path / "out"
+    assert run_cli("encode", photo_dir, "-o", out, *SMALL, "-q").returncode == 0
+    before = npy_outputs(out)
+    r = run_cli("encode", photo_dir, "-o", out, "--image-size", "64", "--patch-size", "8", "--emb-dim", "16",
+                "--skip-existing")
+    assert r.returncode == 2 and b"image_size: 32 then, 64 now" in r.stderr
+    assert npy_outputs(out) == before
+    # --overwrite removes the old configuration's outputs, even those this run does not remake.
+    r = run_cli("encode", photo_dir / "a.png", "-o", out, "--image-size", "64", "--patch-size", "8",
+                "--emb-dim", "16", "--overwrite", "-q")
+    assert r.returncode == 0, r.stderr
+    assert sorted(npy_outputs(out)) == ["a.npy"] and np.load(out / "a.npy").shape == (65, 16)
+    assert not (out / "sub" / "c.npy").exists()
+
+
+def test_an_output_folder_below_a_file_is_one_line(photo_dir, tmp_path):
+    (tmp_path / "file").write_text("x")
+    r = run_cli("encode", photo_dir, "-o", tmp_path / "file" / "out", *SMALL)
+    assert r.returncode == 1 and b"Traceback" not in r.stderr
+    assert b"not a folder" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
+    from vitembed.folder import OutputFolder
+
+    out = tmp_path / "cout"
+    holder = OutputFolder(out, {"layer": {}}, {}, str)  # another run, writing into cout/
+    try:
+        r = run_cli("encode", make_images(tmp_path / "cA", ["a.png"]), "-o", out, *SMALL)
+        assert r.returncode == 2 and f"PID {os.getpid()}".encode() in r.stderr
+        assert not (out / "manifest.jsonl").exists()
+    finally:
+        holder.close()
+    assert run_cli("encode", tmp_path / "cA", "-o", out, *SMALL).returncode == 0

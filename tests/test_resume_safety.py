@@ -9,15 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import json_lines, make_image, read_manifest, run_cli
+from tests.conftest import json_lines, make_image, make_images, npy_outputs, read_manifest, run_cli
 
 SMALL = ("--image-size", "32", "--patch-size", "8", "--emb-dim", "16", "-j", "0")
 
-
-def _photos(folder: Path, names: list[str]) -> Path:
-    for i, name in enumerate(names):
-        make_image(folder / name, size=(40 + i, 30 + i), seed=i)
-    return folder
 
 
 def _statuses(stdout: bytes) -> dict[str, dict]:
@@ -25,7 +20,7 @@ def _statuses(stdout: bytes) -> dict[str, dict]:
 
 
 def test_failed_reencode_is_not_skipped_later_and_leaves_no_stale_output(tmp_path):
-    photos = _photos(tmp_path / "in", ["a.png", "b.png"])
+    photos = make_images(tmp_path / "in", ["a.png", "b.png"])
     out = tmp_path / "out"
     assert run_cli("encode", photos, "-o", out, *SMALL).returncode == 0
     (photos / "b.png").write_bytes(b"corrupted now")
@@ -40,7 +35,7 @@ def test_failed_reencode_is_not_skipped_later_and_leaves_no_stale_output(tmp_pat
 def test_output_of_an_input_whose_last_line_is_an_error_is_made_again(tmp_path):
     """An output left beside a manifest whose last line for its input is an error (a run that
     did not remove it) is not taken for that input's."""
-    photos = _photos(tmp_path / "in", ["a.png", "b.png"])
+    photos = make_images(tmp_path / "in", ["a.png", "b.png"])
     out = tmp_path / "out"
     assert run_cli("encode", photos, "-o", out, *SMALL).returncode == 0
     with open(out / "manifest.jsonl", "a") as f:
@@ -52,7 +47,7 @@ def test_output_of_an_input_whose_last_line_is_an_error_is_made_again(tmp_path):
 
 @pytest.mark.parametrize("cut", [200, 1000])
 def test_truncated_output_with_a_valid_header_is_made_again(tmp_path, cut):
-    photos = _photos(tmp_path / "in", ["a.png", "b.png"])
+    photos = make_images(tmp_path / "in", ["a.png", "b.png"])
     out = tmp_path / "out"
     assert run_cli("encode", photos, "-o", out, *SMALL).returncode == 0
     want = (out / "a.npy").read_bytes()
@@ -63,7 +58,7 @@ def test_truncated_output_with_a_valid_header_is_made_again(tmp_path, cut):
 
 
 def test_truncated_shard_with_a_valid_header_is_made_again(tmp_path):
-    photos = _photos(tmp_path / "in", [f"x{i}.png" for i in range(4)])
+    photos = make_images(tmp_path / "in", [f"x{i}.png" for i in range(4)])
     out = tmp_path / "out"
     args = ("encode", photos, "-o", out, "--shard-size", "4", *SMALL)
     assert run_cli(*args).returncode == 0
@@ -76,7 +71,7 @@ def test_truncated_shard_with_a_valid_header_is_made_again(tmp_path):
 
 def test_truncated_output_not_of_this_run_is_an_error_not_skipped(tmp_path):
     """Beside the inputs there is no manifest: a damaged file there is named, never skipped."""
-    photos = _photos(tmp_path / "in", ["a.png"])
+    photos = make_images(tmp_path / "in", ["a.png"])
     assert run_cli("encode", photos / "a.png", *SMALL).returncode == 0
     data = (photos / "a.npy").read_bytes()
     (photos / "a.npy").write_bytes(data[:200])
@@ -86,7 +81,7 @@ def test_truncated_output_not_of_this_run_is_an_error_not_skipped(tmp_path):
 
 
 def test_link_planted_at_an_output_name_is_never_skipped(tmp_path):
-    photos = _photos(tmp_path / "in", ["coffee.png", "dog.png"])
+    photos = make_images(tmp_path / "in", ["coffee.png", "dog.png"])
     out = tmp_path / "out"
     assert run_cli("encode", photos, "-o", out, *SMALL).returncode == 0
     elsewhere = tmp_path / "elsewhere"
@@ -106,7 +101,7 @@ def test_link_planted_at_an_output_name_is_never_skipped(tmp_path):
 
 
 def test_shard_whose_inputs_now_all_fail_keeps_no_earlier_rows(tmp_path):
-    photos = _photos(tmp_path / "in", [f"x{i}.png" for i in range(4)])
+    photos = make_images(tmp_path / "in", [f"x{i}.png" for i in range(4)])
     out = tmp_path / "out"
     args = ("encode", photos, "-o", out, "--shard-size", "2", *SMALL)
     assert run_cli(*args).returncode == 0
@@ -124,7 +119,7 @@ def test_shard_whose_inputs_now_all_fail_keeps_no_earlier_rows(tmp_path):
 def test_native_resume_checks_the_grid_not_only_d(tmp_path):
     """With --resize native a user's (5000, D) float32 file beside an image is neither replaced
     nor skipped: its rows do not fit the grid native gives that image."""
-    photos = _photos(tmp_path / "in", ["doc.png"])
+    photos = make_images(tmp_path / "in", ["doc.png"])
     user = np.zeros((5000, 16), np.float32)
     np.save(photos / "doc.npy", user)
     native = ("--resize", "native", "--max-patches", "64")
@@ -154,3 +149,73 @@ def test_manifest_tells_a_raw_byte_from_its_escape_text(tmp_path):
     assert str(folder / "plain-é.png") in inputs
     r = run_cli("encode", folder, "-o", out, "--json", "--skip-existing", *SMALL)
     assert r.returncode == 0 and all(x["status"] == "skipped" for x in json_lines(r.stdout))
+
+
+def test_resume_follows_collision_names_that_moved(tmp_path):
+    folder = tmp_path / "in"
+    make_image(folder / "pet.png", seed=1)
+    out = tmp_path / "out"
+    assert run_cli("encode", folder, "-o", out, *SMALL, "-q").returncode == 0
+    make_image(folder / "pet.jpg", seed=2)  # sorts first: now pet.jpg -> pet.npy, pet.png -> pet.png.npy
+    r = run_cli("encode", folder, "-o", out, "--skip-existing", "--json", *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert [rec["status"] for rec in json_lines(r.stdout)] == ["ok", "ok"]
+    fresh = tmp_path / "fresh"
+    assert run_cli("encode", folder, "-o", fresh, *SMALL, "-q").returncode == 0
+    assert npy_outputs(out) == npy_outputs(fresh)
+
+
+def test_sharded_resume_with_changed_inputs_rewrites_the_shards_that_moved(tmp_path):
+    photos = make_images(tmp_path / "sC", [f"img{i:03d}.png" for i in range(1, 9)])
+    args = ("encode", photos, "-o", tmp_path / "shC", "--shard-size", "4", *SMALL)
+    assert run_cli(*args).returncode == 0
+    make_image(photos / "img000.png", seed=99)  # sorts first: every row moves by one
+    r = run_cli(*args, "--skip-existing", "--json")
+    assert r.returncode == 0, r.stderr
+    assert all(x["status"] == "ok" for x in json_lines(r.stdout))
+    fresh = tmp_path / "fresh"
+    assert run_cli("encode", photos, "-o", fresh, "--shard-size", "4", *SMALL).returncode == 0
+    for name in ("shard-00000.npy", "shard-00001.npy", "shard-00002.npy"):
+        np.testing.assert_array_equal(np.load(tmp_path / "shC" / name), np.load(fresh / name))
+    rows = {(m["output"], m["row"]): Path(m["input"]).name for m in read_manifest(tmp_path / "shC")[-9:]}
+    assert rows[("shard-00000.npy", 0)] == "img000.png"
+
+
+def test_sharded_resume_over_another_folder_skips_nothing(tmp_path):
+    first = make_images(tmp_path / "a", [f"x{i}.png" for i in range(4)])
+    other = tmp_path / "b"
+    other.mkdir()
+    for i, p in enumerate(sorted(first.iterdir())):
+        make_image(other / f"y{i}.png", seed=50 + i)
+    assert run_cli("encode", first, "-o", tmp_path / "sh", "--shard-size", "4", *SMALL).returncode == 0
+    r = run_cli("encode", other, "-o", tmp_path / "sh", "--shard-size", "4", "--skip-existing", "--json", *SMALL)
+    assert r.returncode == 0, r.stderr
+    assert [x["status"] for x in json_lines(r.stdout)] == ["ok"] * 4
+
+
+def test_sharded_resume_redoes_a_shard_with_a_failed_row(tmp_path):
+    photos = make_images(tmp_path / "in", ["a.png", "b.png", "c.png", "d.png"])
+    good = (photos / "b.png").read_bytes()
+    (photos / "b.png").write_bytes(good[: len(good) // 2])  # truncated
+    args = ("encode", photos, "-o", tmp_path / "sh", "--shard-size", "4", *SMALL)
+    assert run_cli(*args).returncode == 1
+    again = run_cli(*args, "--skip-existing", "--json")  # still broken: still an error, never "skipped"
+    assert again.returncode == 1
+    assert {Path(x["input"]).name: x["status"] for x in json_lines(again.stdout)}["b.png"] == "error"
+    (photos / "b.png").write_bytes(good)
+    fixed = run_cli(*args, "--skip-existing", "--json")
+    assert fixed.returncode == 0 and [x["status"] for x in json_lines(fixed.stdout)] == ["ok"] * 4
+    assert not np.isnan(np.load(tmp_path / "sh" / "shard-00000.npy")).any()
+
+
+@pytest.mark.parametrize("out", [None, "one.npy"])
+def test_resume_checks_the_shape_and_dtype_it_finds(tmp_path, out):
+    bs = make_images(tmp_path / "bs", ["a.png"])
+    target = [] if out is None else ["-o", tmp_path / out]
+    assert run_cli("encode", bs / "a.png", *target).returncode == 0  # (257, 384)
+    r = run_cli("encode", bs / "a.png", *target, "--preset", "vit-b16", "--skip-existing", "--json")
+    record = json_lines(r.stdout)[0]
+    assert r.returncode == 1 and record["status"] == "error" and "(257, 384) float32" in record["error"]
+    r = run_cli("encode", bs / "a.png", *target, "--skip-existing", "--json")
+    assert r.returncode == 0 and json_lines(r.stdout)[0]["status"] == "skipped"
+    assert json_lines(r.stdout)[0]["shape"] == [257, 384]

@@ -17,6 +17,8 @@ from vitembed.images import Preprocess
 from vitembed.layer import PRESETS, build_layer
 from vitembed.pipeline import EncodeOptions
 
+SHAPE = [17, 16]
+
 # --- --shard-size --------------------------------------------------------------------------
 
 
@@ -118,3 +120,20 @@ def test_writer_threads_follow_the_cores(tmp_path, monkeypatch, cores, writers, 
     assert summary.ok == 1 and sizes == [expected]
     with pytest.raises(ConfigError, match="writers must be at least 1"):
         EncodeOptions(writers=0)
+
+
+def test_a_large_shard_size_holds_only_the_rows_written(tmp_path):
+    import tracemalloc
+
+    from tests.conftest import encode_with
+    from vitembed.config import LayerConfig
+    from vitembed.layer import build_layer
+
+    photos = _photos(tmp_path / "in", 4)
+    tracemalloc.start()
+    summary, _ = encode_with([photos], tmp_path / "sh", build_layer(LayerConfig(32, 8, 16)), workers=0,
+                             shard_size=20000)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert summary.ok == 4 and np.load(tmp_path / "sh" / "shard-00000.npy").shape == (4, *SHAPE)
+    assert peak < 50 << 20  # 20000 rows would be 21 MB of this small layer's tokens; vit-b16's 12 GB

@@ -1,6 +1,6 @@
-"""Hardening of what vitembed reads that others made: weights (--weights) and outputs (inspect).
-
-Issue #12, items 4, 5, 6 and 11; issue #13, item 3. Every call that could hang or exhaust memory
+"""What vitembed reads that others made, weights (--weights) and outputs (inspect), is read in
+bounded memory and time: no device or FIFO, no allocation a header merely claims, no unbounded
+read, and one clear line for a malformed file. Every call that could hang or exhaust memory
 if a defence regressed runs in a subprocess with a capped address space and a timeout, so that a
 regression fails its test instead of taking the machine down with it.
 """
@@ -73,7 +73,7 @@ def save_safetensors(state: dict, path: Path) -> Path:
     return path
 
 
-# --------------------------------------------------------------------------- item 4
+# --- devices and FIFOs as weights -------------------------------------------------------
 
 
 def _weights_case(tmp_path: Path, case: str) -> tuple[Path, str]:
@@ -107,13 +107,13 @@ def _weights_case(tmp_path: Path, case: str) -> tuple[Path, str]:
                                   "folder/model.safetensors -> /dev/zero", "index entry /dev/zero",
                                   "index entry ../", "index entry -> /dev/zero"])
 def test_device_or_fifo_as_weights_is_refused(tmp_path, case):
-    """Issue #12 item 4: /dev/zero, /dev/urandom or a FIFO as weights, directly, through a folder or
+    """/dev/zero, /dev/urandom or a FIFO as weights, directly, through a folder or
     through a shard index, is refused before it is opened (it used to eat all memory or hang)."""
     path, words = _weights_case(tmp_path, case)
     assert_one_line(run_limited("info", "--weights", path, timeout=60), words)
 
 
-# --------------------------------------------------------------------------- item 5
+# --- sizes a checkpoint claims ----------------------------------------------------------
 
 
 def _layer_file_claiming(tmp_path: Path, suffix: str, **config) -> Path:
@@ -152,7 +152,7 @@ def _layer_file_claiming(tmp_path: Path, suffix: str, **config) -> Path:
 ])
 @pytest.mark.slow
 def test_tiny_checkpoint_cannot_force_huge_allocations(tmp_path, case, words):
-    """Issue #12 item 5: a few KB that claim GBs (zero-stride tensors, a layer file whose config
+    """A few KB that claim GBs (zero-stride tensors, a layer file whose config
     lies about the tensors) are refused before anything is materialised, in one line."""
     if case.startswith("expanded"):
         _, tensor, size = case.split()
@@ -185,7 +185,7 @@ def test_storage_and_size_checks_let_real_layers_through(tmp_path):
     assert_one_line(run_limited("info", "--weights", tmp_path / "strided.pt", "--image-size", "80000"), "limit", code=2)
 
 
-# --------------------------------------------------------------------------- item 6
+# --- inspect, bounded -------------------------------------------------------------------
 
 
 def _npy_header(dtype: str, shape: tuple[int, ...]) -> bytes:
@@ -272,7 +272,7 @@ def _inspect_case(tmp_path: Path, case: str) -> tuple[Path, tuple[str, ...], int
 @pytest.mark.parametrize("case", ["zip-bomb.pt", "zero-stride.pt", "x.npz", "x.pth", "fifo.npy", "zero.npy",
                                   "object.npy", "short.npy"])
 def test_inspect_is_bounded(tmp_path, case):
-    """Issue #12 item 6: inspect refuses, in one line of its own words, whatever would make it
+    """Inspect refuses, in one line of its own words, whatever would make it
     allocate without bound, hang or crash."""
     path, words, memory = _inspect_case(tmp_path, case)
     err = assert_one_line(run_limited("inspect", path, memory=memory, timeout=60), str(path.name), *words)
@@ -281,7 +281,7 @@ def test_inspect_is_bounded(tmp_path, case):
 
 @pytest.mark.parametrize("dtype,gib", [("float16", 0.25), ("float32", 4), ("float32", 1024)])
 def test_inspect_streams_large_sparse_npy_in_bounded_memory(tmp_path, dtype, gib):
-    """Issue #12 item 6: a .npy of any size is read in chunks (holes of a sparse file as zeros,
+    """A .npy of any size is read in chunks (holes of a sparse file as zeros,
     unread), within 1 GiB of address space; a few values written at the end are seen."""
     values = int(gib * GiB) // np.dtype(dtype).itemsize
     path = _sparse_npy(tmp_path / "big.npy", dtype, (values // 1024, 1024))
@@ -330,7 +330,7 @@ def test_inspect_statistics_equal_numpy_across_chunks(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name,looks", [("cat.png", "a PNG image"), ("cat.jpg", "a JPEG image"),
                                         ("notes.npy", None), ("empty.npy", "empty")])
 def test_inspect_names_what_a_non_output_file_looks_like(tmp_path, name, looks):
-    """Issue #13 item 3: not numpy's advice about allow_pickle, but what the file is."""
+    """Not numpy's advice about allow_pickle, but what the file is."""
     path = tmp_path / name
     if name.startswith("cat"):
         make_image(path)
@@ -344,7 +344,7 @@ def test_inspect_names_what_a_non_output_file_looks_like(tmp_path, name, looks):
         assert looks in result.output
 
 
-# --------------------------------------------------------------------------- item 11
+# --- malformed weights folders ----------------------------------------------------------
 
 
 PROCESSOR = {"do_normalize": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
@@ -372,7 +372,7 @@ MALFORMED = {  # name: (file, its JSON text, words of the refusal)
 
 @pytest.mark.parametrize("case", [*MALFORMED, "layer version abc"])
 def test_malformed_weights_folder_is_one_clear_line(tmp_path, case):
-    """Issue #12 item 11: a malformed config beside the weights is one line naming the file and the
+    """A malformed config beside the weights is one line naming the file and the
     reason, never a traceback nor NaN tokens reported "ok"."""
     if case == "layer version abc":
         path = tmp_path / "layer.pt"
