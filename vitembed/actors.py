@@ -38,10 +38,13 @@ def actor_engine(engine: str, gpus: float) -> tuple[str, str]:
 
 
 def node_id() -> str:
-    """The Ray node this process runs on ("" outside Ray)."""
+    """The Ray node this process runs on ("" outside Ray: asking Ray's runtime context there would
+    start a local cluster)."""
     try:
         import ray
 
+        if not ray.is_initialized():
+            return ""
         return ray.get_runtime_context().get_node_id() or ""
     except Exception:  # noqa: BLE001 - only a label for the report
         return ""
