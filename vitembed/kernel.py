@@ -18,8 +18,9 @@ step 5 (`LayerNorm`): the prefix rows once, in T; the patch rows per image, afte
 
 Which tokens (`TOKENS`) is decided here too, in T, so that both engines give the same: `z0`
 (all of the above: what the first transformer block receives); `z0-before-norm` (z0 without the
-pre-norm; z0 itself for a layer without one); `patches` (x_p E + bias: steps 1-3, no prefix rows, no E_pos); `patches+pos`
-(x_p E + bias + E_pos's patch rows, no prefix rows: what MAE-style code masks).
+pre-norm; z0 itself for a layer without one); `patches` (x_p E + bias: steps 1-3, no prefix rows,
+no E_pos); `patches+pos` (x_p E + bias + E_pos's patch rows, no prefix rows: what MAE-style code
+masks).
 
 With `--resize native` each image has a grid of its own: `GridTables` makes T for any grid, the
 layer's E_pos resampled to it (`resolution.resample_grid`) and folded the same way, and keeps the
@@ -162,17 +163,18 @@ class LayerNorm:
     bias: np.ndarray  # (D,)
     eps: float
 
-    def __call__(self, x: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """(rows, D) -> (rows, D) float32; in place when `out` is `x` (no temporary of x's size)."""
-        out = np.array(x, np.float32) if out is None else out
-        if out is not x:
-            out[...] = x
-        out -= out.mean(axis=-1, keepdims=True, dtype=np.float32)
-        var = np.einsum("ij,ij->i", out, out) / np.float32(out.shape[-1])  # (rows,), one pass, no (rows, D) square
-        out *= (1.0 / np.sqrt(var + np.float32(self.eps)))[:, None]
-        out *= self.weight
-        out += self.bias
-        return out
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        """(rows, D) -> a new (rows, D) float32 array."""
+        return self.inplace(np.array(x, np.float32))
+
+    def inplace(self, x: np.ndarray) -> np.ndarray:
+        """Normalise the float32 rows of `x` in place (no temporary of x's size); returns `x`."""
+        x -= x.mean(axis=-1, keepdims=True, dtype=np.float32)
+        var = np.einsum("ij,ij->i", x, x) / np.float32(x.shape[-1])  # (rows,), one pass, no (rows, D) square
+        x *= (1.0 / np.sqrt(var + np.float32(self.eps)))[:, None]
+        x *= self.weight
+        x += self.bias
+        return x
 
 
 def _float32(value) -> np.ndarray:
@@ -277,5 +279,5 @@ class Kernel:
         np.matmul(patches.astype(np.float32), self.weight, out=out[k:])  # (3): x_p E
         out[k:] += table[k:]  # (5): + bias (+ E_pos)
         if self.norm is not None:
-            self.norm(out[k:], out=out[k:])  # the pre-norm (CLIP's ln_pre), token by token
+            self.norm.inplace(out[k:])  # the pre-norm (CLIP's ln_pre), token by token
         return out
