@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULT_PRESET", "PRESETS", "PRESET_PREPROCESS", "LayerConfig", "preset_preprocess", "nearest_valid_sizes", "parse_image_size",
-           "resolve_config"]
+__all__ = ["DEFAULT_PRESET", "PRESETS", "PRESET_PREPROCESS", "LayerConfig", "nearest_valid_sizes", "parse_image_size",
+           "preset_preprocess", "resolve_config"]
 
 
 # Far above every ViT (ViT-G: 224 px, P = 14, D = 1664; 896 px grids exist), far below what would

@@ -222,9 +222,8 @@ class EncodeRequest:
 
         layer, source, notes, weights_prep = self.layer.load(native=self.preprocessing.resize == "native")
         prep = self.preprocessing.preprocess(layer.config, weights_prep, self.layer)
-        method = self.layer.pos_resample or getattr(layer, "pos_resample", "timm")  # the checkpoint library's own
         encoder = Encoder(layer, prep, engine=engine, device=device, dtype=self.output.dtype, tokens=self.layer.tokens,
-                          pos_resample=method)
+                          pos_resample=self.layer.pos_resample)  # None: the checkpoint library's own
         return encoder, source, notes
 
     def encoder(self):
