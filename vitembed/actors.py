@@ -107,6 +107,10 @@ class JobActor(EncoderActor):
         self.options = dataclasses.replace(options, workers=0, ray=None)
         self.task, self.sink = stages(self.encoder, plan, self.options, None)
 
+    def where(self) -> tuple[str, int]:
+        """(this actor's node, its process id): the driver waits for a killed actor's process."""
+        return node_id(), os.getpid()
+
     def run(self, arguments: list, rows: list[list]) -> tuple[str, list]:
         """(this actor's node, the outcome of every input of the window's rows).
 

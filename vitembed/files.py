@@ -24,7 +24,8 @@ from typing import BinaryIO
 from .errors import OutputError
 
 __all__ = ["Cleaner", "atomic_write", "clean_stale_temporaries", "describe_folder_error", "describe_os_error",
-           "is_temporary", "leave_temporaries", "replace_atomically", "silence_stream", "temporary_name"]
+           "is_temporary", "leave_temporaries", "process_alive", "replace_atomically", "silence_stream",
+           "temporary_name"]
 
 _TMP_RE = re.compile(r"^\.vitembed-(\d+)-[0-9a-f]+\.tmp$")
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
@@ -188,6 +189,11 @@ def clean_stale_temporaries(folder: Path) -> int:
             except OSError:
                 pass
     return removed
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this machine may still write (a zombie cannot)."""
+    return _pid_alive(pid)
 
 
 def _pid_alive(pid: int) -> bool:

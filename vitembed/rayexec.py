@@ -20,12 +20,14 @@
 from __future__ import annotations
 
 import math
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from .actors import JobActor
+from .actors import JobActor, node_id
+from .files import process_alive
 from .outcomes import Job, job_of
 from .poolworkers import TaskFailed, failure
 
@@ -87,6 +89,7 @@ class RayExecutor:
         self._arguments, self.actor_class = actor_arguments, actor_class
         self._reference: list | None = None
         self.actors: list = []
+        self._pids: list = []  # per actor, a reference to (its node, its process id)
         self.queued: list[int] = []  # windows out, per actor
         self.nodes: set[str] = set()
         self.folders: dict = {}  # one job per output folder: where killed actors may leave temporaries
@@ -125,6 +128,7 @@ class RayExecutor:
             self.ray.wait([actor.__ray_ready__.options(max_task_retries=0).remote() for actor in self.actors], num_returns=len(self.actors),
                           timeout=_KILL_WAIT)
         self.actors, self.queued = [], []
+        self._wait_for_processes()
         return list(self.folders.values())
 
     def describe(self) -> str:
@@ -181,11 +185,31 @@ class RayExecutor:
         window.actor, window.ref = actor, self.actors[actor].run.remote(self._reference, window.rows)
         self.queued[actor] += 1
 
+    def _wait_for_processes(self) -> None:
+        """Wait (`_KILL_WAIT` at most) until this node's killed actor processes have ended: Ray has
+        an actor for dead a moment before its process is gone, and until then it may still write
+        a temporary file that the clean-up after `close` would take for a live writer's."""
+        ready, _ = self.ray.wait(self._pids, num_returns=len(self._pids), timeout=0) if self._pids else ([], [])
+        here, pids = node_id(), []
+        for ref in ready:
+            try:
+                node, pid = self.ray.get(ref)
+            except Exception:  # noqa: BLE001 - an actor that died before it answered writes nothing more
+                continue
+            if node == here:
+                pids.append(pid)
+        deadline = time.monotonic() + _KILL_WAIT
+        while any(process_alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._pids = []
+
     def _start_actor(self) -> None:
         if self._reference is None:  # put once, for every actor
             self._reference = [self.ray.put(self._arguments)]
         remote = self.ray.remote(self.actor_class).options(max_restarts=-1, max_task_retries=RETRIES, **self.resources)
         self.actors.append(remote.remote())
+        if hasattr(self.actor_class, "where"):  # JobActor's; a test's stand-in writes no files
+            self._pids.append(self.actors[-1].where.remote())  # before any window: the actor's first call
         self.queued.append(0)
 
     # --- receiving ---------------------------------------------------------------------------
