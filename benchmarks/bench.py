@@ -213,7 +213,7 @@ def machine() -> str:
         pass
     import torch
 
-    from vitembed.blas import blas_core
+    from vitembed.layer.blas import blas_core
 
     # numpy's OpenBLAS chose its kernels when numpy loaded, from OPENBLAS_CORETYPE or the CPU.
     return (f"{model}, {os.cpu_count()} cores; Python {platform.python_version()}, torch {torch.__version__}, "

@@ -26,13 +26,13 @@ from types import SimpleNamespace
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench import build_small, machine  # noqa: E402
-from vitembed.images import Preprocess  # noqa: E402
-from vitembed.inputs import Source  # noqa: E402
-from vitembed.outcomes import Job  # noqa: E402
-from vitembed.pipeline import window_size  # noqa: E402
-from vitembed.pool import OrderedPool  # noqa: E402
-from vitembed.processes import decoder_context, start_decoder_server  # noqa: E402
-from vitembed.workers import WorkerTask, init_worker  # noqa: E402
+from vitembed.images.decode import Preprocess  # noqa: E402
+from vitembed.images.inputs import Source  # noqa: E402
+from vitembed.pipeline.outcomes import Job  # noqa: E402
+from vitembed.pipeline.skeleton import window_size  # noqa: E402
+from vitembed.executors.pool import OrderedPool  # noqa: E402
+from vitembed.executors.processes import decoder_context, start_decoder_server  # noqa: E402
+from vitembed.executors.decoder import WorkerTask, init_worker  # noqa: E402
 
 
 def run(paths: list[Path], device_jpegs: bool, chunks: bool, workers: int) -> tuple[float, float]:

@@ -29,7 +29,7 @@ import atexit, resource, sys
 atexit.register(lambda: print(f"peak-rss-mib {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.1f}",
                               file=sys.stderr, flush=True))
 sys.argv[0] = "vitembed"
-from vitembed.cli import main
+from vitembed.cli.main import main
 main()
 """
 

@@ -99,7 +99,7 @@ def run_cli(*args: str, input: bytes | None = None, cwd: Path | None = None, tim
 
     from typer.testing import CliRunner
 
-    from vitembed.cli import app
+    from vitembed.cli.main import app
 
     args = _decoding_here(args)
     here = os.getcwd()
@@ -144,9 +144,9 @@ def encode_with(inputs, out, layer, prep=None, *, engine: str = "auto", device: 
     """The library's run (`pipeline.run`) over files or folders, with `layer` (any form an Encoder
     takes); returns (summary, outcomes in the order they were reported)."""
     from vitembed.encoder import Encoder
-    from vitembed.inputs import iter_sources
-    from vitembed.outputs import OutputPlan
-    from vitembed.pipeline import EncodeOptions, run
+    from vitembed.images.inputs import iter_sources
+    from vitembed.pipeline.plan import OutputPlan
+    from vitembed.pipeline.skeleton import EncodeOptions, run
 
     outcomes = []
     encoder = Encoder(layer, prep, engine=engine, device=device, dtype=dtype)

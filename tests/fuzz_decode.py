@@ -10,7 +10,7 @@ import io, os, sys, random, resource, signal, traceback, time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 from PIL import Image
-from vitembed.images import load_image, Preprocess
+from vitembed.images.decode import load_image, Preprocess
 from vitembed.errors import InputError
 
 def seeds():

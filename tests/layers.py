@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from vitembed.layer import LayerConfig, build_layer
+from vitembed.layer.reference import LayerConfig, build_layer
 
 # Small shapes covering the prefix variants: class token, register tokens (with and without
 # position embeddings of their own), no class token, a grey input, and rectangular inputs (H x W).

@@ -11,10 +11,10 @@ import pytest
 
 import vitembed
 from tests.conftest import ROOT, make_image, run_cli
-from vitembed.config import LayerConfig
+from vitembed.layer.config import LayerConfig
 from vitembed.errors import ConfigError
-from vitembed.images import Preprocess
-from vitembed.layer import build_layer
+from vitembed.images.decode import Preprocess
+from vitembed.layer.reference import build_layer
 
 SMALL = LayerConfig(32, 8, 16)
 

@@ -59,8 +59,8 @@ PIXELS = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint
 
 @pytest.fixture(scope="module")
 def encoder():
-    from vitembed.config import LayerConfig
-    from vitembed.layer import build_layer
+    from vitembed.layer.config import LayerConfig
+    from vitembed.layer.reference import build_layer
 
     return vitembed.Encoder(build_layer(LayerConfig(32, 8, 16), seed=1))
 

@@ -21,9 +21,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from vitembed.cli import app
-from vitembed.ptformat import _pickle
-from vitembed.weights import load_weights, save_layer
+from vitembed.cli.main import app
+from vitembed.files.ptformat import _pickle
+from vitembed.weights.load import load_weights, save_layer
 
 from tests.conftest import make_image
 
@@ -53,7 +53,7 @@ def assert_one_line(r, *substrings: str, code: int = 1) -> str:
 
 
 def small_layer():
-    from vitembed.layer import LayerConfig, build_layer
+    from vitembed.layer.reference import LayerConfig, build_layer
 
     return build_layer(LayerConfig(32, 8, 16), seed=0)
 
@@ -299,7 +299,7 @@ def test_inspect_streams_large_sparse_npy_in_bounded_memory(tmp_path, dtype, gib
 
 
 def test_inspect_statistics_equal_numpy_across_chunks(tmp_path, monkeypatch):
-    from vitembed import stats
+    from vitembed.files import stats
 
     monkeypatch.setattr(stats, "CHUNK", 1000)  # many chunks, one of them partial
     rng = np.random.default_rng(0)

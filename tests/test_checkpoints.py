@@ -19,9 +19,9 @@ from PIL import Image
 
 from tests.conftest import make_image, run_cli
 from tests.seed_reference import SeedVitInputLayer
-from vitembed.checkpoints import resample_pos_embed
+from vitembed.weights.checkpoints import resample_pos_embed
 from vitembed.errors import WeightsError
-from vitembed.weights import load_weights
+from vitembed.weights.load import load_weights
 
 ATOL = RTOL = 1e-5
 SMALL = dict(image_size=32, patch_size=8, dim=48)
@@ -413,7 +413,7 @@ def test_distillation_tokens_follow_the_class_token():
 
 
 def load_weights_from(state: dict):
-    from vitembed.checkpoints import convert_state_dict
+    from vitembed.weights.checkpoints import convert_state_dict
 
     return convert_state_dict(state, "test")
 

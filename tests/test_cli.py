@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from tests.conftest import make_image, run_cli
-from vitembed.images import Preprocess, load_image
-from vitembed.layer import PRESETS, build_layer, resolve_config
+from vitembed.images.decode import Preprocess, load_image
+from vitembed.layer.reference import PRESETS, build_layer, resolve_config
 from vitembed.encoder import encode_images
 
 
@@ -274,7 +274,7 @@ def test_help_and_info_do_not_import_torch():
     code = (
         "import sys\n"
         "from typer.testing import CliRunner\n"
-        "from vitembed.cli import app\n"
+        "from vitembed.cli.main import app\n"
         "r = CliRunner().invoke(app, ['info', '--preset', 'vit-b16'])\n"
         "assert r.exit_code == 0, r.output\n"
         "r = CliRunner().invoke(app, ['encode', '--help'])\n"
@@ -338,7 +338,7 @@ def test_stdout_reader_leaving_early_ends_quietly(sample_paths):
 
 
 def test_decoder_server_starts_early_unless_unused():
-    from vitembed.startup import wants_decoders as _decoders_wanted
+    from vitembed.cli.startup import wants_decoders as _decoders_wanted
 
     assert _decoders_wanted(["photos/", "-o", "out/"]) and _decoders_wanted(["x", "-j", "2"])
     for args in (["x", "-j", "0"], ["x", "-j0"], ["x", "--workers", "0"], ["x", "--workers=0"], ["--help"], ["-h"]):
@@ -347,7 +347,7 @@ def test_decoder_server_starts_early_unless_unused():
 
 def _exit_script(*lines: str) -> subprocess.CompletedProcess:
     """Python `lines` run after importing sys, atexit, threading, time and _exit_without_teardown."""
-    head = "import atexit, sys, threading, time\nfrom vitembed.startup import exit_without_teardown as _exit_without_teardown\n"
+    head = "import atexit, sys, threading, time\nfrom vitembed.cli.startup import exit_without_teardown as _exit_without_teardown\n"
     return subprocess.run([sys.executable, "-c", head + "\n".join(lines)], capture_output=True, text=True, timeout=60)
 
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from tests.conftest import run_cli
-from vitembed.formats import DTYPE_ALIASES
+from vitembed.files.formats import DTYPE_ALIASES
 
 COMMANDS = [[], ["encode"], ["init"], ["info"], ["inspect"]]
 
@@ -77,7 +77,7 @@ def test_wrong_dtype_suggests_the_spelling(sample_paths):
 def test_table_never_wraps_a_file_name():
     from rich.console import Console
 
-    from vitembed.report import print_table
+    from vitembed.pipeline.report import print_table
 
     name = "photos/" + "a-long-folder-name/" * 5 + "astronaut.png"
     rows = [(name, "tokens/astronaut.npy", "257 x 384", "float32", "ok")]
@@ -122,7 +122,7 @@ def test_version():
 
 @pytest.mark.slow
 def test_version_imports_no_torch():
-    code = ("import sys\nfrom typer.testing import CliRunner\nfrom vitembed.cli import app\n"
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom vitembed.cli.main import app\n"
             "assert CliRunner().invoke(app, ['--version']).exit_code == 0\n"
             "print(sorted(m for m in ('torch', 'numpy', 'PIL') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

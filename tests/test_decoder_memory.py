@@ -17,7 +17,7 @@ def test_a_decoders_address_space_is_capped(tmp_path):
     """A worker's address space is limited, so a header that lies past --max-pixels cannot exhaust RAM."""
     script = (
         "import resource, sys; sys.path.insert(0, %r)\n"
-        "from vitembed.workers import limit_memory; limit_memory(1000)\n"
+        "from vitembed.executors.decoder import limit_memory; limit_memory(1000)\n"
         "print(resource.getrlimit(resource.RLIMIT_AS)[0])\n"
         "try:\n    b = bytearray(8 << 30)\nexcept MemoryError:\n    print('refused')\n"
     ) % str(Path(__file__).resolve().parent.parent)
@@ -46,7 +46,7 @@ def test_a_large_16_bit_image_decodes_in_a_fraction_of_the_memory(tmp_path):
     import sys
 
     png = _png16_grey_zeros(tmp_path / "big16.png", 13370)
-    script = ("import resource, sys\nfrom vitembed.images import Preprocess, load_image\n"
+    script = ("import resource, sys\nfrom vitembed.images.decode import Preprocess, load_image\n"
               f"load_image({str(png)!r}, Preprocess())\n"
               "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n")
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
@@ -82,8 +82,8 @@ def test_large_images_are_decoded_one_at_a_time_across_decoders(tmp_path, monkey
 
     from PIL import ImageFile
 
-    from vitembed import images
-    from vitembed.images import Preprocess, load_image
+    from vitembed.images import decode as images
+    from vitembed.images.decode import Preprocess, load_image
 
     LARGE_PIXELS = 100 * 100  # the bound, lowered: the same rule over small files
     monkeypatch.setattr(images, "LARGE_PIXELS", LARGE_PIXELS)

@@ -16,12 +16,13 @@ import torch
 from PIL import Image, ImageOps
 
 from tests.conftest import encode_with, make_image, run_cli
-from vitembed import devicedecode, pipeline
-from vitembed.devicedecode import decode_jpegs, orient
+from vitembed.images import device as devicedecode
+from vitembed.pipeline import skeleton as pipeline
+from vitembed.images.device import decode_jpegs, orient
 from vitembed.errors import ConfigError
-from vitembed.images import PlainJpeg, Preprocess, load_image, read_plain_jpeg
-from vitembed.layer import PRESETS, LayerConfig, build_layer
-from vitembed.pipeline import EncodeOptions
+from vitembed.images.decode import PlainJpeg, Preprocess, load_image, read_plain_jpeg
+from vitembed.layer.reference import PRESETS, LayerConfig, build_layer
+from vitembed.pipeline.skeleton import EncodeOptions
 
 CPU = torch.device("cpu")
 
@@ -111,7 +112,7 @@ def test_exif_orientations_as_pillow(tmp_path, orientation):
 
 def test_large_batches_are_decoded_in_chunks(tmp_path, sample_paths, monkeypatch):
     """No more than CHUNK_PIXELS decoded at once (an image larger than that alone); same pixels."""
-    from vitembed import devicedecode
+    from vitembed.images import device as devicedecode
 
     prep = Preprocess()
     jpegs = [read_plain_jpeg(p, prep) for p in _photo_jpegs(tmp_path, sample_paths)]

@@ -15,14 +15,14 @@ import torch
 
 from tests.conftest import encode_with, make_image, run_cli
 from tests.layers import SMALL_CONFIGS, random_layer
-from vitembed.blas import blas_threads, set_blas_threads, single_blas_thread
-from vitembed.config import LayerConfig
+from vitembed.layer.blas import blas_threads, set_blas_threads, single_blas_thread
+from vitembed.layer.config import LayerConfig
 from vitembed.encoder import Encoder, encode_images
 from vitembed.errors import ConfigError
-from vitembed.images import Preprocess, load_image
-from vitembed.kernel import LayerParams, fingerprint
-from vitembed.layer import PRESETS, build_layer
-from vitembed.layercache import cached_random_layer, random_layer_params
+from vitembed.images.decode import Preprocess, load_image
+from vitembed.layer.kernel import LayerParams, fingerprint
+from vitembed.layer.reference import PRESETS, build_layer
+from vitembed.weights.cache import cached_random_layer, random_layer_params
 
 CONFIGS = [*SMALL_CONFIGS, PRESETS["seed"], PRESETS["vit-b16"]]
 
@@ -233,7 +233,7 @@ def test_grey_images_through_the_engine(tmp_path):
 
 HEAP_SCRIPT = """
 import resource, sys, numpy as np
-from vitembed.processes import keep_heap
+from vitembed.executors.processes import keep_heap
 if sys.argv[1] == "keep":
     keep_heap()
 rng = np.random.default_rng(0)

@@ -14,12 +14,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import json_lines, make_image, run_cli
-from vitembed.inputs import Source
-from vitembed.outcomes import Job, Written
-from vitembed.pipeline import Executor, outcomes, run
-from vitembed.pool import OrderedPool
-from vitembed.poolworkers import DIED, TaskFailed
-from vitembed.sinks import Sink
+from vitembed.images.inputs import Source
+from vitembed.pipeline.outcomes import Job, Written
+from vitembed.pipeline.skeleton import Executor, outcomes, run
+from vitembed.executors.pool import OrderedPool
+from vitembed.executors.poolworker import DIED, TaskFailed
+from vitembed.pipeline.sinks import Sink
 
 SMALL = ["--image-size", "32", "--patch-size", "8", "--emb-dim", "16"]
 
@@ -91,9 +91,9 @@ def test_an_input_that_kills_its_decoder_is_reported_alone(tmp_path):
 
 @pytest.mark.slow
 def test_an_input_that_kills_its_ray_actor_is_reported_alone(ray_session, tmp_path):
-    from vitembed.pipeline import RayOptions
-    from vitembed.rayexec import DIED as RAY_DIED
-    from vitembed.rayexec import RayExecutor
+    from vitembed.pipeline.skeleton import RayOptions
+    from vitembed.executors.rayexec import DIED as RAY_DIED
+    from vitembed.executors.rayexec import RayExecutor
 
     jobs = _jobs(tmp_path, ["a", "b", "poison", "c", "d", "e", "f"])
     executor = RayExecutor({}, RayOptions(cpus=0.5, actors=2), 3, False, threading.Event(), actor_class=PoisonActor)
@@ -107,8 +107,8 @@ def test_an_input_that_kills_its_ray_actor_is_reported_alone(ray_session, tmp_pa
 
 @pytest.mark.slow
 def test_the_ray_executor_reads_the_plan_a_few_windows_ahead(ray_session, tmp_path):
-    from vitembed.pipeline import RayOptions
-    from vitembed.rayexec import IN_FLIGHT, RayExecutor
+    from vitembed.pipeline.skeleton import RayOptions
+    from vitembed.executors.rayexec import IN_FLIGHT, RayExecutor
 
     read = itertools.count()
     names = (f"i{next(read)}" for _ in range(100_000))
@@ -146,9 +146,9 @@ def test_the_skeleton_counts_reports_and_cleans_up_after_any_executor(tmp_path):
     """Outcomes in any order are counted and reported once each; the temporaries in the folders
     of the jobs `close()` returns are removed, whatever the executor."""
     from vitembed.encoder import Encoder
-    from vitembed.images import Preprocess
-    from vitembed.layer import PRESETS, build_layer
-    from vitembed.outputs import OutputPlan
+    from vitembed.images.decode import Preprocess
+    from vitembed.layer.reference import PRESETS, build_layer
+    from vitembed.pipeline.plan import OutputPlan
 
     for i in range(3):
         make_image(tmp_path / "in" / f"p{i}.png", seed=i)
@@ -164,7 +164,7 @@ def test_the_skeleton_counts_reports_and_cleans_up_after_any_executor(tmp_path):
         scripted.append(_Scripted(backwards, [Job(Source(tmp_path / "in" / "p0.png", Path("p0.png")), stale, 0)]))
         return scripted[0], Sink()
 
-    from vitembed.inputs import iter_sources
+    from vitembed.images.inputs import iter_sources
 
     seen = []
     summary = run(iter_sources([str(tmp_path / "in")]), encoder, OutputPlan.from_option(str(out), None),
@@ -177,7 +177,7 @@ def test_the_skeleton_counts_reports_and_cleans_up_after_any_executor(tmp_path):
 
 def test_a_pass_through_item_is_its_own_outcome(tmp_path):
     """(item, None): an item that needed no task (a skip, a known failure) is final as it is."""
-    from vitembed.outcomes import Skipped
+    from vitembed.pipeline.outcomes import Skipped
 
     skipped = Skipped(Source(tmp_path / "x.png", Path("x.png")))
     got = list(outcomes([(skipped, None)], None, Sink(), 4, threading.Event()))
@@ -186,7 +186,7 @@ def test_a_pass_through_item_is_its_own_outcome(tmp_path):
 
 def test_a_ray_run_starts_no_local_decoder_server():
     """`--ray`: the actors decode; the CLI does not start the forkserver of local decoders."""
-    from vitembed.startup import wants_decoders
+    from vitembed.cli.startup import wants_decoders
 
     assert wants_decoders(["photos", "-o", "out"])
     assert not wants_decoders(["photos", "-o", "out", "--ray", "--ray-actors", "2"])

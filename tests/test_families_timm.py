@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from tests.conftest import make_image, run_cli
 from tests.dinov2_reference import Dinov2Reference, Dinov3Reference
 from tests.test_checkpoints import assert_clean_error, pixels, save
-from vitembed.checkpoints import resize_weights
+from vitembed.weights.checkpoints import resize_weights
 from vitembed.encoder import Encoder
-from vitembed.images import Preprocess, load_image
-from vitembed.weights import load_weights
+from vitembed.images.decode import Preprocess, load_image
+from vitembed.weights.load import load_weights
 
 ATOL = RTOL = 1e-4
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -436,8 +436,8 @@ def test_ray_actor_gets_the_pre_norm_through_the_fold(tmp_path, monkeypatch):
     built here, outside Ray: its node label is not asked of Ray (asking would start a local cluster)."""
     import pickle
 
-    from vitembed import actors
-    from vitembed.actors import EncoderActor
+    from vitembed.executors import actors
+    from vitembed.executors.actors import EncoderActor
 
     monkeypatch.setattr(actors, "node_id", lambda: "")
 
@@ -459,7 +459,7 @@ def test_timm_eval_transform_is_the_weights_preprocessing(crop_mode, crop_pct, s
     (crop_mode squash with crop_pct < 1: squash to S / crop_pct, then the centre S)."""
     from timm.data import create_transform
 
-    from vitembed.checkpoints import timm_preprocess
+    from vitembed.weights.checkpoints import timm_preprocess
 
     cfg = {"crop_mode": crop_mode, "crop_pct": crop_pct, "interpolation": "bilinear", "mean": (0, 0, 0),
            "std": (1, 1, 1)}

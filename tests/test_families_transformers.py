@@ -25,11 +25,11 @@ import torch
 
 from tests.conftest import make_image, run_cli
 from tests.test_checkpoints import assert_clean_error, fill_hf_cache, pixels
-from vitembed.checkpoints import resize_weights
+from vitembed.weights.checkpoints import resize_weights
 from vitembed.encoder import Encoder
-from vitembed.images import Preprocess, load_image
-from vitembed.pictures import token_layout
-from vitembed.weights import load_weights
+from vitembed.images.decode import Preprocess, load_image
+from vitembed.show.pictures import token_layout
+from vitembed.weights.load import load_weights
 
 ATOL = RTOL = 1e-4
 P, D, TRAINED = 8, 32, 32
@@ -269,7 +269,7 @@ def dinov2_518(tmp_path_factory):
 def test_dinov2_folder_defaults_to_its_processors_crop(dinov2_518, tmp_path):
     """By default the layer is at the 224 crop (257 rows, not 1370), its table resampled from 37 x 37 as
     Dinov2Model.interpolate_pos_encoding does: equal to the model's hidden_states[0] on 224 x 224 input."""
-    from vitembed.request import LayerOptions
+    from vitembed.pipeline.request import LayerOptions
 
     model, folder = dinov2_518
     layer, _, notes, prep = LayerOptions(weights=str(folder)).load()
@@ -338,7 +338,7 @@ def test_processor_pixels_are_vitembeds(processor, kwargs, sample_paths):
     import transformers
     from PIL import Image
 
-    from vitembed.checkpoints import hf_input_size, hf_preprocess
+    from vitembed.weights.checkpoints import hf_input_size, hf_preprocess
 
     proc = getattr(transformers, processor)(**kwargs)
     config = proc.to_dict()

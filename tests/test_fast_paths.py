@@ -13,8 +13,8 @@ from PIL import Image
 
 from tests.conftest import make_image
 from vitembed.encoder import Encoder, encode_images
-from vitembed.images import Preprocess, load_image
-from vitembed.layer import PRESETS, build_layer
+from vitembed.images.decode import Preprocess, load_image
+from vitembed.layer.reference import PRESETS, build_layer
 
 # --- the channels-last layer input ---------------------------------------------------------
 

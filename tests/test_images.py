@@ -13,8 +13,8 @@ from torchvision import transforms
 
 from tests.conftest import make_image
 from vitembed.errors import ConfigError, InputError
-from vitembed.images import NORMALIZATIONS, Preprocess, is_image_path, load_image, parse_color
-from vitembed.layer import LayerConfig, build_layer
+from vitembed.images.decode import NORMALIZATIONS, Preprocess, is_image_path, load_image, parse_color
+from vitembed.layer.reference import LayerConfig, build_layer
 from vitembed.encoder import encode_images
 
 TV_INTERP = {
@@ -198,7 +198,7 @@ def test_common_extensions_need_no_plugin_scan():
     rarer format is still found once they are."""
     code = (
         "from PIL import Image\n"
-        "from vitembed.images import is_image_path\n"
+        "from vitembed.images.decode import is_image_path\n"
         "assert is_image_path('a.JPG') and is_image_path('b.jpeg') and is_image_path('c.png')\n"
         "assert not is_image_path('.marker') and not is_image_path('notes.txt') and not is_image_path('a.npy')\n"
         "assert Image._initialized < 2, 'every plugin was imported for a JPEG or a known non-image'\n"
@@ -208,6 +208,6 @@ def test_common_extensions_need_no_plugin_scan():
 
 
 def test_known_non_image_extensions_are_not_pillows():
-    from vitembed.images import _NOT_IMAGES, image_extensions
+    from vitembed.images.decode import _NOT_IMAGES, image_extensions
 
     assert _NOT_IMAGES.isdisjoint(image_extensions())

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import json_lines, make_image, npy_outputs, run_cli
-from vitembed.files import clean_stale_temporaries
+from vitembed.files.writes import clean_stale_temporaries
 
 SMALL = ("--image-size", "32", "--patch-size", "8", "--emb-dim", "16")
 

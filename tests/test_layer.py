@@ -10,8 +10,8 @@ from tests.layers import SMALL_CONFIGS, random_layer
 from tests.seed_reference import SeedVitInputLayer
 from vitembed.encoder import Encoder
 from vitembed.errors import ConfigError
-from vitembed.images import Preprocess
-from vitembed.layer import PRESETS, LayerConfig, VitInputLayer, build_layer, patchify, resolve_config
+from vitembed.images.decode import Preprocess
+from vitembed.layer.reference import PRESETS, LayerConfig, VitInputLayer, build_layer, patchify, resolve_config
 
 
 def unfold_matmul_reference(layer: VitInputLayer, x: torch.Tensor) -> torch.Tensor:

@@ -16,13 +16,13 @@ from PIL import Image
 
 from tests.conftest import encode_with, json_lines, make_image, read_manifest, run_cli
 from tests.test_checkpoints import save, timm_vit
-from vitembed import devicedecode
-from vitembed.config import LayerConfig
+from vitembed.images import device as devicedecode
+from vitembed.layer.config import LayerConfig
 from vitembed.encoder import Encoder
 from vitembed.errors import ConfigError
-from vitembed.images import Preprocess, load_image, read_plain_jpeg
-from vitembed.layer import build_layer
-from vitembed.resolution import native_grid
+from vitembed.images.decode import Preprocess, load_image, read_plain_jpeg
+from vitembed.layer.reference import build_layer
+from vitembed.layer.resolution import native_grid
 
 SMALL = ("--image-size", "32", "--patch-size", "8", "--emb-dim", "16")
 

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from vitembed.errors import InputError
-from vitembed.images import Preprocess, load_image
+from vitembed.images.decode import Preprocess, load_image
 
 from tests.conftest import make_image, run_cli
 
@@ -197,7 +197,7 @@ AWKWARD = {
 @pytest.mark.parametrize("name", sorted(AWKWARD))
 @pytest.mark.parametrize("resize", ["squash", "crop", "pad"])
 def test_awkward_valid_images_encode_finite(tmp_path, name, resize):
-    from vitembed.layer import build_layer, resolve_config
+    from vitembed.layer.reference import build_layer, resolve_config
     from vitembed.encoder import encode_images
 
     path = tmp_path / name
@@ -232,7 +232,7 @@ MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "YCbCr", "I", "I;16", "F", 
 @given(w=st.integers(1, 300), h=st.integers(1, 300), mode=st.sampled_from(MODES),
        channels=st.sampled_from([1, 3]), resize=st.sampled_from(["squash", "crop", "pad"]))
 def test_any_shape_and_mode_loads(w, h, mode, channels, resize):
-    from vitembed.images import _prepare
+    from vitembed.images.decode import _prepare
 
     rng = np.random.default_rng(w * 1000 + h)
     im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))

@@ -10,7 +10,7 @@ import pytest
 
 import vitembed
 from vitembed.errors import ConfigError
-from vitembed.request import EncodeRequest, ImageOptions, LayerOptions
+from vitembed.pipeline.request import EncodeRequest, ImageOptions, LayerOptions
 
 from tests.conftest import make_image, run_cli
 
@@ -74,7 +74,7 @@ def test_on_ray_the_request_keeps_the_engine_it_was_given():
 
 
 def test_ray_options_given_twice_are_refused():
-    from vitembed.pipeline import RayOptions
+    from vitembed.pipeline.skeleton import RayOptions
 
     with pytest.raises(ConfigError, match="--ray-gpus: give them in RayOptions, or ray=True with them"):
         EncodeRequest.from_options(ray=RayOptions(cpus=2.0), ray_gpus=1.0)
@@ -95,8 +95,8 @@ def test_show_and_info_refuse_what_encode_refuses(tmp_path):
 
 
 def _commands():
-    from vitembed.cli import app
-    from vitembed.showcli import show_app
+    from vitembed.cli.main import app
+    from vitembed.cli.show import show_app
 
     return [*app.registered_commands, *show_app.registered_commands]
 

@@ -105,7 +105,7 @@ def test_a_folder_that_holds_another_runs_folder_refuses_the_inputs_that_would_m
 
 def test_a_folder_inside_a_folder_being_written_is_refused(tmp_path):
     """Two runs at once: the inner one sees the outer one's lock held, before any run.json exists."""
-    from vitembed.folder import OutputFolder
+    from vitembed.pipeline.folder import OutputFolder
 
     from vitembed.errors import ConfigError
 
@@ -140,7 +140,7 @@ def test_a_linked_subfolder_is_refused_before_anything_is_created_through_it(tmp
 def test_a_manifest_is_read_line_by_line_with_a_bound(tmp_path):
     """A manifest with a NUL-filled tail (a crash) and a huge line: its records are read, each line
     within a bound, and the NUL run counts as a torn tail."""
-    from vitembed.folder import read_manifest
+    from vitembed.pipeline.folder import read_manifest
 
     path = tmp_path / "manifest.jsonl"
     good = {"input": "a.png", "output": "a.npy", "status": "ok"}
@@ -150,7 +150,7 @@ def test_a_manifest_is_read_line_by_line_with_a_bound(tmp_path):
         f.write(json.dumps({"input": "c.png", "output": "c.npy", "status": "ok"}).encode() + b"\n")
         f.truncate(f.tell() + (64 << 20))  # a sparse NUL tail
     code = ("import sys\n"
-            "from vitembed.folder import read_manifest\n"
+            "from vitembed.pipeline.folder import read_manifest\n"
             "made = read_manifest(__import__('pathlib').Path(sys.argv[1]))\n"
             "print(sorted(made.items()))\n"
             "print(next(line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')))\n")
@@ -181,7 +181,7 @@ def test_file_uri_output_lists_nothing_through_links(tmp_path):
     """-o file://DIR: whether an output exists is asked of that path alone, never by a recursive
     listing that follows links (a loop, or a link to a large tree)."""
     pytest.importorskip("pyarrow")
-    from vitembed.outputs import OutputPlan
+    from vitembed.pipeline.plan import OutputPlan
 
     out = tmp_path / "out"
     out.mkdir()
@@ -214,8 +214,8 @@ class _Spy:
 
 def test_file_uri_overwrite_never_deletes_through_a_linked_subfolder(tmp_path):
     pytest.importorskip("pyarrow")
-    from vitembed.folder import UriFolder
-    from vitembed.uris import Store
+    from vitembed.pipeline.folder import UriFolder
+    from vitembed.files.uris import Store
 
     victim_dir = tmp_path / "elsewhere"
     victim_dir.mkdir()
@@ -232,7 +232,7 @@ def test_file_uri_overwrite_never_deletes_through_a_linked_subfolder(tmp_path):
 
 def test_file_uri_input_listing_reports_broken_links(tmp_path):
     pytest.importorskip("pyarrow")
-    from vitembed.inputs import iter_sources
+    from vitembed.images.inputs import iter_sources
 
     folder = tmp_path / "in"
     make_image(folder / "a.png")
@@ -267,7 +267,7 @@ def test_an_output_folder_below_a_file_is_one_line(photo_dir, tmp_path):
 
 
 def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
-    from vitembed.folder import OutputFolder
+    from vitembed.pipeline.folder import OutputFolder
 
     out = tmp_path / "cout"
     holder = OutputFolder(out, {"layer": {}}, {}, str)  # another run, writing into cout/

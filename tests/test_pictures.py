@@ -19,17 +19,17 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tests.conftest import make_image
-from vitembed.cli import app
-from vitembed.colormaps import VIRIDIS
-from vitembed.config import PRESETS, LayerConfig
-from vitembed.files import is_temporary
-from vitembed.figures import (filter_pca, grid_positions, grid_tokens, patch_boxes, patch_rows, position_similarity,
+from vitembed.cli.main import app
+from vitembed.show.colormaps import VIRIDIS
+from vitembed.layer.config import PRESETS, LayerConfig
+from vitembed.files.writes import is_temporary
+from vitembed.show.figures import (filter_pca, grid_positions, grid_tokens, patch_boxes, patch_rows, position_similarity,
                               token_norms, token_pca)
-from vitembed.images import Preprocess, load_image
-from vitembed.layer import build_layer
-from vitembed.pictures import GRID_COLOUR, draw_patches
-from vitembed.posembed import sincos_2d
-from vitembed.weights import load_weights
+from vitembed.images.decode import Preprocess, load_image
+from vitembed.layer.reference import build_layer
+from vitembed.show.pictures import GRID_COLOUR, draw_patches
+from vitembed.layer.posembed import sincos_2d
+from vitembed.weights.load import load_weights
 
 SMALL = LayerConfig(32, 8, 48)  # 4 x 4 patches of 8 x 8 x 3, D = 48
 SMALL_OPTS = ["--image-size", "32", "--patch-size", "8", "--emb-dim", "48"]
@@ -256,7 +256,7 @@ def test_position_similarity_rectangular_grid():
     for i in range(3):
         for j in range(5):
             assert np.unravel_index(sim[i, j].argmax(), (3, 5)) == (i, j)
-    from vitembed.pictures import draw_positions
+    from vitembed.show.pictures import draw_positions
 
     picture = draw_positions(sim, "rectangular")
     left, top, right, bottom = picture.panels["tile 2,4"]
@@ -364,7 +364,8 @@ def test_default_names_and_replacing(sample_paths, tmp_path, monkeypatch):
 
 def test_write_png_never_follows_a_link_planted_after_the_check(tmp_path, monkeypatch):
     """A link that appears between the check and the rename is replaced, never written through."""
-    from vitembed import files, pngfile
+    from vitembed.files import writes as files
+    from vitembed.show import pngfile
 
     victim = tmp_path / "victim.txt"
     victim.write_text("keep")

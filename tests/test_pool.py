@@ -11,8 +11,8 @@ import time
 import pytest
 
 from tests import pool_tasks
-from vitembed.pool import _CHUNK_SECONDS, OrderedPool, TaskFailed, WorkersDied
-from vitembed.processes import decoder_context
+from vitembed.executors.pool import _CHUNK_SECONDS, OrderedPool, TaskFailed, WorkersDied
+from vitembed.executors.processes import decoder_context
 
 DIED = TaskFailed("the decoder process died while reading this file")
 RAISED = TaskFailed("the decoder failed: RuntimeError: broken on purpose")

@@ -7,11 +7,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from vitembed.cli import app
-from vitembed.config import PRESETS, LayerConfig
-from vitembed.layer import build_layer
-from vitembed.posembed import sincos_2d
-from vitembed.weights import load_weights
+from vitembed.cli.main import app
+from vitembed.layer.config import PRESETS, LayerConfig
+from vitembed.layer.reference import build_layer
+from vitembed.layer.posembed import sincos_2d
+from vitembed.weights.load import load_weights
 
 
 def mae_sincos(embed_dim: int, grid_size: int) -> np.ndarray:

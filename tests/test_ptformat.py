@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from vitembed.ptformat import STORAGES, bfloat16_bits, write_pt
+from vitembed.files.ptformat import STORAGES, bfloat16_bits, write_pt
 from vitembed.encoder import tokens_to_numpy
-from vitembed.formats import tensor_bytes
+from vitembed.files.formats import tensor_bytes
 
 
 def _load(data: bytes, tmp_path=None, mmap: bool = False) -> torch.Tensor:

@@ -226,8 +226,8 @@ def test_joining_a_cluster_keeps_the_process_s_sigterm_handler(ray_session, addr
     CLI's own (stop cleanly, exit 143, whole files only) must stay. A process of its own: this
     one holds the test session's Ray."""
     check = ("import signal\n"
-             "from vitembed.pipeline import RayOptions\n"
-             "from vitembed.raydriver import _connected\n"
+             "from vitembed.pipeline.skeleton import RayOptions\n"
+             "from vitembed.executors.raydriver import _connected\n"
              "mine = lambda signum, frame: None\n"
              "signal.signal(signal.SIGTERM, mine)\n"
              f"with _connected(RayOptions(address={address!r})):\n"
@@ -297,7 +297,7 @@ def test_python_api_tokens_column_round_trips_through_parquet(ray_session, photo
     import pyarrow.parquet as pq
 
     import vitembed.ray
-    from vitembed.ptformat import bfloat16_bits
+    from vitembed.files.ptformat import bfloat16_bits
 
     run_cli("encode", photos, "-o", tmp_path / "local", *SMALL, "-q")
     small = dict(image_size=32, patch_size=8, emb_dim=16)

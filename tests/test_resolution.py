@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tests.conftest import make_image, run_cli
 from tests.seed_reference import SeedVitInputLayer
 from tests.test_checkpoints import assert_clean_error, hf_vit, pixels, save
-from vitembed.resolution import resample_grid, resample_patch_embed, resize_matrix
+from vitembed.layer.resolution import resample_grid, resample_patch_embed, resize_matrix
 
 ATOL = RTOL = 1e-4
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from tests.conftest import make_image, run_cli
-from vitembed.folder import RUN_SCHEMA
+from vitembed.pipeline.folder import RUN_SCHEMA
 
 SMALL = ["--image-size", "32", "--patch-size", "8", "--emb-dim", "16", "-j0", "-q"]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import run_cli
-from vitembed.figures import position_similarity
+from vitembed.show.figures import position_similarity
 
 
 def test_a_grid_too_large_to_draw_is_refused_with_the_limit(tmp_path):
@@ -45,7 +45,7 @@ def test_positions_memory_stays_near_the_pictures_size(tmp_path):
 
 
 def test_similarity_rows_equal_the_whole_array_in_float32():
-    from vitembed.figures import SimilarityRows
+    from vitembed.show.figures import SimilarityRows
 
     positions = np.random.default_rng(0).normal(size=(5, 7, 24))
     rows = SimilarityRows(positions)

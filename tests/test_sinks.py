@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from tests.conftest import encode_with, make_image, read_manifest, run_cli
-from vitembed import sinks
+from vitembed.pipeline import sinks
 from vitembed.errors import ConfigError
-from vitembed.images import Preprocess
-from vitembed.layer import PRESETS, build_layer
-from vitembed.pipeline import EncodeOptions
+from vitembed.images.decode import Preprocess
+from vitembed.layer.reference import PRESETS, build_layer
+from vitembed.pipeline.skeleton import EncodeOptions
 
 SHAPE = [17, 16]
 
@@ -126,8 +126,8 @@ def test_a_large_shard_size_holds_only_the_rows_written(tmp_path):
     import tracemalloc
 
     from tests.conftest import encode_with
-    from vitembed.config import LayerConfig
-    from vitembed.layer import build_layer
+    from vitembed.layer.config import LayerConfig
+    from vitembed.layer.reference import build_layer
 
     photos = _photos(tmp_path / "in", 4)
     tracemalloc.start()

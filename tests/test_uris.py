@@ -14,13 +14,13 @@ import pytest
 
 from tests.conftest import make_image, run_cli
 from vitembed.errors import ConfigError, InputError
-from vitembed.folder import MANIFEST_FILE, RUN_FILE, UriFolder
-from vitembed.formats import write_tensor
-from vitembed.images import Preprocess, load_image
-from vitembed.inputs import iter_sources
-from vitembed.outcomes import Failed, Job, Written
-from vitembed.outputs import OutputPlan, Resume, plan_jobs
-from vitembed.uris import Store, Uri
+from vitembed.pipeline.folder import MANIFEST_FILE, RUN_FILE, UriFolder
+from vitembed.files.formats import write_tensor
+from vitembed.images.decode import Preprocess, load_image
+from vitembed.images.inputs import iter_sources
+from vitembed.pipeline.outcomes import Failed, Job, Written
+from vitembed.pipeline.plan import OutputPlan, Resume, plan_jobs
+from vitembed.files.uris import Store, Uri
 
 fs = pytest.importorskip("pyarrow.fs")
 

@@ -10,7 +10,7 @@ import torch
 
 from tests.conftest import make_image, run_cli
 from vitembed.errors import WeightsError
-from vitembed.weights import load_weights
+from vitembed.weights.load import load_weights
 
 SMALL = ["--image-size", "32", "--patch-size", "8", "--emb-dim", "16"]
 

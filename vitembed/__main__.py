@@ -1,6 +1,6 @@
 """`python -m vitembed`."""
 
-from vitembed.cli import main
+from vitembed.cli.main import main
 
 if __name__ == "__main__":
     main()

@@ -1,9 +1,9 @@
 """The Encoder: preprocessing + layer + engine. Images in, tokens out.
 
 Every way of running vitembed builds one `Encoder` and calls it on batches: the command line
-(through `pipeline.run`), a Python program, a Ray actor (`vitembed.ray`). It holds
+(through `skeleton.run`), a Python program, a Ray actor (`vitembed.ray`). It holds
 
-- the preprocessing (`images.Preprocess`: resize, normalisation), applied by `decode`;
+- the preprocessing (`decode.Preprocess`: resize, normalisation), applied by `decode`;
 - the layer's parameters, folded with the normalisation into one affine map (`kernel.fold`),
   for the tokens asked for (z0, patches, patches+pos), and for any grid with `--resize native`
   (each image then has a grid of its own: a list of images gives a list of token arrays);
@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 
 from .choices import ENGINES, POS_RESAMPLES
-from .config import LayerConfig, format_size
+from .layer.config import LayerConfig, format_size
 from .errors import ConfigError, InputError
-from .formats import cast, output_dtype
-from .images import PlainJpeg, Preprocess, load_image
-from .kernel import GridTables, Kernel, LayerParams
+from .files.formats import cast, output_dtype
+from .images.decode import PlainJpeg, Preprocess, load_image
+from .layer.kernel import GridTables, Kernel, LayerParams
 
 __all__ = ["ENGINES", "Encoder", "FileBatch", "TorchEngine", "encode_images", "resolve_device", "tokens_to_numpy"]
 
@@ -50,7 +50,7 @@ class Encoder:
     """Preprocessing + layer + engine, built once and called on batches.
 
     Args:
-        layer: a `VitInputLayer`, `LayerParams`, or `LoadedWeights` (`weights.load_weights`).
+        layer: a `VitInputLayer`, `LayerParams`, or `LoadedWeights` (`load.load_weights`).
         prep: how files become pixels (default: the layer's size and channels, squash, bilinear,
             ImageNet normalisation).
         engine: numpy (CPU), torch (any device), or auto: numpy on the CPU, else torch.
@@ -332,7 +332,7 @@ class TorchEngine:
         items, out = list(items), [None] * len(items)
         at = [i for i, item in enumerate(items) if isinstance(item, PlainJpeg)]
         if at:
-            from .devicedecode import decode_jpegs
+            from .images.device import decode_jpegs
 
             for i, decoded in zip(at, decode_jpegs([items[i] for i in at], prep, self.device)):
                 items[i], out[i] = (None, InputError(decoded)) if isinstance(decoded, str) else (decoded, None)

@@ -1,4 +1,4 @@
-"""The exceptions a user of vitembed may see. Only `cli.py` turns them into messages and exit codes."""
+"""The exceptions a user of vitembed may see. Only `main.py` turns them into messages and exit codes."""
 
 from __future__ import annotations
 

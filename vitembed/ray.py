@@ -35,8 +35,8 @@ from typing import Any
 
 import ray
 
-from .actors import EncoderActor, actor_engine
-from .uris import as_file
+from .executors.actors import EncoderActor, actor_engine
+from .files.uris import as_file
 
 __all__ = ["TokenEncoder", "encode", "encoder_args"]
 
@@ -53,7 +53,7 @@ def encoder_args(*, num_gpus: float = 0, **options) -> dict[str, Any]:
     Raises:
         ConfigError: options that cannot work together; TypeError: an option that is not one of these.
     """
-    from .request import EncodeRequest, encoder_option_names
+    from .pipeline.request import EncodeRequest, encoder_option_names
 
     names = encoder_option_names()
     unknown = set(options) - names

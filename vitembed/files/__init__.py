@@ -1,0 +1,5 @@
+"""Files on disk and in stores: atomic link-safe writes, bounded regular-file reads, the `.npy`/`.pt`
+formats, pyarrow filesystems (URIs), and the statistics of a saved output.
+
+This package imports nothing: importing one of its modules never pulls in its siblings.
+"""

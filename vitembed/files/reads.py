@@ -1,0 +1,160 @@
+"""Files that others made (weights, outputs to inspect), checked before a byte of them is read.
+
+- Regular files only: a device (`/dev/zero`, `/dev/urandom`) never ends, and opening a FIFO blocks
+  forever, so a path is `os.stat`ed (links followed) before anything opens it, and opened without
+  blocking where we open it ourselves.
+- Zip archives (`.pt`) with stored records only: `torch.save` never compresses, and a compressed
+  record can inflate without bound (a zip bomb).
+- What a file looks like, from its first bytes, for messages.
+
+Free of torch and numpy, so that `vitembed inspect x.npy` imports no torch.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import zipfile
+from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import one_line
+
+__all__ = ["NotRegularFile", "ZIP_MAGIC", "check_regular", "compressed_record", "file_kind", "looks_like",
+           "open_record", "open_regular", "read_head"]
+
+ZIP_MAGIC = b"PK\x03\x04"
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+
+# First bytes -> what the file is, for "not a .npy or .pt output (it looks like ...)".
+_MAGIC = (
+    (b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+    (b"II*\x00", "a TIFF image"), (b"MM\x00*", "a TIFF image"), (b"BM", "a BMP image"),
+    (b"\x00\x00\x01\x00", "an ICO image"), (b"PK\x03\x04", "a zip archive"), (b"PK\x05\x06", "an empty zip archive"),
+    (b"\x1f\x8b", "a gzip file"), (b"%PDF", "a PDF document"), (b"\x93NUMPY", "a .npy array"),
+    (b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19", "an old-format torch.save file, not a zip"),
+)
+
+
+def file_kind(mode: int) -> str:
+    """What a stat mode is, in words: "a regular file", "a folder", "a character device", ..."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return next((name for test, name in _KINDS if test(mode)), "a special file")
+
+
+class NotRegularFile(ValueError):
+    """A path that is not a regular file to read; the message says what it is instead."""
+
+
+def check_regular(path: str | os.PathLike) -> os.stat_result:
+    """`path`'s stat, following links, if it is a regular file; never opens it.
+
+    Raises:
+        NotRegularFile: missing, a broken link, a folder, a device, a FIFO or a socket.
+    """
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise NotRegularFile("broken symbolic link" if os.path.islink(path) else "no such file") from None
+    except OSError as exc:
+        raise NotRegularFile(f"cannot read: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(st.st_mode)
+    return st
+
+
+def _not_regular(mode: int) -> NotRegularFile:
+    return NotRegularFile(f"not a regular file ({file_kind(mode)})")
+
+
+def open_record(path: str | os.PathLike, flags: int, mode: int = 0o666) -> int:
+    """A file of vitembed's own (an -o folder's run.json, manifest, lock) opened as a descriptor
+    with `flags`, never through a symbolic link and never blocking (a FIFO put in its place opens
+    at once, and is then refused), checked to be a regular file.
+
+    Raises:
+        NotRegularFile: it is a folder, a FIFO, a device or a socket.
+        OSError: it cannot be opened (ELOOP: it is a symbolic link).
+    """
+    extra = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags | extra, mode)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(st.st_mode)
+        if getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(fd, True)  # a regular file: reads and writes as usual
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """`path` opened for reading if it is a regular file: never blocks, even on a FIFO put in its place.
+
+    Raises:
+        NotRegularFile: as `check_regular`.
+    """
+    check_regular(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise NotRegularFile(f"cannot read: {exc.strerror or exc}") from None
+    try:
+        check = os.fstat(fd)
+        if not stat.S_ISREG(check.st_mode):  # swapped since the stat above
+            raise NotRegularFile("not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def compressed_record(path: str | os.PathLike) -> str | None:
+    """Why a zip archive is not a plain `torch.save` one (a compressed or unreadable record), or None.
+
+    Reads the archive's central directory only (its size is bounded by the file's).
+    """
+    try:
+        with open_regular(path) as f, zipfile.ZipFile(f) as archive:
+            if any("/code/__torch__/" in name or name.endswith("/constants.pkl") for name in archive.namelist()):
+                return ("a TorchScript archive (torch.jit.save, as OpenAI's clip package ships its models): it holds "
+                        "model code, which vitembed never runs; load the model where you trust it (clip.load(name, "
+                        "jit=False)) and save model.state_dict(), preferably as .safetensors")
+            for info in archive.infolist():
+                if info.compress_type != zipfile.ZIP_STORED:
+                    method = {zipfile.ZIP_DEFLATED: "deflate", zipfile.ZIP_BZIP2: "bzip2",
+                              zipfile.ZIP_LZMA: "lzma"}.get(info.compress_type, f"method {info.compress_type}")
+                    return (f"its record {info.filename!r} is compressed ({method}); torch.save stores records "
+                            "uncompressed, and vitembed reads no others (a compressed record can inflate without bound)")
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError) as exc:
+        return f"a damaged zip archive ({one_line(exc)})"
+    return None
+
+
+def looks_like(head: bytes) -> str | None:
+    """What a file that starts with `head` (16 bytes are enough) looks like, where cheap to tell."""
+    if not head:
+        return "an empty file"
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "a WebP image"
+    found = next((what for magic, what in _MAGIC if head.startswith(magic)), None)
+    if found:
+        return found
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < 1 << 27:
+        return "a safetensors file"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a Python pickle"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "JSON text"
+    return None
+
+
+def read_head(path: Path, size: int = 16) -> bytes:
+    """The first `size` bytes of a regular file (see `open_regular`)."""
+    with open_regular(path) as f:
+        return f.read(size)

@@ -1,0 +1,337 @@
+"""A run: inputs -> decode -> encode -> sink -> outcomes, streaming, one bounded window at a time.
+
+    sources ─ plan_jobs ─> Job | Skipped | Failed
+            ─ an Executor ─> (job, Decoded | Encoded | Written | Failed | TaskFailed)
+            ─ Encoder, in batches of Decoded ─> Encoded
+            ─ Sink (per-image files | stdout | shards) ─> Written | Failed | Skipped ─> on_result
+
+`run` is the one run of every executor: it checks, plans, resumes, counts, reports, stops and
+cleans up; the executor only runs jobs. Executors: `pool.OrderedPool` (decoder processes, or
+this process with workers=0; `local_executor`) and `rayexec.RayExecutor` (Ray actors, which
+decode, encode and write, so that what comes back is final; `raydriver`).
+
+Where the numpy engine runs, the decoder processes encode (and write per-image files) themselves,
+so their outcomes skip the stages they have done. Every stage holds a bounded number of inputs
+(the executor's window, one batch, the sink's pending writes), so memory stays flat however many
+inputs there are; outcomes are reported as they become final.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO, Protocol
+
+from ..choices import DECODES
+from ..encoder import Encoder
+from ..errors import ConfigError, InputError, OutputError, StdoutClosed
+from ..files.writes import clean_stale_temporaries
+from ..images.decode import pillow_limit
+from .outcomes import Decoded, Encoded, Failed, Job, Outcome, OutputFailed, Skipped, Summary, Written
+from .plan import OutputPlan, Resume, plan_jobs
+from ..executors.pool import OrderedPool, TaskFailed
+from ..executors.processes import decoder_context
+from .sinks import FileSink, FileWriter, ShardSink, Sink, StdoutSink
+from ..executors.decoder import WorkerTask, init_worker
+
+__all__ = ["DECODES", "DECODE_TIMEOUT", "EncodeOptions", "Executor", "RayOptions", "local_executor", "run"]
+
+_DEVICE_DECODE_TYPES = ("cuda",)  # devices whose JPEG decoder (nvJPEG) beats Pillow processes
+
+
+DECODE_TIMEOUT = 120.0  # seconds; far above any sane decode: a hung decoder must not stall the run
+
+
+@dataclass
+class RayOptions:
+    """How a run goes on a Ray cluster (`--ray`; the driver is `raydriver.run`).
+
+    Attributes:
+        address: the cluster to join: auto, host:port or ray://host:10001 (None: $RAY_ADDRESS,
+            else a local cluster started for the run and stopped after it).
+        gpus: GPUs per actor, fractions allowed; more than 0 runs the layer with torch on CUDA.
+        cpus: CPUs per actor, fractions allowed.
+        actors: the most actors to start (None: as many as the cluster's CPUs, or GPUs, hold).
+        engine: the actors' engine (`--engine`; with GPUs, torch).
+    """
+
+    address: str | None = None
+    gpus: float = 0.0
+    cpus: float = 1.0
+    actors: int | None = None
+    engine: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name, value in (("--ray-gpus", self.gpus), ("--ray-cpus", self.cpus)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a number of at least 0, got {value}")
+        if self.gpus == 0 and self.cpus == 0:
+            raise ConfigError("--ray-cpus 0 needs --ray-gpus: an actor must hold some CPU or GPU")
+        if self.actors is not None and self.actors < 1:
+            raise ConfigError(f"--ray-actors must be at least 1, got {self.actors}")
+
+
+# (field, least, most) of EncodeOptions' counts. The upper bounds keep a typo from sizing shared
+# memory and process tables by it (the pool's bookkeeping grows with the batch and the workers):
+# 4096 images of 224 px are 600 MB of pixels per batch; 1024 decoders are far more than any host's cores.
+_COUNTS = (("batch_size", 1, 4096), ("workers", 0, 1024), ("writers", 1, 1024), ("shard_size", 1, 1 << 20))
+
+
+@dataclass
+class EncodeOptions:
+    """How a run goes (what it computes is the `Encoder`'s).
+
+    Attributes:
+        decode: where JPEGs are decoded and resized. cpu: Pillow, in the decoder processes; gpu:
+            on the encoder's CUDA device with nvJPEG, in batches (torch engine; the decoder
+            processes then only read the files, and decode the other formats with Pillow);
+            auto: cpu, until the gpu path has been checked on a GPU.
+        batch_size: images per call of the torch engine.
+        workers: decoder processes (None: one per core); 0 decodes in this process.
+        writers: threads writing files (None: one per core, 2 to 16).
+        skip_existing: inputs whose output exists, made from them with this configuration, are
+            skipped; with shards, whole shards whose every row is this run's input, done.
+        overwrite: replace existing files that are not this configuration's outputs.
+        shard_size: K > 0 writes (K, N+1, D) .npy shards instead of one file per image: input
+            number i (from 0, failed ones included) is row i % K of shard i // K.
+        decode_timeout: seconds one image may take to decode before its decoder is killed and the
+            image reported as an error (None: no limit; needs workers > 0).
+        ray: run on a Ray cluster (`RayOptions`, or True for its defaults); None: on this machine.
+    """
+
+    decode: str = "auto"
+    batch_size: int = 32
+    workers: int | None = None
+    writers: int | None = None
+    skip_existing: bool = False
+    overwrite: bool = False
+    shard_size: int | None = None
+    decode_timeout: float | None = DECODE_TIMEOUT
+    ray: RayOptions | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ray, bool):
+            self.ray = RayOptions() if self.ray else None
+        if self.decode not in DECODES:
+            raise ConfigError(f"unknown decode {self.decode!r}; choose {', '.join(DECODES)}")
+        for name, least, most in _COUNTS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise ConfigError(f"{name.replace('_', ' ')} must be a whole number, got {value!r}")
+            if value < least:
+                raise ConfigError(f"{name.replace('_', ' ')} must be at least {least}, got {value}")
+            if value > most:
+                raise ConfigError(f"{name.replace('_', ' ')} must be at most {most}, got {value}")
+            setattr(self, name, int(value))
+        timeout = self.decode_timeout
+        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+            raise ConfigError(f"decode timeout must be a positive number of seconds, got {timeout}")
+        if self.skip_existing and self.overwrite:
+            raise ConfigError("--skip-existing and --overwrite contradict each other; pick one")
+
+
+def run(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOptions | None = None, *,
+        on_result: Callable[[Outcome], None] | None = None, stop: threading.Event | None = None,
+        stdout: BinaryIO | None = None, made_from: dict | None = None,
+        executor: ExecutorFactory | None = None) -> Summary:
+    """Encode every source with `encoder` and put each z0 where `plan` says.
+
+    Args:
+        sources: `inputs.Source`s, consumed lazily (see `inputs.iter_sources`).
+        on_result: called with each input's outcome, in this thread, as it becomes final.
+        stop: when set (a signal handler, say), the run stops promptly; every output written is
+            whole, and `summary.stopped` is "interrupted".
+        stdout: binary stream for `-o -` (default: sys.stdout.buffer).
+        made_from: what an -o DIR's manifest says each output was made from (`folder.read_manifest`).
+        executor: what runs the jobs, and the sink for what it leaves to this process
+            (`ExecutorFactory`; default `local_executor`: decoder processes, or this process).
+
+    Returns:
+        The run's Summary. A failed input is an outcome; an output that cannot be written stops
+        the run (`summary.stopped` says why).
+    """
+    options, stop, on_result = options or EncodeOptions(), stop or threading.Event(), on_result or (lambda o: None)
+    check(encoder, plan, options)
+    summary = Summary(device=encoder.device)
+    shape = encoder.token_shape or (None, encoder.config.emb_dim)  # native: any number of rows
+    max_rows = None if encoder.token_shape else encoder.config.num_prefix_tokens + encoder.prep.max_patches
+    resume = Resume(options.skip_existing, options.overwrite, shape, encoder.dtype, made_from, max_rows)
+    jobs, sink = (executor or local_executor)(encoder, plan, options, stdout, stop)
+    start = time.perf_counter()
+    try:
+        jobs.start(plan_jobs(sources, plan, resume, options.shard_size), is_task=lambda item: isinstance(item, Job))
+        in_process = executor is None and options.workers == 0  # else the decoders (or actors) set their own
+        with pillow_limit(encoder.prep.max_pixels if in_process else 0):
+            for outcome in outcomes(jobs, encoder, sink, options.batch_size, stop):
+                _report(outcome, summary, on_result)
+    except OutputError as exc:
+        summary.stopped, summary.pipe_closed = str(exc), isinstance(exc, StdoutClosed)
+        for outcome in sink.salvage():
+            _report(outcome, summary, on_result)
+    finally:
+        _remove_temporaries(jobs.close(), plan.store)
+        sink.close()
+        summary.elapsed = time.perf_counter() - start
+    if stop.is_set() and not summary.stopped:
+        summary.stopped = "interrupted"
+    return summary
+
+
+class Executor(Protocol):
+    """What runs a run's jobs (`OrderedPool`: decoder processes or this process; `rayexec.RayExecutor`).
+
+    `start(items, is_task)` takes the planned items lazily (the items for which `is_task` is
+    false need no task); iterating gives (item, result) pairs, each item once, in input order or
+    not (the outcomes are the same), with a pass-through item as (item, None); `close()` stops
+    it and returns jobs whose output folders may hold a killed writer's temporaries."""
+
+    def start(self, items: Iterable, is_task: Callable[[object], bool]) -> None: ...
+
+    def __iter__(self) -> Iterator[tuple]: ...
+
+    def close(self) -> list: ...
+
+
+# (encoder, plan, options, stdout, stop) -> (the executor, the sink for its results in this process)
+ExecutorFactory = Callable[[Encoder, OutputPlan, "EncodeOptions", "BinaryIO | None", threading.Event],
+                           tuple[Executor, Sink]]
+
+
+def local_executor(encoder: Encoder, plan: OutputPlan, options: EncodeOptions, stdout: BinaryIO | None,
+                   stop: threading.Event) -> tuple[OrderedPool, Sink]:
+    """The run on this machine: decoder processes (`options.workers`; 0: this process)."""
+    task, sink = stages(encoder, plan, options, stdout)
+    workers = options.workers if options.workers is not None else (os.cpu_count() or 1)
+    pool = OrderedPool(task, workers, window=window_size(encoder, task, options.batch_size, workers),
+                       timeout=options.decode_timeout, stop=stop, initializer=init_worker,
+                       initargs=(encoder.prep.max_pixels, task.kernel is not None, os.getpid()),
+                       context=decoder_context())
+    return pool, sink
+
+
+def outcomes(results: Iterable[tuple], encoder: Encoder, sink: Sink, batch_size: int,
+             stop: threading.Event) -> Iterator[Outcome]:
+    """The stages after decoding, each item in input order to the stage it has reached.
+
+    Args:
+        results: (item, what its task returned) pairs from an `Executor`, or a Ray actor's own;
+            (item, None) for an item that needed no task.
+    """
+    batch: list[Decoded] = []
+    for item, result in results:
+        match item if result is None else result:
+            case Decoded() as decoded:
+                batch.append(decoded)
+                if len(batch) == batch_size:
+                    yield from _encode(batch, encoder, sink)
+                    batch = []
+            case Encoded() as encoded:
+                yield from sink.put(encoded)
+            case Failed() as failed:
+                yield from sink.failed(failed)
+            case TaskFailed(reason=reason):
+                yield from sink.failed(Failed(item.source, reason, item))
+            case OutputFailed(reason=reason):
+                raise OutputError(reason)
+            case Written() | Skipped() as final:
+                yield final
+        if stop.is_set():
+            break
+    if batch:  # the last, partial batch; after a stop, the images already decoded
+        yield from _encode(batch, encoder, sink)
+    yield from sink.finish(complete=not stop.is_set())
+
+
+def _encode(batch: list[Decoded], encoder: Encoder, sink: Sink) -> Iterator[Outcome]:
+    for decoded, tokens in zip(batch, encoder.encode_items([d.pixels for d in batch])):
+        job = decoded.job
+        if isinstance(tokens, InputError):
+            yield from sink.failed(Failed(job.source, str(tokens), job))
+        else:
+            yield from sink.put(Encoded(job, tokens, encoder.grid_of(decoded.pixels)))
+
+
+def _report(outcome: Outcome, summary: Summary, on_result: Callable[[Outcome], None]) -> None:
+    summary.count(outcome)
+    on_result(outcome)
+
+
+def stages(encoder: Encoder, plan: OutputPlan, options: EncodeOptions,
+           stdout: BinaryIO | None) -> tuple[WorkerTask, Sink]:
+    """What the decoder processes do, and the sink for what they leave to this process (a Ray
+    actor builds its own, with workers=0)."""
+    numpy_engine = encoder.engine == "numpy"
+    task = WorkerTask(encoder.prep, encoder.kernel if numpy_engine else None, encoder.dtype,
+                      device_jpegs=decodes_on_device(encoder, options),
+                      gate=decoder_context().Lock() if options.workers != 0 else None)
+    if plan.mode == "stdout":
+        return task, StdoutSink(plan.fmt, encoder.dtype, stdout)
+    if options.shard_size:
+        return task, ShardSink(plan.target, options.shard_size, encoder.dtype, options.writers, plan.store)
+    local = plan.mode == "dir" and (plan.store is None or plan.store.kind == "local")
+    writer = FileWriter(plan.fmt, encoder.dtype, plan.target.resolve() if local else None, plan.store)
+    if numpy_engine:  # the numpy engine writes where the tokens are: in the decoder processes
+        task = dataclasses.replace(task, writer=writer)
+    return task, FileSink(writer, options.writers)
+
+
+def check(encoder: Encoder, plan: OutputPlan, options: EncodeOptions) -> None:
+    """The rules between the encoder, the outputs and the options (before anything is written)."""
+    if plan.fmt == "npy" and encoder.dtype == "bfloat16":
+        raise ConfigError("bfloat16 cannot be stored in .npy files; use --format pt or --dtype float16")
+    if options.shard_size is not None and (plan.mode != "dir" or plan.fmt != "npy"):
+        raise ConfigError("--shard-size writes .npy shards into an -o folder; give -o DIR and --format npy")
+    if options.shard_size is not None and encoder.token_shape is None:
+        raise ConfigError("--shard-size stacks tokens of one shape, but with --resize native each image has a "
+                          "grid (and a shape) of its own: drop --shard-size (one file per image), or pick a size "
+                          "with --image-size HxW --resize squash")
+    decodes_on_device(encoder, options)
+
+
+def decodes_on_device(encoder: Encoder, options: EncodeOptions) -> bool:
+    """Whether JPEGs are decoded on the encoder's device (`EncodeOptions.decode`)."""
+    if options.decode in ("cpu", "auto"):
+        # auto: Pillow, for now. The nvJPEG path has run on the CPU device only (the tests); auto
+        # is to pick it on CUDA once a GPU machine has checked it (benchmarks/gpu_check.py).
+        return False
+    from ..images.device import unsupported
+
+    reason = unsupported(encoder.prep)
+    if reason is not None:
+        raise ConfigError(f"--decode gpu: {reason}")
+    device = encoder.torch.device if encoder.torch is not None else None
+    if device is None or device.type not in _DEVICE_DECODE_TYPES or _rocm():
+        raise ConfigError("--decode gpu decodes with nvJPEG on a CUDA device: use --device cuda "
+                          "(with the torch engine), or --decode cpu")
+    return True
+
+
+def _rocm() -> bool:
+    import torch
+
+    return torch.version.hip is not None  # torchvision decodes JPEGs on NVIDIA GPUs only
+
+
+def window_size(encoder: Encoder, task: WorkerTask, batch_size: int, workers: int) -> int:
+    """Images decoded ahead: enough to cover start-up and a few batches, about 64 MB of pixels
+    (of tokens, when the decoders compute them). Files whose bytes go to the device are as large
+    as they come (megabytes for a photo): a few batches of them."""
+    if task.device_jpegs:
+        return max(4 * batch_size, 4 * workers)
+    per_image = encoder.kernel.table.nbytes if task.kernel is not None else (
+        encoder.prep.size[0] * encoder.prep.size[1] * encoder.prep.channels)
+    return max(2 * batch_size, 4 * workers, min(1024, (64 << 20) // per_image))
+
+
+def _remove_temporaries(killed: list, store=None) -> None:
+    """Writers killed while writing leave temporary files: remove them (their outputs are absent)."""
+    for folder in {job.output.parent for job in killed if isinstance(job, Job) and job.output is not None}:
+        store.clean(folder) if store is not None else clean_stale_temporaries(folder)
