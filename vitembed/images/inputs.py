@@ -27,11 +27,14 @@ class Source:
         rel: its place under an output folder: the path relative to the folder it was found in
             (just the file name for a file named directly).
         error: set when the input is known to be bad before reading it (a missing path).
+        meta: text that came with the image and goes with its tokens into outputs that carry it
+            (a dataset sample's `json` / `txt` members, by extension), or None.
     """
 
     path: Path
     rel: PurePath
     error: str | None = None
+    meta: dict[str, str] | None = None
 
 
 def iter_sources(
