@@ -127,6 +127,9 @@ def encode(
 
     _check_stdout(output, json_lines)
     request = EncodeRequest.from_options(**_request_options(ctx.params))
+    if request.layer.weights is None and not quiet:
+        typer.echo(f"layer: random (seed {request.layer.seed}): pass --weights for a trained model's input layer",
+                   err=True)
     stop = threading.Event()
     reporter = Reporter(json_lines=json_lines, quiet=quiet, stop=stop)
     if reporter.shows_progress and "-" not in inputs:

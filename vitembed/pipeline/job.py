@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping
 from ..errors import ConfigError
 from .request import EncodeRequest
 
-__all__ = ["encode", "encode_request", "input_paths"]
+__all__ = ["encode", "encode_request", "input_paths", "layer_source"]
 
 
 def encode(inputs: str | os.PathLike | Iterable[str | os.PathLike], output: str | os.PathLike | None = None, *,
@@ -85,7 +85,24 @@ def encode_request(request: EncodeRequest, inputs: list[str], *, on_result: Call
         if folder is not None:
             folder.close()
     own_outputs.tell()
+    summary.layer = layer_source(request.layer, config["weights"]["source"])
     return summary
+
+
+def layer_source(layer, source: str) -> str:
+    """Where the layer came from, in words for the user: a random layer's seed and preset, a
+    weights file's name and what it holds, or a named model (its `source` names it)."""
+    if layer.weights is None:
+        from ..layer.config import DEFAULT_PRESET
+
+        return f"random (seed {layer.seed}, preset {layer.preset or DEFAULT_PRESET})"
+    from ..weights.pretrained import is_pretrained_name
+
+    if is_pretrained_name(layer.weights):
+        return source
+    from .outcomes import display_path
+
+    return f"{display_path(layer.weights)} ({source})"
 
 
 def input_paths(inputs) -> list[str]:

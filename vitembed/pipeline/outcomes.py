@@ -143,6 +143,7 @@ class Summary:
     stopped: str | None = None  # why the run stopped early: "interrupted", an output error, ...
     pipe_closed: bool = False  # the reader of stdout went away (-o -)
     device: str = "cpu"
+    layer: str | None = None  # where the layer came from, for the user: random (seed N, preset), weights
 
     @property
     def total(self) -> int:

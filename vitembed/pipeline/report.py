@@ -169,7 +169,8 @@ class Reporter:
             parts.append(f"{summary.skipped} skipped")
         if summary.errors:
             parts.append(f"{summary.errors} failed")
-        self.console.print(f"{', '.join(parts)}; tokens {shape}; {format_bytes(summary.bytes_written)} written; "
+        layer = f"; layer {summary.layer}" if summary.layer else ""
+        self.console.print(f"{', '.join(parts)}; tokens {shape}{layer}; {format_bytes(summary.bytes_written)} written; "
                            f"{summary.elapsed:.2f} s, {rate:.1f} images/s on {summary.device}", markup=False, soft_wrap=True)
 
     @staticmethod

@@ -1,0 +1,35 @@
+"""What `vitembed encode` tells the user on stderr about the run as a whole: where the layer came
+from, where the files went, the shapes written, one-line failures, and notes counted per run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import make_image, run_cli
+
+RANDOM_LINE = "layer: random (seed 3): pass --weights for a trained model's input layer"
+
+
+def test_random_layer_is_told_on_stderr_once_but_not_with_quiet(tmp_path, photo_dir):
+    result = run_cli("encode", photo_dir, "-o", tmp_path / "out", "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.decode().count(RANDOM_LINE) == 1
+    assert not result.stdout.strip()  # stdout carries data only
+    quiet = run_cli("encode", photo_dir, "-o", tmp_path / "quiet", "--seed", "3", "-q")
+    assert quiet.returncode == 0 and b"layer: random" not in quiet.stderr
+
+
+def test_summary_names_a_random_layers_seed_and_preset(tmp_path, photo_dir):
+    result = run_cli("encode", photo_dir, "-o", tmp_path / "out", "--seed", "3", "--preset", "vit-ti16")
+    summary = result.stderr.decode().strip().splitlines()[-1]
+    assert "; layer random (seed 3, preset vit-ti16);" in summary, summary
+
+
+def test_summary_names_the_weights_file_and_no_random_line(tmp_path, photo_dir):
+    layer = tmp_path / "layer.pt"
+    assert run_cli("init", "--preset", "vit-ti16", "-o", layer).returncode == 0
+    result = run_cli("encode", photo_dir, "-o", tmp_path / "out", "--weights", layer)
+    assert result.returncode == 0, result.stderr
+    err = result.stderr.decode()
+    assert "layer: random" not in err
+    assert f"; layer {layer} (vitembed layer file);" in err.strip().splitlines()[-1]
