@@ -25,7 +25,7 @@ from vitembed.encoder import encode_images
 ENGINES_AGREE = dict(rtol=1e-5, atol=5e-5)
 
 
-def expected_tokens(path: Path, preset: str = "seed", seed: int = 0, **prep) -> np.ndarray:
+def expected_tokens(path: Path, preset: str = "vitbook-s14", seed: int = 0, **prep) -> np.ndarray:
     """z0 of one image from the torch layer (`encode_images`)."""
     layer = build_layer(PRESETS[preset], seed)
     return encode_images([path], layer, Preprocess(image_size=layer.config.image_size, **prep))[0].numpy()

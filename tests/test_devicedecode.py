@@ -171,7 +171,7 @@ def test_a_decode_that_is_not_rgb_goes_to_pillow(tmp_path, sample_paths, monkeyp
 
 
 def _encode(folder: Path, out: Path, **options) -> tuple[dict, object]:
-    summary, outcomes = encode_with([folder], out, build_layer(PRESETS["seed"], seed=0), Preprocess(),
+    summary, outcomes = encode_with([folder], out, build_layer(PRESETS["vitbook-s14"], seed=0), Preprocess(),
                                     engine="torch", **options)
     return {r.input.name: r for r in outcomes}, summary
 
@@ -225,7 +225,7 @@ def test_decode_choices(tmp_path, sample_paths, monkeypatch):
     assert not (tmp_path / "out").exists()  # refused before anything was written
     monkeypatch.setattr(pipeline, "_DEVICE_DECODE_TYPES", ("cuda", "cpu"))
     with pytest.raises(ConfigError, match="interpolation lanczos is Pillow's alone"):
-        layer = build_layer(PRESETS["seed"], seed=0)
+        layer = build_layer(PRESETS["vitbook-s14"], seed=0)
         encode_with([tmp_path], tmp_path / "o", layer, Preprocess(interpolation="lanczos"), engine="torch", decode="gpu")
     with pytest.raises(ConfigError, match="grey .* only Pillow decodes; use --decode cpu"):
         grey = build_layer(LayerConfig(224, 16, 32, in_channels=1), seed=0)
@@ -244,7 +244,7 @@ def test_device_decoding_to_stdout_and_to_one_file(tmp_path, sample_paths, monke
     """`-o -` and `-o FILE.pt` take the device-decoded tensor like any other (float16 here)."""
     photo = _photo_jpegs(tmp_path / "in", sample_paths[:1])[0]
     monkeypatch.setattr(pipeline, "_DEVICE_DECODE_TYPES", ("cuda", "cpu"))
-    layer = build_layer(PRESETS["seed"], seed=0)
+    layer = build_layer(PRESETS["vitbook-s14"], seed=0)
     stream = io.BytesIO()
     target = out if out == "-" else str(tmp_path / out)
     summary, _ = encode_with([photo], target, layer, Preprocess(), engine="torch", decode="gpu", dtype="float16",

@@ -24,7 +24,7 @@ from vitembed.layer.kernel import LayerParams, fingerprint
 from vitembed.layer.reference import PRESETS, build_layer
 from vitembed.weights.cache import cached_random_layer, random_layer_params
 
-CONFIGS = [*SMALL_CONFIGS, PRESETS["seed"], PRESETS["vit-b16"]]
+CONFIGS = [*SMALL_CONFIGS, PRESETS["vitbook-s14"], PRESETS["vit-b16"]]
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -47,7 +47,7 @@ def test_kernel_equals_normalise_then_forward(config, bias):
 
 def test_kernel_equals_explicit_unfold_matmul(sample_paths):
     """Against steps (1)-(5) spelled out with torch's unfold on the normalised photo."""
-    config = PRESETS["seed"]
+    config = PRESETS["vitbook-s14"]
     layer = build_layer(config)
     prep = Preprocess()
     pixels = load_image(sample_paths[0], prep)

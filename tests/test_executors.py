@@ -156,7 +156,7 @@ def test_the_skeleton_counts_reports_and_cleans_up_after_any_executor(tmp_path):
     out.mkdir()
     stale = out / ".vitembed-4194399-0123456789abcdef.tmp"  # a writer that is gone (above any pid)
     stale.write_bytes(b"half")
-    encoder = Encoder(build_layer(PRESETS["seed"], seed=0), Preprocess(), engine="numpy")
+    encoder = Encoder(build_layer(PRESETS["vitbook-s14"], seed=0), Preprocess(), engine="numpy")
     backwards = lambda items: [(job, Written(job.source, job.output, (1,), "float32")) for job in reversed(items)]  # noqa: E731
     scripted: list[_Scripted] = []
 

@@ -19,7 +19,7 @@ from vitembed.layer.reference import PRESETS, build_layer
 # --- the channels-last layer input ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", ["seed", "vit-b16", "vit-b32"])
+@pytest.mark.parametrize("preset", ["vitbook-s14", "vit-b16", "vit-b32"])
 def test_channels_last_forward_matches_nchw(preset, sample_paths):
     """The torch engine (channels-last, normalisation folded into E) gives the NCHW layer's tokens,
     to float32 rounding: sums of P^2*C products in another order (|z0| is about 1)."""
@@ -43,7 +43,7 @@ def test_forward_convolves_in_full_float32(monkeypatch):
     seen = []
     conv2d = torch.nn.functional.conv2d
     monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: seen.append(precision()) or conv2d(*a, **k))
-    layer = build_layer(PRESETS["seed"])
+    layer = build_layer(PRESETS["vitbook-s14"])
     saved = precision()  # served by __getattr__: set and restored by hand, not by monkeypatch
     torch.backends.cudnn.conv.fp32_precision = "tf32"
     try:
@@ -97,7 +97,7 @@ def test_fast_decode_within_tolerance(big_jpeg, resize):
     diff = np.abs(exact.astype(np.int16) - fast.astype(np.int16))
     assert diff.any(), "--fast-decode decoded the full image"
     assert diff.mean() < 0.5 and diff.max() < 8
-    layer = build_layer(PRESETS["seed"])
+    layer = build_layer(PRESETS["vitbook-s14"])
     z_exact, z_fast = encode_images([exact], layer), encode_images([fast], layer)
     assert (z_exact - z_fast).abs().mean() < 0.01
     assert (z_exact - z_fast).abs().max() < 0.1

@@ -83,7 +83,7 @@ def test_patch_grid_lines_fall_at_multiples_of_the_patch_size(opts, sample_paths
     pixels, meta = read_png(out)
     left, top, right, bottom = meta["panels"]["image"]
     k = meta["scale"]["image"]
-    config = PRESETS["vit-b16"] if "vit-b16" in opts else SMALL if opts else PRESETS["seed"]
+    config = PRESETS["vit-b16"] if "vit-b16" in opts else SMALL if opts else PRESETS["vitbook-s14"]
     p, g = config.patch_size, config.num_patch_row
     assert (right - left, bottom - top) == (config.image_size * k, config.image_size * k)
     image = pixels[top:bottom + 1, left:right + 1]  # the lines one past the last patch included
@@ -100,9 +100,9 @@ def test_patch_grid_lines_fall_at_multiples_of_the_patch_size(opts, sample_paths
 
 
 def test_patch_geometry_arrays():
-    rows = patch_rows(PRESETS["seed"])
+    rows = patch_rows(PRESETS["vitbook-s14"])
     assert rows.shape == (16, 16) and rows[0, 0] == 1 and rows[0, 1] == 2 and rows[1, 0] == 17 and rows[-1, -1] == 256
-    boxes = patch_boxes(PRESETS["seed"])
+    boxes = patch_boxes(PRESETS["vitbook-s14"])
     assert boxes.shape == (256, 4)
     np.testing.assert_array_equal(boxes[0], [0, 0, 14, 14])
     np.testing.assert_array_equal(boxes[17], [14, 14, 28, 28])  # token 18: row 1, column 1
@@ -225,7 +225,7 @@ def test_grey_filters_are_grey(tmp_path):
 
 
 def test_sincos_positions_peak_at_their_own_patch(tmp_path):
-    config = PRESETS["seed"]
+    config = PRESETS["vitbook-s14"]
     layer = build_layer(config, 0, "sincos")
     sim = position_similarity(grid_positions(layer.pos_emb.detach().numpy(), config))  # (16, 16, 16, 16)
     g = config.num_patch_row

@@ -114,7 +114,7 @@ def test_writer_threads_follow_the_cores(tmp_path, monkeypatch, cores, writers, 
     real = sinks.ThreadPoolExecutor
     monkeypatch.setattr(sinks, "ThreadPoolExecutor", lambda max_workers, **k: sizes.append(max_workers) or real(max_workers, **k))
     monkeypatch.setattr(sinks.os, "cpu_count", lambda: cores)
-    layer = build_layer(PRESETS["seed"])
+    layer = build_layer(PRESETS["vitbook-s14"])
     summary, _ = encode_with([tmp_path / "in"], tmp_path / "out", layer, Preprocess(), engine="torch", workers=0,
                              writers=writers)
     assert summary.ok == 1 and sizes == [expected]

@@ -26,3 +26,23 @@ POS_INITS = ("normal", "sincos")
 POS_RESAMPLES = ("timm", "hf", "torchvision", "dinov2")
 # z0 (what the first block receives); z0 without the layer's pre-norm; x_p E (steps 1-3); x_p E + E_pos's patch rows
 TOKENS = ("z0", "z0-before-norm", "patches", "patches+pos")
+
+
+def suggest(text, names, *, aliases: dict[str, str] | None = None, normalise=None) -> str:
+    """" (did you mean NAME?)" for the one of `names` (or of `aliases`, a spelling -> its name)
+    nearest to `text`, else "". `normalise` reduces a name to compare (see `layer.config.preset_name`):
+    a name that reduces to the same as `text` is taken first."""
+    import difflib
+
+    spellings = {str(n): str(n) for n in names} | dict(aliases or {})
+    text = str(text)
+    if normalise is not None:
+        same = [name for spelling, name in spellings.items() if normalise(spelling) == normalise(text)]
+        if same:
+            return f" (did you mean {same[0]}?)"
+    close = difflib.get_close_matches(text.lower(), list(spellings), n=1, cutoff=0.5)
+    if not close and normalise is not None:
+        reduced = {normalise(s): name for s, name in spellings.items()}
+        close = [reduced[c] for c in difflib.get_close_matches(normalise(text), list(reduced), n=1, cutoff=0.6)]
+        return f" (did you mean {close[0]}?)" if close else ""
+    return f" (did you mean {spellings[close[0]]}?)" if close else ""

@@ -258,8 +258,9 @@ def info(
         if json_out:
             echo(json.dumps(rows))
         else:
+            width = max(map(len, rows))
             for name, d in rows.items():
-                echo(f"{name:9} image {d['image_size']:4}  patch {d['patch_size']:2}  D {d['emb_dim']:5}  tokens {d['tokens'][0]} x {d['tokens'][1]}")
+                echo(f"{name:{width}} image {d['image_size']:4}  patch {d['patch_size']:2}  D {d['emb_dim']:5}  tokens {d['tokens'][0]} x {d['tokens'][1]}")
         return
     from ..pipeline.request import LayerOptions
 

@@ -61,6 +61,30 @@ class _ClickHelp:
                 param.display_type_rich = lambda ctx: None
         return params
 
+    def parse_args(self, ctx, args: list[str]) -> list[str]:
+        """Click's parsing, and a refused choice's nearest name ("did you mean crop?")."""
+        try:
+            return super().parse_args(ctx, args)
+        except typer.BadParameter as exc:
+            _suggest_choice(exc)
+            raise
+
+
+_CHOICES = {"resize": choices.RESIZE_MODES, "interpolation": choices.INTERPOLATIONS,
+            "normalize": choices.NORMALIZATIONS, "format": choices.FORMATS, "engine": choices.ENGINES,
+            "decode": choices.DECODES, "pos_init": choices.POS_INITS, "pos_resample": choices.POS_RESAMPLES,
+            "tokens": choices.TOKENS}  # each Enum option's parameter name: its names
+
+
+def _suggest_choice(exc) -> None:
+    """Add the nearest name to Click's "'crap' is not one of ..." for an option of `_CHOICES`."""
+    import re
+
+    names = _CHOICES.get(getattr(getattr(exc, "param", None), "name", None))
+    given = re.search(r"'([^']*)' is not", getattr(exc, "message", "") or "")
+    if names and given:
+        exc.message += choices.suggest(given.group(1), names)
+
 
 class Command(_ClickHelp, TyperCommand):
     def collect_usage_pieces(self, ctx) -> list[str]:
@@ -81,13 +105,13 @@ IMAGE = "Image"
 RUN = "Run"
 RAY = "Ray"
 
-PresetOpt = Annotated[Optional[str], typer.Option("--preset", "-p", metavar="NAME", help="Layer shape: seed (default: 224 px, P=14, D=384), vit-b16, vit-l14, ... (see `vitembed info --presets`).", rich_help_panel=LAYER)]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", "-p", metavar="NAME", help="Layer shape: vitbook-s14 (default: the ViT book's worked example, 224 px, P=14, D=384), vit-b16, vit-l14, ... (see `vitembed info --presets`).", rich_help_panel=LAYER)]
 ImageSizeOpt = Annotated[Optional[str], typer.Option("--image-size", metavar="PIXELS|HxW", help="Side S of a square input, or height x width (224x320), pixels; multiples of P. With --weights the position embedding is resampled.", rich_help_panel=LAYER)]
 PatchSizeOpt = Annotated[Optional[int], typer.Option("--patch-size", metavar="PIXELS", help="Side P of a patch, pixels. With --weights trained at another P, E is resampled (FlexiViT's pseudo-inverse, as timm's resample_patch_embed).", rich_help_panel=LAYER)]
-NumPatchRowOpt = Annotated[Optional[int], typer.Option("--num-patch-row", metavar="INTEGER", help="Patches per side of a square input (the seed's way to set P = S / rows).", rich_help_panel=LAYER)]
+NumPatchRowOpt = Annotated[Optional[int], typer.Option("--num-patch-row", metavar="INTEGER", help="Patches per side of a square input (the ViT book's way to set P = S / rows).", rich_help_panel=LAYER)]
 EmbDimOpt = Annotated[Optional[int], typer.Option("--emb-dim", metavar="INTEGER", help="Token length D.", rich_help_panel=LAYER)]
 InChannelsOpt = Annotated[Optional[int], typer.Option("--in-channels", metavar="INTEGER", help="Image channels C: 3 (RGB) or 1 (grey).", rich_help_panel=LAYER)]
-WeightsOpt = Annotated[Optional[str], typer.Option("--weights", "-w", metavar="FILE|NAME", help="Layer file from `vitembed init`; a timm, torchvision, transformers or seed state dict (.pt/.pth/.bin/.safetensors) or save_pretrained folder; or torchvision:vit_b_16, timm:MODEL.TAG, hf:ORG/REPO. Fixes P, D, C; --image-size resamples the position embedding.", rich_help_panel=LAYER)]
+WeightsOpt = Annotated[Optional[str], typer.Option("--weights", "-w", metavar="FILE|NAME", help="Layer file from `vitembed init`; a timm, torchvision, transformers or ViT book (VitInputLayer) state dict (.pt/.pth/.bin/.safetensors) or save_pretrained folder; or torchvision:vit_b_16, timm:MODEL.TAG, hf:ORG/REPO. Fixes P, D, C; --image-size resamples the position embedding.", rich_help_panel=LAYER)]
 SeedOpt = Annotated[int, typer.Option("--seed", metavar="INTEGER", help="Seed of the random layer (ignored with --weights).", rich_help_panel=LAYER)]
 InitSeedOpt = Annotated[int, typer.Option("--seed", metavar="INTEGER", help="Seed of the random layer.", rich_help_panel=LAYER)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
@@ -98,7 +122,7 @@ RayCpusOpt = Annotated[float, typer.Option("--ray-cpus", metavar="FLOAT", help="
 RayActorsOpt = Annotated[Optional[int], typer.Option("--ray-actors", metavar="INTEGER", help="Actors at most. Default: as many as the cluster's CPUs (with --ray-gpus, GPUs) hold.", show_default=False, rich_help_panel=RAY)]
 
 
-PosInitOpt = Annotated[PosInit, typer.Option("--pos-init", metavar=choice_metavar(PosInit), help="E_pos of a random layer: normal (the seed's N(0, 1)) or sincos (MAE's fixed 2-D sine-cosine table, class token row 0).", rich_help_panel=LAYER)]
+PosInitOpt = Annotated[PosInit, typer.Option("--pos-init", metavar=choice_metavar(PosInit), help="E_pos of a random layer: normal (N(0, 1), as the ViT book draws it) or sincos (MAE's fixed 2-D sine-cosine table, class token row 0).", rich_help_panel=LAYER)]
 PosResampleOpt = Annotated[Optional[PosResample], typer.Option("--pos-resample", metavar=choice_metavar(PosResample), help="How E_pos is resampled to another grid: timm (bicubic, antialiased), hf (bicubic), torchvision (bicubic, align_corners) or dinov2 (DINOv2's scale factor). Default: as the weights' own library does (info says which), else timm.", show_default=False, rich_help_panel=LAYER)]
 TokensOpt = Annotated[Tokens, typer.Option("--tokens", metavar=choice_metavar(Tokens), help="z0: what the first transformer block receives: prefix tokens and x_p E, + E_pos, then the model's pre-norm if it has one (CLIP's ln_pre); z0-before-norm: z0 without that pre-norm; patches: x_p E only, N x D; patches+pos: x_p E + E_pos's patch rows, N x D (no class token).", rich_help_panel=LAYER)]
 ResizeOpt = Annotated[Optional[Resize], typer.Option("--resize", metavar=choice_metavar(Resize), help="squash: straight to H x W; crop: keep aspect, cover (H, W)/crop-pct, centre crop; pad: keep aspect, pad; squash-crop: squash to (H, W)/crop-pct, centre crop (DeiT's processor); native (encode): the image's own aspect ratio, a grid of at most --max-patches patches. Default: the weights' own, else squash.", show_default=False, rich_help_panel=IMAGE)]

@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ..choices import DTYPE_ALIASES, DTYPES, FORMATS
+from ..choices import DTYPE_ALIASES, DTYPES, FORMATS, suggest
 from ..errors import ConfigError
 from .reads import open_regular
 from .ptformat import bfloat16_bits, read_pt_header, write_pt
@@ -34,10 +34,7 @@ def output_dtype(name: str) -> str:
     text = str(name).lower()
     dtype = DTYPE_ALIASES.get(text, text)
     if dtype not in DTYPES:
-        import difflib
-
-        close = difflib.get_close_matches(text, [*DTYPES, *DTYPE_ALIASES], n=1, cutoff=0.5)
-        hint = f" (did you mean {DTYPE_ALIASES.get(close[0], close[0])}?)" if close else ""
+        hint = suggest(text, DTYPES, aliases=DTYPE_ALIASES)
         raise ConfigError(f"unknown dtype {text!r}{hint}; choose {', '.join(DTYPES)} (or {', '.join(DTYPE_ALIASES)})")
     return dtype
 

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 from ..errors import ConfigError
 
-__all__ = ["DEFAULT_PRESET", "PRESETS", "PRESET_PREPROCESS", "LayerConfig", "nearest_valid_sizes", "parse_image_size",
-           "preset_preprocess", "resolve_config"]
+__all__ = ["DEFAULT_PRESET", "PRESETS", "PRESET_ALIASES", "PRESET_PREPROCESS", "LayerConfig", "nearest_valid_sizes",
+           "parse_image_size", "preset_name", "preset_preprocess", "resolve_config"]
 
 
 # Far above every ViT (ViT-G: 224 px, P = 14, D = 1664; 896 px grids exist), far below what would
@@ -244,7 +244,8 @@ def parse_image_size(value) -> tuple[int, int] | None:
 
 # Named layer shapes: the ViT family of the paper and its usual relatives, all at 224 pixels.
 PRESETS: dict[str, LayerConfig] = {
-    "seed": LayerConfig(224, 14, 384),  # the seed's worked example: 16 x 16 patches of 14 x 14 x 3
+    # The worked example of the reference book (ghmagazine/vit_book): 16 x 16 patches of 14 x 14 x 3
+    "vitbook-s14": LayerConfig(224, 14, 384),
     "vit-ti16": LayerConfig(224, 16, 192),
     "vit-s16": LayerConfig(224, 16, 384),
     "vit-b16": LayerConfig(224, 16, 768),
@@ -298,7 +299,30 @@ PRESET_PREPROCESS: dict[str, dict] = {
     else _DINO_PREP
     for name in PRESETS if name.startswith(("clip", "siglip", "dino"))
 }
-DEFAULT_PRESET = "seed"
+DEFAULT_PRESET = "vitbook-s14"
+# Earlier names of presets, still taken (old commands; "seed" was the reference book's layer's name).
+PRESET_ALIASES = {"seed": "vitbook-s14"}
+
+
+def preset_name(preset: str | None) -> str:
+    """A preset's name as PRESETS has it: the default for None, an earlier name's current one.
+
+    Raises:
+        ConfigError: no such preset; the message suggests the nearest name (vit_b16, ViT-B/16, B/16: vit-b16).
+    """
+    name = PRESET_ALIASES.get(preset, preset) if preset is not None else DEFAULT_PRESET
+    if name in PRESETS:
+        return name
+    from ..choices import suggest
+
+    raise ConfigError(f"unknown preset {preset!r}{suggest(preset, PRESETS, normalise=_preset_key)}; "
+                      f"choose one of: {', '.join(PRESETS)}")
+
+
+def _preset_key(text: str) -> str:
+    """A preset name as a user might write it, reduced to compare: vit_b16, ViT-B/16 and B/16 all read b16."""
+    key = "".join(c for c in text.lower() if c.isalnum())
+    return key[3:] if key.startswith("vit") else key
 
 
 def preset_preprocess(preset: str | None) -> dict:
@@ -306,7 +330,7 @@ def preset_preprocess(preset: str | None) -> dict:
     `decode.Preprocess` fields; empty for the 2020 ViT shapes, which take vitembed's defaults."""
     from ..choices import NORMALIZATION_STATS
 
-    fields = dict(PRESET_PREPROCESS.get(preset or "", {}))
+    fields = dict(PRESET_PREPROCESS.get(PRESET_ALIASES.get(preset, preset) or "", {}))
     if "normalize" in fields:
         fields["mean"], fields["std"] = NORMALIZATION_STATS[fields.pop("normalize")]
     return fields
@@ -328,10 +352,7 @@ def resolve_config(
     the patch size of a square layer: P = image_size / num_patch_row.
     """
     if base is None:
-        name = preset or DEFAULT_PRESET
-        if name not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
-        base = PRESETS[name]
+        base = PRESETS[preset_name(preset)]
     if patch_size is not None and num_patch_row is not None:
         raise ConfigError("give either --patch-size or --num-patch-row, not both")
     height, width = parse_image_size(image_size) or base.size

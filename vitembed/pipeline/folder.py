@@ -366,9 +366,22 @@ def _run_config(text: bytes) -> dict | Unreadable:
 # adds the version itself. A change to what run.json holds gets a new version and a reader that
 # gives the configuration as this vitembed writes it, so that an earlier folder still matches.
 _CONFIG_READERS: dict[int, Callable[[dict], Any]] = {
-    1: lambda record: record.get("config"),
-    2: lambda record: record.get("config"),
+    1: lambda record: _renamed(record.get("config")),
+    2: lambda record: _renamed(record.get("config")),
 }
+# Names that changed in run.json's text without a change to the outputs: the old, and the new.
+_RENAMED_SOURCES = (("seed VitInputLayer", "ViT book VitInputLayer"),)
+
+
+def _renamed(config):
+    """run.json's configuration with its weights' source in today's words (the same layer)."""
+    weights = config.get("weights") if isinstance(config, dict) else None
+    source = weights.get("source") if isinstance(weights, dict) else None
+    if isinstance(source, str):
+        for old, new in _RENAMED_SOURCES:
+            source = source.replace(old, new)
+        config = {**config, "weights": {**weights, "source": source}}
+    return config
 
 
 def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:

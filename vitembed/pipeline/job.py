@@ -93,9 +93,9 @@ def layer_source(layer, source: str) -> str:
     """Where the layer came from, in words for the user: a random layer's seed and preset, a
     weights file's name and what it holds, or a named model (its `source` names it)."""
     if layer.weights is None:
-        from ..layer.config import DEFAULT_PRESET
+        from ..layer.config import preset_name
 
-        return f"random (seed {layer.seed}, preset {layer.preset or DEFAULT_PRESET})"
+        return f"random (seed {layer.seed}, preset {preset_name(layer.preset)})"
     from ..weights.pretrained import is_pretrained_name
 
     if is_pretrained_name(layer.weights):

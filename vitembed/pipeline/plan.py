@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigError
+from ..choices import suggest
 from ..files.formats import FORMATS, describe_output
 from ..images.inputs import Source
 from .outcomes import Failed, Job, Skipped, display_path
@@ -108,7 +109,7 @@ class OutputPlan:
     @classmethod
     def from_option(cls, out: str | None, fmt: str | None) -> OutputPlan:
         if fmt is not None and fmt not in FORMATS:
-            raise ConfigError(f"unknown format {fmt!r}; choose {' or '.join(FORMATS)}")
+            raise ConfigError(f"unknown format {fmt!r}{suggest(fmt, FORMATS)}; choose {' or '.join(FORMATS)}")
         if out is None:
             return cls("beside", fmt or "npy")
         if out == "-":

@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..choices import NORMALIZATIONS, POS_RESAMPLES, TOKENS
+from ..choices import NORMALIZATIONS, POS_RESAMPLES, TOKENS, suggest
 from ..layer.config import LayerConfig, check_divisible, parse_image_size, preset_preprocess, resolve_config
 from ..errors import ConfigError
 
@@ -268,7 +268,7 @@ def _check_layer(layer: LayerOptions) -> None:
         raise ConfigError(f"seed must be between 0 and {MAX_SEED}, got {layer.seed}")
     for name, value, allowed in (("--tokens", layer.tokens, TOKENS), ("--pos-resample", layer.pos_resample, POS_RESAMPLES)):
         if value not in allowed and not (name == "--pos-resample" and value is None):
-            raise ConfigError(f"unknown {name} {value!r}; choose {', '.join(allowed)}")
+            raise ConfigError(f"unknown {name} {value!r}{suggest(value, allowed)}; choose {', '.join(allowed)}")
     if layer.weights is None:
         return
     if layer.pos_init != "normal":
@@ -284,7 +284,7 @@ def _check_images(images: ImageOptions) -> None:
         raise ConfigError(f"--max-patches {images.max_patches} is for --resize native (the image's own grid); "
                           "add --resize native or drop --max-patches")
     if images.normalize is not None and images.normalize not in NORMALIZATIONS:
-        raise ConfigError(f"unknown normalization {images.normalize!r}; choose {', '.join(NORMALIZATIONS)}")
+        raise ConfigError(f"unknown normalization {images.normalize!r}{suggest(images.normalize, NORMALIZATIONS)}; choose {', '.join(NORMALIZATIONS)}")
 
 
 def _ray_options(ray: bool | RayOptions | None, flags: dict, engine: str) -> RayOptions | None:

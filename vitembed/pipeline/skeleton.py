@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
-from ..choices import DECODES
+from ..choices import DECODES, suggest
 from ..encoder import Encoder
 from ..errors import ConfigError, InputError, OutputError, StdoutClosed
 from ..files.writes import clean_stale_temporaries
@@ -119,7 +119,7 @@ class EncodeOptions:
         if isinstance(self.ray, bool):
             self.ray = RayOptions() if self.ray else None
         if self.decode not in DECODES:
-            raise ConfigError(f"unknown decode {self.decode!r}; choose {', '.join(DECODES)}")
+            raise ConfigError(f"unknown decode {self.decode!r}{suggest(self.decode, DECODES)}; choose {', '.join(DECODES)}")
         for name, least, most in _COUNTS:
             value = getattr(self, name)
             if value is None:

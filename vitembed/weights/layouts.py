@@ -100,7 +100,7 @@ _HF_CLIP = dict(proj_weight="embeddings.patch_embedding.weight", proj_bias="embe
 
 # For one patch embedding, the first layout that fits is taken: the specific before the general.
 LAYOUTS: tuple[Layout, ...] = (
-    Layout("seed VitInputLayer", "patch_emb_layer.weight", "patch_emb_layer.bias", "cls_token", "dist_token",
+    Layout("ViT book VitInputLayer", "patch_emb_layer.weight", "patch_emb_layer.bias", "cls_token", "dist_token",
            "reg_token", "pos_emb", "norm_pre", pos_optional=True),
     Layout("DINOv3 (facebookresearch/dinov3)", **_TIMM, reg="storage_tokens", attn_positions="rope",
            markers=("storage_tokens", "rope_embed.periods"), absent=("pos_embed",)),
@@ -136,7 +136,7 @@ _RESAMPLE_HOW = {
 }
 _RESAMPLE_WHOSE = {
     "timm VisionTransformer": "timm's resample_abs_pos_embed",
-    "seed VitInputLayer": "timm's resample_abs_pos_embed",
+    "ViT book VitInputLayer": "timm's resample_abs_pos_embed",
     "DINOv2 (facebookresearch/dinov2)": "DINOv2's interpolate_pos_encoding",
     "torchvision VisionTransformer": "torchvision's interpolate_embeddings",
     "OpenAI CLIP / open_clip VisionTransformer": "open_clip's resize_pos_embed",
