@@ -102,7 +102,7 @@ def test_escape_sequences_in_file_names_are_escaped_in_error_lines(tmp_path):
 
 def test_escape_sequences_in_notes_and_written_lines_are_escaped(tmp_path):
     image = make_image(tmp_path / f"pic{ESCAPE}.png")
-    r = run_cli("show", "patches", image, *SMALL)
+    r = run_cli("show", "patches", image, *SMALL, cwd=tmp_path)
     assert r.returncode == 0 and b"\x1b" not in r.stderr and "pic\\x1b[2J.patches.png" in r.stderr.decode()
     r = run_cli("init", *SMALL, "-o", tmp_path / f"layer{ESCAPE}.pt")
     assert r.returncode == 0 and b"\x1b" not in r.stderr and "layer\\x1b[2J.pt" in r.stderr.decode()

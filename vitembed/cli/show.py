@@ -34,7 +34,7 @@ show_app = typer.Typer(
 
 
 OUT = "Output"
-OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", metavar="PATH", help="PNG file, a folder, or - for stdout. Default: beside the input (cat.patches.png), or in the current folder (filters.png). An earlier PNG there is replaced (said on stderr); any other file is left alone, with an error.", rich_help_panel=OUT)]
+OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", metavar="PATH", help="PNG file, a folder, or - for stdout. Default: in the current folder (cat.patches.png, filters.png). An earlier PNG there is replaced (said on stderr); any other file is left alone, with an error.", rich_help_panel=OUT)]
 
 
 def _command():

@@ -49,7 +49,8 @@ def iter_sources(
     output folder, made safe the way tar does it: the root and any `..` parts are dropped.
 
     With `on_own_output`, a file named directly that is one of vitembed's outputs (.npy, .pt:
-    `photos/*` after a run that wrote beside the photos) goes to it instead: it is no image.
+    `photos/*` after a run that wrote beside the photos), or a picture `vitembed show` drew (a PNG
+    with its text chunk, named or in a folder), goes to it instead: it is no image.
 
     With `uris` (a run on Ray), an argument that is a URI (s3://, gs://, hdfs://, file://) is a
     file or folder in pyarrow's filesystem for it, folders walked as local ones are.
@@ -77,12 +78,12 @@ def _expand(path: Path, rel: PurePath, on_own_output: Callable[[Path], None] | N
     except OSError:  # a symlink loop or an unreadable parent
         is_dir = False
     if is_dir:
-        yield from _walk(path)
+        yield from _walk(path, on_own_output)
     elif os.path.lexists(path) and not os.path.exists(path):
         yield Source(path, rel, "broken symbolic link")
     elif not os.path.lexists(path):
         yield Source(path, rel, _missing(typed or os.fspath(path)))
-    elif on_own_output is not None and path.suffix.lower() in OWN_OUTPUTS:
+    elif on_own_output is not None and (path.suffix.lower() in OWN_OUTPUTS or _drawn(path)):
         on_own_output(path)
     else:
         yield Source(path, rel)
@@ -175,8 +176,18 @@ def _broken_links(folder: str, listed: set[str]) -> list[_BrokenLink]:
                 if entry.name not in listed and entry.is_symlink()]
 
 
-def _walk(root: Path) -> Iterator[Source]:
-    """Depth-first in name order, following symbolic links but never the same folder twice."""
+def _drawn(path: Path) -> bool:
+    """Whether `path` is a picture of `vitembed show` (a .png with its text chunk)."""
+    if path.suffix.lower() != ".png":
+        return False
+    from ..show.pngfile import drawn_by_vitembed
+
+    return drawn_by_vitembed(path)
+
+
+def _walk(root: Path, on_own_output: Callable[[Path], None] | None = None) -> Iterator[Source]:
+    """Depth-first in name order, following symbolic links but never the same folder twice;
+    pictures of `vitembed show` go to `on_own_output`, where given."""
     seen: set[tuple[int, int]] = set()
     stack: list[tuple[Path, PurePath]] = [(root, PurePath())]
     while stack:
@@ -201,7 +212,11 @@ def _walk(root: Path) -> Iterator[Source]:
             if entry_is_dir:
                 subfolders.append((Path(entry.path), rel / entry.name))
             elif is_image_path(entry.name):
-                yield Source(Path(entry.path), rel / entry.name, _not_regular(entry))
+                error = _not_regular(entry)
+                if on_own_output is not None and error is None and _drawn(Path(entry.path)):
+                    on_own_output(Path(entry.path))
+                    continue
+                yield Source(Path(entry.path), rel / entry.name, error)
         # Files of a folder first, then its subfolders in name order.
         stack.extend(reversed(subfolders))
 

@@ -162,21 +162,27 @@ def _folder(plan, config: dict, device: str, overwrite: bool):
 
 
 class _OwnOutputs:
-    """vitembed's own outputs among the inputs (`photos/*` over a folder it wrote into): passed
-    over, and told in one note."""
+    """vitembed's own outputs among the inputs (`photos/*` over a folder it wrote into, the
+    pictures `vitembed show` drew): passed over, and told in one note."""
+
+    _WHY = {False: ".npy/.pt files are vitembed's outputs, not images",
+            True: "PNGs that vitembed show drew (they carry its text chunk), not images"}
 
     def __init__(self, notice: Callable[[str], None]) -> None:
-        self.notice, self.count, self.first = notice, 0, None
+        self.notice = notice
+        self.found: dict[bool, list] = {}  # is a picture -> [count, first path]
 
     def __call__(self, path) -> None:
-        self.count += 1
-        self.first = self.first or path
+        found = self.found.setdefault(path.suffix.lower() == ".png", [0, path])
+        found[0] += 1
 
     def tell(self) -> None:
-        if self.count:
+        if self.found:
             from .outcomes import display_path
 
-            more = f" and {self.count - 1} more" if self.count > 1 else ""
-            self.notice(f"passed over {display_path(self.first)}{more}: .npy/.pt files are vitembed's outputs, "
-                        "not images")
-            self.count = 0
+            parts = []
+            for picture, (count, first) in sorted(self.found.items()):
+                more = f" and {count - 1} more" if count > 1 else ""
+                parts.append(f"passed over {display_path(first)}{more}: {self._WHY[picture]}")
+            self.notice("; ".join(parts))
+            self.found = {}

@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from .colormaps import VIRIDIS
+from .pngfile import PNG_KEY  # the PNG text chunk that holds the panels' boxes
 
 __all__ = ["PNG_KEY", "Picture", "enlarge", "frame", "text_width"]
 
@@ -26,7 +27,6 @@ GREY_INK = (90, 90, 90)
 MARGIN = 16
 TITLE_SIZE = 18
 TEXT_SIZE = 14
-PNG_KEY = "vitembed"  # the PNG text chunk that holds the panels' boxes
 Box = tuple[int, int, int, int]
 
 

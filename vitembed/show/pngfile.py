@@ -1,8 +1,9 @@
 """Where `vitembed show` writes its PNG, and writing it safely (no Pillow, no numpy here).
 
 Names: `-o FILE.png` exactly there; `-o DIR` (an existing folder) the default name inside it;
-`-o -` stdout; no `-o`, the default name: beside the input (`cat.jpg` -> `cat.patches.png`,
-`cat.npy` -> `cat.tokens.png`), or `filters.png` / `positions.png` in the current folder.
+`-o -` stdout; no `-o`, the default name in the current folder (`cat.jpg` -> `cat.patches.png`,
+`cat.npy` -> `cat.tokens.png`, `filters.png`, `positions.png`): never among the photos, where the
+next `vitembed encode photos/` would take it for one (it passes over such pictures: `drawn_by_vitembed`).
 
 Replacing: a file already at the target is replaced only when it is a PNG (an earlier picture),
 and the replacement is said on stderr; anything else there (another kind of file, a symbolic
@@ -25,9 +26,12 @@ from pathlib import Path
 from ..errors import ConfigError, OutputError
 from ..files.writes import describe_folder_error, replace_atomically
 
-__all__ = ["PNG_SIGNATURE", "check_replaceable", "picture_target", "write_png"]
+__all__ = ["PNG_KEY", "PNG_SIGNATURE", "check_replaceable", "drawn_by_vitembed", "picture_target", "write_png"]
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_KEY = "vitembed"  # the keyword of the text chunk every picture of `vitembed show` carries
+_TEXT_CHUNKS = (b"tEXt", b"zTXt", b"iTXt")
+_CHUNKS_READ = 64  # chunks before the image data looked at, at most: Pillow writes text chunks first
 
 
 def picture_target(output: str | None, kind: str, source: Path | None) -> Path | None:
@@ -45,7 +49,7 @@ def picture_target(output: str | None, kind: str, source: Path | None) -> Path |
     if output == "-":
         return None
     if output is None:
-        return source.with_name(name) if source is not None else Path(name)
+        return Path(name)
     path = Path(output)
     if path.is_dir():
         return path / name
@@ -119,3 +123,29 @@ def write_png(data: bytes, path: Path, protected: tuple[Path, ...] = ()) -> bool
         reason = f"{folder}: {describe_folder_error(folder, exc)}" \
             if exc.errno in (errno.EEXIST, errno.ENOENT, errno.ENOTDIR) else exc.strerror or exc
         raise OutputError(f"{path}: cannot write: {reason}") from None
+
+
+def drawn_by_vitembed(path: str | os.PathLike) -> bool:
+    """Whether `path` is a PNG that `vitembed show` drew: its chunks before the image data hold
+    the text chunk `PNG_KEY`. Reads a few chunk headers (no decoding, seeks past their data);
+    False for anything else, or a file that cannot be read (the encode then says why)."""
+    from ..files.reads import NotRegularFile, open_regular
+
+    key = PNG_KEY.encode() + b"\0"
+    try:
+        with open_regular(path) as f:
+            if f.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
+                return False
+            for _ in range(_CHUNKS_READ):
+                header = f.read(8)
+                if len(header) < 8 or header[4:] in (b"IDAT", b"IEND"):
+                    return False
+                length = int.from_bytes(header[:4], "big")
+                if header[4:] in _TEXT_CHUNKS and length >= len(key):
+                    if f.read(len(key)) == key:
+                        return True
+                    length -= len(key)
+                f.seek(length + 4, os.SEEK_CUR)  # the data's rest and the CRC
+    except (NotRegularFile, OSError):
+        return False
+    return False
