@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tests.conftest import make_image, run_cli
 
-RANDOM_LINE = "layer: random (seed 3): pass --weights for a trained model's input layer"
+RANDOM_LINE = "note: the layer is random (seed 3): pass --weights for a trained model's input layer"
 
 
 def test_random_layer_is_told_on_stderr_once_but_not_with_quiet(tmp_path, photo_dir):
@@ -16,7 +16,7 @@ def test_random_layer_is_told_on_stderr_once_but_not_with_quiet(tmp_path, photo_
     assert result.stderr.decode().count(RANDOM_LINE) == 1
     assert not result.stdout.strip()  # stdout carries data only
     quiet = run_cli("encode", photo_dir, "-o", tmp_path / "quiet", "--seed", "3", "-q")
-    assert quiet.returncode == 0 and b"layer: random" not in quiet.stderr
+    assert quiet.returncode == 0 and b"layer is random" not in quiet.stderr
 
 
 def test_summary_names_a_random_layers_seed_and_preset(tmp_path, photo_dir):
@@ -31,5 +31,15 @@ def test_summary_names_the_weights_file_and_no_random_line(tmp_path, photo_dir):
     result = run_cli("encode", photo_dir, "-o", tmp_path / "out", "--weights", layer)
     assert result.returncode == 0, result.stderr
     err = result.stderr.decode()
-    assert "layer: random" not in err
+    assert "layer is random" not in err
     assert f"; layer {layer} (vitembed layer file);" in err.strip().splitlines()[-1]
+
+
+def test_folder_encoded_without_output_ends_with_where_the_files_went(photo_dir):
+    result = run_cli("encode", photo_dir)
+    assert result.returncode == 0, result.stderr
+    last = result.stderr.decode().strip().splitlines()[-1]
+    assert last == f"outputs written beside their images, under {photo_dir}; -o DIR puts them in a folder of their own"
+    assert (photo_dir / "a.npy").is_file()
+    quiet = run_cli("encode", photo_dir, "-q", "--skip-existing")
+    assert quiet.returncode == 0 and b"outputs written" not in quiet.stderr

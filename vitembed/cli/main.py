@@ -127,9 +127,6 @@ def encode(
 
     _check_stdout(output, json_lines)
     request = EncodeRequest.from_options(**_request_options(ctx.params))
-    if request.layer.weights is None and not quiet:
-        typer.echo(f"layer: random (seed {request.layer.seed}): pass --weights for a trained model's input layer",
-                   err=True)
     stop = threading.Event()
     reporter = Reporter(json_lines=json_lines, quiet=quiet, stop=stop)
     if reporter.shows_progress and "-" not in inputs:
@@ -145,6 +142,8 @@ def encode(
         finally:
             reporter.close()
     reporter.finish(summary)
+    if output is None and not quiet:
+        _tell_where(reporter.console, inputs, summary.ok)
     if reporter.pipe_closed or summary.pipe_closed:
         silence_stream(sys.stdout)
         raise typer.Exit(141)
@@ -158,6 +157,16 @@ def encode(
     if summary.total == 0:
         raise fail("no images found in the given inputs", 2)
     raise typer.Exit(1 if summary.errors else 0)
+
+
+def _tell_where(console, inputs: list[str], written: int) -> None:
+    """Without -o, the outputs of a folder's images went into that folder: one line says so."""
+    from ..pipeline.outcomes import display_path
+
+    folders = [display_path(i) for i in inputs if i != "-" and os.path.isdir(i)]
+    if written and folders:
+        console.print(f"outputs written beside their images, under {', '.join(folders)}; "
+                      "-o DIR puts them in a folder of their own", markup=False, soft_wrap=True)
 
 
 def _check_stdout(output: str | None, json_lines: bool) -> None:
