@@ -43,3 +43,14 @@ def test_folder_encoded_without_output_ends_with_where_the_files_went(photo_dir)
     assert (photo_dir / "a.npy").is_file()
     quiet = run_cli("encode", photo_dir, "-q", "--skip-existing")
     assert quiet.returncode == 0 and b"outputs written" not in quiet.stderr
+
+
+def test_native_run_summary_gives_the_range_of_token_rows(tmp_path):
+    folder = tmp_path / "photos"
+    make_image(folder / "wide.png", size=(60, 8))
+    make_image(folder / "square.png", size=(32, 32))
+    result = run_cli("encode", folder, "-o", tmp_path / "out", "--resize", "native", "--image-size", "32",
+                     "--patch-size", "8", "--emb-dim", "16", "--max-patches", "16")
+    assert result.returncode == 0, result.stderr
+    summary = result.stderr.decode().strip().splitlines()[-1]
+    assert summary.startswith("2 encoded; tokens ") and "; tokens 11-17 x 16;" in summary, summary

@@ -139,7 +139,8 @@ class Summary:
     skipped: int = 0
     bytes_written: int = 0
     elapsed: float = 0.0
-    token_shape: tuple[int, ...] | None = None
+    token_shape: tuple[int, ...] | None = None  # the last output's
+    token_rows: tuple[int, int] | None = None  # the fewest and most rows written (--resize native: per image)
     stopped: str | None = None  # why the run stopped early: "interrupted", an output error, ...
     pipe_closed: bool = False  # the reader of stdout went away (-o -)
     device: str = "cpu"
@@ -154,6 +155,10 @@ class Summary:
             self.ok += 1
             self.bytes_written += outcome.nbytes
             self.token_shape = outcome.shape
+            rows = outcome.shape[-2] if len(outcome.shape) >= 2 else None
+            if rows is not None:
+                low, high = self.token_rows or (rows, rows)
+                self.token_rows = (min(low, rows), max(high, rows))
         elif isinstance(outcome, Skipped):
             self.skipped += 1
         else:

@@ -164,6 +164,8 @@ class Reporter:
                 self.console.print(f"... and {summary.total - len(self.rows)} more", markup=False, soft_wrap=True)
         rate = summary.ok / summary.elapsed if summary.elapsed > 0 else 0.0
         shape = " x ".join(map(str, summary.token_shape)) if summary.token_shape else "-"
+        if summary.token_rows and summary.token_rows[0] != summary.token_rows[1]:  # --resize native
+            shape = f"{summary.token_rows[0]}-{summary.token_rows[1]} x {summary.token_shape[-1]}"
         parts = [f"{summary.ok} encoded"]
         if summary.skipped:
             parts.append(f"{summary.skipped} skipped")
