@@ -66,6 +66,10 @@ def iter_sources(
                 yield from _expand(path, _safe_relative(path), on_own_output)
         elif uris and _arrow_uri(arg):
             yield from _expand_uri(arg)
+        elif is_uri(os.fspath(arg)) and not os.path.lexists(arg):  # kept as typed: a Path would drop a slash
+            text = os.fspath(arg)
+            yield Source(Uri(text), PurePath(text.rstrip("/").rpartition("/")[2].partition("?")[0] or "input"),
+                         _missing(text))
         else:
             path = Path(arg)
             yield from _expand(path, PurePath(path.name), on_own_output, os.fspath(arg))
