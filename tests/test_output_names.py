@@ -111,7 +111,7 @@ def test_outputs_given_by_a_glob_are_passed_over(sample_paths, tmp_path):
     records = json_lines(result.stdout)
     assert [r["status"] for r in records] == ["ok"] * len(sample_paths)
     assert sorted(Path(r["output"]).name for r in records) == sorted(f"{p.stem}.npy" for p in sample_paths)
-    notes = [line for line in result.stderr.decode().splitlines() if line.startswith("note:")]
+    notes = [line for line in result.stderr.decode().splitlines() if line.startswith("note: passed over")]
     assert len(notes) == 1 and f"and {len(sample_paths) - 1} more" in notes[0] and "outputs, not images" in notes[0]
 
 

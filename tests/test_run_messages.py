@@ -54,3 +54,10 @@ def test_native_run_summary_gives_the_range_of_token_rows(tmp_path):
     assert result.returncode == 0, result.stderr
     summary = result.stderr.decode().strip().splitlines()[-1]
     assert summary.startswith("2 encoded; tokens ") and "; tokens 11-17 x 16;" in summary, summary
+
+
+def test_one_input_that_fails_gives_one_error_line_and_a_one_line_summary(tmp_path):
+    result = run_cli("encode", tmp_path / "nope.png", cwd=tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.decode().splitlines() == [f"error: {tmp_path / 'nope.png'}: no such file or folder",
+                                                    "0 encoded, 1 failed"]

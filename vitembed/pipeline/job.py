@@ -71,13 +71,15 @@ def encode_request(request: EncodeRequest, inputs: list[str], *, on_result: Call
     ray = request.run.ray
     folder = _folder(plan, config, encoder.device if ray is None else f"ray:{'cuda' if ray.gpus else 'cpu'}",
                      request.run.overwrite)
-    if request.layer.weights is None:  # said once the run starts, not on a run refused before it
-        notice(f"the layer is random (seed {request.layer.seed}): pass --weights for a trained model's input layer")
     report = on_result or (lambda outcome: None)
+    random = [request.layer.weights is None]  # said with the first output, not on a run that wrote none
 
     def record(outcome) -> None:
         if folder is not None:
             folder.record(outcome)
+        if random[0] and outcome.status == "ok":
+            random[0] = False
+            notice(f"the layer is random (seed {request.layer.seed}): pass --weights for a trained model's input layer")
         report(outcome)
 
     try:

@@ -157,6 +157,9 @@ class Reporter:
         self.close()
         if self.quiet or self.pipe_closed or summary.pipe_closed or summary.total == 0:
             return
+        if summary.errors == summary.total:  # each failure had its error line: no table, no rate
+            self.console.print(f"0 encoded, {summary.errors} failed", markup=False, soft_wrap=True)
+            return
         if self.rows:
             print_table(self.console, ("input", "output", "shape", "dtype", "status"), map(self._row, self.rows),
                         paths=(0, 1))
