@@ -249,7 +249,7 @@ def test_another_configuration_is_refused_or_overwritten_whole(photo_dir, tmp_pa
     before = npy_outputs(out)
     r = run_cli("encode", photo_dir, "-o", out, "--image-size", "64", "--patch-size", "8", "--emb-dim", "16",
                 "--skip-existing")
-    assert r.returncode == 2 and b"image_size: 32 then, 64 now" in r.stderr
+    assert r.returncode == 2 and b"--image-size 32 then, 64 now" in r.stderr
     assert npy_outputs(out) == before
     # --overwrite removes the old configuration's outputs, even those this run does not remake.
     r = run_cli("encode", photo_dir / "a.png", "-o", out, "--image-size", "64", "--patch-size", "8",

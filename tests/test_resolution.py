@@ -207,7 +207,7 @@ def test_tokens_are_recorded_and_a_resume_with_others_is_refused(tmp_path):
     line = json.loads((out / "manifest.jsonl").read_text().splitlines()[0])
     assert line["shape"] == [24, 16]
     r = run_cli("encode", folder, "-o", out, "--tokens", "patches", "--skip-existing", *small)
-    assert r.returncode == 2 and b"tokens: 'patches+pos' then, 'patches' now" in r.stderr
+    assert r.returncode == 2 and b"--tokens patches+pos then, patches now" in r.stderr
     r = run_cli("encode", folder, "-o", out, "--skip-existing", *small)
     assert r.returncode == 2 and b"tokens" in r.stderr
     r = run_cli("encode", folder, "-o", out, "--tokens", "patches+pos", "--skip-existing", *small, "--json")

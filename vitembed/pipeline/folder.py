@@ -253,9 +253,12 @@ def _replaced(name: str, previous: dict | Unreadable | None, config: dict, overw
         if isinstance(previous, Unreadable):
             raise ConfigError(f"{name} holds outputs whose configuration cannot be told: its run.json is "
                               f"unreadable ({previous}); use another -o folder, or --overwrite to re-encode into it")
-        raise ConfigError(f"{name} holds outputs made with another configuration "
-                          f"({'; '.join(_differences(previous, config)) or 'unreadable run.json'}); "
-                          "use another -o folder, or --overwrite to re-encode into it")
+        from .configdiff import config_differences
+
+        told, match = config_differences(previous, config)
+        raise ConfigError(f"{name} holds outputs made with another configuration: {'; '.join(told)}; to add to "
+                          f"it, run with {', '.join(match)}; else use another -o folder, or --overwrite to "
+                          "re-encode into it")
     return True
 
 
@@ -382,14 +385,3 @@ def _renamed(config):
             source = source.replace(old, new)
         config = {**config, "weights": {**weights, "source": source}}
     return config
-
-
-def _differences(old: dict, new: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out.extend(_differences(a, b, f"{prefix}{key}."))
-        elif a != b:
-            out.append(f"{prefix}{key}: {a!r} then, {b!r} now")
-    return out
