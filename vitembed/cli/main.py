@@ -32,6 +32,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Turn images into Vision Transformer input-layer tokens z0, shape (N+1) x D.",
 )
@@ -111,12 +112,10 @@ def encode(
 
     Example:
 
+    \b
         vitembed encode cat.png                      # writes cat.npy
-
         vitembed encode photos/ -o tokens/ --preset vit-b16
-
         vitembed encode photos/ -o tokens/ --weights vit.pth --image-size 224x320
-
         find photos -name '*.jpg' -print0 |
             vitembed encode - -0 -o tokens/ --json | jq .output
     """
@@ -224,9 +223,9 @@ def init(
 
     Example:
 
+    \b
         vitembed init --preset vit-b16 --seed 7 -o layer.pt
-
-        vitembed init --pos-init sincos -o sincos.pt     # MAE's fixed 2-D sine-cosine E_pos
+        vitembed init --pos-init sincos -o sincos.pt   # MAE's sine-cosine E_pos
     """
     from ..layer.reference import build_layer
     from ..pipeline.request import LayerOptions
@@ -256,8 +255,8 @@ def info(
 
     Example:
 
+    \b
         vitembed info --preset vit-b16 --image-size 384
-
         vitembed info --weights vit.pth --image-size 224x320 --patch-size 8
     """
     from ..layer.config import PRESETS
@@ -383,6 +382,7 @@ def inspect(
 
     Example:
 
+    \b
         vitembed inspect cat.npy tokens/*.npy
     """
     from ..pipeline.outcomes import display_path

@@ -87,6 +87,20 @@ def _suggest_choice(exc) -> None:
 
 
 class Command(_ClickHelp, TyperCommand):
+    def format_options(self, ctx, formatter) -> None:
+        """Arguments, then the options in their panels (Layer options, Image options, ...), as plain
+        text: no markup read in help strings, nothing cut at any width."""
+        sections: dict[str, list] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                panel = "Arguments" if param.param_type_name == "argument" else \
+                    f"{getattr(param, 'rich_help_panel', None) or ''} options".strip().capitalize()
+                sections.setdefault(panel, []).append(record)
+        for name in sorted(sections, key=lambda n: (n != "Arguments", n != "Options")):
+            with formatter.section(name):
+                formatter.write_dl(sections[name])
+
     def collect_usage_pieces(self, ctx) -> list[str]:
         pieces = [self.options_metavar] if self.options_metavar else []
         for param in self.get_params(ctx):
@@ -97,7 +111,14 @@ class Command(_ClickHelp, TyperCommand):
 
 
 class Group(_ClickHelp, TyperGroup):
-    pass
+    def format_commands(self, ctx, formatter) -> None:
+        """Each command with its whole first sentence (Click cuts it to the width left)."""
+        commands = [(name, self.get_command(ctx, name)) for name in self.list_commands(ctx)]
+        rows = [(name, command.get_short_help_str(limit=1000)) for name, command in commands
+                if command is not None and not command.hidden]
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
 
 LAYER = "Layer"
@@ -115,7 +136,7 @@ WeightsOpt = Annotated[Optional[str], typer.Option("--weights", "-w", metavar="F
 SeedOpt = Annotated[int, typer.Option("--seed", metavar="INTEGER", help="Seed of the random layer (ignored with --weights).", rich_help_panel=LAYER)]
 InitSeedOpt = Annotated[int, typer.Option("--seed", metavar="INTEGER", help="Seed of the random layer.", rich_help_panel=LAYER)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout.")]
-RayOpt = Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster (pip install 'vitembed\\[ray]'): $RAY_ADDRESS's or --ray-address's, else a local one for the run. Every node must see the inputs and outputs at the same paths (shared storage), or give them as URIs that pyarrow reads and writes (s3://, gs://, hdfs://, file://).", rich_help_panel=RAY)]
+RayOpt = Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster (pip install 'vitembed[ray]'): $RAY_ADDRESS's or --ray-address's, else a local one for the run. Every node must see the inputs and outputs at the same paths (shared storage), or give them as URIs that pyarrow reads and writes (s3://, gs://, hdfs://, file://).", rich_help_panel=RAY)]
 RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", metavar="ADDRESS", help="The cluster to join: auto, HOST:PORT or ray://HOST:10001. Default: $RAY_ADDRESS, else a local cluster.", show_default=False, rich_help_panel=RAY)]
 RayGpusOpt = Annotated[float, typer.Option("--ray-gpus", metavar="FLOAT", help="GPUs per actor (0.25: four actors share a GPU); the layer then runs with torch on CUDA.", rich_help_panel=RAY)]
 RayCpusOpt = Annotated[float, typer.Option("--ray-cpus", metavar="FLOAT", help="CPUs per actor (fractions allowed).", rich_help_panel=RAY)]
@@ -124,7 +145,7 @@ RayActorsOpt = Annotated[Optional[int], typer.Option("--ray-actors", metavar="IN
 
 PosInitOpt = Annotated[PosInit, typer.Option("--pos-init", metavar=choice_metavar(PosInit), help="E_pos of a random layer: normal (N(0, 1), as the ViT book draws it) or sincos (MAE's fixed 2-D sine-cosine table, class token row 0).", rich_help_panel=LAYER)]
 PosResampleOpt = Annotated[Optional[PosResample], typer.Option("--pos-resample", metavar=choice_metavar(PosResample), help="How E_pos is resampled to another grid: timm (bicubic, antialiased), hf (bicubic), torchvision (bicubic, align_corners) or dinov2 (DINOv2's scale factor). Default: as the weights' own library does (info says which), else timm.", show_default=False, rich_help_panel=LAYER)]
-TokensOpt = Annotated[Tokens, typer.Option("--tokens", metavar=choice_metavar(Tokens), help="z0: what the first transformer block receives: prefix tokens and x_p E, + E_pos, then the model's pre-norm if it has one (CLIP's ln_pre); z0-before-norm: z0 without that pre-norm; patches: x_p E only, N x D; patches+pos: x_p E + E_pos's patch rows, N x D (no class token).", rich_help_panel=LAYER)]
+TokensOpt = Annotated[Tokens, typer.Option("--tokens", metavar=choice_metavar(Tokens), help="z0: what the first transformer block receives, [x_class; x_p E] + E_pos (with any other prefix tokens), then the model's pre-norm if it has one (CLIP's ln_pre); z0-before-norm: z0 without that pre-norm; patches: x_p E only, N x D; patches+pos: x_p E + E_pos's patch rows, N x D (no class token).", rich_help_panel=LAYER)]
 ResizeOpt = Annotated[Optional[Resize], typer.Option("--resize", metavar=choice_metavar(Resize), help="squash: straight to H x W; crop: keep aspect, cover (H, W)/crop-pct, centre crop; pad: keep aspect, pad; squash-crop: squash to (H, W)/crop-pct, centre crop (DeiT's processor); native (encode): the image's own aspect ratio, a grid of at most --max-patches patches. Default: the weights' own, else squash.", show_default=False, rich_help_panel=IMAGE)]
 MaxPatchesOpt = Annotated[Optional[int], typer.Option("--max-patches", metavar="INTEGER", help="For --resize native: the most patches an image's grid may have (Pix2Struct's rule). Default: the layer's N (of --image-size).", show_default=False, rich_help_panel=IMAGE)]
 CropPctOpt = Annotated[Optional[float], typer.Option("--crop-pct", metavar="FLOAT", help="For --resize crop and squash-crop, 0.1 to 1: 0.875 is 256 -> 224. Default: the weights' own, else 0.875.", show_default=False, rich_help_panel=IMAGE)]

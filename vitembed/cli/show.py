@@ -27,6 +27,7 @@ __all__ = ["show_app"]
 
 show_app = typer.Typer(
     cls=Group,
+    rich_markup_mode=None,
     no_args_is_help=True,
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Draw what the input layer does, as PNG pictures: patches, tokens, filters, positions.",
@@ -162,8 +163,8 @@ def patches(
 
     Example:
 
+    \b
         vitembed show patches cat.jpg                  # writes cat.patches.png
-
         vitembed show patches cat.jpg --preset vit-b16 --resize crop -o grid.png
     """
     from ..show.pictures import draw_patches
@@ -198,8 +199,8 @@ def tokens(
 
     Example:
 
+    \b
         vitembed show tokens cat.jpg                   # writes cat.tokens.png
-
         vitembed show tokens cat.npy --preset vit-b16 --image cat.jpg
     """
     from ..show.figures import grid_tokens, token_norms, token_pca
@@ -277,8 +278,8 @@ def filters(
 
     Example:
 
-        vitembed show filters --weights timm:vit_base_patch16_224.augreg2_in21k_ft_in1k
-
+    \b
+        vitembed show filters --weights timm:vit_base_patch16_224.augreg_in21k
         vitembed show filters --preset vit-b16 -o random-filters.png
     """
     from ..show.figures import filter_pca
@@ -309,8 +310,8 @@ def positions(
 
     Example:
 
-        vitembed show positions --pos-init sincos      # MAE's fixed table: smooth, local
-
+    \b
+        vitembed show positions --pos-init sincos   # MAE's table: smooth, local
         vitembed show positions --weights vit.safetensors -o pos.png
     """
     from ..show.figures import check_position_grid, grid_positions, position_similarity_rows
