@@ -76,6 +76,19 @@ def _fit(text: str, width: int) -> str:
     return text + " " * (width - cell_len(text))
 
 
+def _rate_column():
+    """A progress column: images per second, as rich measures the bar's speed."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class RateColumn(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:.1f} images/s" if speed else "- images/s", style="progress.data.speed")
+
+    return RateColumn()
+
+
 class Reporter:
     """Takes each outcome as it finishes and tells the user.
 
@@ -96,7 +109,7 @@ class Reporter:
         if not quiet and self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self._progress = Progress(TextColumn("encoding"), BarColumn(), MofNCompleteColumn(),
+            self._progress = Progress(TextColumn("encoding"), BarColumn(), MofNCompleteColumn(), _rate_column(),
                                       TimeRemainingColumn(), console=self.console, transient=True)
             self._task = self._progress.add_task("encode", total=None)
             self._progress.start()
