@@ -41,10 +41,10 @@ def test_help_shows_what_users_type(command):
 def test_encode_help_metavars():
     text = help_at_80_columns("encode")
     assert "encode [OPTIONS] INPUTS..." in text
-    assert re.search(r"--batch-size\s+-b\s+INTEGER", text)
-    assert re.search(r"--output\s+-o\s+PATH", text)
-    assert re.search(r"--format\s+-f\s+\[npy\|pt\]", text)
-    assert re.search(r"--quiet\s+-q\s+No table", text)  # a flag: no placeholder
+    assert re.search(r"-b, --batch-size\s+INTEGER", text)
+    assert re.search(r"-o, --output\s+PATH", text)
+    assert re.search(r"-f, --format\s+\[npy\|pt\]", text)
+    assert re.search(r"-q, --quiet\s+No table", text)  # a flag: no placeholder
     assert "jq .output" in text
 
 

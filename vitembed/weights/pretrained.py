@@ -79,6 +79,10 @@ def _torch_hub_file(url: str, spec: str) -> Path:
     path = folder / os.path.basename(url.split("?")[0])
     if not path.is_file():
         match = HASH_REGEX.search(path.name)
+        host = _unreachable(url)
+        if host is not None:
+            raise WeightsError(f"{spec}: cannot download {url} ({host} cannot be reached); check the network, "
+                               f"or put the file at {path}")
         try:
             folder.mkdir(parents=True, exist_ok=True)
             download_url_to_file(url, str(path), match.group(1) if match else None, progress=False)
@@ -158,16 +162,19 @@ def _hf_file(repo: str, names: tuple[str, ...], spec: str) -> Path:
     except ImportError:
         raise WeightsError(f"{spec}: needs huggingface_hub (pip install 'vitembed[pretrained]')") from None
     cached = [n for n in names if isinstance(_quiet(try_to_load_from_cache, repo, n), str)]
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    from huggingface_hub import constants
+
+    host = None if offline else _unreachable(constants.ENDPOINT)
     logger = hub_logging.get_logger("huggingface_hub")
     level = logger.level
     logger.setLevel("ERROR")  # its retry warnings would bury our one line
     try:
         for name in [*cached, *(n for n in names if n not in cached)]:
-            try:
-                return Path(hf_hub_download(repo, name))
+            try:  # unreachable: the cache alone, at once (the library would retry for half a minute)
+                return Path(hf_hub_download(repo, name, local_files_only=host is not None))
             except hub_errors.LocalEntryNotFoundError:
-                offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
-                why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached"
+                why = "HF_HUB_OFFLINE is set" if offline else f"the Hub ({host or 'its address'}) cannot be reached"
                 raise WeightsError(f"{spec}: {name} of {repo} is not in the Hugging Face cache and {why}; "
                                    "check the network (or HF_HUB_CACHE)") from None
             except hub_errors.EntryNotFoundError:
@@ -184,3 +191,36 @@ def _quiet(func, *args):
         return func(*args)
     except Exception:  # a malformed repo id: hf_hub_download will say so
         return None
+
+
+_REACH_SECONDS = 2.0  # how long a download waits to learn that its server cannot be reached
+_reached: dict[str, str | None] = {}
+
+
+def _unreachable(url: str) -> str | None:
+    """The host of `url` ("host:port") if no connection to it opens within `_REACH_SECONDS` (name
+    lookup included), else None; asked once per process and host. Without it, an offline machine
+    waits for the libraries' retries (half a minute) before the one line that says so."""
+    import socket
+    import threading
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = f"{parts.hostname}:{port}"
+    if host in _reached:
+        return _reached[host]
+    opened = threading.Event()
+
+    def connect() -> None:
+        try:
+            socket.create_connection((parts.hostname, port), timeout=_REACH_SECONDS).close()
+            opened.set()
+        except (OSError, ValueError):
+            pass
+
+    thread = threading.Thread(target=connect, daemon=True)  # a name lookup has no timeout of its own
+    thread.start()
+    thread.join(_REACH_SECONDS)
+    _reached[host] = None if opened.is_set() else host
+    return _reached[host]
