@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import make_image, run_cli
 
 RANDOM_LINE = "note: the layer is random (seed 3): pass --weights for a trained model's input layer"
@@ -61,3 +63,47 @@ def test_one_input_that_fails_gives_one_error_line_and_a_one_line_summary(tmp_pa
     assert result.returncode == 1
     assert result.stderr.decode().splitlines() == [f"error: {tmp_path / 'nope.png'}: no such file or folder",
                                                     "0 encoded, 1 failed"]
+
+
+def _strained_images(folder: Path) -> Path:
+    make_image(folder / "tiny.png", size=(4, 4))  # 8x to 32 px
+    make_image(folder / "tiny2.png", size=(5, 5), seed=1)
+    make_image(folder / "tall.png", size=(10, 100), seed=2)  # 10:1 squashed to 1:1
+    make_image(folder / "fine.png", size=(40, 30), seed=3)
+    return folder
+
+
+def _strain_notes(stderr: bytes) -> list[str]:
+    lines = stderr.decode().splitlines()
+    return [line for line in lines if line.startswith("note: ") and ("beyond 2:1" in line or "than 4x" in line)]
+
+
+STRAIN_NOTE = ("note: 2 images upscaled more than 4x (first: {folder}/tiny.png) and 1 image squashed beyond 2:1 "
+               "(first: {folder}/tall.png): their tokens see few pixels of their own, or a distorted image; "
+               "--resize crop|pad|native keeps the aspect ratio")
+
+
+def test_upscaled_and_squashed_images_get_one_note_per_run_with_decoder_processes(tmp_path):
+    folder = _strained_images(tmp_path / "photos")
+    result = run_cli("encode", folder, "-o", tmp_path / "out", "-j", "2", "--image-size", "32", "--patch-size", "8",
+                     "--emb-dim", "16")
+    assert result.returncode == 0, result.stderr
+    assert _strain_notes(result.stderr) == [STRAIN_NOTE.format(folder=folder)]
+
+
+def test_upscale_note_in_process_and_none_with_pad_for_the_squashed(tmp_path):
+    folder = _strained_images(tmp_path / "photos")
+    result = run_cli("encode", folder, "-o", tmp_path / "out", "--resize", "pad", "--image-size", "32",
+                     "--patch-size", "8", "--emb-dim", "16")
+    assert result.returncode == 0, result.stderr
+    notes = _strain_notes(result.stderr)
+    assert len(notes) == 1 and notes[0].startswith(f"note: 2 images upscaled more than 4x (first: {folder}/tiny.png):")
+
+
+@pytest.mark.slow  # a Ray cluster
+def test_upscale_and_squash_note_on_ray(ray_session, tmp_path):
+    folder = _strained_images(tmp_path / "photos")
+    result = run_cli("encode", folder, "-o", tmp_path / "out", "--image-size", "32", "--patch-size", "8",
+                     "--emb-dim", "16", "--ray", "--ray-cpus", "0.5", "--ray-actors", "2")
+    assert result.returncode == 0, result.stderr
+    assert _strain_notes(result.stderr) == [STRAIN_NOTE.format(folder=folder)]

@@ -12,6 +12,7 @@ The ordered, crash- and timeout-proof pool that runs these tasks is `pool.Ordere
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 from dataclasses import dataclass
@@ -113,10 +114,13 @@ class WorkerTask:
             jpeg = read_plain_jpeg(path, self.prep)
             if jpeg is not None:
                 return Decoded(job, jpeg)
+        strains: list[str] = []
         try:
-            pixels = load_image(path, self.prep, self.gate)
+            pixels = load_image(path, self.prep, self.gate, strains)
         except InputError as exc:
             return Failed(job.source, str(exc), job)
+        if strains:  # told with the outcome, for the run's one note
+            job = dataclasses.replace(job, source=dataclasses.replace(job.source, strain=strains[0]))
         if self.kernel is None:
             return Decoded(job, pixels)
         tokens = cast(self.kernel(pixels), self.dtype)

@@ -182,7 +182,8 @@ def max_file_bytes(prep: Preprocess) -> int:
     return 4 * prep.max_pixels
 
 
-def load_image(path: str | os.PathLike | BinaryIO, prep: Preprocess, gate=None) -> np.ndarray:
+def load_image(path: str | os.PathLike | BinaryIO, prep: Preprocess, gate=None,
+               strains: list[str] | None = None) -> np.ndarray:
     """Read one image file (a path, a `uris.Uri`, or an open binary file) as an (S, S, C) uint8
     array ready for the layer.
 
@@ -190,6 +191,7 @@ def load_image(path: str | os.PathLike | BinaryIO, prep: Preprocess, gate=None) 
         gate: a lock (a semaphore shared by a run's decoder processes) held while an image of more
             than LARGE_PIXELS is decoded, so that the decoders' memory adds up to one large image
             at a time, not one per core.
+        strains: where given, gets the image's `resize_strain`, if it has one.
 
     Raises:
         InputError: the file is missing, unreadable, not a regular file, not an image, too large
@@ -200,6 +202,9 @@ def load_image(path: str | os.PathLike | BinaryIO, prep: Preprocess, gate=None) 
             # Pillow warns about odd headers, EXIF and palettes while opening; not ours to show.
             warnings.simplefilter("ignore")
             with _open(path, prep) as f, Image.open(f) as im:
+                strain = resize_strain(*im.size, prep) if strains is not None else None
+                if strain is not None:
+                    strains.append(strain)
                 return _prepare(im, prep, gate)
     except InputError:
         raise
@@ -420,6 +425,22 @@ def _to_grey(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     if im.mode in _HIGH_BIT_MODES:
         return _to_8bit(im)
     return _to_rgb(im, background).convert("L") if im.mode != "L" else im
+
+
+UPSCALE_NOTED = 4.0  # an image enlarged more than this many times is noted (an 8 x 8 icon at 224 px)
+SQUASH_NOTED = 2.0  # an image whose aspect ratio the resize changes more than this is noted
+
+
+def resize_strain(width: int, height: int, prep: Preprocess) -> str | None:
+    """"upscaled" if the resize enlarges a `width` x `height` image more than `UPSCALE_NOTED`
+    times, "squashed" if it changes its aspect ratio more than `SQUASH_NOTED` to 1, else None."""
+    if width < 1 or height < 1:
+        return None
+    size = resize_plan(width, height, prep).size
+    sx, sy = size[0] / width, size[1] / height
+    if max(sx, sy) / min(sx, sy) > SQUASH_NOTED:
+        return "squashed"
+    return "upscaled" if min(sx, sy) > UPSCALE_NOTED else None
 
 
 def _resize(im: Image.Image, prep: Preprocess, source: tuple[int, int] | None = None) -> Image.Image:

@@ -29,12 +29,15 @@ class Source:
         error: set when the input is known to be bad before reading it (a missing path).
         meta: text that came with the image and goes with its tokens into outputs that carry it
             (a dataset sample's `json` / `txt` members, by extension), or None.
+        strain: set by the decoder that resized it, where the resize strained the image
+            ("upscaled" more than 4x, "squashed" beyond 2:1: `decode.resize_strain`), for a note.
     """
 
     path: Path
     rel: PurePath
     error: str | None = None
     meta: dict[str, str] | None = None
+    strain: str | None = None
 
 
 def iter_sources(

@@ -56,7 +56,7 @@ def encode_request(request: EncodeRequest, inputs: list[str], *, on_result: Call
     if inputs.count("-") > 1:
         raise ConfigError("- (read paths from stdin) may be given once")
     stdin = stdin if stdin is not None else (sys.stdin.buffer if "-" in inputs else None)
-    own_outputs = _OwnOutputs(notice)
+    own_outputs, strained = _OwnOutputs(notice), _Strained(notice)
     sources = iter_sources(inputs, stdin, null, on_own_output=own_outputs, uris=request.run.ray is not None)
     if plan.mode in ("file", "stdout"):
         sources = list(sources)
@@ -77,6 +77,7 @@ def encode_request(request: EncodeRequest, inputs: list[str], *, on_result: Call
     def record(outcome) -> None:
         if folder is not None:
             folder.record(outcome)
+        strained(outcome)
         if random[0] and outcome.status == "ok":
             random[0] = False
             notice(f"the layer is random (seed {request.layer.seed}): pass --weights for a trained model's input layer")
@@ -89,6 +90,7 @@ def encode_request(request: EncodeRequest, inputs: list[str], *, on_result: Call
         if folder is not None:
             folder.close()
     own_outputs.tell()
+    strained.tell()
     summary.layer = layer_source(request.layer, config["weights"]["source"])
     return summary
 
@@ -189,4 +191,29 @@ class _OwnOutputs:
                 more = f" and {count - 1} more" if count > 1 else ""
                 parts.append(f"passed over {display_path(first)}{more}: {self._WHY[picture]}")
             self.notice("; ".join(parts))
+            self.found = {}
+
+
+class _Strained:
+    """Images that the resize enlarged more than 4x or squashed beyond 2:1 (`decode.resize_strain`,
+    told by the decoders with each outcome): counted over the run, and told in one note."""
+
+    def __init__(self, notice: Callable[[str], None]) -> None:
+        self.notice = notice
+        self.found: dict[str, list] = {}  # upscaled / squashed -> [count, first input]
+
+    def __call__(self, outcome) -> None:
+        strain = getattr(outcome.source, "strain", None)
+        if strain is not None and outcome.status == "ok":
+            self.found.setdefault(strain, [0, outcome.input])[0] += 1
+
+    def tell(self) -> None:
+        if self.found:
+            from .outcomes import display_path
+
+            words = {"upscaled": "upscaled more than 4x", "squashed": "squashed beyond 2:1"}
+            parts = [f"{count} {'image' if count == 1 else 'images'} {words[strain]} (first: {display_path(first)})"
+                     for strain, (count, first) in sorted(self.found.items(), key=lambda kv: kv[0] != "upscaled")]
+            self.notice(f"{' and '.join(parts)}: their tokens see few pixels of their own, or a distorted image; "
+                        "--resize crop|pad|native keeps the aspect ratio")
             self.found = {}
