@@ -99,6 +99,7 @@ def _everything(item: Any) -> bool:
 _CHUNK_SECONDS = 0.02  # a chunk's work: far above the cost of its messages (about 0.1 ms)
 _MAX_CHUNK = 16
 _POLL = 0.1  # seconds between looks at the stop event
+_DRAIN_SECONDS = 1.0  # after a stop, for the workers to finish the item each is on (`drain`)
 
 
 @dataclass(eq=False)
@@ -171,6 +172,33 @@ class OrderedPool:
             self._inflight.popleft()
             self._held -= len(head.items)
             yield from zip(head.items, head.values)
+
+    def drain(self, seconds: float = _DRAIN_SECONDS) -> Iterator[tuple[Any, Any]]:
+        """After a stop: the workers take nothing more and finish the item each is on, for up to
+        `seconds`; (item, result) for each item whose result came back and was not yet yielded,
+        in input order. What a worker finished (a file it wrote) is so told, not lost with its
+        chunk; the chunks still running stay, for `close()` to kill."""
+        workers = self._workers
+        if workers is None:
+            return
+        workers.drop.value = 1  # each worker ends its chunk after the item it is on
+        running = [chunk.future for chunk in self._inflight if chunk.values is None and chunk.future is not None]
+        for future in running:
+            future.cancel()  # those no worker has taken
+        wait([f for f in running if not f.cancelled()], timeout=seconds)
+        left: deque[_Chunk] = deque()
+        for chunk in self._inflight:
+            future = chunk.future
+            if chunk.values is None and future is not None and future.done() and not future.cancelled():
+                try:
+                    chunk.values = future.result()[0]  # the items done before the drop
+                except Exception:  # a broken pool, a result that could not come back: nothing to tell
+                    pass
+            if chunk.values is not None:
+                yield from zip(chunk.items, chunk.values)
+            elif future is not None and not future.cancelled():
+                left.append(chunk)
+        self._inflight, self._held = left, sum(len(chunk.items) for chunk in left)
 
     def close(self) -> list[Any]:
         """Shut the workers down: after a stop, kill them at once; else let each finish the item it

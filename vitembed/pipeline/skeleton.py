@@ -172,6 +172,10 @@ def run(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOp
         with pillow_limit(encoder.prep.max_pixels if in_process else 0):
             for outcome in outcomes(jobs, encoder, sink, options.batch_size, stop):
                 _report(outcome, summary, on_result)
+        if stop.is_set():  # the files the decoders wrote while the run stopped are counted too
+            for _, result in getattr(jobs, "drain", lambda: ())():
+                if isinstance(result, Written):
+                    _report(result, summary, on_result)
     except OutputError as exc:
         summary.stopped, summary.pipe_closed = str(exc), isinstance(exc, StdoutClosed)
         for outcome in sink.salvage():
