@@ -87,7 +87,7 @@ from typing import Any
 
 from .poolworker import DIED, TIMED_OUT, TaskFailed, Workers, WorkersDied, call, failure
 
-__all__ = ["OrderedPool", "TaskFailed", "WorkersDied"]
+__all__ = ["OrderedPool", "TaskFailed", "WorkersDied", "drain"]
 
 # --- in the main process ---------------------------------------------------------------------
 
@@ -172,33 +172,6 @@ class OrderedPool:
             self._inflight.popleft()
             self._held -= len(head.items)
             yield from zip(head.items, head.values)
-
-    def drain(self, seconds: float = _DRAIN_SECONDS) -> Iterator[tuple[Any, Any]]:
-        """After a stop: the workers take nothing more and finish the item each is on, for up to
-        `seconds`; (item, result) for each item whose result came back and was not yet yielded,
-        in input order. What a worker finished (a file it wrote) is so told, not lost with its
-        chunk; the chunks still running stay, for `close()` to kill."""
-        workers = self._workers
-        if workers is None:
-            return
-        workers.drop.value = 1  # each worker ends its chunk after the item it is on
-        running = [chunk.future for chunk in self._inflight if chunk.values is None and chunk.future is not None]
-        for future in running:
-            future.cancel()  # those no worker has taken
-        wait([f for f in running if not f.cancelled()], timeout=seconds)
-        left: deque[_Chunk] = deque()
-        for chunk in self._inflight:
-            future = chunk.future
-            if chunk.values is None and future is not None and future.done() and not future.cancelled():
-                try:
-                    chunk.values = future.result()[0]  # the items done before the drop
-                except Exception:  # a broken pool, a result that could not come back: nothing to tell
-                    pass
-            if chunk.values is not None:
-                yield from zip(chunk.items, chunk.values)
-            elif future is not None and not future.cancelled():
-                left.append(chunk)
-        self._inflight, self._held = left, sum(len(chunk.items) for chunk in left)
 
     def close(self) -> list[Any]:
         """Shut the workers down: after a stop, kill them at once; else let each finish the item it
@@ -360,6 +333,34 @@ class OrderedPool:
         self.deaths += 1
         if self.deaths >= 3 and not self.finished:
             raise WorkersDied()
+
+
+def drain(pool: OrderedPool, seconds: float = _DRAIN_SECONDS) -> Iterator[tuple[Any, Any]]:
+    """After `pool`'s stop: its workers take nothing more and finish the item each is on, for up to
+    `seconds`; (item, result) for each item whose result came back and was not yet yielded,
+    in input order. What a worker finished (a file it wrote) is so told, not lost with its
+    chunk; the chunks still running stay, for `OrderedPool.close()` to kill."""
+    workers = pool._workers
+    if workers is None:
+        return
+    workers.drop.value = 1  # each worker ends its chunk after the item it is on
+    running = [chunk.future for chunk in pool._inflight if chunk.values is None and chunk.future is not None]
+    for future in running:
+        future.cancel()  # those no worker has taken
+    wait([f for f in running if not f.cancelled()], timeout=seconds)
+    left: deque[_Chunk] = deque()
+    for chunk in pool._inflight:
+        future = chunk.future
+        if chunk.values is None and future is not None and future.done() and not future.cancelled():
+            try:
+                chunk.values = future.result()[0]  # the items done before the drop
+            except Exception:  # a broken pool, a result that could not come back: nothing to tell
+                pass
+        if chunk.values is not None:
+            yield from zip(chunk.items, chunk.values)
+        elif future is not None and not future.cancelled():
+            left.append(chunk)
+    pool._inflight, pool._held = left, sum(len(chunk.items) for chunk in left)
 
 
 def _run_here(pool: OrderedPool) -> Iterator[tuple[Any, Any]]:

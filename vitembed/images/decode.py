@@ -25,7 +25,7 @@ from PIL import Image, ImageColor, ImageOps
 from ..choices import NORMALIZATION_STATS, RESIZE_MODES, suggest
 from ..layer.config import LIMITS
 from ..errors import ConfigError, InputError, one_line
-from ..layer.resolution import ResizePlan, resize_plan
+from ..layer.resolution import ResizePlan, resize_plan, resize_strain
 from ..files.reads import NotRegularFile, open_regular
 from ..files.uris import Uri
 
@@ -425,22 +425,6 @@ def _to_grey(im: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     if im.mode in _HIGH_BIT_MODES:
         return _to_8bit(im)
     return _to_rgb(im, background).convert("L") if im.mode != "L" else im
-
-
-UPSCALE_NOTED = 4.0  # an image enlarged more than this many times is noted (an 8 x 8 icon at 224 px)
-SQUASH_NOTED = 2.0  # an image whose aspect ratio the resize changes more than this is noted
-
-
-def resize_strain(width: int, height: int, prep: Preprocess) -> str | None:
-    """"upscaled" if the resize enlarges a `width` x `height` image more than `UPSCALE_NOTED`
-    times, "squashed" if it changes its aspect ratio more than `SQUASH_NOTED` to 1, else None."""
-    if width < 1 or height < 1:
-        return None
-    size = resize_plan(width, height, prep).size
-    sx, sy = size[0] / width, size[1] / height
-    if max(sx, sy) / min(sx, sy) > SQUASH_NOTED:
-        return "squashed"
-    return "upscaled" if min(sx, sy) > UPSCALE_NOTED else None
 
 
 def _resize(im: Image.Image, prep: Preprocess, source: tuple[int, int] | None = None) -> Image.Image:

@@ -30,7 +30,7 @@ class Source:
         meta: text that came with the image and goes with its tokens into outputs that carry it
             (a dataset sample's `json` / `txt` members, by extension), or None.
         strain: set by the decoder that resized it, where the resize strained the image
-            ("upscaled" more than 4x, "squashed" beyond 2:1: `decode.resize_strain`), for a note.
+            ("upscaled" more than 4x, "squashed" beyond 2:1: `resolution.resize_strain`), for a note.
     """
 
     path: Path

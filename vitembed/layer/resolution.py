@@ -37,6 +37,7 @@ __all__ = [
     "resample_pos",
     "resize_matrix",
     "resize_plan",
+    "resize_strain",
 ]
 
 
@@ -85,6 +86,22 @@ def resize_plan(width: int, height: int, prep) -> ResizePlan:
     scale = min(w / width, h / height)  # pad: for a square, S / the longer side
     size = (min(w, max(1, round(width * scale))), min(h, max(1, round(height * scale))))
     return ResizePlan(size, (w, h), paste=((w - size[0]) // 2, (h - size[1]) // 2))
+
+
+UPSCALE_NOTED = 4.0  # an image enlarged more than this many times is noted (an 8 x 8 icon at 224 px)
+SQUASH_NOTED = 2.0  # an image whose aspect ratio the resize changes more than this is noted
+
+
+def resize_strain(width: int, height: int, prep) -> str | None:
+    """"upscaled" if the resize enlarges a `width` x `height` image more than `UPSCALE_NOTED`
+    times, "squashed" if it changes its aspect ratio more than `SQUASH_NOTED` to 1, else None."""
+    if width < 1 or height < 1:
+        return None
+    size = resize_plan(width, height, prep).size
+    sx, sy = size[0] / width, size[1] / height
+    if max(sx, sy) / min(sx, sy) > SQUASH_NOTED:
+        return "squashed"
+    return "upscaled" if min(sx, sy) > UPSCALE_NOTED else None
 
 
 def _crop_size(width: int, height: int, h: int, w: int, crop_pct: float) -> tuple[int, int]:

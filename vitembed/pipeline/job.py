@@ -195,7 +195,7 @@ class _OwnOutputs:
 
 
 class _Strained:
-    """Images that the resize enlarged more than 4x or squashed beyond 2:1 (`decode.resize_strain`,
+    """Images that the resize enlarged more than 4x or squashed beyond 2:1 (`resolution.resize_strain`,
     told by the decoders with each outcome): counted over the run, and told in one note."""
 
     def __init__(self, notice: Callable[[str], None]) -> None:

@@ -35,7 +35,7 @@ from ..files.writes import clean_stale_temporaries
 from ..images.decode import pillow_limit
 from .outcomes import Decoded, Encoded, Failed, Job, Outcome, OutputFailed, Skipped, Summary, Written
 from .plan import OutputPlan, Resume, plan_jobs
-from ..executors.pool import OrderedPool, TaskFailed
+from ..executors.pool import OrderedPool, TaskFailed, drain
 from ..executors.processes import decoder_context
 from .sinks import FileSink, FileWriter, ShardSink, Sink, StdoutSink
 from ..executors.decoder import WorkerTask, init_worker
@@ -173,7 +173,7 @@ def run(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOp
             for outcome in outcomes(jobs, encoder, sink, options.batch_size, stop):
                 _report(outcome, summary, on_result)
         if stop.is_set():  # the files the decoders wrote while the run stopped are counted too
-            for _, result in getattr(jobs, "drain", lambda: ())():
+            for _, result in drain(jobs) if isinstance(jobs, OrderedPool) else ():
                 if isinstance(result, Written):
                     _report(result, summary, on_result)
     except OutputError as exc:
