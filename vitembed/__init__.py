@@ -1,10 +1,10 @@
-"""vitembed: images -> Vision Transformer input-layer tokens z0 (the seed document's input layer).
+"""vitembed: images -> Vision Transformer input-layer tokens z0 (the ViT book's input layer).
 
 The public Python API; torch is imported only by the names that need it, on first use:
 
     import vitembed
 
-    layer = vitembed.build_layer(vitembed.PRESETS["vit-b16"], seed=0)    # the seed's VitInputLayer
+    layer = vitembed.build_layer(vitembed.PRESETS["vit-b16"], seed=0)    # the ViT book's VitInputLayer
     encoder = vitembed.Encoder(layer)                                     # preprocessing + layer + engine
     tokens = encoder.encode(pixels)                # (B, 224, 224, 3) uint8 -> (B, 197, 768)
     batch = encoder.encode_files(["cat.png"])      # files or bytes -> batch.tokens, batch.errors
@@ -19,7 +19,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    # the layer (the seed's five steps) and its shapes
+    # the layer (the ViT book's five steps) and its shapes
     "VitInputLayer": "layer.reference",
     "build_layer": "layer.reference",
     "patchify": "layer.reference",

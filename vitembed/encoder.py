@@ -183,7 +183,8 @@ def _check(prep: Preprocess, config: LayerConfig, engine: str, pos_resample: str
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}{suggest(engine, ENGINES)}; choose {', '.join(ENGINES)}")
     if pos_resample not in POS_RESAMPLES:
-        raise ConfigError(f"unknown position resampling {pos_resample!r}{suggest(pos_resample, POS_RESAMPLES)}; choose {' or '.join(POS_RESAMPLES)}")
+        raise ConfigError(f"unknown position resampling {pos_resample!r}{suggest(pos_resample, POS_RESAMPLES)}; "
+                          f"choose {' or '.join(POS_RESAMPLES)}")
     if prep.resize == "native":
         if prep.patch_size != config.patch_size:
             raise ConfigError(f"--resize native cuts {prep.patch_size}-pixel patches but the layer's are "

@@ -268,7 +268,8 @@ def info(
         else:
             width = max(map(len, rows))
             for name, d in rows.items():
-                echo(f"{name:{width}} image {d['image_size']:4}  patch {d['patch_size']:2}  D {d['emb_dim']:5}  tokens {d['tokens'][0]} x {d['tokens'][1]}")
+                echo(f"{name:{width}} image {d['image_size']:4}  patch {d['patch_size']:2}  D {d['emb_dim']:5}  "
+                     f"tokens {d['tokens'][0]} x {d['tokens'][1]}")
         return
     from ..pipeline.request import LayerOptions
 

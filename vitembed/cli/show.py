@@ -59,7 +59,7 @@ class _Layer:
         return f"Layer: {self.source}."
 
     def parameters(self) -> dict:
-        """The layer's tensors as float32 numpy arrays, under the seed's names."""
+        """The layer's tensors as float32 numpy arrays, under the ViT book's names."""
         from ..encoder import as_params
 
         return as_params(self.layer).tensors

@@ -87,7 +87,8 @@ class Preprocess:
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_MODES:
-            raise ConfigError(f"unknown resize mode {self.resize!r}{suggest(self.resize, RESIZE_MODES)}; choose {', '.join(RESIZE_MODES)}")
+            raise ConfigError(f"unknown resize mode {self.resize!r}{suggest(self.resize, RESIZE_MODES)}; "
+                              f"choose {', '.join(RESIZE_MODES)}")
         if self.image_width == self.image_size:
             object.__setattr__(self, "image_width", None)  # H x H is the square, one record
         native = (self.max_patches, self.patch_size) if self.resize == "native" else (1, 1)
@@ -96,7 +97,8 @@ class Preprocess:
                               f"patch size, got {self.max_patches} and {self.patch_size}")
         if self.interpolation not in INTERPOLATIONS:
             raise ConfigError(
-                f"unknown interpolation {self.interpolation!r}{suggest(self.interpolation, INTERPOLATIONS)}; choose {', '.join(INTERPOLATIONS)}"
+                f"unknown interpolation {self.interpolation!r}{suggest(self.interpolation, INTERPOLATIONS)}; "
+                f"choose {', '.join(INTERPOLATIONS)}"
             )
         if not MIN_CROP_PCT <= self.crop_pct <= 1.0:  # NaN too; below: a cover of over 10 x the layer's size
             raise ConfigError(f"crop-pct must be from {MIN_CROP_PCT} to 1, got {self.crop_pct}")
@@ -119,7 +121,8 @@ class Preprocess:
 
     def with_normalize(self, name: str) -> Preprocess:
         if name not in NORMALIZATIONS:
-            raise ConfigError(f"unknown normalization {name!r}{suggest(name, NORMALIZATIONS)}; choose {', '.join(NORMALIZATIONS)}")
+            raise ConfigError(f"unknown normalization {name!r}{suggest(name, NORMALIZATIONS)}; "
+                              f"choose {', '.join(NORMALIZATIONS)}")
         mean, std = NORMALIZATIONS[name]
         return dataclasses.replace(self, mean=mean, std=std)
 

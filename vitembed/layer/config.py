@@ -35,8 +35,8 @@ class LayerConfig:
         emb_dim: D, the length of each token.
         in_channels: C, channels of the input image.
         class_token: whether a class token x_class is prepended (step 4).
-        num_reg_tokens: register tokens after the class (and distillation) token; 0 in the seed.
-        pos_embed_prefix: whether E_pos has rows for the prefix tokens (the seed: yes, N_p + 1
+        num_reg_tokens: register tokens after the class (and distillation) token; 0 in the ViT book.
+        pos_embed_prefix: whether E_pos has rows for the prefix tokens (the ViT book: yes, N_p + 1
             rows); timm's `no_embed_class` models add position only to the patches.
         image_width: W of a rectangular input (None: square, W = H); the patch grid is then
             (H / P) x (W / P), patches in row-major order.
@@ -47,14 +47,14 @@ class LayerConfig:
         attn_positions: what a layer without E_pos uses inside attention, for the record: "rope",
             "relative" or None (not known from the weights).
         pre_norm_eps: a LayerNorm over each token after step 5 (CLIP's `ln_pre`, timm's
-            `norm_pre`), with this epsilon; None: none (the seed).
+            `norm_pre`), with this epsilon; None: none (the ViT book).
 
-    Fields at their defaults are left out of `to_dict`, so that the seed's and the 2020 ViTs'
+    Fields at their defaults are left out of `to_dict`, so that the ViT book's and the 2020 ViTs'
     configs read as they always have.
     """
 
     image_size: int = 224
-    patch_size: int = 14  # the seed's worked example: 224 = 16 patches of 14 pixels per side
+    patch_size: int = 14  # the ViT book's worked example: 224 = 16 patches of 14 pixels per side
     emb_dim: int = 384
     in_channels: int = 3
     class_token: bool = True
@@ -103,7 +103,7 @@ class LayerConfig:
 
     @property
     def num_patch_row(self) -> int:
-        """Patches per side of a square layer, S / P (the seed's name); the grid's rows in general."""
+        """Patches per side of a square layer, S / P (the ViT book's name); the grid's rows in general."""
         return self.grid[0]
 
     @property
@@ -127,7 +127,7 @@ class LayerConfig:
 
     @property
     def num_tokens(self) -> int:
-        """Rows of z0: N_p plus the prefix tokens (N_p + 1 in the seed)."""
+        """Rows of z0: N_p plus the prefix tokens (N_p + 1 in the ViT book)."""
         return self.num_patches + self.num_prefix_tokens
 
     @property
@@ -348,7 +348,7 @@ def resolve_config(
 ) -> LayerConfig:
     """A preset (or `base`) with the given fields overridden.
 
-    `image_size` is a side (square), "HxW" or (H, W). `num_patch_row` is the seed's way to give
+    `image_size` is a side (square), "HxW" or (H, W). `num_patch_row` is the ViT book's way to give
     the patch size of a square layer: P = image_size / num_patch_row.
     """
     if base is None:

@@ -1,6 +1,6 @@
 """The input layer for uint8 pixels: its parameters, folded once, applied without torch.
 
-A layer's parameters (`LayerParams`, numpy float32 under the seed's names) and one preprocessing
+A layer's parameters (`LayerParams`, numpy float32 under the ViT book's names) and one preprocessing
 (mean and std of pixels / 255) fold into a single affine map of the raw patches (`fold`):
 
     patches = pixels cut into P x P x C blocks, flattened      (steps 1-2, HWC order)
@@ -71,7 +71,7 @@ def fingerprint(state_dict) -> str:
 
 @dataclass
 class LayerParams:
-    """A layer's parameters as float32 numpy arrays, under the seed's names (see `VitInputLayer`)."""
+    """A layer's parameters as float32 numpy arrays, under the ViT book's names (see `VitInputLayer`)."""
 
     config: LayerConfig
     tensors: dict[str, np.ndarray]
@@ -83,7 +83,7 @@ class LayerParams:
 
     @classmethod
     def from_state_dict(cls, config: LayerConfig, state) -> LayerParams:
-        """From torch tensors (or arrays) under the seed's names, as float32 numpy arrays."""
+        """From torch tensors (or arrays) under the ViT book's names, as float32 numpy arrays."""
         return cls(config, {k: _float32(v) for k, v in state.items()})
 
     def state_dict(self) -> dict[str, np.ndarray]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..choices import POS_INITS  # normal: the seed's E_pos ~ N(0, 1); sincos: MAE's fixed table
+from ..choices import POS_INITS  # normal: the ViT book's E_pos ~ N(0, 1); sincos: MAE's fixed table
 from ..errors import ConfigError
 
 __all__ = ["POS_INITS", "sincos_1d", "sincos_2d"]

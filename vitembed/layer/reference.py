@@ -1,6 +1,6 @@
-"""The Vision Transformer input layer: image -> tokens z0, after the seed document.
+"""The Vision Transformer input layer: image -> tokens z0, after the ViT book (ghmagazine/vit_book).
 
-The seed's five steps (Dosovitskiy et al., "An Image is Worth 16x16 Words", eq. 1):
+The ViT book's five steps (Dosovitskiy et al., "An Image is Worth 16x16 Words", eq. 1):
 
     (1) split     x in R^{H x W x C}  ->  N_p patches of P x P x C pixels, N_p = HW / P^2
     (2) flatten   each patch         ->  x_p^i in R^{P^2 C}
@@ -53,12 +53,12 @@ def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 
 class VitInputLayer(nn.Module):
-    """The ViT input layer of the seed document: (B, C, S, S) images -> (B, N_p + 1, D) tokens z0;
+    """The ViT input layer of the ViT book: (B, C, S, S) images -> (B, N_p + 1, D) tokens z0;
     (B, C, H, W) images for a rectangular `config` (N_p = HW / P^2, patches row-major).
 
     The signature, defaults and parameter names (`patch_emb_layer`, `cls_token`, `pos_emb`) are
-    the seed's, so a state dict of the seed's class loads unchanged. `patch_size` may be given
-    instead of `num_patch_row`. Construction draws from torch's global generator in the seed's
+    the ViT book's, so a state dict of the book's class loads unchanged. `patch_size` may be given
+    instead of `num_patch_row`. Construction draws from torch's global generator in the ViT book's
     order (conv, class token, position embedding); `build_layer` does it from a fixed seed.
     """
 
@@ -137,16 +137,16 @@ class VitInputLayer(nn.Module):
 
 
 def build_layer(config: LayerConfig, seed: int = 0, pos_init: str = "normal") -> VitInputLayer:
-    """A layer with the seed's initialisation drawn from `seed`, on the CPU.
+    """A layer with the ViT book's initialisation drawn from `seed`, on the CPU.
 
     The numbers come from a CPU generator whatever the device the layer later moves to, and
-    match the seed's class built after `torch.manual_seed(seed)`. torch's global RNG state is
+    match the ViT book's class built after `torch.manual_seed(seed)`. torch's global RNG state is
     left as it was.
 
     Args:
         config: the layer shape.
         seed: seed of torch's generator for E, the bias, x_class and (with "normal") E_pos.
-        pos_init: "normal", the seed's E_pos ~ N(0, 1); or "sincos", MAE's fixed 2-D sine-cosine
+        pos_init: "normal", the ViT book's E_pos ~ N(0, 1); or "sincos", MAE's fixed 2-D sine-cosine
             table (`posembed.sincos_2d`, prefix rows zero), which replaces the drawn E_pos, so
             that E and x_class stay those of "normal" for the same seed.
     """
@@ -154,7 +154,8 @@ def build_layer(config: LayerConfig, seed: int = 0, pos_init: str = "normal") ->
     from .posembed import POS_INITS, sincos_2d
 
     if pos_init not in POS_INITS:
-        raise ConfigError(f"unknown position init {pos_init!r}{suggest(pos_init, POS_INITS)}; choose {' or '.join(POS_INITS)}")
+        raise ConfigError(f"unknown position init {pos_init!r}{suggest(pos_init, POS_INITS)}; "
+                          f"choose {' or '.join(POS_INITS)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         layer = VitInputLayer(config=config)

@@ -248,7 +248,7 @@ class EncodeRequest:
             **({"shard_size": self.run.shard_size} if self.run.shard_size else {}),
             **({"tokens": self.layer.tokens} if self.layer.tokens != "z0" else {}),
             **({"pos_resample": method} if method != "timm" else {}),
-            # The layer's steps in words, for a layer that is not seed-style (pre-norm, no table, ...).
+            # The layer's steps in words, for a layer that is not the ViT book's kind (pre-norm, no table, ...).
             **({"steps": encoder.config.steps()} if encoder.config.to_dict().keys() - LayerConfig().to_dict().keys()
                else {}),
         }
@@ -284,7 +284,8 @@ def _check_images(images: ImageOptions) -> None:
         raise ConfigError(f"--max-patches {images.max_patches} is for --resize native (the image's own grid); "
                           "add --resize native or drop --max-patches")
     if images.normalize is not None and images.normalize not in NORMALIZATIONS:
-        raise ConfigError(f"unknown normalization {images.normalize!r}{suggest(images.normalize, NORMALIZATIONS)}; choose {', '.join(NORMALIZATIONS)}")
+        raise ConfigError(f"unknown normalization {images.normalize!r}{suggest(images.normalize, NORMALIZATIONS)}; "
+                          f"choose {', '.join(NORMALIZATIONS)}")
 
 
 def _ray_options(ray: bool | RayOptions | None, flags: dict, engine: str) -> RayOptions | None:

@@ -119,7 +119,8 @@ class EncodeOptions:
         if isinstance(self.ray, bool):
             self.ray = RayOptions() if self.ray else None
         if self.decode not in DECODES:
-            raise ConfigError(f"unknown decode {self.decode!r}{suggest(self.decode, DECODES)}; choose {', '.join(DECODES)}")
+            raise ConfigError(f"unknown decode {self.decode!r}{suggest(self.decode, DECODES)}; "
+                              f"choose {', '.join(DECODES)}")
         for name, least, most in _COUNTS:
             value = getattr(self, name)
             if value is None:

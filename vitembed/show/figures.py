@@ -51,7 +51,7 @@ def patch_rows(config: LayerConfig) -> np.ndarray:
         config: the layer shape (prefix tokens come first in z0).
 
     Returns:
-        (gh, gw) int array: entry (r, c) is 1 + r gw + c in the seed's layout (row 0 the class token).
+        (gh, gw) int array: entry (r, c) is 1 + r gw + c in the ViT book's layout (row 0 the class token).
     """
     gh, gw = config.grid
     return config.num_prefix_tokens + np.arange(gh * gw).reshape(gh, gw)  # (N,) -> (gh, gw)

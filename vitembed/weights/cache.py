@@ -2,7 +2,7 @@
 
 The default layer is random, drawn from torch's generator (`reference.build_layer`). Its parameters
 are kept in a small cache after the first run (`layer_cache_dir()`, one .npz per layer: 1.3 MB
-for the seed layer, 3 MB for vit-b16, up to 12.8 MB for vit-l32), keyed by the layer shape, the
+for the default layer, 3 MB for vit-b16, up to 12.8 MB for vit-l32), keyed by the layer shape, the
 position-embedding init, the seed and the torch version, so that later runs import no torch
 (about 1.6 s of a core). A file that cannot be read or does not fit is drawn again; a cache that
 cannot be written only costs time.

@@ -71,7 +71,7 @@ class LoadedWeights:
 
     Attributes:
         config: the layer shape read from the file.
-        state_dict: tensors under vitembed's (the seed's) parameter names.
+        state_dict: tensors under vitembed's (the ViT book's) parameter names.
         source: a short description, e.g. "vitembed layer file" or "timm VisionTransformer".
         preprocess: preprocessing defaults that belong to these weights (keys of
             `decode.Preprocess`), empty when the file says nothing.

@@ -6,7 +6,7 @@ transformer block receives, in eval mode: transformers' `hidden_states[0]`, timm
 `norm_pre(_pos_embed(patch_embed(x)))`, OpenAI CLIP's `ln_pre(cat(class, conv1(x)) + pos)`.
 
     family (layout)             patch embedding               prefix tokens           positions        pre-norm
-    seed / vitembed             patch_emb_layer               cls, dist, reg          pos_emb          norm_pre
+    ViT book / vitembed         patch_emb_layer               cls, dist, reg          pos_emb          norm_pre
     timm ViT, Eva, Beit, DeiT   patch_embed.proj              cls, dist, reg          pos_embed / none norm_pre
     DINOv2 (its repository)     patch_embed.proj              cls, register_tokens    pos_embed (cls)  -
     DINOv3 (its repository)     patch_embed.proj              cls, storage_tokens     RoPE             -

@@ -45,7 +45,7 @@ def load_weights(spec: str | os.PathLike) -> LoadedWeights:
     """Read weights and recognise their layout.
 
     Args:
-        spec: a vitembed layer file; a timm, torchvision, transformers or seed-class state dict
+        spec: a vitembed layer file; a timm, torchvision, transformers or ViT book class state dict
             (.pt/.pth/.bin/.safetensors); a `save_pretrained` folder; or a pretrained name
             `torchvision:vit_b_16[.WEIGHTS]`, `timm:MODEL[.TAG]`, `hf:ORG/REPO`.
 
