@@ -256,8 +256,8 @@ def _replaced(name: str, previous: dict | Unreadable | None, config: dict, overw
         from .configdiff import config_differences
 
         told, match = config_differences(previous, config)
-        raise ConfigError(f"{name} holds outputs made with another configuration: {'; '.join(told)}; to add to "
-                          f"it, run with {', '.join(match)}; else use another -o folder, or --overwrite to "
+        raise ConfigError(f"{name} holds outputs made with another configuration ({'; '.join(told)}); to add "
+                          f"to it, run with {', '.join(match)}; else use another -o folder, or --overwrite to "
                           "re-encode into it")
     return True
 
