@@ -96,10 +96,8 @@ class Preprocess:
             raise ConfigError(f"--resize native needs max-patches from 1 to {LIMITS['max_patches']} and the "
                               f"patch size, got {self.max_patches} and {self.patch_size}")
         if self.interpolation not in INTERPOLATIONS:
-            raise ConfigError(
-                f"unknown interpolation {self.interpolation!r}{suggest(self.interpolation, INTERPOLATIONS)}; "
-                f"choose {', '.join(INTERPOLATIONS)}"
-            )
+            raise ConfigError(f"unknown interpolation {self.interpolation!r}"
+                              f"{suggest(self.interpolation, INTERPOLATIONS)}; choose {', '.join(INTERPOLATIONS)}")
         if not MIN_CROP_PCT <= self.crop_pct <= 1.0:  # NaN too; below: a cover of over 10 x the layer's size
             raise ConfigError(f"crop-pct must be from {MIN_CROP_PCT} to 1, got {self.crop_pct}")
         if self.channels not in (1, 3):
@@ -185,8 +183,7 @@ def max_file_bytes(prep: Preprocess) -> int:
     return 4 * prep.max_pixels
 
 
-def load_image(path: str | os.PathLike | BinaryIO, prep: Preprocess, gate=None,
-               strains: list[str] | None = None) -> np.ndarray:
+def load_image(path: str | os.PathLike | BinaryIO, prep: Preprocess, gate=None, strains: list | None = None) -> np.ndarray:
     """Read one image file (a path, a `uris.Uri`, or an open binary file) as an (S, S, C) uint8
     array ready for the layer.
 
@@ -205,9 +202,8 @@ def load_image(path: str | os.PathLike | BinaryIO, prep: Preprocess, gate=None,
             # Pillow warns about odd headers, EXIF and palettes while opening; not ours to show.
             warnings.simplefilter("ignore")
             with _open(path, prep) as f, Image.open(f) as im:
-                strain = resize_strain(*im.size, prep) if strains is not None else None
-                if strain is not None:
-                    strains.append(strain)
+                if strains is not None:
+                    strains.extend(filter(None, [resize_strain(*im.size, prep)]))
                 return _prepare(im, prep, gate)
     except InputError:
         raise
