@@ -43,7 +43,7 @@ def test_encode_help_metavars():
     assert "encode [OPTIONS] INPUTS..." in text
     assert re.search(r"--batch-size\s+-b\s+INTEGER", text)
     assert re.search(r"--output\s+-o\s+PATH", text)
-    assert re.search(r"--format\s+-f\s+\[npy\|pt\]", text)
+    assert re.search(r"--format\s+-f\s+\[npy\|pt\|parquet\|wds\]", text)
     assert re.search(r"--quiet\s+-q\s+No table", text)  # a flag: no placeholder
     assert "jq .output" in text
 

@@ -87,8 +87,9 @@ class OutputPlan:
 
     Modes: `beside` (no -o: next to the input), `dir` (-o DIR: the input's relative path under
     DIR; a folder that exists, ends with /, or has no suffix), `file` (-o FILE.npy / FILE.pt /
-    FILE.pth: exactly there, one input only) and `stdout` (-o -). Any other suffix is refused:
-    `-o cat.npz` is a mistake far more often than a folder's name.
+    FILE.pth: exactly there, one input only) and `stdout` (-o -). `-o NAME.parquet` is a folder
+    (`dir`) of Parquet shards. Any other suffix is refused: `-o cat.npz` is a mistake far more
+    often than a folder's name.
 
     Two inputs that would map to the same output both get their own file: the first keeps the
     plain name (`pet.npy`), each later one keeps its own extension too (`pet.png.npy`), then a

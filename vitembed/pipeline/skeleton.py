@@ -99,7 +99,8 @@ class EncodeOptions:
             skipped; with shards, whole shards whose every row is this run's input, done.
         overwrite: replace existing files that are not this configuration's outputs.
         shard_size: K > 0 writes (K, N+1, D) .npy shards instead of one file per image: input
-            number i (from 0, failed ones included) is row i % K of shard i // K.
+            number i (from 0, failed ones included) is row i % K of shard i // K. Parquet and
+            WebDataset outputs are always shards (None: `with_shard_size`'s default).
         decode_timeout: seconds one image may take to decode before its decoder is killed and the
             image reported as an error (None: no limit; needs workers > 0).
         ray: run on a Ray cluster (`RayOptions`, or True for its defaults); None: on this machine.
