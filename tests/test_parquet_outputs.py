@@ -242,3 +242,13 @@ def test_kill_9_mid_run_then_skip_existing_gives_a_clean_run_s_table(many_images
     assert not [p for p in out.iterdir() if p.name.startswith(".vitembed-")]
     last = {r["input"]: r["status"] for r in read_manifest(out)}
     assert len(last) == 300 and set(last.values()) <= {"ok", "skipped"}
+
+
+def test_a_link_planted_at_a_shard_is_replaced_never_followed(photos, tmp_path):
+    out, outside = tmp_path / "t.parquet", tmp_path / "outside.parquet"
+    outside.write_bytes(b"keep me")
+    out.mkdir()
+    (out / "shard-00000.parquet").symlink_to(outside)
+    assert run_cli("encode", photos, "-o", out, *SMALL, "--skip-existing", "-q").returncode == 0
+    assert outside.read_bytes() == b"keep me"
+    assert not (out / "shard-00000.parquet").is_symlink() and pq.read_table(out / "shard-00000.parquet").num_rows == 5
