@@ -255,8 +255,9 @@ def describe_tar(f) -> tuple[tuple, str] | str:
                     return "a tar with a .npy member that is not a file"
                 head = tar.extractfile(member).read(min(member.size, _NPY_HEADER))
                 header = io.BytesIO(head)
-                np.lib.format.read_magic(header)
-                shape, _, dtype = np.lib.format.read_array_header_1_0(header)
+                version = np.lib.format.read_magic(header)
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(header)
                 if header.tell() + math.prod(shape) * dtype.itemsize != member.size:
                     return f"a tar whose {member.name} is not whole"
                 shapes.add(shape)
