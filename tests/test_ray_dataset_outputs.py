@@ -54,3 +54,13 @@ def test_webdataset_tars_equal_a_local_run_s(ray_session, photos, tmp_path):
     assert names == sorted(p.name for p in ray.glob("*.tar")) and len(names) == 3
     for name in names:
         assert (local / name).read_bytes() == (ray / name).read_bytes(), name
+
+
+def test_a_uri_named_parquet_is_a_parquet_dataset(ray_session, photos, tmp_path):
+    import pyarrow.parquet as pq
+
+    r = run_cli("encode", photos, "-o", f"file://{tmp_path}/t.parquet", *SMALL, "-q", "--ray", *ACTORS)
+    assert r.returncode == 1, r.stderr  # bad.jpg
+    table = pq.read_table(tmp_path / "t.parquet" / "shard-00000.parquet")
+    assert table.num_rows == 12 and table.column("error").null_count == 11
+    assert json.loads((tmp_path / "t.parquet" / "run.json").read_text())["config"]["format"] == "parquet"

@@ -117,14 +117,16 @@ class OutputPlan:
             return cls("beside", fmt or "npy")
         if out == "-":
             return cls("stdout", fmt or "npy")
+        # NAME.parquet is a dataset: a folder of Parquet shards, with its run.json and manifest
+        parquet = Path(out.rstrip("/" + os.sep)).suffix.lower() == ".parquet"
+        if parquet and fmt not in (None, "parquet"):
+            raise ConfigError(f"-o {out} names a Parquet dataset but --format is {fmt}")
         if is_uri(out):
             store = Store.open(out)
-            return cls("dir", fmt or "npy", Path(store.base), store)
+            return cls("dir", "parquet" if parquet else fmt or "npy", Path(store.base), store)
         path = Path(out)
         suffix = path.suffix.lower().lstrip(".")
-        if suffix == "parquet":  # a dataset: a folder of Parquet shards, with its run.json and manifest
-            if fmt not in (None, "parquet"):
-                raise ConfigError(f"-o {out} names a Parquet dataset but --format is {fmt}")
+        if parquet:
             return cls("dir", "parquet", path, fresh=not os.path.lexists(path))
         # A folder exists, or ends with /, or has no suffix; any other suffix names a file.
         if not suffix or path.is_dir() or out.endswith(("/", os.sep)):
