@@ -96,7 +96,7 @@ def default_shard_size(shape: tuple, dtype: str) -> int:
 # --- Parquet ---------------------------------------------------------------------------------
 
 def _tokens_type(pa, shape: tuple, dtype: str):
-    value = {"float32": pa.float32(), "float16": pa.float16(), "bfloat16": pa.uint16()}[dtype]
+    value = _VALUE_TYPES[dtype](pa)
     if shape[0] is None:  # native: each row its own number of tokens
         return pa.list_(pa.list_(value, shape[1]))
     return pa.fixed_shape_tensor(value, list(shape))
@@ -120,26 +120,28 @@ def _bits(tokens: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def _tokens_column(pa, rows: list[Row], shape: tuple, dtype: str):
-    """The `tokens` column: null where an input failed."""
+    """The `tokens` column, a chunk a row over the row's own tokens (no copy: the writer reads
+    them where they are); null where an input failed."""
     kind = _tokens_type(pa, shape, dtype)
-    mask = pa.array([r.tokens is None for r in rows])
-    numpy_type = _NUMPY_TYPES[dtype]
-    if shape[0] is None:
-        good = [_bits(r.tokens, dtype).ravel() for r in rows if r.tokens is not None]
-        values = pa.array(np.concatenate(good) if good else np.empty(0, numpy_type))
-        lengths = [0 if r.tokens is None else len(r.tokens) for r in rows]
-        offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
-        return pa.ListArray.from_arrays(offsets, pa.FixedSizeListArray.from_arrays(values, shape[1]), mask=mask)
-    size = math.prod(shape)
-    values = np.zeros((len(rows), size), numpy_type)  # a failed row's values: zeros behind its null
-    for i, row in enumerate(rows):
-        if row.tokens is not None:
-            values[i] = _bits(row.tokens, dtype).ravel()
-    storage = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), size, mask=mask)
-    return pa.ExtensionArray.from_storage(kind, storage)
+    storage = kind if shape[0] is None else kind.storage_type
+    chunks = []
+    for row in rows:
+        if row.tokens is None:
+            chunk = pa.nulls(1, storage)
+        else:
+            flat = np.ascontiguousarray(_bits(row.tokens, dtype)).reshape(-1)
+            values = pa.Array.from_buffers(_VALUE_TYPES[dtype](pa), flat.size, [None, pa.py_buffer(flat)])
+            if shape[0] is None:  # native: one list of len(tokens) D-long tokens
+                tokens = pa.FixedSizeListArray.from_arrays(values, shape[1])
+                chunk = pa.ListArray.from_arrays(pa.array([0, len(row.tokens)], pa.int32()), tokens)
+            else:
+                chunk = pa.FixedSizeListArray.from_arrays(values, flat.size)
+        chunks.append(chunk if shape[0] is None else pa.ExtensionArray.from_storage(kind, chunk))
+    return pa.chunked_array(chunks, type=kind)
 
 
-_NUMPY_TYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+_VALUE_TYPES = {"float32": lambda pa: pa.float32(), "float16": lambda pa: pa.float16(),
+                "bfloat16": lambda pa: pa.uint16()}
 
 
 def write_parquet(f: BinaryIO, rows: list[Row], shape: tuple, dtype: str, record: dict | None = None) -> None:
