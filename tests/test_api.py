@@ -69,7 +69,7 @@ def test_wrong_pixels_are_a_clear_error(encoder):
     (dict(skip_existing=True, overwrite=True), ["--skip-existing", "--overwrite"], "contradict each other"),
     (dict(weights="x.pt", preset="vit-b16"), ["--weights", "x.pt", "--preset", "vit-b16"], "drop --preset"),
     (dict(dtype="bfloat16"), ["--dtype", "bfloat16"], "bfloat16 cannot be stored in .npy"),
-    (dict(shard_size=4), ["--shard-size", "4"], "--shard-size writes .npy shards into an -o folder"),
+    (dict(shard_size=4), ["--shard-size", "4"], "--shard-size writes shards into an -o folder"),
     (dict(batch_size=0), ["--batch-size", "0"], "batch size must be at least 1"),
 ])
 def test_the_library_refuses_what_the_cli_refuses_with_the_same_message(tmp_path, options, cli, message):

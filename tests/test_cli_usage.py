@@ -43,7 +43,7 @@ def test_encode_help_metavars():
     assert "encode [OPTIONS] INPUTS..." in text
     assert re.search(r"-b, --batch-size\s+INTEGER", text)
     assert re.search(r"-o, --output\s+PATH", text)
-    assert re.search(r"-f, --format\s+\[npy\|pt\]", text)
+    assert re.search(r"-f, --format\s+\[npy\|pt\|parquet\|wds\]", text)
     assert re.search(r"-q, --quiet\s+No table", text)  # a flag: no placeholder
     assert "jq .output" in text
 

@@ -14,7 +14,8 @@ NORMALIZATION_STATS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
 NORMALIZATIONS = tuple(NORMALIZATION_STATS)
-FORMATS = ("npy", "pt")
+FORMATS = ("npy", "pt", "parquet", "wds")
+DATASET_FORMATS = {"parquet": ".parquet", "wds": ".tar"}  # formats of shards only (`files.tables`): their suffix
 DTYPES = ("float32", "float16", "bfloat16")
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "single": "float32", "fp16": "float16", "half": "float16",
                  "bf16": "bfloat16"}

@@ -116,7 +116,8 @@ def actor_arguments(encoder: Encoder, plan: OutputPlan, options: EncodeOptions) 
     engine, device = actor_engine(options.ray.engine, options.ray.gpus)
     return dict(params=encoder.params, prep=encoder.prep, dtype=encoder.dtype, engine=engine, device=device,
                 tokens=encoder.tokens, pos_resample=encoder.pos_resample,
-                plan=OutputPlan(plan.mode, plan.fmt, plan.target, plan.store), options=options, cwd=os.getcwd())
+                plan=OutputPlan(plan.mode, plan.fmt, plan.target, plan.store, record=plan.record), options=options,
+                cwd=os.getcwd())
 
 
 @contextlib.contextmanager

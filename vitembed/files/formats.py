@@ -78,13 +78,18 @@ def output_header(path: os.PathLike | str, opener=open_regular) -> tuple[tuple[i
 
 def describe_output(path: os.PathLike | str, opener=open_regular) -> tuple[tuple[int, ...], str] | str:
     """The shape and dtype of an existing `.npy` or `.pt` file of one array, from its header
-    alone; or why it is not one: "not a .npy/.pt output", or, for a .npy whose data the file
+    alone (of a Parquet or WebDataset shard: its rows first, `tables`); or why it is not one: "not a .npy/.pt output", or, for a .npy whose data the file
     does not hold in full, "a truncated ..." (as `inspect` finds it). `opener`: how to open it
     for reading (a local regular file; `uris.Store.header` gives pyarrow's)."""
     try:
         with opener(path) as f:
-            if os.fspath(path).lower().endswith((".pt", ".pth")):
+            name = os.fspath(path).lower()
+            if name.endswith((".pt", ".pth")):
                 return read_pt_header(f)
+            if name.endswith((".parquet", ".tar")):  # a dataset shard
+                from .tables import describe_table, describe_tar
+
+                return describe_table(f) if name.endswith(".parquet") else describe_tar(f)
             version = np.lib.format.read_magic(f)
             read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
             shape, _, dtype = read(f)

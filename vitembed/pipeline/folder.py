@@ -233,7 +233,7 @@ class UriFolder(_RunFolder):
 
 _RUN_LIMIT = 1 << 20  # bytes of run.json read: far above any a run writes
 _URI_MANIFEST_LIMIT = 1 << 30  # a manifest a driver reads into memory (about 5 million lines)
-_OUTPUT_SUFFIXES = (".npy", ".pt")
+_OUTPUT_SUFFIXES = (".npy", ".pt", ".parquet", ".tar")  # .parquet, .tar: dataset shards (-o DIR only)
 
 
 class Unreadable(str):

@@ -26,7 +26,8 @@ def encode(inputs: str | os.PathLike | Iterable[str | os.PathLike], output: str 
     Args:
         inputs: files, folders (walked recursively), or "-" to read paths from `stdin`: one path
             (a str or os.PathLike) or an iterable of them.
-        output: None (beside each input), a folder, FILE.npy / FILE.pt (one input), or "-".
+        output: None (beside each input), a folder, FILE.npy / FILE.pt (one input), "-", or
+            NAME.parquet (a folder of Parquet shards; `format="wds"` with a folder: WebDataset tars).
         on_result: called with each input's outcome (`Written`, `Failed`, `Skipped`) as it finishes.
         stop: set it to stop the run early; every output written is whole.
         null: paths on stdin are NUL-separated.
@@ -48,6 +49,8 @@ def encode_request(request: EncodeRequest, inputs: list[str], *, on_result: Call
                    on_notice: Callable[[str], None] | None = None):
     """Run `request` over `inputs` (str paths, as `input_paths` gives them): `encode`'s run."""
     from ..images.inputs import iter_sources
+    from .folder import run_record
+    from .skeleton import with_shard_size
 
     notice = on_notice or (lambda text: None)
     _check_uris(inputs, request)
@@ -68,9 +71,12 @@ def encode_request(request: EncodeRequest, inputs: list[str], *, on_result: Call
         notice(note)
     runner.check(encoder, plan, request.run)
     config["format"] = plan.fmt
-    ray = request.run.ray
-    folder = _folder(plan, config, encoder.device if ray is None else f"ray:{'cuda' if ray.gpus else 'cpu'}",
-                     request.run.overwrite)
+    options = with_shard_size(request.run, encoder, plan)
+    if options.shard_size:  # a Parquet or WebDataset output's default too
+        config["shard_size"] = options.shard_size
+    ray = options.ray
+    plan.record = run_record(config, encoder.device if ray is None else f"ray:{'cuda' if ray.gpus else 'cpu'}")
+    folder = _folder(plan, config, plan.record, options.overwrite)
     report = on_result or (lambda outcome: None)
     random = [request.layer.weights is None]  # said with the first output, not on a run that wrote none
 
@@ -84,7 +90,7 @@ def encode_request(request: EncodeRequest, inputs: list[str], *, on_result: Call
         report(outcome)
 
     try:
-        summary = runner.run(sources, encoder, plan, request.run, on_result=record, stop=stop, stdout=stdout,
+        summary = runner.run(sources, encoder, plan, options, on_result=record, stop=stop, stdout=stdout,
                              made_from=folder.made_from if folder is not None else None)
     finally:
         if folder is not None:
@@ -156,15 +162,15 @@ def _runner(request: EncodeRequest, plan):
     return raydriver
 
 
-def _folder(plan, config: dict, device: str, overwrite: bool):
+def _folder(plan, config: dict, record: dict, overwrite: bool):
     """-o DIR's OutputFolder, -o URI's UriFolder (None for other outputs)."""
-    from .folder import OutputFolder, UriFolder, run_record
+    from .folder import OutputFolder, UriFolder
 
     if plan.mode != "dir":
         return None
     if plan.store is not None:
-        return UriFolder(plan.store, config, run_record(config, device), plan.relative, overwrite=overwrite)
-    return OutputFolder(plan.target, config, run_record(config, device), plan.relative, overwrite=overwrite)
+        return UriFolder(plan.store, config, record, plan.relative, overwrite=overwrite)
+    return OutputFolder(plan.target, config, record, plan.relative, overwrite=overwrite)
 
 
 class _OwnOutputs:

@@ -15,15 +15,16 @@ from typing import Any
 
 import numpy as np
 
+from ..choices import DATASET_FORMATS, suggest
 from ..errors import ConfigError
-from ..choices import suggest
 from ..files.formats import FORMATS, describe_output
 from ..images.inputs import Source
 from .outcomes import Failed, Job, Skipped, display_path
 from ..files.reads import NotRegularFile, open_record
 from ..files.uris import Store, is_uri
 
-__all__ = ["FILE_SUFFIXES", "LOCK_FILE", "MadeFrom", "RUN_FILE", "OutputPlan", "Resume", "nested_run", "plan_jobs"]
+__all__ = ["FILE_SUFFIXES", "LOCK_FILE", "MadeFrom", "RUN_FILE", "OutputPlan", "Resume", "nested_run", "plan_jobs",
+           "shard_path"]
 
 RUN_FILE = "run.json"  # an -o folder's configuration (`folder.OutputFolder`)
 LOCK_FILE = ".vitembed.lock"  # held while a run writes into an -o folder
@@ -86,8 +87,9 @@ class OutputPlan:
 
     Modes: `beside` (no -o: next to the input), `dir` (-o DIR: the input's relative path under
     DIR; a folder that exists, ends with /, or has no suffix), `file` (-o FILE.npy / FILE.pt /
-    FILE.pth: exactly there, one input only) and `stdout` (-o -). Any other suffix is refused:
-    `-o cat.npz` is a mistake far more often than a folder's name.
+    FILE.pth: exactly there, one input only) and `stdout` (-o -). `-o NAME.parquet` is a folder
+    (`dir`) of Parquet shards. Any other suffix is refused: `-o cat.npz` is a mistake far more
+    often than a folder's name.
 
     Two inputs that would map to the same output both get their own file: the first keeps the
     plain name (`pet.npy`), each later one keeps its own extension too (`pet.png.npy`), then a
@@ -102,6 +104,7 @@ class OutputPlan:
     target: Path | None = None
     store: Any = None
     fresh: bool = False  # -o DIR did not exist when planned: nothing in it can be an earlier output
+    record: dict | None = None  # the run's record (run.json), for outputs that carry it (Parquet)
     _claimed: ClaimedPaths = field(default_factory=ClaimedPaths, repr=False)
     _present: ClaimedPaths | None = field(default=None, repr=False)  # a store's files, listed once
     _nested: dict = field(default_factory=dict, repr=False)  # folder -> another run's folder in it (`nested`)
@@ -109,16 +112,22 @@ class OutputPlan:
     @classmethod
     def from_option(cls, out: str | None, fmt: str | None) -> OutputPlan:
         if fmt is not None and fmt not in FORMATS:
-            raise ConfigError(f"unknown format {fmt!r}{suggest(fmt, FORMATS)}; choose {' or '.join(FORMATS)}")
+            raise ConfigError(f"unknown format {fmt!r}{suggest(fmt, FORMATS)}; choose {', '.join(FORMATS)}")
         if out is None:
             return cls("beside", fmt or "npy")
         if out == "-":
             return cls("stdout", fmt or "npy")
+        # NAME.parquet is a dataset: a folder of Parquet shards, with its run.json and manifest
+        parquet = Path(out.rstrip("/" + os.sep)).suffix.lower() == ".parquet"
+        if parquet and fmt not in (None, "parquet"):
+            raise ConfigError(f"-o {out} names a Parquet dataset but --format is {fmt}")
         if is_uri(out):
             store = Store.open(out)
-            return cls("dir", fmt or "npy", Path(store.base), store)
+            return cls("dir", "parquet" if parquet else fmt or "npy", Path(store.base), store)
         path = Path(out)
         suffix = path.suffix.lower().lstrip(".")
+        if parquet:
+            return cls("dir", "parquet", path, fresh=not os.path.lexists(path))
         # A folder exists, or ends with /, or has no suffix; any other suffix names a file.
         if not suffix or path.is_dir() or out.endswith(("/", os.sep)):
             return cls("dir", fmt or "npy", path, fresh=not os.path.lexists(path))
@@ -126,6 +135,9 @@ class OutputPlan:
             raise ConfigError(f"-o {out}: vitembed writes .npy or .pt files, not .{suffix}; give "
                               f"-o {path.with_suffix('.npy')} or -o {path.with_suffix('.pt')} for one input, "
                               f"or -o {out}/ for a folder")
+        if fmt in DATASET_FORMATS:
+            raise ConfigError(f"--format {fmt} writes shards into a folder; give -o {path.with_suffix('')}/ "
+                              "(or -o NAME.parquet for Parquet)")
         if fmt is not None and fmt != FILE_SUFFIXES[suffix]:
             raise ConfigError(f"-o {out} names a .{suffix} file but --format is {fmt}")
         return cls("file", FILE_SUFFIXES[suffix], path)
@@ -312,8 +324,9 @@ def _shape(shape) -> str:
 
 
 def _shard_jobs(sources: Iterable[Source], plan: OutputPlan, resume: Resume, k: int) -> Iterator[Job | Failed | Skipped]:
-    """Jobs a shard at a time: a shard is skipped only when the file holds K rows of this run's
-    shape and dtype and the manifest gives each row to this run's input for it, as ok."""
+    """Jobs a shard at a time: a shard is skipped only when the file holds a row of this run's
+    shape and dtype for each of this run's inputs of it (K, or fewer in the last shard) and the
+    manifest gives each row to this run's input for it, as ok."""
     batch: list[Source] = []
     shard = 0
     for source in sources:
@@ -325,12 +338,16 @@ def _shard_jobs(sources: Iterable[Source], plan: OutputPlan, resume: Resume, k: 
         yield from _shard(batch, shard, plan, resume, k)
 
 
+def shard_path(folder: Path, shard: int, fmt: str) -> Path:
+    """Shard number `shard` of -o DIR: `shard-NNNNN.npy`, `.parquet` or `.tar` (--format wds)."""
+    return folder / f"shard-{shard:05d}{DATASET_FORMATS.get(fmt, '.npy')}"
+
+
 def _shard(sources: list[Source], shard: int, plan: OutputPlan, resume: Resume, k: int) -> Iterator[Job | Failed | Skipped]:
-    path = plan.target / f"shard-{shard:05d}.npy"
+    path = shard_path(plan.target, shard, plan.fmt)
     name = plan.relative(path)
     rows = resume.made_from or {}
-    done = (resume.skip_existing and len(sources) == k
-            and plan.header(path) == ((k, *resume.shape), resume.dtype)
+    done = (resume.skip_existing and _whole_shard(plan.header(path), len(sources), resume)
             and all(rows.get((name, row)) == display_path(s.path) for row, s in enumerate(sources)))
     for row, source in enumerate(sources):
         job = Job(source, path, shard * k + row)
@@ -340,3 +357,11 @@ def _shard(sources: list[Source], shard: int, plan: OutputPlan, resume: Resume, 
             yield Failed(source, source.error, job)
         else:
             yield job
+
+
+def _whole_shard(found, k: int, resume: Resume) -> bool:
+    """Whether a shard's header (`OutputPlan.header`) is K rows of this run's shape and dtype (any
+    number of tokens a row where the run's shape says None: native)."""
+    if isinstance(found, str) or found[1] != resume.dtype or found[0][0] != k or len(found[0]) != len(resume.shape) + 1:
+        return False
+    return all(e is None or s == e for s, e in zip(found[0][1:], resume.shape))

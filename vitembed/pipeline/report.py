@@ -193,5 +193,5 @@ class Reporter:
 
     @staticmethod
     def _row(r: Outcome) -> tuple[str, ...]:
-        shape = " x ".join(map(str, r.shape)) if r.shape else "-"
+        shape = " x ".join("N" if v is None else str(v) for v in r.shape) if r.shape else "-"  # N: native rows
         return display_path(r.input), display_path(r.output) or "-", shape, r.dtype or "-", r.status

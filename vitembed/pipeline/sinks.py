@@ -27,7 +27,8 @@ import numpy as np
 from ..errors import OutputError, StdoutClosed
 from ..files.writes import Cleaner, atomic_write, describe_os_error, silence_stream
 from ..files.formats import tensor_bytes, write_tensor
-from .outcomes import Encoded, Failed, Job, Outcome, Written
+from .outcomes import Encoded, Failed, Job, Outcome, Written, display_path
+from .plan import shard_path
 
 __all__ = ["FileSink", "FileWriter", "ShardSink", "Sink", "StdoutSink", "writer_threads"]
 
@@ -205,38 +206,47 @@ class StdoutSink(Sink):
 
 
 class ShardSink(Sink):
-    """Shards of K inputs, `(K, N+1, D)` .npy files: input i is row i % K of shard i // K.
+    """Shards of K inputs: input i is row i % K of shard i // K. A shard is a `(K, N+1, D)` .npy
+    file (a failed input leaves a NaN row), a Parquet table (a failed input's row holds its
+    error) or a WebDataset tar (a failed input has no sample): `files.tables`.
 
-    A shard is written once every one of its inputs is done (a failed one leaves a NaN row), by a
-    writer thread, atomically; its rows are held until then, as a dict of the rows received (so a
-    large K with few inputs costs only what arrived). The last shard has only the rows it needs.
+    A shard is written once every one of its inputs is done, by a writer thread, atomically; its
+    rows are held until then, as a dict of the rows received (so a large K with few inputs costs
+    only what arrived). The last shard has only the rows it needs.
+
+    Args:
+        fmt: npy, parquet or wds.
+        shape: a row's tokens, (N+1, D), or (None, D) where each image has its own (native).
+        record: the run's record (run.json), for a Parquet shard's schema metadata.
     """
 
-    def __init__(self, folder: Path, size: int, dtype: str, threads: int | None = None, store=None):
+    def __init__(self, folder: Path, size: int, dtype: str, threads: int | None = None, store=None, *,
+                 fmt: str = "npy", shape: tuple | None = None, record: dict | None = None):
         self.folder, self.size, self.dtype, self.store = folder, size, dtype, store
+        self.fmt, self.shape, self.record = fmt, shape, record
         self.cleaner = Cleaner()
         self.writes = _Writes(writer_threads(threads), max_pending=2)
         self.shards: dict[int, _Shard] = {}
         self.last_index = -1  # the largest input index seen, for the last shard's length
 
     def path(self, shard: int) -> Path:
-        return self.folder / f"shard-{shard:05d}.npy"
+        return shard_path(self.folder, shard, self.fmt)
 
     def put(self, item: Encoded) -> Iterator[Outcome]:
-        return self._resolve(item.job, item.tokens)
+        return self._resolve(item.job, (item.tokens, item.grid))
 
     def failed(self, outcome: Failed) -> Iterator[Outcome]:
         yield outcome
         if outcome.job is not None:
-            yield from self._resolve(outcome.job, None)
+            yield from self._resolve(outcome.job, outcome.error)
 
-    def _resolve(self, job: Job, tokens: np.ndarray | None) -> Iterator[Outcome]:
+    def _resolve(self, job: Job, result: tuple | str) -> Iterator[Outcome]:
+        """Take one row: (tokens, grid), or the input's error."""
         index, row = divmod(job.index, self.size)
         self.last_index = max(self.last_index, job.index)
         shard = self.shards.setdefault(index, _Shard())
         shard.resolved += 1
-        if tokens is not None:
-            shard.rows[row] = (job, tokens)
+        (shard.failed if isinstance(result, str) else shard.rows)[row] = (job, result)
         if shard.resolved == self.size:
             yield from self._write(index, self.size)
         else:
@@ -244,10 +254,10 @@ class ShardSink(Sink):
 
     def _write(self, index: int, rows: int) -> Iterator[Outcome]:
         shard = self.shards.pop(index)
-        if not shard.rows:  # every input of it failed: nothing to write, as for single files,
-            _remove_file(self.path(index), self.store)  # and no earlier run's rows left looking current
+        if not shard.rows and self.fmt != "parquet":  # every input failed: nothing to write, as for single
+            _remove_file(self.path(index), self.store)  # files, and no earlier run's rows left looking current
             return
-        yield from self.writes.submit(_write_shard, self.path(index), rows, shard, self.dtype, self.store, self.cleaner)
+        yield from self.writes.submit(_write_shard, self.path(index), rows, shard, self, self.cleaner)
 
     def finish(self, complete: bool = True) -> Iterator[Outcome]:
         if complete:  # the last shard has fewer rows; after a stop, unfinished shards are not written
@@ -273,20 +283,44 @@ def _remove_file(path: Path, store=None) -> None:
 @dataclass
 class _Shard:
     resolved: int = 0  # rows filled or failed
-    rows: dict[int, tuple[Job, np.ndarray]] = None  # type: ignore[assignment]
-
-    def __post_init__(self) -> None:
-        self.rows = {}
+    rows: dict[int, tuple[Job, tuple]] = field(default_factory=dict)  # row -> (job, (tokens, grid))
+    failed: dict[int, tuple[Job, str]] = field(default_factory=dict)  # row -> (job, its error)
 
 
-def _write_shard(path: Path, length: int, shard: _Shard, dtype: str, store=None,
-                 cleaner: Cleaner | None = None) -> list[Outcome]:
-    """Stack a shard's rows (NaN where an input failed), write it, and report each row."""
-    first = next(iter(shard.rows.values()))[1]
-    array = np.full((length, *first.shape), np.nan, dtype=first.dtype)
-    for row, (_, tokens) in shard.rows.items():
-        array[row] = tokens
-    nbytes = write_file(path, lambda f: write_tensor(f, array, "npy"), store, cleaner)
-    shape = tuple(first.shape)
-    return [Written(job.source, path, shape, dtype, nbytes if i == 0 else 0, row)
-            for i, (row, (job, _)) in enumerate(sorted(shard.rows.items()))]
+def _write_shard(path: Path, length: int, shard: _Shard, sink: ShardSink, cleaner: Cleaner | None = None) -> list[Outcome]:
+    """Write a shard in the sink's format, and report each row written."""
+    if sink.fmt == "npy":  # stacked, NaN where an input failed
+        first = next(iter(shard.rows.values()))[1][0]
+        array = np.full((length, *first.shape), np.nan, dtype=first.dtype)
+        for row, (_, (tokens, _)) in shard.rows.items():
+            array[row] = tokens
+        write = lambda f: write_tensor(f, array, "npy")  # noqa: E731
+    else:
+        from ..files.tables import write_parquet, write_tar
+
+        rows = [_table_row(job, result) for _, (job, result) in sorted({**shard.rows, **shard.failed}.items())]
+        write = ((lambda f: write_parquet(f, rows, sink.shape, sink.dtype, sink.record)) if sink.fmt == "parquet"
+                 else (lambda f: write_tar(f, rows)))
+    nbytes = write_file(path, write, sink.store, cleaner)
+    return [Written(job.source, path, tuple(tokens.shape), sink.dtype, nbytes if i == 0 else 0, row, grid)
+            for i, (row, (job, (tokens, grid))) in enumerate(sorted(shard.rows.items()))]
+
+
+def _table_row(job: Job, result: tuple | str):
+    """A dataset shard's row (`tables.Row`) of an input's (tokens, grid), or of its error."""
+    from ..files.tables import Row
+
+    source = job.source
+    common = dict(index=job.index, key=input_key(source), input=display_path(source.path), meta=source.meta)
+    if isinstance(result, str):
+        return Row(**common, error=result)
+    return Row(**common, tokens=result[0], grid=result[1])
+
+
+def input_key(source) -> str:
+    """An input's name in a dataset output: its path under the inputs' folder, without an image's
+    suffix (`photos/cat.png` -> `cat`; a dataset sample's rel, `SHARD.tar/KEY`, as it is)."""
+    from ..images.decode import image_extensions
+
+    rel = source.rel
+    return display_path(rel.with_suffix("") if rel.suffix.lower() in image_extensions() else rel)

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
-from ..choices import DECODES, suggest
+from ..choices import DATASET_FORMATS, DECODES, suggest
 from ..encoder import Encoder
 from ..errors import ConfigError, InputError, OutputError, StdoutClosed
 from ..files.writes import clean_stale_temporaries
@@ -99,7 +99,8 @@ class EncodeOptions:
             skipped; with shards, whole shards whose every row is this run's input, done.
         overwrite: replace existing files that are not this configuration's outputs.
         shard_size: K > 0 writes (K, N+1, D) .npy shards instead of one file per image: input
-            number i (from 0, failed ones included) is row i % K of shard i // K.
+            number i (from 0, failed ones included) is row i % K of shard i // K. Parquet and
+            WebDataset outputs are always shards (None: `with_shard_size`'s default).
         decode_timeout: seconds one image may take to decode before its decoder is killed and the
             image reported as an error (None: no limit; needs workers > 0).
         ray: run on a Ray cluster (`RayOptions`, or True for its defaults); None: on this machine.
@@ -161,6 +162,7 @@ def run(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOp
     """
     options, stop, on_result = options or EncodeOptions(), stop or threading.Event(), on_result or (lambda o: None)
     check(encoder, plan, options)
+    options = with_shard_size(options, encoder, plan)
     summary = Summary(device=encoder.device)
     shape = encoder.token_shape or (None, encoder.config.emb_dim)  # native: any number of rows
     max_rows = None if encoder.token_shape else encoder.config.num_prefix_tokens + encoder.prep.max_patches
@@ -280,7 +282,9 @@ def stages(encoder: Encoder, plan: OutputPlan, options: EncodeOptions,
     if plan.mode == "stdout":
         return task, StdoutSink(plan.fmt, encoder.dtype, stdout)
     if options.shard_size:
-        return task, ShardSink(plan.target, options.shard_size, encoder.dtype, options.writers, plan.store)
+        return task, ShardSink(plan.target, options.shard_size, encoder.dtype, options.writers, plan.store,
+                               fmt=plan.fmt, shape=encoder.token_shape or (None, encoder.config.emb_dim),
+                               record=plan.record)
     local = plan.mode == "dir" and (plan.store is None or plan.store.kind == "local")
     writer = FileWriter(plan.fmt, encoder.dtype, plan.target.resolve() if local else None, plan.store)
     if numpy_engine:  # the numpy engine writes where the tokens are: in the decoder processes
@@ -292,13 +296,39 @@ def check(encoder: Encoder, plan: OutputPlan, options: EncodeOptions) -> None:
     """The rules between the encoder, the outputs and the options (before anything is written)."""
     if plan.fmt == "npy" and encoder.dtype == "bfloat16":
         raise ConfigError("bfloat16 cannot be stored in .npy files; use --format pt or --dtype float16")
-    if options.shard_size is not None and (plan.mode != "dir" or plan.fmt != "npy"):
-        raise ConfigError("--shard-size writes .npy shards into an -o folder; give -o DIR and --format npy")
-    if options.shard_size is not None and encoder.token_shape is None:
+    if plan.fmt in DATASET_FORMATS:
+        check_dataset_output(encoder, plan)
+    elif options.shard_size is not None and (plan.mode != "dir" or plan.fmt != "npy"):
+        raise ConfigError("--shard-size writes shards into an -o folder; give -o DIR and --format npy, parquet or wds")
+    if options.shard_size is not None and encoder.token_shape is None and plan.fmt == "npy":
         raise ConfigError("--shard-size stacks tokens of one shape, but with --resize native each image has a "
                           "grid (and a shape) of its own: drop --shard-size (one file per image), or pick a size "
                           "with --image-size HxW --resize squash")
     decodes_on_device(encoder, options)
+
+
+def check_dataset_output(encoder: Encoder, plan: OutputPlan) -> None:
+    """The rules of Parquet and WebDataset outputs (`files.tables`)."""
+    if plan.mode != "dir":
+        raise ConfigError(f"--format {plan.fmt} writes shards into a folder; give -o DIR")
+    if plan.fmt == "wds" and encoder.dtype == "bfloat16":
+        raise ConfigError("--format wds stores .npy members, which cannot hold bfloat16; use --format parquet "
+                          "or --dtype float16")
+    if plan.fmt == "parquet":
+        from ..files.tables import require_pyarrow
+
+        require_pyarrow()
+
+
+def with_shard_size(options: EncodeOptions, encoder: Encoder, plan: OutputPlan) -> EncodeOptions:
+    """The options, with a Parquet or WebDataset output's default --shard-size where none is given
+    (`tables.default_shard_size`: 1024 rows, fewer where a shard would pass 256 MiB of tokens)."""
+    if options.shard_size is not None or plan.fmt not in DATASET_FORMATS:
+        return options
+    from ..files.tables import default_shard_size
+
+    rows = encoder.token_shape or (encoder.config.num_prefix_tokens + encoder.prep.max_patches, encoder.config.emb_dim)
+    return dataclasses.replace(options, shard_size=default_shard_size(rows, encoder.dtype))
 
 
 def decodes_on_device(encoder: Encoder, options: EncodeOptions) -> bool:
