@@ -56,8 +56,9 @@ def encode_request(request: EncodeRequest, inputs: list[str], *, on_result: Call
     if inputs.count("-") > 1:
         raise ConfigError("- (read paths from stdin) may be given once")
     stdin = stdin if stdin is not None else (sys.stdin.buffer if "-" in inputs else None)
-    own_outputs = _OwnOutputs(notice)
-    sources = iter_sources(inputs, stdin, null, on_own_output=own_outputs, uris=request.run.ray is not None)
+    own_outputs, passed_over = _own_outputs_note(notice), _passed_over_note(notice)
+    sources = iter_sources(inputs, stdin, null, on_own_output=own_outputs, uris=request.run.ray is not None,
+                           datasets=request.datasets(passed_over))
     if plan.mode in ("file", "stdout"):
         sources = list(sources)
         own_outputs.tell()
@@ -85,6 +86,7 @@ def encode_request(request: EncodeRequest, inputs: list[str], *, on_result: Call
         if folder is not None:
             folder.close()
     own_outputs.tell()
+    passed_over.tell()
     return summary
 
 
@@ -144,22 +146,32 @@ def _folder(plan, config: dict, device: str, overwrite: bool):
     return OutputFolder(plan.target, config, run_record(config, device), plan.relative, overwrite=overwrite)
 
 
-class _OwnOutputs:
-    """vitembed's own outputs among the inputs (`photos/*` over a folder it wrote into): passed
-    over, and told in one note."""
+class _Tally:
+    """Inputs passed over, told in one note at the end: `say(first, more)` words it."""
 
-    def __init__(self, notice: Callable[[str], None]) -> None:
-        self.notice, self.count, self.first = notice, 0, None
+    def __init__(self, notice: Callable[[str], None], say: Callable[[str, str], str]) -> None:
+        self.notice, self.say, self.count, self.first = notice, say, 0, None
 
-    def __call__(self, path) -> None:
+    def __call__(self, item) -> None:
         self.count += 1
-        self.first = self.first or path
+        self.first = self.first or item
 
     def tell(self) -> None:
         if self.count:
             from .outcomes import display_path
 
             more = f" and {self.count - 1} more" if self.count > 1 else ""
-            self.notice(f"passed over {display_path(self.first)}{more}: .npy/.pt files are vitembed's outputs, "
-                        "not images")
+            self.notice(self.say(display_path(self.first), more))
             self.count = 0
+
+
+def _own_outputs_note(notice: Callable[[str], None]) -> _Tally:
+    """vitembed's own outputs among the inputs (`photos/*` over a folder it wrote into)."""
+    return _Tally(notice, lambda first, more: f"passed over {first}{more}: .npy/.pt files are vitembed's "
+                                              "outputs, not images")
+
+
+def _passed_over_note(notice: Callable[[str], None]) -> _Tally:
+    """Tar members passed over as unsafe (`tars`: links, devices, absolute or `..` paths)."""
+    return _Tally(notice, lambda first, more: f"passed over tar members that are links, devices, or absolute "
+                                              f"or .. paths, never read: {first}{more}")
