@@ -14,11 +14,12 @@ imported only when a table is an input. Each row becomes one input (`inputs.Sour
   must tell rows apart: the manifest and `--skip-existing` go by them), as a null key is.
 - **Outputs** under `-o DIR` go to `DIR/TABLE/KEY.npy`; without -o, beside the table, in a folder
   of its name.
-- **Bounded**: rows are read one row group at a time, and within a row group in batches of about
-  `BATCH_BYTES` by the row group's recorded size per row (at least one row, at most
-  `BATCH_ROWS`), so that a row group of any size costs one batch's memory; pages are read in
-  pieces (`buffer_size`), never a whole column chunk at once. An image over the file-size limit
-  is its row's error.
+- **Bounded**: rows are read one row group at a time. pyarrow reads a row group's column whole
+  (its pages, and a dictionary page, which pyarrow's writer fills with a row group's images when
+  they come in one call), so a row group whose image column holds more than the file-size limit
+  (`decode.max_file_bytes`) is refused, before a byte of it is read, as one error naming its rows;
+  the table's other row groups go on. Rows become Python bytes in batches of about `BATCH_BYTES`
+  (at least one row, at most `BATCH_ROWS`). An image over the file-size limit is its row's error.
 - A table with no image column and a `tokens` column is one of vitembed's own outputs: passed
   over, as .npy files are. A file pyarrow cannot read, or that breaks off, is one error (after
   the rows read before the break).
@@ -34,11 +35,11 @@ from ..errors import one_line
 from ..files.reads import Held
 from .source import Source
 
-__all__ = ["BATCH_BYTES", "BATCH_ROWS", "MISSING_PYARROW", "image_column", "read_table"]
+__all__ = ["BATCH_BYTES", "BATCH_ROWS", "MISSING_PYARROW", "batch_rows", "chunk_bytes", "image_column", "read_table"]
 
 BATCH_BYTES = 64 << 20  # a batch's size, about, read from a row group
 BATCH_ROWS = 4096
-_BUFFER = 1 << 20  # bytes of a column chunk read at a time
+_BUFFER = 1 << 20  # bytes of a file read at a time
 MISSING_PYARROW = "Parquet tables are read with pyarrow, which is not installed: pip install 'vitembed[parquet]'"
 
 
@@ -83,9 +84,17 @@ def read_table(file: Any, shown: str, rel: PurePath, beside: str, limit: int, *,
     rows = _Rows(shown, rel, beside, limit, len(str(max(table.metadata.num_rows - 1, 0))), key is not None)
     try:
         for group in range(table.num_row_groups):
+            meta = table.metadata.row_group(group)
+            size = chunk_bytes(meta, column)
+            if size > limit:  # pyarrow reads a row group's column whole
+                yield failed(f"rows {rows.count} to {rows.count + meta.num_rows - 1} (row group {group}) hold "
+                             f"{size} bytes of images, over the {limit} read at once (--max-pixels, 4 bytes a "
+                             "pixel): write the table with smaller row groups")
+                rows.count += meta.num_rows
+                continue
             columns = [column] + ([key] if key is not None else [])
-            for batch in table.iter_batches(batch_size=batch_rows(table.metadata.row_group(group)),
-                                            row_groups=[group], columns=columns, use_threads=False):
+            for batch in table.iter_batches(batch_size=batch_rows(meta), row_groups=[group], columns=columns,
+                                            use_threads=False):
                 yield from rows.sources(batch, key is not None)
     except (pa.ArrowException, OSError, ValueError) as exc:
         yield failed(f"the table breaks off after {rows.count} row{'s' if rows.count != 1 else ''}: {one_line(exc)}")
@@ -115,6 +124,13 @@ def _holds_images(kind: Any) -> bool:
     if binary(kind):
         return True
     return pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0 and binary(kind.field("bytes").type)
+
+
+def chunk_bytes(group: Any, column: str) -> int:
+    """The bytes of `column` in a row group (its pyarrow metadata), compressed or not, whichever is more."""
+    chunks = (group.column(i) for i in range(group.num_columns))
+    return sum(max(c.total_compressed_size, c.total_uncompressed_size) for c in chunks
+               if c.path_in_schema == column or c.path_in_schema.startswith(f"{column}."))
 
 
 def batch_rows(group: Any) -> int:
