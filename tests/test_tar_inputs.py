@@ -272,3 +272,12 @@ def test_kill_9_mid_run_then_skip_existing_equals_a_clean_run(many_images: Path,
     statuses = [line["status"] for line in json_lines(result.stdout)]
     assert statuses.count("skipped") >= 20 and len(statuses) == 300
     assert tokens(out) == tokens(clean)
+
+
+def test_the_progress_count_counts_the_samples_of_shards(images: Path, tmp_path: Path) -> None:
+    from vitembed.images.inputs import count_inputs, iter_sources
+
+    members = members_of(images)
+    pack(tmp_path / "d" / "a.tar", members[:9])
+    pack(tmp_path / "d" / "b.tar.gz", members[9:], "w:gz")
+    assert count_inputs([str(tmp_path / "d")]) == 6 == len(list(iter_sources([str(tmp_path / "d")])))

@@ -133,9 +133,9 @@ def encode(
     reporter = Reporter(json_lines=json_lines, quiet=quiet, stop=stop)
     if reporter.shows_progress and "-" not in inputs:
         # The total for the bar, counted beside the run: inputs stream, they are never all held.
-        from ..images.inputs import iter_sources
+        from ..images.inputs import count_inputs
 
-        count = lambda: reporter.set_total(sum(1 for _ in iter_sources(inputs, on_own_output=lambda p: None, uris=ray)))  # noqa: E731
+        count = lambda: reporter.set_total(count_inputs(inputs, uris=ray))  # noqa: E731
         threading.Thread(target=count, daemon=True).start()
     with _signals(stop) as caught:
         try:

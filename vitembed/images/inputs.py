@@ -18,7 +18,7 @@ from .tars import container_stem, expand_braces, has_braces, is_tar
 from ..files.reads import NotRegularFile, open_regular
 from ..files.uris import ARROW_SCHEMES, Uri, UriError, filesystem, is_uri
 
-__all__ = ["Datasets", "OWN_OUTPUTS", "Source", "is_dataset", "iter_sources", "read_path_list"]
+__all__ = ["Datasets", "OWN_OUTPUTS", "Source", "count_inputs", "is_dataset", "iter_sources", "read_path_list"]
 
 OWN_OUTPUTS = (".npy", ".pt", ".pth")  # what vitembed writes; never images
 
@@ -39,6 +39,14 @@ class Datasets:
     image_column: str | None = None
     key_column: str | None = None
     on_passed_over: Callable[[str], None] = lambda text: None
+    counting: bool = False  # a dataset's inputs only counted (`count_inputs`), as errors with nothing read
+
+
+def count_inputs(args: Iterable[str | os.PathLike], uris: bool = False) -> int:
+    """How many inputs `iter_sources` will give, about (for a progress bar): a tar shard's samples
+    counted from its headers, a table's rows from its footer; nothing held."""
+    return sum(1 for _ in iter_sources(args, on_own_output=lambda path: None, uris=uris,
+                                       datasets=Datasets(counting=True)))
 
 
 def is_dataset(name: str) -> bool:
@@ -146,7 +154,13 @@ def _dataset(path: Path, rel: PurePath, datasets: Datasets, on_own_output: Calla
         yield Source(Path(path) if fs is None else Uri(shown), rel, f"cannot read: {one_line(exc)}")
         return
     with file:
-        if tar:
+        if datasets.counting:
+            from .tables import count_rows
+            from .tars import count_samples
+
+            count = count_samples(file) if tar and fs is None else count_rows(file) if not tar else 1
+            yield from (Source(Path(shown), rel, "counted") for _ in range(count))
+        elif tar:
             yield from read_shard(file, shown, rel, beside, datasets.limit, datasets.on_passed_over, on_own_output)
         else:
             yield from read_table(file, shown, rel, beside, datasets.limit, image=datasets.image_column,

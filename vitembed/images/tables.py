@@ -35,7 +35,7 @@ from ..errors import one_line
 from ..files.reads import Held
 from .source import Source
 
-__all__ = ["BATCH_BYTES", "BATCH_ROWS", "MISSING_PYARROW", "batch_rows", "chunk_bytes", "image_column", "read_table"]
+__all__ = ["BATCH_BYTES", "BATCH_ROWS", "MISSING_PYARROW", "batch_rows", "chunk_bytes", "count_rows", "image_column", "read_table"]
 
 BATCH_BYTES = 64 << 20  # a batch's size, about, read from a row group
 BATCH_ROWS = 4096
@@ -98,6 +98,16 @@ def read_table(file: Any, shown: str, rel: PurePath, beside: str, limit: int, *,
                 yield from rows.sources(batch, key is not None)
     except (pa.ArrowException, OSError, ValueError) as exc:
         yield failed(f"the table breaks off after {rows.count} row{'s' if rows.count != 1 else ''}: {one_line(exc)}")
+
+
+def count_rows(file: Any) -> int:
+    """How many rows a table holds (from its footer; 1 where it cannot be read: its one error)."""
+    try:
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(file).metadata.num_rows
+    except Exception:  # noqa: BLE001 - whatever it is, the run reports it
+        return 1
 
 
 def image_column(schema: Any, name: str | None = None) -> tuple[str | None, str | None]:

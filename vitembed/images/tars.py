@@ -49,7 +49,7 @@ from ..errors import one_line
 from ..files.reads import Held
 from .source import Source
 
-__all__ = ["IMAGE_EXTENSIONS", "MAX_PATTERN_NAMES", "META_BYTES", "TAR_SUFFIXES", "container_stem",
+__all__ = ["IMAGE_EXTENSIONS", "MAX_PATTERN_NAMES", "META_BYTES", "TAR_SUFFIXES", "container_stem", "count_samples",
            "expand_braces", "has_braces", "is_tar", "read_shard"]
 
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -194,6 +194,25 @@ def read_shard(fileobj: BinaryIO, shown: str, rel: PurePath, beside: str, limit:
     except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as exc:
         after = f"after {done} sample{'s' if done != 1 else ''}" + (f", from {sample.key} on" if sample else "")
         yield Source(Held(shown, None, beside), rel, f"the shard breaks off {after}: {one_line(exc)}")
+
+
+def count_samples(fileobj: BinaryIO) -> int:
+    """About how many samples a shard holds (for a progress bar): its keys, counted from the
+    headers alone (an uncompressed shard's data is seeked over; a compressed one is read through)."""
+    head = fileobj.read(4)
+    fileobj.seek(0)
+    plain = not head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zX", b"(\xb5/\xfd"))
+    count, last = 0, None
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r:" if plain else "r|*") as tar:
+            while (info := tar.next()) is not None:
+                tar.members.clear()
+                parts = _member_parts(info, "", lambda text: None)
+                if parts is not None and parts[0] != last:
+                    count, last = count + 1, parts[0]
+    except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError):
+        pass
+    return count
 
 
 def _own_output(sample: _Sample) -> bool:
