@@ -26,11 +26,13 @@ decoder (`reads.Held`), named `SHARD.tar/KEY`.
   shard. A shard whose first sample holds a `.npy` and no image is one of vitembed's own outputs
   (`--format wds`): passed over, as .npy files are.
 
-The reader is the standard library's `tarfile` in stream mode (`r|*`, any compression), not the
-`webdataset` package: its iterator reads every member whole into memory whatever its header
-declares, follows WebDataset's error handlers rather than reporting per sample, and brings in
-its own dependencies; `tarfile` gives each header before its data, so that sizes and member
-types are checked first, and reads a gzip stream without seeking. WebDataset's conventions
+The reader is the standard library's `tarfile`, not the `webdataset` package: WebDataset's
+iterator reads every member whole into memory whatever its header declares, follows its error
+handlers rather than reporting per sample, and brings in its own dependencies; `tarfile` gives
+each header before its data, so that sizes and member types are checked first. A plain shard in
+a local file is read in order as a file (`r:`: the data of members not kept is seeked over); a
+compressed one, or one from a stream (an object store), in stream mode (`r|*`), which reads a
+gzip stream without seeking. WebDataset's conventions
 (keys, extensions, brace patterns) are kept, and tests write shards with its `TarWriter`.
 """
 
@@ -42,7 +44,7 @@ import tarfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import PurePath, PurePosixPath
+from pathlib import PurePath
 from typing import BinaryIO
 
 from ..errors import one_line
@@ -169,9 +171,9 @@ def read_shard(fileobj: BinaryIO, shown: str, rel: PurePath, beside: str, limit:
     sample: _Sample | None = None
     done = 0
     try:
-        with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
+        with tarfile.open(fileobj=fileobj, mode=_mode(fileobj)) as tar:
             while (info := tar.next()) is not None:
-                tar.members.clear()  # in stream mode tarfile keeps every header it read otherwise
+                tar.members.clear()  # tarfile keeps every header it read otherwise
                 parts = _member_parts(info, shown, on_passed_over)
                 if parts is None:
                     continue
@@ -196,15 +198,22 @@ def read_shard(fileobj: BinaryIO, shown: str, rel: PurePath, beside: str, limit:
         yield Source(Held(shown, None, beside), rel, f"the shard breaks off {after}: {one_line(exc)}")
 
 
+def _mode(fileobj: BinaryIO) -> str:
+    """How tarfile reads a shard: an uncompressed one in a file that seeks, as a file (data seeked
+    over, read in place, and a size past the end found at once); any other, as a stream."""
+    if not fileobj.seekable():
+        return "r|*"
+    head = fileobj.read(6)
+    fileobj.seek(0)
+    return "r|*" if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"(\xb5/\xfd")) else "r:"
+
+
 def count_samples(fileobj: BinaryIO) -> int:
     """About how many samples a shard holds (for a progress bar): its keys, counted from the
     headers alone (an uncompressed shard's data is seeked over; a compressed one is read through)."""
-    head = fileobj.read(4)
-    fileobj.seek(0)
-    plain = not head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zX", b"(\xb5/\xfd"))
     count, last = 0, None
     try:
-        with tarfile.open(fileobj=fileobj, mode="r:" if plain else "r|*") as tar:
+        with tarfile.open(fileobj=fileobj, mode=_mode(fileobj)) as tar:
             while (info := tar.next()) is not None:
                 tar.members.clear()
                 parts = _member_parts(info, "", lambda text: None)
@@ -224,11 +233,12 @@ def _member_parts(info: tarfile.TarInfo, shown: str, on_passed_over: Callable[[s
     it is unsafe: a link, a device, an absolute or `..` path)."""
     if info.isdir():
         return None
-    path = PurePosixPath(info.name)
-    if not info.isreg() or path.is_absolute() or ".." in path.parts or info.name.startswith("\\"):
-        on_passed_over(f"{shown}: {info.name}")
+    name = info.name
+    parts = name.split("/")
+    if not info.isreg() or name.startswith(("/", "\\")) or ".." in parts:
+        on_passed_over(f"{shown}: {name}")
         return None
-    parts = [p for p in path.parts if p != "."]
+    parts = [p for p in parts if p and p != "."]
     if not parts:
         return None
     base, dot, ext = parts[-1].partition(".")

@@ -24,14 +24,16 @@ def encode(inputs: str | os.PathLike | Iterable[str | os.PathLike], output: str 
     """Encode image files and folders, as `vitembed encode` does; returns the run's `Summary`.
 
     Args:
-        inputs: files, folders (walked recursively), or "-" to read paths from `stdin`: one path
-            (a str or os.PathLike) or an iterable of them.
+        inputs: files, folders (walked recursively), WebDataset tar shards (or a brace pattern of
+            them, "shards/{0000..0009}.tar"), Parquet tables, or "-" to read paths from `stdin`:
+            one path (a str or os.PathLike) or an iterable of them.
         output: None (beside each input), a folder, FILE.npy / FILE.pt (one input), or "-".
         on_result: called with each input's outcome (`Written`, `Failed`, `Skipped`) as it finishes.
         stop: set it to stop the run early; every output written is whole.
         null: paths on stdin are NUL-separated.
         on_notice: called with one-line notices (a resampled position embedding, ...).
-        **options: `EncodeRequest.from_options`' keyword arguments (preset, weights, dtype, workers, ...).
+        **options: `EncodeRequest.from_options`' keyword arguments (preset, weights, dtype, workers,
+            image_column, key_column, ...).
 
     Raises:
         ConfigError: options that cannot work together, or an -o folder of another configuration.
