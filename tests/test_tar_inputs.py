@@ -281,3 +281,19 @@ def test_the_progress_count_counts_the_samples_of_shards(images: Path, tmp_path:
     pack(tmp_path / "d" / "a.tar", members[:9])
     pack(tmp_path / "d" / "b.tar.gz", members[9:], "w:gz")
     assert count_inputs([str(tmp_path / "d")]) == 6 == len(list(iter_sources([str(tmp_path / "d")])))
+
+
+def test_member_bytes_do_not_travel_back_once_read() -> None:
+    import pickle
+
+    from vitembed.errors import InputError
+    from vitembed.files.reads import Held
+
+    held = Held("s.tar/k", b"x" * 1000, "s/k")
+    sent = pickle.loads(pickle.dumps(held))  # to a decoder: with its bytes
+    assert (str(sent), sent.data, sent.beside) == ("s.tar/k", b"x" * 1000, "s/k")
+    assert sent.fetch(1000) == b"x" * 1000
+    back = pickle.loads(pickle.dumps(sent))  # its outcome, back: without them
+    assert str(back) == "s.tar/k" and back.data is None and held.data == b"x" * 1000
+    with pytest.raises(InputError, match="too large: 1000 bytes"):
+        held.fetch(999)
