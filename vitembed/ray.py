@@ -20,11 +20,15 @@ Columns of the result, one row per input row:
   bfloat16): `torch.from_numpy(a).view(torch.bfloat16)`, or in numpy
   `(a.astype(np.uint32) << 16).view(np.float32)`, which is exact.
 - **error**: null, or why the file could not be read or decoded (its tokens are then NaN).
-- the input's other columns as they were (`path`, ...); `bytes` is dropped, unless `keep_bytes`.
+- the input's other columns as they were (`path`, ...); `bytes` (or a sample's image column) is
+  dropped, unless `keep_bytes`.
 
-Rows need a `bytes` column (`read_binary_files`) or a `path` column (local paths every node sees,
+Rows need a `bytes` column (`read_binary_files`), a `path` column (local paths every node sees,
 or URIs that pyarrow reads: s3://, gs://, hdfs://, file://; each read whole, its size bounded by
-`--max-pixels`, as `vitembed encode --ray` reads them).
+`--max-pixels`, as `vitembed encode --ray` reads them), or WebDataset samples' image bytes:
+
+    ds = ray.data.read_webdataset("s3://bucket/shards/", decoder=None)   # columns __key__, jpg, json, ...
+    ds = vitembed.ray.encode(ds, preset="vit-b16")   # the first of jpg, jpeg, png, webp
 
 This module is `vitembed.ray`; within it, `import ray` is Ray itself (imports are absolute).
 """
@@ -38,7 +42,7 @@ import ray
 from .executors.actors import EncoderActor, actor_engine
 from .files.uris import as_file
 
-__all__ = ["TokenEncoder", "encode", "encoder_args"]
+__all__ = ["SAMPLE_IMAGES", "TokenEncoder", "encode", "encoder_args", "image_columns", "sample_images"]
 
 
 def encoder_args(*, num_gpus: float = 0, **options) -> dict[str, Any]:
@@ -85,6 +89,44 @@ def encode(ds: ray.data.Dataset, *, batch_size: int = 32, actors: int | None = N
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=actors))
 
 
+SAMPLE_IMAGES = ("jpg", "jpeg", "png", "webp")  # WebDataset's image columns (`read_webdataset`), first found
+
+
+def image_columns(table) -> list[str]:
+    """The columns a batch's images come from: `bytes`, else `path`, else a WebDataset sample's
+    images (`ray.data.read_webdataset(..., decoder=None)`: those of `SAMPLE_IMAGES` it has, in
+    that order, a row's image the first it holds).
+
+    Raises:
+        ValueError: none of these.
+    """
+    names = table.column_names
+    columns = next(([name] for name in ("bytes", "path") if name in names), None) or [
+        name for name in SAMPLE_IMAGES if name in names]
+    if not columns:
+        raise ValueError(f"vitembed.ray needs rows with a 'bytes' column (read_binary_files), a 'path' column, or "
+                         f"a WebDataset image column ({', '.join(SAMPLE_IMAGES)}); these have {', '.join(names)}")
+    return columns
+
+
+def sample_images(table, columns: list[str]) -> list:
+    """Each row's image bytes: the first of `columns` it holds (b"" for none: that row's error). A
+    sample without a column's member holds None there, or NaN in a column of Python objects.
+
+    Raises:
+        ValueError: images that Ray decoded already (`read_webdataset`'s default).
+    """
+    images = []
+    for row in zip(*(table.column(c).to_pylist() for c in columns)):
+        image = next((value for value in row if value is not None and not isinstance(value, float)), b"")  # NaN: none
+        if not isinstance(image, (bytes, bytearray)):
+            raise ValueError(f"the {'/'.join(columns)} column holds images Ray decoded ({type(image).__name__}); "
+                             "vitembed decodes them itself, as vitembed encode does (EXIF orientation, alpha, "
+                             "16-bit): read the shards with ray.data.read_webdataset(..., decoder=None)")
+        images.append(image)
+    return images
+
+
 class TokenEncoder(EncoderActor):
     """A callable class for `Dataset.map_batches` (batch_format="pyarrow"): image files -> tokens.
 
@@ -95,7 +137,7 @@ class TokenEncoder(EncoderActor):
 
     Args:
         params, prep, dtype, engine, device: from `encoder_args`.
-        keep_bytes: keep the `bytes` column (by default the tokens replace it).
+        keep_bytes: keep the `bytes` column, or a sample's image column (by default the tokens replace it).
     """
 
     def __init__(self, params: Any, prep: Any = None, *, keep_bytes: bool = False, **encoder):
@@ -107,13 +149,15 @@ class TokenEncoder(EncoderActor):
         import pyarrow as pa
 
         table = batch if isinstance(batch, pa.Table) else pa.table(batch)
-        names = table.column_names
-        if "bytes" not in names and "path" not in names:
-            raise ValueError(f"vitembed.ray needs rows with a 'bytes' column (read_binary_files) or a 'path' "
-                             f"column; these have {', '.join(names)}")
-        files = table.column("bytes").to_pylist() if "bytes" in names else map(as_file, table.column("path").to_pylist())
+        columns = image_columns(table)
+        if columns == ["path"]:
+            files = list(map(as_file, table.column("path").to_pylist()))
+        elif columns == ["bytes"]:
+            files = table.column("bytes").to_pylist()
+        else:
+            files = sample_images(table, columns)
         result = self.encoder.encode_files(files)
-        if "bytes" in names and not self.keep_bytes:
-            table = table.drop_columns(["bytes"])
+        if columns != ["path"] and not self.keep_bytes:
+            table = table.drop_columns(columns)
         tokens = pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(result.tokens))
         return table.append_column("tokens", tokens).append_column("error", pa.array(result.errors, pa.string()))

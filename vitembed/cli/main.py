@@ -74,10 +74,12 @@ def _main(
 @_command()
 def encode(
     ctx: typer.Context,
-    inputs: Annotated[list[str], typer.Argument(metavar="INPUTS...", help="Image files, folders (walked recursively), or - to read paths from stdin.", show_default=False)],
+    inputs: Annotated[list[str], typer.Argument(metavar="INPUTS...", help="Image files, folders (walked recursively), WebDataset tar shards (or a brace pattern: shards/{000..099}.tar), Parquet tables, or - to read paths from stdin.", show_default=False)],
     output: Annotated[Optional[str], typer.Option("--output", "-o", metavar="PATH", help="Output folder (one that exists, ends with / or has no suffix), a FILE.npy / FILE.pt / FILE.pth for one input, or - for stdout. Default: beside each input.", rich_help_panel=RUN)] = None,
     format: Annotated[Optional[Format], typer.Option("--format", "-f", metavar=choice_metavar(Format), help="Output format (default npy, or the -o file's suffix): npy or pt, a file per image; parquet or wds, shards of --shard-size rows: Parquet tables (-o NAME.parquet picks it) or WebDataset tars.", rich_help_panel=RUN)] = None,
     null: Annotated[bool, typer.Option("--null", "-0", help="Paths on stdin are NUL-separated (find -print0).", rich_help_panel=RUN)] = False,
+    image_column: Annotated[Optional[str], typer.Option("--image-column", metavar="NAME", help="Parquet inputs: the column of image bytes (default: the first binary column, or {bytes, path} struct as Hugging Face's Image).", rich_help_panel=RUN)] = None,
+    key_column: Annotated[Optional[str], typer.Option("--key-column", metavar="NAME", help="Parquet inputs: the column that names each row (default: the row's number).", rich_help_panel=RUN)] = None,
     weights: WeightsOpt = None,
     seed: SeedOpt = 0,
     pos_init: PosInitOpt = PosInit.normal,
@@ -130,9 +132,9 @@ def encode(
     reporter = Reporter(json_lines=json_lines, quiet=quiet, stop=stop)
     if reporter.shows_progress and "-" not in inputs:
         # The total for the bar, counted beside the run: inputs stream, they are never all held.
-        from ..images.inputs import iter_sources
+        from ..images.inputs import count_inputs
 
-        count = lambda: reporter.set_total(sum(1 for _ in iter_sources(inputs, on_own_output=lambda p: None, uris=ray)))  # noqa: E731
+        count = lambda: reporter.set_total(count_inputs(inputs, uris=ray))  # noqa: E731
         threading.Thread(target=count, daemon=True).start()
     with _signals(stop) as caught:
         try:

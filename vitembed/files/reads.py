@@ -18,9 +18,9 @@ import zipfile
 from pathlib import Path
 from typing import BinaryIO
 
-from ..errors import one_line
+from ..errors import InputError, one_line
 
-__all__ = ["NotRegularFile", "ZIP_MAGIC", "check_regular", "compressed_record", "file_kind", "looks_like",
+__all__ = ["Held", "NotRegularFile", "ZIP_MAGIC", "check_regular", "compressed_record", "file_kind", "looks_like",
            "open_record", "open_regular", "read_head"]
 
 ZIP_MAGIC = b"PK\x03\x04"
@@ -36,6 +36,43 @@ _MAGIC = (
     (b"\x1f\x8b", "a gzip file"), (b"%PDF", "a PDF document"), (b"\x93NUMPY", "a .npy array"),
     (b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19", "an old-format torch.save file, not a zip"),
 )
+
+
+class Held(str):
+    """An input whose bytes were read already, by the process that plans the run (a tar shard's
+    member, a Parquet table's row, each read once, in order): the text is its name as shown
+    (`SHARD.tar/KEY`); the bytes travel with the job to the decoder, as a `uris.Uri`'s path does.
+
+    The bytes are pickled with it until they are read (`fetch`): a decoder process or a Ray actor
+    that read them sends its outcome back without them, while the planner's own copy, which a
+    crashed decoder's job is sent again from, keeps them.
+
+    Attributes:
+        data: the bytes (None: none to read; `fetch` says why, `error`).
+        beside: where its output goes without -o (the container's path without its suffix / key).
+    """
+
+    def __new__(cls, text: str, data: bytes | None = None, beside: str | None = None, error: str | None = None):
+        self = super().__new__(cls, text)
+        self.data, self.beside, self.error, self.spent = data, beside, error, False
+        return self
+
+    def __reduce__(self):
+        return Held, (str(self), None if self.spent else self.data, self.beside, self.error)
+
+    def fetch(self, limit: int) -> bytes:
+        """The bytes, if at most `limit`.
+
+        Raises:
+            InputError: there are none, or too many; one line.
+        """
+        if self.data is None:
+            raise InputError(self.error or "its bytes were not sent with it")
+        if len(self.data) > limit:
+            raise InputError(f"too large: {len(self.data)} bytes, over the {limit} that --max-pixels allows "
+                             "(4 bytes a pixel)")
+        self.spent = True
+        return self.data
 
 
 def file_kind(mode: int) -> str:

@@ -26,7 +26,7 @@ from ..choices import NORMALIZATION_STATS, RESIZE_MODES, suggest
 from ..layer.config import LIMITS
 from ..errors import ConfigError, InputError, one_line
 from ..layer.resolution import ResizePlan, resize_plan, resize_strain
-from ..files.reads import NotRegularFile, open_regular
+from ..files.reads import Held, NotRegularFile, open_regular
 from ..files.uris import Uri
 
 __all__ = ["NORMALIZATIONS", "PlainJpeg", "Preprocess", "ResizePlan", "image_extensions", "is_image_path",
@@ -184,7 +184,7 @@ def max_file_bytes(prep: Preprocess) -> int:
 
 
 def load_image(path: str | os.PathLike | BinaryIO, prep: Preprocess, gate=None, strains: list | None = None) -> np.ndarray:
-    """Read one image file (a path, a `uris.Uri`, or an open binary file) as an (S, S, C) uint8
+    """Read one image file (a path, a `uris.Uri`, a `reads.Held`, or an open binary file) as an (S, S, C) uint8
     array ready for the layer.
 
     Args:
@@ -232,8 +232,8 @@ def load_image(path: str | os.PathLike | BinaryIO, prep: Preprocess, gate=None, 
 
 def _open(path: str | os.PathLike | BinaryIO, prep: Preprocess):
     """A file object for Pillow: a path is opened only if it is a regular file (never a FIFO); a
-    URI is read whole through pyarrow, if its size is within `max_file_bytes`."""
-    if isinstance(path, Uri):
+    URI is read whole through pyarrow, and a held input's bytes taken, if within `max_file_bytes`."""
+    if isinstance(path, (Uri, Held)):
         return contextlib.nullcontext(io.BytesIO(path.fetch(max_file_bytes(prep))))
     if hasattr(path, "read"):
         return contextlib.nullcontext(path)
@@ -296,11 +296,14 @@ def read_plain_jpeg(path: str | os.PathLike, prep: Preprocess) -> PlainJpeg | No
     if prep.channels != 3:
         return None
     try:
-        with open_regular(path) as f:
-            if os.fstat(f.fileno()).st_size > max_file_bytes(prep):  # far over any JPEG of that many pixels
-                return None
-            data = bytearray(f.read())
-    except (OSError, NotRegularFile):
+        if isinstance(path, Held):
+            data = bytearray(path.fetch(max_file_bytes(prep)))
+        else:
+            with open_regular(path) as f:
+                if os.fstat(f.fileno()).st_size > max_file_bytes(prep):  # far over any JPEG of that many pixels
+                    return None
+                data = bytearray(f.read())
+    except (OSError, NotRegularFile, InputError):
         return None
     if data[:3] != b"\xff\xd8\xff" or data[-2:] != b"\xff\xd9":
         return None

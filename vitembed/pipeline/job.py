@@ -24,15 +24,17 @@ def encode(inputs: str | os.PathLike | Iterable[str | os.PathLike], output: str 
     """Encode image files and folders, as `vitembed encode` does; returns the run's `Summary`.
 
     Args:
-        inputs: files, folders (walked recursively), or "-" to read paths from `stdin`: one path
-            (a str or os.PathLike) or an iterable of them.
+        inputs: files, folders (walked recursively), WebDataset tar shards (or a brace pattern of
+            them, "shards/{0000..0009}.tar"), Parquet tables, or "-" to read paths from `stdin`:
+            one path (a str or os.PathLike) or an iterable of them.
         output: None (beside each input), a folder, FILE.npy / FILE.pt (one input), "-", or
             NAME.parquet (a folder of Parquet shards; `format="wds"` with a folder: WebDataset tars).
         on_result: called with each input's outcome (`Written`, `Failed`, `Skipped`) as it finishes.
         stop: set it to stop the run early; every output written is whole.
         null: paths on stdin are NUL-separated.
         on_notice: called with one-line notices (a resampled position embedding, ...).
-        **options: `EncodeRequest.from_options`' keyword arguments (preset, weights, dtype, workers, ...).
+        **options: `EncodeRequest.from_options`' keyword arguments (preset, weights, dtype, workers,
+            image_column, key_column, ...).
 
     Raises:
         ConfigError: options that cannot work together, or an -o folder of another configuration.
@@ -59,8 +61,9 @@ def encode_request(request: EncodeRequest, inputs: list[str], *, on_result: Call
     if inputs.count("-") > 1:
         raise ConfigError("- (read paths from stdin) may be given once")
     stdin = stdin if stdin is not None else (sys.stdin.buffer if "-" in inputs else None)
-    own_outputs, strained = _OwnOutputs(notice), _Strained(notice)
-    sources = iter_sources(inputs, stdin, null, on_own_output=own_outputs, uris=request.run.ray is not None)
+    own_outputs, strained, passed_over = _OwnOutputs(notice), _Strained(notice), _PassedOver(notice)
+    sources = iter_sources(inputs, stdin, null, on_own_output=own_outputs, uris=request.run.ray is not None,
+                           datasets=request.datasets(passed_over))
     if plan.mode in ("file", "stdout"):
         sources = list(sources)
         own_outputs.tell()
@@ -97,6 +100,7 @@ def encode_request(request: EncodeRequest, inputs: list[str], *, on_result: Call
             folder.close()
     own_outputs.tell()
     strained.tell()
+    passed_over.tell()
     summary.layer = layer_source(request.layer, config["weights"]["source"])
     return summary
 
@@ -223,3 +227,21 @@ class _Strained:
             self.notice(f"{' and '.join(parts)}: their tokens see few pixels of their own, or a distorted image; "
                         "--resize crop|pad|native keeps the aspect ratio")
             self.found = {}
+
+
+class _PassedOver:
+    """Tar members passed over as unsafe (`tars`: links, devices, absolute or `..` paths), told in one note."""
+
+    def __init__(self, notice: Callable[[str], None]) -> None:
+        self.notice, self.count, self.first = notice, 0, None
+
+    def __call__(self, member: str) -> None:
+        self.count += 1
+        self.first = self.first or member
+
+    def tell(self) -> None:
+        if self.count:
+            more = f" and {self.count - 1} more" if self.count > 1 else ""
+            self.notice(f"passed over tar members that are links, devices, or absolute or .. paths, never read: "
+                        f"{self.first}{more}")
+            self.count = 0

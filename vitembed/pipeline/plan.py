@@ -148,7 +148,8 @@ class OutputPlan:
             return None
         if self.mode == "file":
             return self.target
-        base = self.target / source.rel if self.mode == "dir" else source.path
+        # A dataset's sample or row (`reads.Held`) goes beside its shard or table, in a folder of its name.
+        base = self.target / source.rel if self.mode == "dir" else Path(getattr(source.path, "beside", None) or source.path)
         stem = base.with_suffix("") if base.suffix else base
         candidates = [stem.with_name(f"{stem.name}.{self.fmt}"), base.with_name(f"{base.name}.{self.fmt}")]
         for path in candidates:

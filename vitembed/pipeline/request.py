@@ -29,7 +29,8 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     from .skeleton import EncodeOptions, RayOptions
 
-__all__ = ["EncodeRequest", "ExecutorOptions", "ImageOptions", "LayerOptions", "OutputOptions", "encoder_option_names"]
+__all__ = ["EncodeRequest", "ExecutorOptions", "ImageOptions", "InputOptions", "LayerOptions", "OutputOptions",
+           "encoder_option_names"]
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits
 
@@ -155,6 +156,15 @@ class OutputOptions:
 
 
 @dataclass(frozen=True)
+class InputOptions:
+    """How datasets among the inputs are read: a Parquet table's `image_column` (None: the first of
+    image bytes) and `key_column` (None: rows by number); see `tables`."""
+
+    image_column: str | None = None
+    key_column: str | None = None
+
+
+@dataclass(frozen=True)
 class ExecutorOptions:
     """Where the layer runs: `engine` (auto, numpy or torch) and `device` on this machine; with
     `--ray` (`EncodeRequest.run.ray`), on the actors: `engine` there too (`RayOptions.engine`),
@@ -165,7 +175,7 @@ class ExecutorOptions:
 
 
 _PARTS = (("output", OutputOptions), ("layer", LayerOptions), ("preprocessing", ImageOptions),
-          ("executor", ExecutorOptions))
+          ("executor", ExecutorOptions), ("inputs", InputOptions))
 _RAY_FLAGS = {"ray_address": ("--ray-address", None), "ray_gpus": ("--ray-gpus", 0.0),
               "ray_cpus": ("--ray-cpus", 1.0), "ray_actors": ("--ray-actors", None)}
 
@@ -180,14 +190,15 @@ def _run_options(**options) -> EncodeOptions:
 @dataclass(frozen=True)
 class EncodeRequest:
     """Everything `vitembed encode` takes besides its inputs, in parts (see `vitembed encode --help`):
-    `layer`, `preprocessing`, `output`, `executor`, and `run` (`EncodeOptions`: decode, batch size,
-    workers, skip-existing, overwrite, shards, decode timeout, and `ray`)."""
+    `layer`, `preprocessing`, `output`, `executor`, `run` (`EncodeOptions`: decode, batch size,
+    workers, skip-existing, overwrite, shards, decode timeout, and `ray`), and `inputs` (datasets' columns)."""
 
     layer: LayerOptions = dataclasses.field(default_factory=LayerOptions)
     preprocessing: ImageOptions = dataclasses.field(default_factory=ImageOptions)
     output: OutputOptions = dataclasses.field(default_factory=OutputOptions)
     executor: ExecutorOptions = dataclasses.field(default_factory=ExecutorOptions)
     run: EncodeOptions = dataclasses.field(default_factory=_run_options)
+    inputs: InputOptions = dataclasses.field(default_factory=InputOptions)
 
     def __post_init__(self) -> None:
         _check_request(self)
@@ -215,6 +226,16 @@ class EncodeRequest:
         if options:
             raise TypeError(f"not an encode option: {', '.join(sorted(options))}")
         return cls(**parts, run=run)
+
+    def datasets(self, on_passed_over=None):
+        """How tar shards and Parquet tables among the inputs are read (`inputs.Datasets`): an
+        image held at most `decode.max_file_bytes` of --max-pixels."""
+        from ..images.decode import DEFAULT_MAX_PIXELS
+        from ..images.inputs import Datasets
+
+        limit = 4 * (self.preprocessing.max_pixels or DEFAULT_MAX_PIXELS)
+        extra = {} if on_passed_over is None else {"on_passed_over": on_passed_over}
+        return Datasets(limit, self.inputs.image_column, self.inputs.key_column, **extra)
 
     def build_encoder(self, engine: str, device: str):
         """(the Encoder of these options on `engine` and `device`, where its layer came from, notices)."""
