@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -60,6 +61,16 @@ def test_api_reference_lists_every_public_name():
         if name != "__version__":
             assert f"::: vitembed.{vitembed._EXPORTS[name]}.{name}\n" in page + "\n", name
             assert getattr(importlib.import_module(f"vitembed.{vitembed._EXPORTS[name]}"), name) is getattr(vitembed, name)
+
+
+def test_readme_links_and_images_lead_to_files():
+    """The README is not part of the site, so mkdocs does not check it: every relative link and
+    image of it names a file of the repository, and it links every page of the site's nav."""
+    readme = (ROOT / "README.md").read_text()
+    targets = [t.split("#")[0] for t in re.findall(r"\]\(([^)\s]+)\)", readme) if "://" not in t]
+    assert targets and all((ROOT / t).is_file() for t in targets), [t for t in targets if not (ROOT / t).is_file()]
+    nav = re.findall(r"^  - [^:]+: (\S+\.md)$", (ROOT / "mkdocs.yml").read_text(), re.M)
+    assert len(nav) >= 12 and all(f"docs/{page}" in targets or page == "architecture.md" for page in nav)
 
 
 @pytest.mark.slow
