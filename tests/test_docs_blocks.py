@@ -1,4 +1,4 @@
-"""Every shell and Python block of the README and of docs/*.md runs as written, so the documentation
+"""Every shell and Python block of the README, ARCHITECTURE.md and docs/*.md runs as written, so the documentation
 cannot drift from the program; a block that cannot run here is marked, and the marks are counted.
 
 How a page's blocks run (docs/contributing.md says the same for writers): in page order, in one
@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import ROOT
 
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", ROOT / "ARCHITECTURE.md", *sorted((ROOT / "docs").glob("*.md"))]  # ARCHITECTURE.md: the site includes it
 RUN = {"sh", "console", "python"}
 SHOWN = {"text", "json"}  # shown, never run
 MARK = re.compile(r"^<!-- not run: (.+) -->$")
