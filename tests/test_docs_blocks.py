@@ -3,7 +3,8 @@ cannot drift from the program; a block that cannot run here is marked, and the m
 
 How a page's blocks run (docs/contributing.md says the same for writers): in page order, in one
 folder per page holding `photos/` and `sample_images/` (copies of the sample images) and `cat.png`;
-`vitembed` and `python` are this checkout's, with this interpreter. A `console` block's output
+`vitembed` and `python` are this checkout's, with this interpreter (`encode` with `--workers 0`
+unless the line picks its decoders or Ray). A `console` block's output
 must match (`...` is any text; a line of `...` any lines); a `python` block's `print(...)  # TEXT`
 must print TEXT. A block marked `<!-- not run: REASON -->` on the line before its fence is not
 run, but its `vitembed` lines must use options that exist.
@@ -141,7 +142,14 @@ def test_cluster_lines_that_need_machines_use_ray_options_that_exist():
 
 PRELUDE = "\n".join([
     "set -euo pipefail",
-    'vitembed() { "$PYTHON" -m vitembed "$@"; }',
+    # `encode` decodes in the main process (no decoder pool to start), as run_cli's commands do, unless
+    # the line picks its decoders or Ray: the outputs are the same bytes
+    'vitembed() {',
+    '  if [ "${1-}" = encode ] && ! printf "%s\\n" "$@" | grep -qE "^(-j|--workers|--ray)"; then',
+    '    set -- encode --workers 0 "${@:2}"',
+    '  fi',
+    '  "$PYTHON" -m vitembed "$@"',
+    '}',
     'python() { "$PYTHON" "$@"; }',
     "" if shutil.which("jq") else 'jq() { cat > /dev/null; }',  # the only tool outside Python a block uses
 ])
