@@ -1,11 +1,11 @@
-"""Regenerate the README's pictures in docs/ with `vitembed show`, so they never drift from the code.
+"""Regenerate the documentation's pictures in docs/assets/ with `vitembed show`, so they never drift from the code.
 
-    python docs/make_pictures.py            # writes docs/*.png (about 30 s on 2 cores)
+    python docs/make_pictures.py            # writes docs/assets/*.png (about 30 s on 2 cores)
 
 Every picture is made by the CLI itself (`python -m vitembed show ...`, this checkout's package),
 from sample_images/ and random layers; nothing is downloaded. One layer is made here: its E is
 384 patches cut from the sample photos (a stand-in with natural-image structure, not a trained
-ViT), to show what structured filters look like beside random ones. The copies in docs/ are
+ViT), to show what structured filters look like beside random ones. The copies in docs/assets/ are
 reduced to 256 colours (Pillow's median cut, no dithering) to keep the repository small; the CLI
 itself writes full RGB.
 """
@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-DOCS = ROOT / "docs"
+DOCS = ROOT / "docs" / "assets"
 SAMPLES = ROOT / "sample_images"
 sys.path.insert(0, str(ROOT))  # this checkout's vitembed, as the CLI runs below
 
@@ -43,9 +43,9 @@ def patch_layer(path: Path, count: int = 384, patch: int = 14, seed: int = 0) ->
     """A seed-layout state dict (224 px, P = 14, D = 384) whose filters are patches of the sample
     photos, each centred to mean 0: `vitembed show filters --weights` then shows the principal
     components of natural-image patches, smooth and low-frequency like a trained ViT's."""
-    from vitembed.config import PRESETS
-    from vitembed.images import Preprocess, load_image
-    from vitembed.posembed import sincos_2d
+    from vitembed.layer.config import DEFAULT_PRESET, PRESETS
+    from vitembed.images.decode import Preprocess, load_image
+    from vitembed.layer.posembed import sincos_2d
 
     rng = np.random.default_rng(seed)
     photos = [load_image(p, Preprocess()) for p in sorted(SAMPLES.glob("*.png")) + sorted(SAMPLES.glob("*.jpg"))]
@@ -55,7 +55,7 @@ def patch_layer(path: Path, count: int = 384, patch: int = 14, seed: int = 0) ->
         y, x = rng.integers(0, 224 - patch, size=2)
         cut = photo[y:y + patch, x:x + patch]  # (P, P, 3)
         filters.append((cut - cut.mean()).transpose(2, 0, 1))  # (P, P, 3) -> (3, P, P)
-    grid = PRESETS["seed"].num_patch_row
+    grid = PRESETS[DEFAULT_PRESET].num_patch_row
     state = {
         "patch_emb_layer.weight": torch.from_numpy(np.stack(filters)) * 0.05,  # (D, 3, P, P)
         "patch_emb_layer.bias": torch.zeros(count),

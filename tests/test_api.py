@@ -1,16 +1,14 @@
-"""The Python API: the Encoder, `vitembed.encode` and its rules (the CLI's), the README's example."""
+"""The Python API: the Encoder, `vitembed.encode` and its rules (the CLI's)."""
 
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import vitembed
-from tests.conftest import ROOT, make_image, run_cli
+from tests.conftest import make_image, run_cli
 from vitembed.layer.config import LayerConfig
 from vitembed.errors import ConfigError
 from vitembed.images.decode import Preprocess
@@ -79,16 +77,3 @@ def test_the_library_refuses_what_the_cli_refuses_with_the_same_message(tmp_path
     r = run_cli("encode", image, *cli)
     assert r.returncode == 2 and f"error: {refused.value}".encode() in r.stderr
     assert not (tmp_path / "a.npy").exists()
-
-
-@pytest.mark.slow
-def test_readme_python_example_runs_as_written(tmp_path):
-    """The README's Python API block, run from the repository root, prints what its comments say."""
-    readme = (ROOT / "README.md").read_text()
-    code = re.search(r"## Python API.*?```python\n(.*?)```", readme, re.S).group(1)
-    code = code.replace("/tmp/tokens-api/", str(tmp_path / "tokens-api"))
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
-    printed = r.stdout.splitlines()
-    expected = [re.search(r"# (.*)$", line).group(1) for line in code.splitlines() if line.startswith("print(")]
-    assert printed == expected
