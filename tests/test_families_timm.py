@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import make_image, run_cli
+from tests.conftest import make_image, run_cli, slow_but
 from tests.dinov2_reference import Dinov2Reference, Dinov3Reference
 from tests.test_checkpoints import assert_clean_error, pixels, save
 from vitembed.weights.checkpoints import resize_weights
@@ -162,7 +162,7 @@ def test_timm_family_tokens(family, tmp_path):
     assert_engines_match(loaded, lambda x: timm_z0(m, x), sizes)
 
 
-@pytest.mark.parametrize("family", list(TIMM_FAMILIES))
+@pytest.mark.parametrize("family", slow_but(list(TIMM_FAMILIES), "vit_reg4", "deit_distilled", "dinov3"))
 def test_timm_family_info(family, tmp_path):
     """`info` names the family and its steps: prefix tokens by kind, positions, pre-norm, conv bias."""
     _, prefix, positions, pre_norm = TIMM_FAMILIES[family]
@@ -272,7 +272,7 @@ def openai_clip_z0(state: dict, x: torch.Tensor, prefix: str = "visual.") -> tor
     return F.layer_norm(z, (d,), s["ln_pre.weight"], s["ln_pre.bias"], eps=1e-5)
 
 
-@pytest.mark.parametrize("wrap", ["", "module.", "model."])
+@pytest.mark.parametrize("wrap", slow_but(["", "module.", "model."], "model."))
 def test_openai_clip_layout(wrap, tmp_path):
     """OpenAI CLIP / open_clip keys (also under DDP's module. or a training script's model.): the
     tokens are ln_pre(cat(class, conv1(x)) + positional_embedding), and at the trained size the HF

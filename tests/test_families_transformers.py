@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import make_image, run_cli
+from tests.conftest import make_image, run_cli, slow_but
 from tests.test_checkpoints import assert_clean_error, fill_hf_cache, pixels
 from vitembed.weights.checkpoints import resize_weights
 from vitembed.encoder import Encoder
@@ -122,7 +122,7 @@ def normalised(u8: np.ndarray, mean, std) -> torch.Tensor:
 # --------------------------------------------------------------------------- z0 = hidden_states[0]
 
 
-@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("size", slow_but(SIZES, (32, 48)), ids=lambda s: f"{s[0]}x{s[1]}")  # the inner loop: a rectangle
 @pytest.mark.parametrize("name", FAMILIES)
 def test_first_hidden_state_of_each_class(name, size, saved):
     """The reference layer, the numpy engine and the torch engine, all from the save_pretrained folder."""
@@ -146,8 +146,9 @@ def test_first_hidden_state_of_each_class(name, size, saved):
         np.testing.assert_allclose(z0, expected, atol=ATOL, rtol=RTOL, err_msg=engine)
 
 
-@pytest.mark.parametrize("name", ["DeiTModel", "BeitModel+abs", "Dinov2WithRegistersModel", "DINOv3ViTModel",
-                                  "CLIPModel", "SiglipVisionModel"])
+@pytest.mark.parametrize("name", slow_but(["DeiTModel", "BeitModel+abs", "Dinov2WithRegistersModel", "DINOv3ViTModel",
+                                           "CLIPModel", "SiglipVisionModel"],
+                                          "Dinov2WithRegistersModel", "CLIPModel", "SiglipVisionModel"))
 def test_encode_from_the_folder(name, saved, tmp_path):
     """End to end: `vitembed encode img -o z.npy --weights FOLDER --workers 0` at a rectangular size."""
     model, folder = saved(name)
@@ -323,14 +324,17 @@ def test_clip_and_siglip_processors_are_the_default_preprocessing(tmp_path):
     assert prep["mean"] == pytest.approx([0.5] * 3, abs=1e-9) and prep["std"] == pytest.approx([0.5] * 3, abs=1e-9)
 
 
-@pytest.mark.parametrize("processor,kwargs", [
+PROCESSORS = [
     ("CLIPImageProcessor", dict(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})),
     ("BitImageProcessor", dict(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224})),
     ("SiglipImageProcessor", dict(size={"height": 224, "width": 224})),
     ("DeiTImageProcessor", dict(size={"height": 256, "width": 256}, crop_size={"height": 224, "width": 224})),
     ("BeitImageProcessor", dict(size={"height": 240, "width": 240}, crop_size={"height": 224, "width": 224},
                                 do_center_crop=True)),
-])
+]
+
+
+@pytest.mark.parametrize("processor,kwargs", slow_but(PROCESSORS, PROCESSORS[0], PROCESSORS[4], several=True))
 def test_processor_pixels_are_vitembeds(processor, kwargs, sample_paths):
     """What the processor feeds the model = what vitembed decodes with the preprocessing read from its
     config, normalised: within two levels of 255 at a pixel, a twentieth of one on average (torch's
