@@ -19,6 +19,9 @@ SAMPLES = ROOT / "sample_images"
 
 
 RAY_FIXTURES = {"ray_session", "address"}
+# Files whose tests build transformers models: one group, so that one worker pays the import (3 s)
+TRANSFORMERS_FILES = {"test_families_transformers.py", "test_families_timm.py", "test_checkpoints.py",
+                      "test_resolution.py"}
 _INNER_LOOP = False  # set by pytest_configure, before any test module is imported
 
 
@@ -38,8 +41,8 @@ def pytest_collection_modifyitems(config, items):
     """Groups for `--dist loadgroup` (pyproject's addopts run the suite on `-n auto` workers): a test
     that touches Ray (its fixtures, or a test_ray* file) joins the group "ray", so that one worker
     process holds the one session cluster and no second cluster competes with it; any other test
-    joins its file's group, so that a module's fixtures and imports are paid on one worker. A test
-    that names its own xdist_group keeps it.
+    joins its file's group (the files that build transformers models, one group), so that a module's
+    fixtures and imports are paid on one worker. A test that names its own xdist_group keeps it.
 
     The groups are handed out in this order (`--no-loadscope-reorder` keeps it): Ray's, then those
     with a test marked long, then those with slow tests, then the rest, larger groups first within
@@ -51,7 +54,8 @@ def pytest_collection_modifyitems(config, items):
         mark = item.get_closest_marker("xdist_group")
         if mark is None:
             ray = RAY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name.startswith("test_ray")
-            mark = pytest.mark.xdist_group("ray" if ray else item.nodeid.split("::")[0])
+            group = "transformers" if item.path.name in TRANSFORMERS_FILES else item.nodeid.split("::")[0]
+            mark = pytest.mark.xdist_group("ray" if ray else group)
             item.add_marker(mark)
         groups[item] = str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
     size = Counter(groups.values())

@@ -310,7 +310,7 @@ def test_llava_style_vision_tower(tmp_path):
 # --------------------------------------------------------------------------- the DINOv2 and DINOv3 repositories
 
 
-@pytest.mark.parametrize("registers", [0, 4])
+@pytest.mark.parametrize("registers", slow_but([0, 4], 4))
 def test_dinov2_repository_layout(registers, tmp_path):
     """The official DINOv2 state dict (patch_embed.proj, cls_token, pos_embed with its class row,
     register_tokens inserted after E_pos, mask_token, blocks.0.ls1.gamma): its prepare_tokens_with_masks,
@@ -325,7 +325,7 @@ def test_dinov2_repository_layout(registers, tmp_path):
     assert_engines_match(loaded, m, [(56, 56), (84, 84), (70, 98)])
 
 
-@pytest.mark.parametrize("storage", [0, 4])
+@pytest.mark.parametrize("storage", slow_but([0, 4], 4))
 def test_dinov3_repository_layout(storage, tmp_path):
     """The official DINOv3 state dict (storage_tokens, rope_embed.periods, no pos_embed): [cls; storage;
     patch_embed(x)] at any size, positions being RoPE inside attention."""

@@ -182,7 +182,7 @@ def seed_ckpt(tmp_path_factory):
 
 
 @pytest.mark.parametrize("engine", ["numpy", "torch"])
-@pytest.mark.parametrize("tokens", ["z0", "patches", "patches+pos"])
+@pytest.mark.parametrize("tokens", slow_but(["z0", "patches", "patches+pos"], "patches+pos"))
 def test_tokens(seed_ckpt, tmp_path, tokens, engine):
     """patches = the seed's patch_emb_layer(x).flatten(2).transpose(1, 2); patches+pos adds E_pos's
     patch rows; z0 is the seed's forward. The same from both engines."""
