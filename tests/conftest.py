@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,52 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "sample_images"
+
+
+RAY_FIXTURES = {"ray_session", "address"}
+# Files whose tests build transformers models: one group, so that one worker pays the import (3 s)
+TRANSFORMERS_FILES = {"test_families_transformers.py", "test_families_timm.py", "test_checkpoints.py",
+                      "test_resolution.py"}
+_INNER_LOOP = False  # set by pytest_configure, before any test module is imported
+
+
+def pytest_configure(config):
+    global _INNER_LOOP
+    _INNER_LOOP = config.getoption("markexpr", "") == "not slow"
+
+
+def examples(n: int) -> int:
+    """A property test's max_examples: `n` in the full suite, a fifth of them (at least 20) in the
+    inner loop (`-m "not slow"`), which checks the property on fewer draws."""
+    return max(20, n // 5) if _INNER_LOOP else n
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    """Groups for `--dist loadgroup` (pyproject's addopts run the suite on `-n auto` workers): a test
+    that touches Ray (its fixtures, or a test_ray* file) joins the group "ray", so that one worker
+    process holds the one session cluster and no second cluster competes with it; any other test
+    joins its file's group (the files that build transformers models, one group), so that a module's
+    fixtures and imports are paid on one worker. A test that names its own xdist_group keeps it.
+
+    The groups are handed out in this order (`--no-loadscope-reorder` keeps it): Ray's, then those
+    with a test marked long, then those with slow tests, then the rest, larger groups first within
+    each; the long runs start at once and the many short tests fill the workers' ends."""
+    if not config.pluginmanager.hasplugin("xdist"):  # `-p no:xdist`: no groups to form
+        return
+    groups = {}
+    for item in items:
+        mark = item.get_closest_marker("xdist_group")
+        if mark is None:
+            ray = RAY_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name.startswith("test_ray")
+            group = "transformers" if item.path.name in TRANSFORMERS_FILES else item.nodeid.split("::")[0]
+            mark = pytest.mark.xdist_group("ray" if ray else group)
+            item.add_marker(mark)
+        groups[item] = str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+    size = Counter(groups.values())
+    long, slow = ({g for item, g in groups.items() if item.get_closest_marker(name)} for name in ("long", "slow"))
+    rank = {g: (g != "ray", g not in long, g not in slow, -size[g]) for g in size}
+    items.sort(key=lambda item: rank[groups[item]])  # stable: a group's tests keep their order
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -33,13 +81,28 @@ def sample_paths() -> list[Path]:
     return paths
 
 
+PHOTO_NAMES = ["a.png", "b.png", "sub/c.png"]
+
+
+@pytest.fixture(scope="session")
+def photo_bytes(sample_paths: list[Path]) -> dict[str, bytes]:
+    """The first three sample photos as RGB PNG files, by their name in `photo_dir`: encoded once
+    per session (a PNG encode of a photo takes a tenth of a second; a copy of its bytes does not)."""
+    made = {}
+    for src, dst in zip(sample_paths[:3], PHOTO_NAMES):
+        buffer = io.BytesIO()
+        Image.open(src).convert("RGB").save(buffer, format="PNG")
+        made[dst] = buffer.getvalue()
+    return made
+
+
 @pytest.fixture
-def photo_dir(tmp_path: Path, sample_paths: list[Path]) -> Path:
+def photo_dir(tmp_path: Path, photo_bytes: dict[str, bytes]) -> Path:
     """A writable copy of three sample photos, one of them in a subfolder."""
     folder = tmp_path / "photos"
     (folder / "sub").mkdir(parents=True)
-    for src, dst in zip(sample_paths[:3], ["a.png", "b.png", "sub/c.png"]):
-        Image.open(src).convert("RGB").save(folder / dst)
+    for name, data in photo_bytes.items():
+        (folder / name).write_bytes(data)
     return folder
 
 
@@ -73,6 +136,18 @@ def many_images(tmp_path_factory) -> Path:
     for i in range(300):
         Image.fromarray(rng.integers(0, 256, (96, 96, 3), dtype=np.uint8)).save(folder / f"img{i:03d}.png")
     return folder
+
+
+def slow_but(values, *keep, ids=None, several: bool = False) -> list:
+    """`values` for parametrize, each marked slow but those in `keep`: the inner loop (`-m 'not
+    slow'`) runs the kept cases, the full suite every one. With `several`, each value is a tuple
+    that fills several arguments."""
+    params = []
+    for i, value in enumerate(values):
+        marks = () if value in keep else (pytest.mark.slow,)
+        args = value if several else (value,)
+        params.append(pytest.param(*args, marks=marks, id=None if ids is None else ids[i]))
+    return params
 
 
 def npy_outputs(folder: Path) -> dict[str, bytes]:

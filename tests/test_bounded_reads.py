@@ -25,7 +25,7 @@ from vitembed.cli.main import app
 from vitembed.files.ptformat import _pickle
 from vitembed.weights.load import load_weights, save_layer
 
-from tests.conftest import make_image
+from tests.conftest import make_image, slow_but
 
 GiB = 1 << 30
 TORCH_MEMORY = 6 * GiB  # python + torch take about 3.3 GiB of address space before any work
@@ -279,7 +279,8 @@ def test_inspect_is_bounded(tmp_path, case):
     assert "allow_pickle" not in err and "weights_only" not in err
 
 
-@pytest.mark.parametrize("dtype,gib", [("float16", 0.25), ("float32", 4), ("float32", 1024)])
+@pytest.mark.parametrize("dtype,gib", slow_but([("float16", 0.25), ("float32", 4), ("float32", 1024)], ("float32", 1024),
+                                              several=True))  # a process each
 def test_inspect_streams_large_sparse_npy_in_bounded_memory(tmp_path, dtype, gib):
     """A .npy of any size is read in chunks (holes of a sparse file as zeros,
     unread), within 1 GiB of address space; a few values written at the end are seen."""

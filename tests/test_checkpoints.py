@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import make_image, run_cli
+from tests.conftest import make_image, run_cli, slow_but
 from tests.seed_reference import SeedVitInputLayer
 from vitembed.weights.checkpoints import resample_pos_embed
 from vitembed.errors import WeightsError
@@ -90,8 +90,10 @@ TIMM_VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant,suffix", [(v, s) for v in TIMM_VARIANTS for s in (".pth", ".safetensors")
-                                            if v in ("plain", "no_embed_class+reg") or s == ".pth"])
+@pytest.mark.parametrize("variant,suffix", slow_but([(v, s) for v in TIMM_VARIANTS for s in (".pth", ".safetensors")
+                                                     if v in ("plain", "no_embed_class+reg") or s == ".pth"],
+                                                    ("plain", ".safetensors"), ("no_embed_class+reg", ".pth"),
+                                                    ("no_bias", ".pth"), several=True))
 def test_timm_tokens(variant, suffix, image, tmp_path):
     m = timm_vit(**TIMM_VARIANTS[variant])
     if variant == "no_bias":

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import make_image, run_cli
+from tests.conftest import make_image, run_cli, slow_but
 from vitembed.images.decode import Preprocess, load_image
 from vitembed.layer.reference import PRESETS, build_layer, resolve_config
 from vitembed.encoder import encode_images
@@ -59,7 +59,7 @@ def test_folder_to_output_dir_keeps_structure(photo_dir, tmp_path):
     assert result.stderr.strip() == b""  # --quiet
 
 
-@pytest.mark.parametrize("fmt", ["npy", "pt"])
+@pytest.mark.parametrize("fmt", slow_but(["npy", "pt"], "npy"))
 def test_deterministic_byte_identical(photo_dir, tmp_path, fmt):
     for name in ("r1", "r2"):
         assert run_cli("encode", photo_dir, "-o", tmp_path / name, "-q", "--workers", "1", "--format", fmt).returncode == 0
@@ -261,8 +261,9 @@ def test_inspect(photo_dir, tmp_path):
     assert bad.returncode == 1 and b"junk.npy" in bad.stderr and b"Traceback" not in bad.stderr
 
 
-@pytest.mark.parametrize("command", [[], ["encode"], ["init"], ["info"], ["inspect"], ["show"], ["show", "patches"],
-                                     ["show", "tokens"], ["show", "filters"], ["show", "positions"]])
+@pytest.mark.parametrize("command", slow_but([[], ["encode"], ["init"], ["info"], ["inspect"], ["show"], ["show", "patches"],
+                                              ["show", "tokens"], ["show", "filters"], ["show", "positions"]],
+                                             [], ["encode"], ["show", "positions"]))
 def test_every_command_has_help(command):
     result = run_cli(*command, "--help")
     assert result.returncode == 0

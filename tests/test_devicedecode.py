@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-from tests.conftest import encode_with, make_image, run_cli
+from tests.conftest import encode_with, make_image, run_cli, slow_but
 from vitembed.images import device as devicedecode
 from vitembed.pipeline import skeleton as pipeline
 from vitembed.images.device import decode_jpegs, orient
@@ -71,8 +71,8 @@ def test_plain_jpegs_only(tmp_path, sample_paths):
     assert read_plain_jpeg(photo, Preprocess(max_pixels=320 * 240 - 1)) is None
 
 
-@pytest.mark.parametrize("resize", ["squash", "crop", "pad"])
-@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+@pytest.mark.parametrize("resize", slow_but(["squash", "crop", "pad"], "crop"))
+@pytest.mark.parametrize("interpolation", slow_but(["bilinear", "bicubic"], "bicubic"))
 def test_decode_jpegs_matches_pillow(tmp_path, sample_paths, resize, interpolation):
     """Near Pillow's pixels in every resize mode, the EXIF rotation applied. The decode itself is
     identical here (libjpeg-turbo on both sides); the resizes differ at odd scale factors (301 x
@@ -176,7 +176,7 @@ def _encode(folder: Path, out: Path, **options) -> tuple[dict, object]:
     return {r.input.name: r for r in outcomes}, summary
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", slow_but([0, 2], 0))  # 2: a pool of decoder processes
 def test_encode_with_device_decoding(tmp_path, sample_paths, monkeypatch, workers):
     """The whole run: the same files succeed and fail with the same messages as with Pillow, and
     the tokens agree to within the resize's 1-level differences; other files are Pillow's, exactly."""

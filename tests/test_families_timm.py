@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import make_image, run_cli
+from tests.conftest import make_image, run_cli, slow_but
 from tests.dinov2_reference import Dinov2Reference, Dinov3Reference
 from tests.test_checkpoints import assert_clean_error, pixels, save
 from vitembed.weights.checkpoints import resize_weights
@@ -162,7 +162,7 @@ def test_timm_family_tokens(family, tmp_path):
     assert_engines_match(loaded, lambda x: timm_z0(m, x), sizes)
 
 
-@pytest.mark.parametrize("family", list(TIMM_FAMILIES))
+@pytest.mark.parametrize("family", slow_but(list(TIMM_FAMILIES), "vit_reg4", "deit_distilled", "dinov3"))
 def test_timm_family_info(family, tmp_path):
     """`info` names the family and its steps: prefix tokens by kind, positions, pre-norm, conv bias."""
     _, prefix, positions, pre_norm = TIMM_FAMILIES[family]
@@ -272,7 +272,7 @@ def openai_clip_z0(state: dict, x: torch.Tensor, prefix: str = "visual.") -> tor
     return F.layer_norm(z, (d,), s["ln_pre.weight"], s["ln_pre.bias"], eps=1e-5)
 
 
-@pytest.mark.parametrize("wrap", ["", "module.", "model."])
+@pytest.mark.parametrize("wrap", slow_but(["", "module.", "model."], "model."))
 def test_openai_clip_layout(wrap, tmp_path):
     """OpenAI CLIP / open_clip keys (also under DDP's module. or a training script's model.): the
     tokens are ln_pre(cat(class, conv1(x)) + positional_embedding), and at the trained size the HF
@@ -310,7 +310,7 @@ def test_llava_style_vision_tower(tmp_path):
 # --------------------------------------------------------------------------- the DINOv2 and DINOv3 repositories
 
 
-@pytest.mark.parametrize("registers", [0, 4])
+@pytest.mark.parametrize("registers", slow_but([0, 4], 4))
 def test_dinov2_repository_layout(registers, tmp_path):
     """The official DINOv2 state dict (patch_embed.proj, cls_token, pos_embed with its class row,
     register_tokens inserted after E_pos, mask_token, blocks.0.ls1.gamma): its prepare_tokens_with_masks,
@@ -325,7 +325,7 @@ def test_dinov2_repository_layout(registers, tmp_path):
     assert_engines_match(loaded, m, [(56, 56), (84, 84), (70, 98)])
 
 
-@pytest.mark.parametrize("storage", [0, 4])
+@pytest.mark.parametrize("storage", slow_but([0, 4], 4))
 def test_dinov3_repository_layout(storage, tmp_path):
     """The official DINOv3 state dict (storage_tokens, rope_embed.periods, no pos_embed): [cls; storage;
     patch_embed(x)] at any size, positions being RoPE inside attention."""

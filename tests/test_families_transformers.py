@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import make_image, run_cli
+from tests.conftest import make_image, run_cli, slow_but
 from tests.test_checkpoints import assert_clean_error, fill_hf_cache, pixels
 from vitembed.weights.checkpoints import resize_weights
 from vitembed.encoder import Encoder
@@ -122,7 +122,7 @@ def normalised(u8: np.ndarray, mean, std) -> torch.Tensor:
 # --------------------------------------------------------------------------- z0 = hidden_states[0]
 
 
-@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("size", slow_but(SIZES, (32, 48)), ids=lambda s: f"{s[0]}x{s[1]}")  # the inner loop: a rectangle
 @pytest.mark.parametrize("name", FAMILIES)
 def test_first_hidden_state_of_each_class(name, size, saved):
     """The reference layer, the numpy engine and the torch engine, all from the save_pretrained folder."""
@@ -146,8 +146,9 @@ def test_first_hidden_state_of_each_class(name, size, saved):
         np.testing.assert_allclose(z0, expected, atol=ATOL, rtol=RTOL, err_msg=engine)
 
 
-@pytest.mark.parametrize("name", ["DeiTModel", "BeitModel+abs", "Dinov2WithRegistersModel", "DINOv3ViTModel",
-                                  "CLIPModel", "SiglipVisionModel"])
+@pytest.mark.parametrize("name", slow_but(["DeiTModel", "BeitModel+abs", "Dinov2WithRegistersModel", "DINOv3ViTModel",
+                                           "CLIPModel", "SiglipVisionModel"],
+                                          "Dinov2WithRegistersModel", "CLIPModel", "SiglipVisionModel"))
 def test_encode_from_the_folder(name, saved, tmp_path):
     """End to end: `vitembed encode img -o z.npy --weights FOLDER --workers 0` at a rectangular size."""
     model, folder = saved(name)
@@ -159,7 +160,8 @@ def test_encode_from_the_folder(name, saved, tmp_path):
     torch.testing.assert_close(torch.from_numpy(np.load(out)), hidden0(model, pixels(image))[0], atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("name", ["DINOv3ViTModel", "Dinov2WithRegistersModel", "CLIPVisionModel", "SiglipVisionModel"])
+@pytest.mark.parametrize("name", slow_but(["DINOv3ViTModel", "Dinov2WithRegistersModel", "CLIPVisionModel", "SiglipVisionModel"],
+                                          "DINOv3ViTModel"))
 def test_native_grid_from_the_folder(name, saved, tmp_path):
     """--resize native: each image at its own grid (here 4 x 8 patches for an 80 x 40 image, at most
     32), E_pos resampled to it as the class does = the model on those pixels."""
@@ -175,7 +177,7 @@ def test_native_grid_from_the_folder(name, saved, tmp_path):
     torch.testing.assert_close(torch.from_numpy(np.load(out)), expected, atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("name", ["CLIPVisionModel", "Dinov2WithRegistersModel"])
+@pytest.mark.parametrize("name", slow_but(["CLIPVisionModel", "Dinov2WithRegistersModel"], "CLIPVisionModel"))
 def test_native_grid_through_the_python_api(name, saved, tmp_path):
     """Encoder(load_weights(folder), Preprocess(resize="native", ...)) resamples E_pos as the class does
     by default, as the CLI does (CLIP: bicubic; Dinov2WithRegisters: antialiased), not always timm's way."""
@@ -237,7 +239,7 @@ def test_beit_state_dict_as_transformers_holds_it(saved, tmp_path):
             torch.testing.assert_close(loaded.build()(x), hidden0(model, x), atol=ATOL, rtol=RTOL)
 
 
-@pytest.mark.parametrize("name", ["BeitModel", "DINOv3ViTModel"])
+@pytest.mark.parametrize("name", slow_but(["BeitModel", "DINOv3ViTModel"], "DINOv3ViTModel"))
 def test_folder_without_a_table_is_read_at_its_config_size(name, saved, tmp_path):
     """No position table to give the size (relative bias, RoPE): config.json's image_size is the default."""
     model, folder = saved(name)
@@ -323,14 +325,17 @@ def test_clip_and_siglip_processors_are_the_default_preprocessing(tmp_path):
     assert prep["mean"] == pytest.approx([0.5] * 3, abs=1e-9) and prep["std"] == pytest.approx([0.5] * 3, abs=1e-9)
 
 
-@pytest.mark.parametrize("processor,kwargs", [
+PROCESSORS = [
     ("CLIPImageProcessor", dict(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})),
     ("BitImageProcessor", dict(size={"shortest_edge": 256}, crop_size={"height": 224, "width": 224})),
     ("SiglipImageProcessor", dict(size={"height": 224, "width": 224})),
     ("DeiTImageProcessor", dict(size={"height": 256, "width": 256}, crop_size={"height": 224, "width": 224})),
     ("BeitImageProcessor", dict(size={"height": 240, "width": 240}, crop_size={"height": 224, "width": 224},
                                 do_center_crop=True)),
-])
+]
+
+
+@pytest.mark.parametrize("processor,kwargs", slow_but(PROCESSORS, PROCESSORS[0], PROCESSORS[4], several=True))
 def test_processor_pixels_are_vitembeds(processor, kwargs, sample_paths):
     """What the processor feeds the model = what vitembed decodes with the preprocessing read from its
     config, normalised: within two levels of 255 at a pixel, a twentieth of one on average (torch's
@@ -352,12 +357,15 @@ def test_processor_pixels_are_vitembeds(processor, kwargs, sample_paths):
         assert (ours - theirs).abs().max() <= 2 * level and (ours - theirs).abs().mean() < level / 20, path
 
 
-@pytest.mark.parametrize("config,resize", [
+PLAIN_SIZES = [
     ({"size": 256, "crop_size": 224, "feature_extractor_type": "DeiTFeatureExtractor"}, "squash-crop"),
     ({"size": 256, "crop_size": 224, "image_processor_type": "BeitImageProcessorFast"}, "squash-crop"),
     ({"size": 256, "crop_size": 224, "feature_extractor_type": "CLIPFeatureExtractor"}, "crop"),
     ({"size": 256, "crop_size": 224, "image_processor_type": "BitImageProcessor"}, "crop"),
-])
+]
+
+
+@pytest.mark.parametrize("config,resize", slow_but(PLAIN_SIZES, PLAIN_SIZES[0], PLAIN_SIZES[2], several=True))
 def test_processor_plain_size_read_as_its_class_reads_it(config, resize, tmp_path):
     """A plain number as `size` (as older configs on the Hub have it) is the height and width for
     ViT, DeiT and BEiT processors (squashed to 256 x 256, then the centre 224), the shorter side for

@@ -11,7 +11,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from tests.conftest import make_image
+from tests.conftest import make_image, slow_but
 from vitembed.encoder import Encoder, encode_images
 from vitembed.images.decode import Preprocess, load_image
 from vitembed.layer.reference import PRESETS, build_layer
@@ -19,7 +19,7 @@ from vitembed.layer.reference import PRESETS, build_layer
 # --- the channels-last layer input ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset", ["vitbook-s14", "vit-b16", "vit-b32"])
+@pytest.mark.parametrize("preset", slow_but(["vitbook-s14", "vit-b16", "vit-b32"], "vitbook-s14"))
 def test_channels_last_forward_matches_nchw(preset, sample_paths):
     """The torch engine (channels-last, normalisation folded into E) gives the NCHW layer's tokens,
     to float32 rounding: sums of P^2*C products in another order (|z0| is about 1)."""

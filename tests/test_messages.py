@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import vitembed
-from tests.conftest import make_image, read_manifest, run_cli
+from tests.conftest import make_image, read_manifest, run_cli, slow_but
 from vitembed.errors import ConfigError
 
 SMALL = ["--image-size", "32", "--patch-size", "8", "--emb-dim", "16"]
@@ -26,11 +26,11 @@ def _error_lines(stderr: bytes) -> list[str]:
 
 
 @pytest.mark.skipif(not FULL.exists(), reason="needs /dev/full")
-@pytest.mark.parametrize("args", [
+@pytest.mark.parametrize("args", slow_but([  # a process each
     ["info", "--presets"], ["info", "--presets", "--json"], ["info", *SMALL],
     ["inspect", "TOKENS"], ["inspect", "--json", "TOKENS"],
     ["show", "positions", *SMALL, "-o", "-"],
-], ids=["info-presets", "info-presets-json", "info", "inspect", "inspect-json", "show"])
+], ["inspect", "TOKENS"], ids=["info-presets", "info-presets-json", "info", "inspect", "inspect-json", "show"]))
 def test_stdout_on_a_full_disk_is_one_line(tmp_path, args):
     tokens = tmp_path / "t.npy"
     np.save(tokens, np.zeros((17, 16), np.float32))
@@ -42,7 +42,7 @@ def test_stdout_on_a_full_disk_is_one_line(tmp_path, args):
     assert _error_lines(r.stderr) == ["error: stdout: disk full (no space left on device)"]
 
 
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("bad", slow_but([np.nan, np.inf, -np.inf], -np.inf))
 def test_show_tokens_of_non_finite_tokens_is_one_line(tmp_path, bad):
     z = np.random.default_rng(0).normal(size=(17, 16)).astype(np.float32)
     z[3, 4] = bad

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from tests.conftest import encode_with, json_lines, make_image, read_manifest, run_cli
+from tests.conftest import encode_with, examples, json_lines, make_image, read_manifest, run_cli, slow_but
 from tests.test_checkpoints import save, timm_vit
 from vitembed.images import device as devicedecode
 from vitembed.layer.config import LayerConfig
@@ -40,7 +40,7 @@ def shapes(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
-@pytest.mark.parametrize("h,w", [(224, 320), (320, 224), (224, 224), (96, 160)])
+@pytest.mark.parametrize("h,w", slow_but([(224, 320), (320, 224), (224, 224), (96, 160)], (224, 320), several=True))
 def test_crop_and_pad_equal_timms_eval_transforms(tmp_path, h, w, interpolation):
     """crop = timm's transforms_imagenet_eval(img_size=(H, W), crop_pct) (torchvision's
     Resize(int(S / crop_pct)) + CenterCrop for a square); pad = its crop_mode="border" at
@@ -82,7 +82,7 @@ def test_device_resize_follows_the_same_plan(tmp_path, sample_paths):
 # --------------------------------------------------------------------------- the native grid
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.integers(1, 30000), st.integers(1, 30000), st.integers(1, 4096), st.sampled_from([8, 14, 16, 32]))
 def test_native_grid(width, height, max_patches, p):
     """Within the budget; each side within one patch of the aspect-true size at Pix2Struct's scale
@@ -121,7 +121,8 @@ def _run(inputs, out: Path, *extra) -> list[dict]:
     return json_lines(r.stdout)
 
 
-@pytest.mark.parametrize("extra", [(), ("--max-patches", "40"), ("--pos-resample", "hf"), ("--tokens", "patches+pos")])
+@pytest.mark.parametrize("extra", slow_but([(), ("--max-patches", "40"), ("--pos-resample", "hf"), ("--tokens", "patches+pos")],
+                                           ()))
 def test_native_equals_squash_at_the_images_grid(timm_ckpt, shapes, tmp_path, extra):
     """Each image's tokens = a --image-size {gh P}x{gw P} --resize squash run of it with the same
     weights (E_pos resampled once from the checkpoint's 4 x 4 grid); the grid is in --json."""

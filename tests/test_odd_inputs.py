@@ -25,7 +25,7 @@ from PIL import Image
 from vitembed.errors import InputError
 from vitembed.images.decode import Preprocess, load_image
 
-from tests.conftest import make_image, run_cli
+from tests.conftest import examples, make_image, run_cli
 
 SMALL = ("--image-size", "32", "--patch-size", "8", "--emb-dim", "16")
 PREP = Preprocess(image_size=32)
@@ -123,7 +123,7 @@ def test_bad_files_are_one_line_errors_and_others_passed_over(tmp_path):
             assert np.isfinite(np.load(tmp_path / "out" / rec["output"].split("/out/")[-1])).all()
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.binary(max_size=2048), magic=st.sampled_from(
     [b"", b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF89a", b"II*\x00", b"MM\x00*", b"BM", b"RIFF", b"\x00\x00\x01\x00"]))
 def test_random_bytes_never_escape_as_anything_but_input_error(tmp_path, data, magic):
@@ -137,7 +137,7 @@ def test_random_bytes_never_escape_as_anything_but_input_error(tmp_path, data, m
         assert out.shape == (32, 32, 3) and out.dtype == np.uint8
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(150), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data(), fmt=st.sampled_from(["PNG", "GIF", "TIFF", "BMP", "JPEG", "WEBP"]))
 def test_mutated_valid_files_never_escape(tmp_path, data, fmt):
     raw = bytearray(_encoded(fmt, mode="P" if fmt == "GIF" else "RGB"))
@@ -228,7 +228,7 @@ def test_exif_orientation_applied(tmp_path):
 MODES = ["1", "L", "LA", "P", "RGB", "RGBA", "CMYK", "YCbCr", "I", "I;16", "F", "La", "RGBa", "PA", "HSV", "LAB"]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=examples(60), deadline=None)
 @given(w=st.integers(1, 300), h=st.integers(1, 300), mode=st.sampled_from(MODES),
        channels=st.sampled_from([1, 3]), resize=st.sampled_from(["squash", "crop", "pad"]))
 def test_any_shape_and_mode_loads(w, h, mode, channels, resize):

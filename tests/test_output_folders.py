@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import json_lines, make_image, make_images, npy_outputs, run_cli
+from tests.conftest import json_lines, make_image, make_images, npy_outputs, run_cli, slow_but
 
 SMALL = ("--image-size", "32", "--patch-size", "8", "--emb-dim", "16", "-j", "0")
 
@@ -23,7 +23,8 @@ SMALL = ("--image-size", "32", "--patch-size", "8", "--emb-dim", "16", "-j", "0"
 # --- records that are not regular files --------------------------------------------------------
 
 
-@pytest.mark.parametrize("record, overwrite", [("run.json", False), ("manifest.jsonl", False), ("run.json", True)])
+@pytest.mark.parametrize("record, overwrite", slow_but([("run.json", False), ("manifest.jsonl", False), ("run.json", True)],
+                                                    ("manifest.jsonl", False), several=True))  # a process each
 def test_a_fifo_as_a_record_is_refused_without_hanging(tmp_path, record, overwrite):
     photos = make_images(tmp_path / "in", ["a.png"])
     out = tmp_path / "out"
@@ -64,6 +65,7 @@ def test_an_unreadable_run_json_is_called_unreadable(tmp_path, kind):
     assert b"another configuration" not in r.stderr
 
 
+@pytest.mark.slow  # a process
 def test_a_fifo_as_the_lock_file_is_named_as_such(tmp_path):
     photos = make_images(tmp_path / "in", ["a.png"])
     out = tmp_path / "out"
@@ -137,6 +139,7 @@ def test_a_linked_subfolder_is_refused_before_anything_is_created_through_it(tmp
 # --- manifests in bounded memory ----------------------------------------------------------------
 
 
+@pytest.mark.slow  # a process that reads 72 MB
 def test_a_manifest_is_read_line_by_line_with_a_bound(tmp_path):
     """A manifest with a NUL-filled tail (a crash) and a huge line: its records are read, each line
     within a bound, and the NUL run counts as a torn tail."""

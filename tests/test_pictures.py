@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.conftest import make_image
+from tests.conftest import make_image, slow_but
 from vitembed.cli.main import app
 from vitembed.show.colormaps import VIRIDIS
 from vitembed.layer.config import PRESETS, LayerConfig
@@ -75,7 +75,7 @@ def assert_one_line_error(result, code: int, *substrings: str) -> None:
 # --------------------------------------------------------------------------- patches
 
 
-@pytest.mark.parametrize("opts", [[], ["--preset", "vit-b16", "--resize", "crop"], SMALL_OPTS])
+@pytest.mark.parametrize("opts", slow_but([[], ["--preset", "vit-b16", "--resize", "crop"], SMALL_OPTS], SMALL_OPTS))
 def test_patch_grid_lines_fall_at_multiples_of_the_patch_size(opts, sample_paths, tmp_path):
     out = tmp_path / "p.png"
     result = show("patches", sample_paths[0], "-o", out, *opts)
@@ -296,9 +296,7 @@ def checkpoint(kind: str, tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind", ["init", "seed", "torchvision",
-                                  pytest.param("timm", marks=pytest.mark.slow),
-                                  pytest.param("transformers", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("kind", slow_but(["init", "seed", "torchvision", "timm", "transformers"], "init"))
 def test_every_checkpoint_kind_draws(kind, sample_paths, tmp_path):
     weights = checkpoint(kind, tmp_path)
     image = sample_paths[0]

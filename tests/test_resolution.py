@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import make_image, run_cli
+from tests.conftest import make_image, run_cli, slow_but
 from tests.seed_reference import SeedVitInputLayer
 from tests.test_checkpoints import assert_clean_error, hf_vit, pixels, save
 from vitembed.layer.resolution import resample_grid, resample_patch_embed, resize_matrix
@@ -66,8 +66,8 @@ def timm_loaded(state: dict, **kw):
 # --------------------------------------------------------------------------- timm: another grid
 
 
-@pytest.mark.parametrize("h,w", [(224, 320), (160, 160), (384, 384),
-                                 (320, 224), (96, 400)])
+@pytest.mark.parametrize("h,w", slow_but([(224, 320), (160, 160), (384, 384), (320, 224), (96, 400)],
+                                         (224, 320), several=True))
 def test_timm_any_grid(tiny_ckpt, tmp_path, h, w):
     """--image-size HxW on a 224 checkpoint = timm's model for img_size=(H, W), loaded by timm."""
     ckpt, state = tiny_ckpt
@@ -95,7 +95,7 @@ def test_info_shows_the_grid(tiny_ckpt):
 # --------------------------------------------------------------------------- transformers
 
 
-@pytest.mark.parametrize("h,w", [(32, 48), (48, 32), (16, 24), (56, 56), (24, 24)])
+@pytest.mark.parametrize("h,w", slow_but([(32, 48), (48, 32), (16, 24), (56, 56), (24, 24)], (32, 48), several=True))
 def test_transformers_interpolate_pos_encoding(tmp_path, h, w):
     """A transformers checkpoint is resampled as its class's interpolate_pos_encoding, by default and with
     --pos-resample hf = ViTModel.embeddings(x, interpolate_pos_encoding=True) (32-pixel model, P = 8)."""
@@ -135,7 +135,7 @@ def test_resampling_equals_torch(method, old, new):
 # --------------------------------------------------------------------------- FlexiViT: another patch size
 
 
-@pytest.mark.parametrize("p", [8, 32, 14])
+@pytest.mark.parametrize("p", slow_but([8, 32, 14], 14))
 def test_patch_embed_equals_timm(p):
     from timm.layers import resample_patch_embed as timm_resample
 
@@ -145,7 +145,7 @@ def test_patch_embed_equals_timm(p):
     np.testing.assert_allclose(ours, timm_resample(weight, [p, p]).numpy(), rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("p,size", [(8, None), (32, None), (8, "128x192")])
+@pytest.mark.parametrize("p,size", slow_but([(8, None), (32, None), (8, "128x192")], (8, "128x192"), several=True))
 def test_another_patch_size(tiny_ckpt, tmp_path, p, size):
     """--patch-size 8 / 32 on a P = 16 checkpoint = timm's model for that patch size, loaded by timm
     (E resampled as FlexiViT does, E_pos for the new grid); both changes are told."""
@@ -182,7 +182,7 @@ def seed_ckpt(tmp_path_factory):
 
 
 @pytest.mark.parametrize("engine", ["numpy", "torch"])
-@pytest.mark.parametrize("tokens", ["z0", "patches", "patches+pos"])
+@pytest.mark.parametrize("tokens", slow_but(["z0", "patches", "patches+pos"], "patches+pos"))
 def test_tokens(seed_ckpt, tmp_path, tokens, engine):
     """patches = the seed's patch_emb_layer(x).flatten(2).transpose(1, 2); patches+pos adds E_pos's
     patch rows; z0 is the seed's forward. The same from both engines."""

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.conftest import json_lines, make_image, make_images, run_cli
 
@@ -15,6 +16,7 @@ SMALL = ("--image-size", "32", "--patch-size", "8", "--emb-dim", "16")
 SHAPE = [17, 16]
 
 
+@pytest.mark.slow  # 3,300 links planted, then removed: seconds on a slow disk
 def test_planted_temporary_links_are_never_followed(tmp_path):
     """Links planted under the old temporary names (for every nearby PID) and under any name
     are not written through: temporaries are created O_EXCL | O_NOFOLLOW under unpredictable names."""
@@ -54,6 +56,7 @@ def test_manifest_link_is_refused_and_its_target_untouched(tmp_path):
     assert victim.read_text() == "keep me\n"
 
 
+@pytest.mark.slow  # 3,300 links planted, then removed: seconds on a slow disk
 def test_planted_run_json_temporaries_are_never_followed(tmp_path):
     """`.run.json.<pid>.vitembed-tmp` links planted in -o DIR for every nearby PID (and a link
     as run.json itself) are not written through."""

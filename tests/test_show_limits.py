@@ -28,6 +28,7 @@ def test_weights_of_a_grid_too_large_to_draw_are_refused(tmp_path):
     assert not (tmp_path / "pos.png").exists()
 
 
+@pytest.mark.slow  # traced allocations over a 48 x 48 grid: seconds
 def test_positions_memory_stays_near_the_pictures_size(tmp_path):
     """48 x 48 patches: the whole (N, N) similarity array in float64 is 42 MB and its colouring
     several times that; drawn row by row the peak stays near the picture's own 17 MB."""

@@ -49,6 +49,7 @@ def _start(*args) -> subprocess.Popen:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # 30 runs of vit-b16 and their resumes
 def test_one_signal_at_a_random_moment_stops_a_sharded_run_in_bounded_time_and_resume_is_identical(
         mixed_inputs, tmp_path):
     """30 sharded runs (-j 2, --shard-size 7, broken inputs), each sent one SIGTERM or SIGINT at a
