@@ -142,6 +142,8 @@ def slow_but(values, *keep, ids=None, several: bool = False) -> list:
     """`values` for parametrize, each marked slow but those in `keep`: the inner loop (`-m 'not
     slow'`) runs the kept cases, the full suite every one. With `several`, each value is a tuple
     that fills several arguments."""
+    missing = [value for value in keep if value not in values]
+    assert not missing, f"slow_but keeps values that are not among the cases: {missing}"
     params = []
     for i, value in enumerate(values):
         marks = () if value in keep else (pytest.mark.slow,)

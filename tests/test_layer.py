@@ -56,7 +56,7 @@ def test_seed_state_dict_loads_unchanged():
     torch.testing.assert_close(ours(x), seed_layer(x))
 
 
-@pytest.mark.parametrize("name", slow_but(sorted(PRESETS), "seed", "vit-b14", "vit-b32"))  # P = 16, 14, 32
+@pytest.mark.parametrize("name", slow_but(sorted(PRESETS), "vitbook-s14", "vit-b14", "vit-b32"))  # P = 16, 14, 32
 def test_preset_matches_unfold_matmul(name):
     cfg = PRESETS[name]
     small = LayerConfig(image_size=cfg.patch_size * 3, patch_size=cfg.patch_size, emb_dim=cfg.emb_dim)
@@ -66,7 +66,7 @@ def test_preset_matches_unfold_matmul(name):
         torch.testing.assert_close(layer(x), unfold_matmul_reference(layer, x), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", slow_but(sorted(PRESETS), "seed", "clip-b16", "dinov2-s14-reg4", "dinov3-s16",
+@pytest.mark.parametrize("name", slow_but(sorted(PRESETS), "vitbook-s14", "clip-b16", "dinov2-s14-reg4", "dinov3-s16",
                                           "siglip-b16"))  # each kind of prefix
 def test_preset_shapes(name):
     cfg = PRESETS[name]
