@@ -19,7 +19,8 @@ chunk; after that a chunk is about 20 ms of a worker's work, from a moving avera
 seconds per item (0.8 old + 0.2 new), at most 16 items and at most window // (3 * workers), so that
 each worker still holds a few chunks of the window.
 
-Failures. Each costs only its own item, which gets `TaskFailed(reason)`:
+Failures. Each costs only its own item, which gets `TaskFailed(reason)`; what is sent again and
+what is reported is the run's rule (`pipeline.retry`), which this pool applies to its chunks:
   - a task that raises: "the decoder failed: Error: message"; the rest of its chunk goes on;
   - a result that cannot come back (it does not pickle): its chunk's items are sent again, each
     alone, and the one that fails alone gets the same message;
@@ -85,6 +86,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
+from ..pipeline.retry import Unit, after_failure, on_probation, to_send
 from .poolworker import DIED, TIMED_OUT, TaskFailed, Workers, WorkersDied, call, failure
 
 __all__ = ["OrderedPool", "TaskFailed", "WorkersDied"]
@@ -102,15 +104,11 @@ _POLL = 0.1  # seconds between looks at the stop event
 
 
 @dataclass(eq=False)
-class _Chunk:
-    """Consecutive items sent together. `values` once known (at once, None each, for a
-    pass-through item); `future` None while it waits to be sent."""
+class _Chunk(Unit):
+    """Consecutive items sent together (`rows`). `results`: their values once known (at once, None
+    each, for a pass-through item); `handle`: its Future, None while it waits to be sent."""
 
-    items: list[Any]
-    values: list[Any] | None = None
-    future: Future | None = None
     seq: int = 0  # the number it was last sent with
-    probe: bool = False  # alone, after a death: sent with nothing else in the pool
 
 
 class OrderedPool:
@@ -165,12 +163,12 @@ class OrderedPool:
             if not self._inflight:
                 return
             head = self._inflight[0]
-            if head.values is None:
+            if head.results is None:
                 self._settle(head)
                 continue
             self._inflight.popleft()
-            self._held -= len(head.items)
-            yield from zip(head.items, head.values)
+            self._held -= len(head.rows)
+            yield from zip(head.rows, head.results)
 
     def close(self) -> list[Any]:
         """Shut the workers down: after a stop, kill them at once; else let each finish the item it
@@ -180,7 +178,7 @@ class OrderedPool:
         if workers is not None:
             if self.stop.is_set() or not self._finish(workers):
                 workers.kill()
-                self._killed.extend(item for chunk in self._lost() if workers.took(chunk.seq) for item in chunk.items)
+                self._killed.extend(item for chunk in self._lost() if workers.took(chunk.seq) for item in chunk.rows)
             workers.close(wait=True)
         killed, self._killed = self._killed, []
         return killed
@@ -189,7 +187,7 @@ class OrderedPool:
         """Ask the workers to drop what they hold, and wait for each to finish its item; False if
         a stop, or the timeout, comes first."""
         workers.drop.value = 1
-        pending = [chunk.future for chunk in self._lost()]
+        pending = [chunk.handle for chunk in self._lost()]
         for future in pending:
             future.cancel()  # those no worker has been given yet
         return _wait(pending, self.stop, self.timeout)
@@ -207,7 +205,7 @@ class OrderedPool:
                     continue
                 self._hold(run)  # what came before it goes first
                 run = []
-                self._inflight.append(_Chunk([item], [None]))
+                self._inflight.append(_Chunk([item], results=[None]))
                 self._held += 1
             self._hold(run)
             if len(items) < self.chunk:
@@ -223,7 +221,7 @@ class OrderedPool:
 
     def _submit(self, chunk: _Chunk) -> None:
         self._seq += 1
-        chunk.seq, chunk.future = self._seq, self._send(chunk.items)
+        chunk.seq, chunk.handle = self._seq, self._send(chunk.rows)
 
     def _send(self, items: list[Any]) -> Future:
         """Send `items` as chunk number `self._seq`."""
@@ -238,27 +236,24 @@ class OrderedPool:
             return future
 
     def _dispatch(self) -> None:
-        """Send the chunks that wait: all of them; or, while items are on probation, the first
-        one (in input order) once nothing else is in the pool."""
-        waiting = [chunk for chunk in self._inflight if chunk.values is None and chunk.future is None]
-        self._probing = any(chunk.probe and chunk.values is None for chunk in self._inflight)
-        if not self._probing:
-            for chunk in waiting:
-                self._submit(chunk)
-        elif waiting and not any(chunk.future is not None and not chunk.future.done() for chunk in self._inflight):
-            self._submit(waiting[0])
+        """Send the chunks that wait, as the run's rule says (`retry.to_send`: one at a time while
+        items are on probation)."""
+        self._probing = on_probation(self._inflight)
+        out = sum(chunk.handle is not None and not chunk.handle.done() for chunk in self._inflight)
+        for chunk in to_send(self._inflight, out):
+            self._submit(chunk)
 
     # --- receiving ---------------------------------------------------------------------------
 
     def _settle(self, chunk: _Chunk) -> None:
         """Wait for the head chunk, and set its values; or send its items again (alone, to find
         the one that fails, or as they were)."""
-        if not _wait([chunk.future], self.stop, self.timeout):
+        if not _wait([chunk.handle], self.stop, self.timeout):
             if not self.stop.is_set():
                 self._ran_over(chunk)
             return
         try:
-            values, seconds = chunk.future.result()
+            values, seconds = chunk.handle.result()
         except BrokenProcessPool:
             self._broken(chunk)
             return
@@ -267,41 +262,39 @@ class OrderedPool:
             return
         self._learn(seconds, max(len(values), 1))
         self.finished += len(values)
-        chunk.values = values
+        chunk.results = values
         if self._probing:
             self._dispatch()
 
     def _failed(self, chunk: _Chunk, failure: TaskFailed) -> None:
-        """`failure` for an item alone; a chunk's items are sent again, each alone, to find which."""
-        if len(chunk.items) > 1:
-            self._inflight = _split(self._inflight, [chunk], probe=chunk.probe)
-            self._dispatch()
-            return
-        chunk.values = [failure]
-        self.finished += 1
+        """`failure` for an item alone; a chunk's items are sent again, each alone, to find which
+        (`retry.after_failure`)."""
+        self._inflight, blamed = after_failure(self._inflight, [chunk], death=False)
+        if blamed is not None:
+            blamed.results = [failure]
+            self.finished += 1
+        self._dispatch()
 
     def _ran_over(self, chunk: _Chunk) -> None:
         """The head chunk ran past the timeout: the pool is killed and replaced; an item alone is
         reported, a chunk's items go again alone."""
         if chunk in self._retire():
-            if len(chunk.items) > 1:
-                self._inflight = _split(self._inflight, [chunk], probe=chunk.probe)
-            else:
-                chunk.values = [TaskFailed(TIMED_OUT.format(timeout=self.timeout))]
+            self._inflight, blamed = after_failure(self._inflight, [chunk], death=False)
+            if blamed is not None:
+                blamed.results = [TaskFailed(TIMED_OUT.format(timeout=self.timeout))]
         self._dispatch()
 
     def _broken(self, chunk: _Chunk) -> None:
-        """A worker died, and the pool with it. Alone in the pool, an item that a worker had taken
-        is to blame; else the chunks taken go on probation, each item alone."""
+        """A worker died, and the pool with it. The chunks a worker had taken are the suspects
+        (`retry.after_failure`): one item alone in the pool is to blame, else each goes on
+        probation. A death that took nothing counts towards `WorkersDied`."""
         alone = self._probing  # the head was the only chunk in the pool
         taken = self._retire()
-        if not taken:
-            self._count_death()  # the workers died before they took anything
-        elif alone and len(chunk.items) == 1:
-            chunk.values = [TaskFailed(DIED)]
+        self._inflight, blamed = after_failure(self._inflight, taken, death=True, alone=alone)
+        if blamed is not None:
+            blamed.results = [TaskFailed(DIED)]
+        if blamed is not None or not taken:
             self._count_death()
-        else:
-            self._inflight = _split(self._inflight, taken, probe=True)
         self._dispatch()
 
     def _retire(self) -> list[_Chunk]:
@@ -314,14 +307,14 @@ class OrderedPool:
         taken = [chunk for chunk in lost if workers.took(chunk.seq)]
         workers.close(wait=False)
         for chunk in lost:
-            chunk.future = None
-        self._killed.extend(item for chunk in taken for item in chunk.items)
+            chunk.handle = None
+        self._killed.extend(item for chunk in taken for item in chunk.rows)
         return taken
 
     def _lost(self) -> list[_Chunk]:
         """The chunks sent whose values will not come: not finished, or lost with a broken pool."""
-        return [chunk for chunk in self._inflight if chunk.values is None and chunk.future is not None
-                and (not chunk.future.done() or _broken(chunk.future))]
+        return [chunk for chunk in self._inflight if chunk.results is None and chunk.handle is not None
+                and (not chunk.handle.done() or _broken(chunk.handle))]
 
     def _learn(self, seconds: float, items: int) -> None:
         """Size the next chunks from how long one took."""
@@ -368,10 +361,3 @@ def _wait(futures: list[Future], stop: threading.Event, timeout: float | None) -
 def _per_item(average: float | None, seconds: float, items: int) -> float:
     """Seconds per item, a moving average (0.8 old + 0.2 new), from a chunk of `items` that took `seconds`."""
     return seconds / items if average is None else 0.8 * average + 0.2 * seconds / items
-
-
-def _split(inflight: deque[_Chunk], chunks: list[_Chunk], probe: bool) -> deque[_Chunk]:
-    """`inflight` with each item of `chunks` made a chunk of its own, in its place, waiting to be sent."""
-    split = {id(chunk) for chunk in chunks}
-    return deque(part for chunk in inflight for part in (
-        [_Chunk([item], probe=probe) for item in chunk.items] if id(chunk) in split else [chunk]))

@@ -14,7 +14,7 @@
   (killed, out of memory) is restarted by Ray and its tasks tried again, `RETRIES` times; the rows
   of a window that died every time are then sent again one to a window, one window at a time with
   nothing else out, so that a death has one suspect, and a row that kills its actor even alone is
-  reported failed (`DIED`): the pool's rule (`pool.OrderedPool`), with Ray's restarts.
+  reported failed (`DIED`): the run's rule (`pipeline.retry`, as in `pool.OrderedPool`), after Ray's restarts.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any
 from .actors import JobActor, node_id
 from ..files.writes import process_alive
 from ..pipeline.outcomes import Job, job_of
+from ..pipeline.retry import Unit, after_failure, on_probation, to_send
 from .poolworker import TaskFailed, failure
 
 __all__ = ["DIED", "IN_FLIGHT", "RETRIES", "RayExecutor"]
@@ -43,14 +44,10 @@ _READY = 1024  # items that need no task, held at most before they are given bac
 
 
 @dataclass(eq=False)
-class _Window:
-    """Rows sent together: `ref` while its task runs, `results` once back."""
+class _Window(Unit):
+    """Rows sent together: `handle`, its task's reference while it runs; `results` once back."""
 
-    rows: list[list]
-    probe: bool = False  # alone, after a death: sent with nothing else out
-    ref: Any = None
     actor: int = -1
-    results: list | None = None
 
 
 @dataclass
@@ -141,10 +138,9 @@ class RayExecutor:
     def _fill(self) -> None:
         """Send windows while there is room; while rows are on probation, one alone at a time."""
         out = sum(self.queued)
-        probes = [w for w in self._windows if w.probe and w.results is None]
-        if probes:
-            if out == 0:
-                self._send(next(w for w in probes if w.ref is None))
+        if on_probation(self._windows):  # the run's rule (`retry.to_send`): one window alone at a time
+            for window in to_send(self._windows, out):
+                self._send(window)
             return
         while out < IN_FLIGHT * self.count and len(self._windows) < 2 * IN_FLIGHT * self.count:
             rows = self._read()
@@ -182,7 +178,7 @@ class RayExecutor:
         if min(self.queued, default=1) > 0 and len(self.actors) < self.count:
             self._start_actor()
         actor = min(range(len(self.actors)), key=self.queued.__getitem__)
-        window.actor, window.ref = actor, self.actors[actor].run.remote(self._reference, window.rows)
+        window.actor, window.handle = actor, self.actors[actor].run.remote(self._reference, window.rows)
         self.queued[actor] += 1
 
     def _wait_for_processes(self) -> None:
@@ -216,7 +212,7 @@ class RayExecutor:
 
     def _settle(self) -> None:
         """Wait a moment for windows to come back, and take what has."""
-        out = {w.ref: w for w in self._windows if w.ref is not None and w.results is None}
+        out = {w.handle: w for w in self._windows if w.handle is not None and w.results is None}
         if not out:
             return
         done, _ = self.ray.wait(list(out), num_returns=1, timeout=_POLL)
@@ -229,7 +225,7 @@ class RayExecutor:
 
         self.queued[window.actor] -= 1
         try:
-            node, outcomes = self.ray.get(window.ref)
+            node, outcomes = self.ray.get(window.handle)
         except RayActorError:
             self._died(window, DIED)
             return
@@ -240,14 +236,11 @@ class RayExecutor:
         window.results = [(job_of(outcome) or outcome, outcome) for outcome in outcomes]
 
     def _died(self, window: _Window, reason: str) -> None:
-        """Rows of a window whose task failed every time: sent again one to a window, on
-        probation; a row that failed alone is reported, each of its items."""
-        window.ref = None
-        if window.probe:
-            window.results = [(item, TaskFailed(reason) if isinstance(item, Job) else None)
-                              for row in window.rows for item in row]
-            return
-        at = self._windows.index(window)
-        self._windows.remove(window)
-        for offset, row in enumerate(window.rows):
-            self._windows.insert(at + offset, _Window([row], probe=True))
+        """A window whose task failed every time: the run's rule (`retry.after_failure`) sends its
+        rows again one to a window, on probation, or reports a row that failed alone, each of its
+        items."""
+        window.handle = None
+        self._windows, blamed = after_failure(self._windows, [window], death=True, alone=window.probe)
+        if blamed is not None:
+            blamed.results = [(item, TaskFailed(reason) if isinstance(item, Job) else None)
+                              for row in blamed.rows for item in row]

@@ -6,7 +6,9 @@
             ─ Sink (per-image files | stdout | shards) ─> Written | Failed | Skipped ─> on_result
 
 `run` is the one run of every executor: it checks, plans, resumes, counts, reports, stops and
-cleans up; the executor only runs jobs. Executors: `pool.OrderedPool` (decoder processes, or
+cleans up; the executor only runs jobs. What an executor does with a unit of jobs that came back
+without results (retry its inputs one at a time, or report the one that fails alone) is the rule
+in `retry`, beside this module. Executors: `pool.OrderedPool` (decoder processes, or
 this process with workers=0; `local_executor`) and `rayexec.RayExecutor` (Ray actors, which
 decode, encode and write, so that what comes back is final; `raydriver`).
 
