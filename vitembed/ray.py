@@ -35,7 +35,8 @@ from typing import Any
 
 import ray
 
-from .executors.actors import EncoderActor, actor_engine
+from .executors.actors import EncoderActor
+from .pipeline.request import actor_engine
 from .files.uris import as_file
 
 __all__ = ["TokenEncoder", "encode", "encoder_args"]

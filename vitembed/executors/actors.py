@@ -20,21 +20,11 @@ import os
 import threading
 from typing import Any
 
-from ..errors import ConfigError, OutputError
+from ..errors import OutputError
 from ..pipeline.outcomes import Failed, Job, OutputFailed, job_of
 from .poolworker import call
 
-__all__ = ["EncoderActor", "JobActor", "actor_engine", "node_id"]
-
-
-def actor_engine(engine: str, gpus: float) -> tuple[str, str]:
-    """(engine, device) of an actor: torch on CUDA where it holds a GPU (or a share of one), else
-    `engine` (auto, numpy or torch) on its CPU."""
-    if gpus <= 0:
-        return engine, "cpu"
-    if engine == "numpy":
-        raise ConfigError("--engine numpy runs on the CPU, not on the GPUs of --ray-gpus; drop one of them")
-    return "torch", "cuda"
+__all__ = ["EncoderActor", "JobActor", "node_id"]
 
 
 def node_id() -> str:
@@ -56,7 +46,7 @@ class EncoderActor:
     Args:
         params: `LayerParams` (the driver's `Encoder.params`), or any layer an Encoder takes.
         prep: the driver's `Encoder.prep`.
-        dtype, engine, device, tokens, pos_resample: as `Encoder`'s (see `actor_engine`); the
+        dtype, engine, device, tokens, pos_resample: as `Encoder`'s (see `request.actor_engine`); the
             driver's, so that the actor computes the tokens the run records.
     """
 

@@ -1,8 +1,9 @@
 """`vitembed.encode`: an `EncodeRequest` run over inputs, as `vitembed encode` runs it.
 
 The request (`request.EncodeRequest`) holds and checks the options; this module adds the inputs,
-the rules that need them, the output folder, and the driver that runs it all: `pipeline` on this
-machine, `raydriver` with --ray.
+the rules that need them, the output folder, and the driver that runs it all: `skeleton` on this
+machine, `raydriver` with --ray. The encoder and plan are checked once (`runner.check`), before
+the -o folder is opened.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ def encode_request(request: EncodeRequest, inputs: list[str], *, on_result: Call
         report(outcome)
 
     try:
-        summary = runner.run(sources, encoder, plan, request.run, on_result=record, stop=stop, stdout=stdout,
+        summary = runner.execute(sources, encoder, plan, request.run, on_result=record, stop=stop, stdout=stdout,
                              made_from=folder.made_from if folder is not None else None)
     finally:
         if folder is not None:
@@ -120,8 +121,8 @@ def _check_uris(inputs: list[str], request: EncodeRequest) -> None:
 
 
 def _runner(request: EncodeRequest, plan):
-    """The module whose `check` and `run` drive the request: `pipeline` on this machine, or
-    `raydriver` with `run.ray` (Ray installed, and what a cluster cannot do refused first)."""
+    """The module whose `check` and `execute` drive the request: `skeleton` on this machine, or
+    `raydriver` with `run.ray` (Ray installed, and an output a cluster cannot write refused first)."""
     from . import skeleton
 
     if request.run.ray is None:
@@ -129,7 +130,7 @@ def _runner(request: EncodeRequest, plan):
     from ..executors import raydriver
 
     raydriver.require_ray()
-    raydriver.refuse(plan, request.run)
+    raydriver.refuse(plan)
     return raydriver
 
 

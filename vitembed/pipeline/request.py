@@ -9,8 +9,9 @@ and `init` build the layer and preprocessing parts alone.
 
 Every rule that the options decide by themselves is checked here, when a part is built (the
 `_check_*` functions below), so that the library refuses what the command line refuses, with the
-same message. The rules that need more than the options (the weights' shape, the output plan, the
-built encoder) are checked where that is known: `skeleton.check` and `raydriver.check`.
+same message; that includes what a run on Ray cannot do (`_check_ray`). The rules that need more
+than the options (the weights' shape, the output plan, the built encoder) are checked once, after
+the encoder is built and before anything is written: `skeleton.check` and `raydriver.check`.
 
 Light to import (no numpy): `info` and `show` build their parts while `--help` stays fast.
 """
@@ -29,7 +30,8 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     from .skeleton import EncodeOptions, RayOptions
 
-__all__ = ["EncodeRequest", "ExecutorOptions", "ImageOptions", "LayerOptions", "OutputOptions", "encoder_option_names"]
+__all__ = ["EncodeRequest", "ExecutorOptions", "ImageOptions", "LayerOptions", "OutputOptions", "actor_engine",
+           "encoder_option_names"]
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits
 
@@ -316,6 +318,39 @@ def _check_request(request: EncodeRequest) -> None:
     if ray is None and is_uri(request.output.path):
         raise ConfigError(f"-o {request.output.path}: a URI output is written through pyarrow on a run with --ray; "
                           "add --ray, or give a local folder")
+    if ray is not None:
+        _check_ray(request)
+
+
+def _check_ray(request: EncodeRequest) -> None:
+    """What a cluster cannot do, as far as the options show it (`raydriver.check` has the rules
+    that need the output plan or the encoder)."""
+    from .skeleton import DECODE_TIMEOUT
+
+    run = request.run
+    reasons = [
+        (request.output.path == "-", "-o - writes one tensor to this process's stdout; give -o DIR"),
+        (run.workers is not None, "--workers sets this machine's decoder processes; on Ray use "
+                                  "--ray-cpus and --ray-actors"),
+        (run.decode_timeout != DECODE_TIMEOUT, "--decode-timeout is not enforced on Ray (an actor's "
+                                               "decode cannot be stopped alone); drop it"),
+        (run.decode == "gpu", "--decode gpu has not run on Ray yet; drop it (--ray-gpus runs the "
+                              "layer on the GPUs, JPEGs are decoded by Pillow)"),
+    ]
+    for refused, reason in reasons:
+        if refused:
+            raise ConfigError(f"--ray: {reason}")
+    actor_engine(run.ray.engine, run.ray.gpus)
+
+
+def actor_engine(engine: str, gpus: float) -> tuple[str, str]:
+    """(engine, device) of a Ray actor: torch on CUDA where it holds a GPU (or a share of one),
+    else `engine` (auto, numpy or torch) on its CPU."""
+    if gpus <= 0:
+        return engine, "cpu"
+    if engine == "numpy":
+        raise ConfigError("--engine numpy runs on the CPU, not on the GPUs of --ray-gpus; drop one of them")
+    return "torch", "cuda"
 
 
 def _load_weights(layer: LayerOptions, native: bool):

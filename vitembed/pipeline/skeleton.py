@@ -42,7 +42,8 @@ from ..executors.processes import decoder_context
 from .sinks import FileSink, FileWriter, ShardSink, Sink, StdoutSink
 from ..executors.decoder import WorkerTask, init_worker
 
-__all__ = ["DECODES", "DECODE_TIMEOUT", "EncodeOptions", "Executor", "RayOptions", "local_executor", "run"]
+__all__ = ["DECODES", "DECODE_TIMEOUT", "EncodeOptions", "Executor", "RayOptions", "check", "execute", "local_executor",
+           "run"]
 
 _DEVICE_DECODE_TYPES = ("cuda",)  # devices whose JPEG decoder (nvJPEG) beats Pillow processes
 
@@ -160,8 +161,18 @@ def run(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOp
         The run's Summary. A failed input is an outcome; an output that cannot be written stops
         the run (`summary.stopped` says why).
     """
-    options, stop, on_result = options or EncodeOptions(), stop or threading.Event(), on_result or (lambda o: None)
+    options = options or EncodeOptions()
     check(encoder, plan, options)
+    return execute(sources, encoder, plan, options, on_result=on_result, stop=stop, stdout=stdout,
+                   made_from=made_from, executor=executor)
+
+
+def execute(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOptions, *,
+            on_result: Callable[[Outcome], None] | None = None, stop: threading.Event | None = None,
+            stdout: BinaryIO | None = None, made_from: dict | None = None,
+            executor: ExecutorFactory | None = None) -> Summary:
+    """`run`, once `check` has passed (`job.encode_request` checks before it opens the -o folder)."""
+    stop, on_result = stop or threading.Event(), on_result or (lambda o: None)
     summary = Summary(device=encoder.device)
     shape = encoder.token_shape or (None, encoder.config.emb_dim)  # native: any number of rows
     max_rows = None if encoder.token_shape else encoder.config.num_prefix_tokens + encoder.prep.max_patches
