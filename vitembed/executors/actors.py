@@ -82,7 +82,8 @@ class JobActor(EncoderActor):
 
     def _start(self, params: Any, prep: Any, *, plan: Any, options: Any, cwd: str, **encoder) -> None:
         """plan: the driver's `OutputPlan` with no names claimed; options: the run's `EncodeOptions`;
-        cwd: the driver's folder, where relative paths start (every node must see it)."""
+        cwd: the driver's folder, from which the driver made every path it sends absolute (every
+        node must see it); this process's own folder is never changed."""
         from ..files.writes import leave_temporaries
         from ..pipeline.skeleton import stages
 
@@ -90,7 +91,7 @@ class JobActor(EncoderActor):
         leave_temporaries()
         self.broken = None
         try:
-            os.chdir(cwd)
+            os.stat(cwd)  # the paths this actor is sent are absolute, from here (`rayexec.absolute`)
         except OSError as exc:
             self.broken = (f"the Ray node {self.node[:8]} cannot see the folder the run started in, {cwd} "
                            f"({exc.strerror}): every node must see the inputs and outputs at the same paths")

@@ -22,8 +22,9 @@
 - **Where.** With `RayOptions.address` (or $RAY_ADDRESS) the run joins that cluster; otherwise it
   starts a local one and stops it after, and on Linux a small reaper process (`_Reaper`) ends
   that cluster's agents should the driver die without stopping it (`kill -9`). In a program that has called `ray.init`, it uses that.
-  Every node must see the inputs and outputs at the same paths (shared storage); actors work in
-  the driver's current folder, so that relative paths mean the same everywhere. Inputs and -o
+  Every node must see the inputs and outputs at the same paths (shared storage); the driver sends
+  the actors absolute paths, made from its own current folder (`rayexec.absolute`), so that
+  relative paths mean the same everywhere. Inputs and -o
   given as URIs (s3://, gs://, hdfs://, file://) are listed by the driver and read and written by
   the actors through pyarrow's filesystems (`uris`); the driver writes -o URI's run.json and
   manifest (`folder.UriFolder`).
@@ -108,9 +109,10 @@ def actor_arguments(encoder: Encoder, plan: OutputPlan, options: EncodeOptions) 
     """`JobActor`'s arguments: the driver's layer, preprocessing and token choice, so that every
     actor computes the tokens run.json records, and the plan with no names claimed."""
     engine, device = actor_engine(options.ray.engine, options.ray.gpus)
+    target = plan.target if plan.store is not None or plan.target is None else plan.target.absolute()
     return dict(params=encoder.params, prep=encoder.prep, dtype=encoder.dtype, engine=engine, device=device,
                 tokens=encoder.tokens, pos_resample=encoder.pos_resample,
-                plan=OutputPlan(plan.mode, plan.fmt, plan.target, plan.store), options=options, cwd=os.getcwd())
+                plan=OutputPlan(plan.mode, plan.fmt, target, plan.store), options=options, cwd=os.getcwd())
 
 
 @contextlib.contextmanager

@@ -19,8 +19,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import time
+from collections import defaultdict
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +31,7 @@ from typing import Any
 
 from .actors import JobActor, node_id
 from ..files.writes import process_alive
-from ..pipeline.outcomes import Job, job_of
+from ..pipeline.outcomes import Failed, Job, Written, job_of
 from ..pipeline.retry import Unit, after_failure, on_probation, to_send
 from .poolworker import TaskFailed, failure
 
@@ -76,6 +79,7 @@ class RayExecutor:
                  actor_class: type = JobActor) -> None:
         import ray
 
+        self.cwd = os.getcwd()  # where the driver's relative paths start (`absolute`)
         self.ray, self.stop = ray, stop
         self.rows_per_window, self.shards = rows_per_window, shards
         self.resources = dict(num_cpus=ray_options.cpus, num_gpus=ray_options.gpus or None)
@@ -178,7 +182,8 @@ class RayExecutor:
         if min(self.queued, default=1) > 0 and len(self.actors) < self.count:
             self._start_actor()
         actor = min(range(len(self.actors)), key=self.queued.__getitem__)
-        window.actor, window.handle = actor, self.actors[actor].run.remote(self._reference, window.rows)
+        rows = [[absolute(item, self.cwd) for item in row] for row in window.rows]
+        window.actor, window.handle = actor, self.actors[actor].run.remote(self._reference, rows)
         self.queued[actor] += 1
 
     def _wait_for_processes(self) -> None:
@@ -233,6 +238,7 @@ class RayExecutor:
             self._died(window, failure(exc.cause if exc.cause is not None else exc))
             return
         self.nodes.add(node)
+        outcomes = _as_planned(outcomes, [item for row in window.rows for item in row], self.cwd)
         window.results = [(job_of(outcome) or outcome, outcome) for outcome in outcomes]
 
     def _died(self, window: _Window, reason: str) -> None:
@@ -244,3 +250,46 @@ class RayExecutor:
         if blamed is not None:
             blamed.results = [(item, TaskFailed(reason) if isinstance(item, Job) else None)
                               for row in blamed.rows for item in row]
+
+
+def absolute(item: Any, cwd: str) -> Any:
+    """A planned item (`Job`, or a known bad input's `Failed`) with its local paths made absolute
+    from the driver's folder `cwd`, so that an actor, wherever it runs, reads and writes the
+    driver's files (URIs and absolute paths stay as they are)."""
+    job = job_of(item)
+    if job is None:
+        return item
+    source = dataclasses.replace(job.source, path=_from(job.source.path, cwd))
+    job = dataclasses.replace(job, source=source, output=_from(job.output, cwd))
+    return job if isinstance(item, Job) else dataclasses.replace(item, source=source, job=job)
+
+
+def _from(path: Any, cwd: str) -> Any:
+    """A local path made absolute from `cwd` (a `Path` stays one; a URI, an absolute path or None as is)."""
+    if isinstance(path, os.PathLike) and not isinstance(path, str) and not os.path.isabs(path):
+        return type(path)(cwd, path)
+    return path
+
+
+def _as_planned(outcomes: list, items: list, cwd: str) -> list:
+    """The actor's outcomes of `items` (sent as `absolute` made them) with the planned items'
+    own paths again, as reports and the manifest show them."""
+    planned: dict = defaultdict(list)  # (absolute input, absolute output) -> the planned jobs, in order
+    for item in items:
+        job = job_of(item)
+        if job is not None:
+            planned[(_from(job.source.path, cwd), _from(job.output, cwd))].append(job)
+    back = []
+    for outcome in outcomes:
+        if isinstance(outcome, Failed) and outcome.job is not None:
+            jobs = planned.get((outcome.job.source.path, outcome.job.output))
+            if jobs:
+                own = jobs.pop(0)
+                outcome = dataclasses.replace(outcome, source=own.source, job=own)
+        elif isinstance(outcome, Written):
+            jobs = planned.get((outcome.source.path, outcome.output))
+            if jobs:
+                own = jobs.pop(0)
+                outcome = dataclasses.replace(outcome, source=own.source, output=own.output)
+        back.append(outcome)
+    return back
