@@ -68,7 +68,6 @@ class Preprocess:
         image_width: W of a rectangular output (None: square).
         max_patches, patch_size: for `native` (and only there): the most patches an image's
             grid may have, and the layer's P.
-    Fields that are None are left out of `to_dict`, so that earlier runs' records still match.
     """
 
     image_size: int = 224
@@ -129,8 +128,8 @@ class Preprocess:
         return self.image_size, self.image_width or self.image_size
 
     def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
-        return {k: v for k, v in data.items() if v is not None or k not in ("image_width", "max_patches", "patch_size")}
+        """Every field (run.json's record of the preprocessing)."""
+        return dataclasses.asdict(self)
 
 
 def parse_color(text: str) -> tuple[int, int, int]:

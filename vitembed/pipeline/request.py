@@ -238,21 +238,17 @@ class EncodeRequest:
         encoder, source, notes = self.build_encoder("numpy" if on_ray else self.executor.engine,
                                                     "cpu" if on_ray else self.executor.device)
         prep_record = {k: list(v) if isinstance(v, tuple) else v for k, v in encoder.prep.to_dict().items()
-                       if k != "max_pixels"}
-        method = encoder.pos_resample
-        config = {
-            "layer": encoder.config.to_dict(),
+                       if k != "max_pixels"}  # a limit on inputs, not on the outputs' bytes
+        config = {  # run.json's configuration, as `folder.RUN_SCHEMA` says; an -o folder compares it
+            "layer": dataclasses.asdict(encoder.config),
             "weights": {"source": source, "fingerprint": fingerprint(encoder.params.state_dict())},
             "preprocess": prep_record,
             "format": None,  # set with the output plan
             "dtype": self.output.dtype,
-            # Only when set, so that folders written before these options existed still match.
-            **({"shard_size": self.run.shard_size} if self.run.shard_size else {}),
-            **({"tokens": self.layer.tokens} if self.layer.tokens != "z0" else {}),
-            **({"pos_resample": method} if method != "timm" else {}),
-            # The layer's steps in words, for a layer that is not seed-style (pre-norm, no table, ...).
-            **({"steps": encoder.config.steps()} if encoder.config.to_dict().keys() - LayerConfig().to_dict().keys()
-               else {}),
+            "shard_size": self.run.shard_size,
+            "tokens": self.layer.tokens,
+            "pos_resample": encoder.pos_resample,
+            "steps": encoder.config.steps(),  # the layer's steps in words (pre-norm, no table, ...)
         }
         return encoder, config, notes
 
