@@ -53,24 +53,15 @@ task that raises, no timeout, no initializer.
 
 The task travels once per worker: it rides in the worker's initializer arguments, never in a chunk.
 
-Why a pool of our own (over the stdlib's ProcessPoolExecutor) and not a library. pebble's
-ProcessPool was used for a while (per-task timeouts, a death blamed on its one task, a public
-stop) and loky was glanced at (one dead worker breaks its whole executor; no per-task timeout).
-The project's rule keeps hand-written machinery only where an A/B run shows it is better; it did.
-Measured on 2 cores (AMD EPYC, KVM guest), 2 workers, numpy engine writing .npy, interleaved
-turns (`TMPDIR=/dev/shm python benchmarks/ab.py A B --turns N -- CORPUS`), medians:
-  - 1024 small JPEGs (/tmp/vb/small1024 from benchmarks/bench.py): pebble against this pool,
-    B/A = 1.111 and 1.063 against the pool of 9189685 (which killed through the executor's private
-    `_processes`), in the same hour; this pool against 9189685: 1.058 (16 turns, 1.90 vs 2.01 s),
-    1.02 by wall time in a loop of 8 (`/usr/bin/time`: 2.42 vs 2.47 s; main process CPU 0.555 vs
-    0.585 s). The rest of the gap is the restructured run's own bookkeeping (outcomes that pickle
-    paths, the claimed-path table): in one process (`--workers 0`) this revision is faster.
-  - 64 large JPEGs, vit-b16: this pool against 9189685, 1.022 (6 turns, 2.63 vs 2.69 s).
-  - 48 small JPEGs (start-up): 1.012 (0.455 vs 0.460 s): pebble's import (asyncio) cost 25 ms.
-What it gives up against pebble: a timeout counts from the moment the main process waits for the
-chunk (it is then the oldest in flight), not from the moment a worker took it; and after a death
-the suspects run one at a time (a death breaks the whole executor, which cannot say which task
-its worker held). Both only matter on inputs that hang or crash a decoder.
+Why a pool of its own over the stdlib's ProcessPoolExecutor rather than a library: pebble's
+ProcessPool has per-task timeouts, blames a death on its one task and stops publicly, but it costs
+more per task in the main process and its import (asyncio) adds to start-up; loky breaks its whole
+executor when one worker dies and has no per-task timeout. The project keeps hand-written
+machinery only where an A/B run (`benchmarks/ab.py`) shows it better; this pool is. What it
+gives up against pebble: a timeout counts from the moment the main process waits for the chunk
+(it is then the oldest in flight), not from the moment a worker took it; and after a death the
+suspects run one at a time (a death breaks the whole executor, which cannot say which task its
+worker held). Both only matter on inputs that hang or crash a decoder.
 """
 
 from __future__ import annotations
