@@ -46,7 +46,7 @@ from ..errors import ConfigError
 from ..pipeline.outcomes import Outcome, Summary
 from ..pipeline.plan import OutputPlan
 from ..pipeline.request import actor_engine
-from ..pipeline.skeleton import EncodeOptions, RayOptions
+from ..pipeline.runoptions import EncodeOptions, RayOptions
 from .rayexec import RayExecutor
 from ..pipeline.sinks import Sink
 

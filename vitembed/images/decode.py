@@ -1,4 +1,5 @@
-"""Image files -> uint8 RGB arrays of the layer's size. The only module that imports Pillow.
+"""Image files -> uint8 RGB arrays of the layer's size. The only module of a run that imports
+Pillow (`show` draws with it too).
 
 `load_image` opens a file, applies its EXIF orientation, converts any mode to RGB (alpha over a
 background colour, 16-bit scaled to 8 bits), resizes to H x W (S x S for a square layer; the

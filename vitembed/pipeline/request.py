@@ -4,7 +4,7 @@
 from the keyword arguments of `vitembed.encode` (the same names), and is frozen from then on. Its
 parts are what each part of the program needs: the layer (`LayerOptions`), the preprocessing
 (`ImageOptions`), the output (`OutputOptions`), where the layer runs (`ExecutorOptions`), and how
-the run goes (`skeleton.EncodeOptions`, with `RayOptions` for `--ray`). `vitembed show`, `info`
+the run goes (`runoptions.EncodeOptions`, with `RayOptions` for `--ray`). `vitembed show`, `info`
 and `init` build the layer and preprocessing parts alone.
 
 Every rule that the options decide by themselves is checked here, when a part is built (the
@@ -21,14 +21,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..choices import NORMALIZATIONS, POS_RESAMPLES, TOKENS
 from ..layer.config import LayerConfig, check_divisible, parse_image_size, preset_preprocess, resolve_config
 from ..errors import ConfigError
+from .runoptions import DECODE_TIMEOUT, EncodeOptions, RayOptions
 
-if TYPE_CHECKING:
-    from .skeleton import EncodeOptions, RayOptions
 
 __all__ = ["EncodeRequest", "ExecutorOptions", "ImageOptions", "LayerOptions", "OutputOptions", "actor_engine",
            "encoder_option_names"]
@@ -172,13 +171,6 @@ _RAY_FLAGS = {"ray_address": ("--ray-address", None), "ray_gpus": ("--ray-gpus",
               "ray_cpus": ("--ray-cpus", 1.0), "ray_actors": ("--ray-actors", None)}
 
 
-def _run_options(**options) -> EncodeOptions:
-    """`EncodeOptions`, imported when a whole request is built (numpy with it)."""
-    from .skeleton import EncodeOptions
-
-    return EncodeOptions(**options)
-
-
 @dataclass(frozen=True)
 class EncodeRequest:
     """Everything `vitembed encode` takes besides its inputs, in parts (see `vitembed encode --help`):
@@ -189,7 +181,7 @@ class EncodeRequest:
     preprocessing: ImageOptions = dataclasses.field(default_factory=ImageOptions)
     output: OutputOptions = dataclasses.field(default_factory=OutputOptions)
     executor: ExecutorOptions = dataclasses.field(default_factory=ExecutorOptions)
-    run: EncodeOptions = dataclasses.field(default_factory=_run_options)
+    run: EncodeOptions = dataclasses.field(default_factory=EncodeOptions)
 
     def __post_init__(self) -> None:
         _check_request(self)
@@ -203,8 +195,6 @@ class EncodeRequest:
         Raises:
             ConfigError: options that cannot work together; TypeError: a name that is none of these.
         """
-        from .skeleton import EncodeOptions
-
         options = dict(options)
         ray = _ray_options(options.pop("ray", None), {k: options.pop(k, d) for k, (_, d) in _RAY_FLAGS.items()},
                            options.get("engine", "auto"))
@@ -293,8 +283,6 @@ def _ray_options(ray: bool | RayOptions | None, flags: dict, engine: str) -> Ray
         if given:
             raise ConfigError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to a run on Ray: add --ray")
         return None
-    from .skeleton import RayOptions
-
     if isinstance(ray, RayOptions):
         if given:
             raise ConfigError(f"{', '.join(given)}: give them in RayOptions, or ray=True with them")
@@ -321,8 +309,6 @@ def _check_request(request: EncodeRequest) -> None:
 def _check_ray(request: EncodeRequest) -> None:
     """What a cluster cannot do, as far as the options show it (`raydriver.check` has the rules
     that need the output plan or the encoder)."""
-    from .skeleton import DECODE_TIMEOUT
-
     run = request.run
     reasons = [
         (request.output.path == "-", "-o - writes one tensor to this process's stdout; give -o DIR"),
