@@ -15,6 +15,13 @@ def _encode(tmp_path, *extra: str):
     return run_cli("encode", tmp_path / "in", "-o", tmp_path / "out", *SMALL, *extra)
 
 
+def _assert_resumes(tmp_path) -> None:
+    """A run of the same configuration into out/ skips its one input: the folder's record matched."""
+    result = _encode(tmp_path, "--skip-existing", "--json")
+    assert result.returncode == 0, result.stderr.decode()
+    assert json.loads(result.stdout)["status"] == "skipped"
+
+
 def test_run_json_says_its_schema_version(tmp_path):
     make_image(tmp_path / "in" / "a.png")
     assert _encode(tmp_path).returncode == 0
@@ -31,9 +38,7 @@ def test_a_run_json_without_schema_is_read_as_version_1(tmp_path):
     record = json.loads(run_file.read_text())
     del record["schema"]
     run_file.write_text(json.dumps(record, indent=2) + "\n")
-    result = _encode(tmp_path, "--skip-existing", "--json")
-    assert result.returncode == 0, result.stderr.decode()
-    assert json.loads(result.stdout)["status"] == "skipped"
+    _assert_resumes(tmp_path)
 
 
 def test_a_run_json_of_an_unknown_schema_is_refused_as_unreadable(tmp_path):
@@ -74,9 +79,7 @@ def test_a_folder_of_schema_2_or_without_schema_resumes_when_its_configuration_i
     assert _encode(tmp_path).returncode == 0
     for schema in (2, None):
         _older_record(tmp_path, schema)
-        result = _encode(tmp_path, "--skip-existing", "--json")
-        assert result.returncode == 0, result.stderr.decode()
-        assert json.loads(result.stdout)["status"] == "skipped"
+        _assert_resumes(tmp_path)
 
 
 def test_a_folder_of_schema_2_of_another_configuration_is_refused_with_the_difference(tmp_path):
