@@ -57,3 +57,14 @@ def test_an_actor_works_from_absolute_paths_without_changing_its_folder(tmp_path
     assert os.getcwd() == str(elsewhere)
     assert [type(o) for o in outcomes] == [Written] and (tmp_path / "out" / "a.npy").is_file()
     assert not (elsewhere / "out").exists()
+
+
+def test_outputs_in_a_store_keep_the_store_s_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "in").mkdir()
+    make_image(tmp_path / "in" / "a.png", size=(20, 20))
+    job = _jobs(["a.png"])[0]
+    sent = absolute(job, str(tmp_path), local_outputs=False)
+    assert sent.source.path == tmp_path / "in" / "a.png" and sent.output == job.output
+    back = _as_planned([Written(sent.source, sent.output, (5, 16), "float32")], [job], str(tmp_path), False)
+    assert back[0].source == job.source

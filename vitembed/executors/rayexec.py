@@ -80,6 +80,7 @@ class RayExecutor:
         import ray
 
         self.cwd = os.getcwd()  # where the driver's relative paths start (`absolute`)
+        self.local_outputs = getattr(actor_arguments.get("plan"), "store", None) is None  # else a store's paths
         self.ray, self.stop = ray, stop
         self.rows_per_window, self.shards = rows_per_window, shards
         self.resources = dict(num_cpus=ray_options.cpus, num_gpus=ray_options.gpus or None)
@@ -182,7 +183,7 @@ class RayExecutor:
         if min(self.queued, default=1) > 0 and len(self.actors) < self.count:
             self._start_actor()
         actor = min(range(len(self.actors)), key=self.queued.__getitem__)
-        rows = [[absolute(item, self.cwd) for item in row] for row in window.rows]
+        rows = [[absolute(item, self.cwd, self.local_outputs) for item in row] for row in window.rows]
         window.actor, window.handle = actor, self.actors[actor].run.remote(self._reference, rows)
         self.queued[actor] += 1
 
@@ -238,7 +239,7 @@ class RayExecutor:
             self._died(window, failure(exc.cause if exc.cause is not None else exc))
             return
         self.nodes.add(node)
-        outcomes = _as_planned(outcomes, [item for row in window.rows for item in row], self.cwd)
+        outcomes = _as_planned(outcomes, [item for row in window.rows for item in row], self.cwd, self.local_outputs)
         window.results = [(job_of(outcome) or outcome, outcome) for outcome in outcomes]
 
     def _died(self, window: _Window, reason: str) -> None:
@@ -252,15 +253,16 @@ class RayExecutor:
                               for row in blamed.rows for item in row]
 
 
-def absolute(item: Any, cwd: str) -> Any:
+def absolute(item: Any, cwd: str, local_outputs: bool = True) -> Any:
     """A planned item (`Job`, or a known bad input's `Failed`) with its local paths made absolute
     from the driver's folder `cwd`, so that an actor, wherever it runs, reads and writes the
-    driver's files (URIs and absolute paths stay as they are)."""
+    driver's files. URIs and absolute paths stay as they are, and so do outputs in a store (-o
+    URI: not `local_outputs`), whose paths are the store's."""
     job = job_of(item)
     if job is None:
         return item
     source = dataclasses.replace(job.source, path=_from(job.source.path, cwd))
-    job = dataclasses.replace(job, source=source, output=_from(job.output, cwd))
+    job = dataclasses.replace(job, source=source, output=_from(job.output, cwd) if local_outputs else job.output)
     return job if isinstance(item, Job) else dataclasses.replace(item, source=source, job=job)
 
 
@@ -271,14 +273,15 @@ def _from(path: Any, cwd: str) -> Any:
     return path
 
 
-def _as_planned(outcomes: list, items: list, cwd: str) -> list:
+def _as_planned(outcomes: list, items: list, cwd: str, local_outputs: bool = True) -> list:
     """The actor's outcomes of `items` (sent as `absolute` made them) with the planned items'
     own paths again, as reports and the manifest show them."""
     planned: dict = defaultdict(list)  # (absolute input, absolute output) -> the planned jobs, in order
     for item in items:
         job = job_of(item)
         if job is not None:
-            planned[(_from(job.source.path, cwd), _from(job.output, cwd))].append(job)
+            sent = absolute(job, cwd, local_outputs)
+            planned[(sent.source.path, sent.output)].append(job)
     back = []
     for outcome in outcomes:
         if isinstance(outcome, Failed) and outcome.job is not None:
