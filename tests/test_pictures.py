@@ -363,7 +363,7 @@ def test_default_names_and_replacing(sample_paths, tmp_path, monkeypatch):
 def test_write_png_never_follows_a_link_planted_after_the_check(tmp_path, monkeypatch):
     """A link that appears between the check and the rename is replaced, never written through."""
     from vitembed.files import writes as files
-    from vitembed.show import pngfile
+    from vitembed.files import pngfile
 
     victim = tmp_path / "victim.txt"
     victim.write_text("keep")

@@ -212,15 +212,3 @@ def test_tokens_are_recorded_and_a_resume_with_others_is_refused(tmp_path):
     assert r.returncode == 2 and b"tokens" in r.stderr
     r = run_cli("encode", folder, "-o", out, "--tokens", "patches+pos", "--skip-existing", *small, "--json")
     assert r.returncode == 0 and [json.loads(line)["status"] for line in r.stdout.splitlines()] == ["skipped"]
-
-
-def test_square_configs_are_recorded_as_before(tmp_path):
-    """A square layer's run.json has no image_width, tokens or pos_resample: old folders resume."""
-    out = tmp_path / "out"
-    r = run_cli("encode", image_of(tmp_path / "in", 40, 56), "-o", out, "--image-size", "32x32", "--patch-size", "8",
-                "--emb-dim", "16", "-q")
-    assert r.returncode == 0, r.stderr.decode()
-    config = json.loads((out / "run.json").read_text())["config"]
-    assert set(config) == {"layer", "weights", "preprocess", "format", "dtype"}
-    assert "image_width" not in config["layer"] and "image_width" not in config["preprocess"]
-    assert "max_patches" not in config["preprocess"] and "patch_size" not in config["preprocess"]

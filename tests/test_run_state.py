@@ -139,7 +139,7 @@ def test_an_encode_leaves_pillows_limit_as_it_found_it(tmp_path):
 def test_a_picture_write_removes_a_killed_commands_temporary(tmp_path):
     """`vitembed show` writes its PNG as every other file is written: a temporary left by a killed
     command in that folder is removed by the next picture written there."""
-    from vitembed.show.pngfile import PNG_SIGNATURE, write_png
+    from vitembed.files.pngfile import PNG_SIGNATURE, write_png
 
     stale = tmp_path / f".vitembed-{_dead_pid()}-0123456789abcdef.tmp"
     stale.write_bytes(b"half a picture")

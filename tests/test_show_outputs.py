@@ -49,7 +49,7 @@ def test_encode_passes_over_a_picture_named_directly_but_not_a_plain_png(tmp_pat
 
 
 def test_reading_the_chunk_reads_no_image_data(tmp_path):
-    from vitembed.show.pngfile import drawn_by_vitembed
+    from vitembed.files.pngfile import drawn_by_vitembed
 
     plain = make_image(tmp_path / "plain.png")
     assert not drawn_by_vitembed(plain)

@@ -43,7 +43,7 @@ _EXPORTS = {
     # whole runs
     "encode": "pipeline.job",
     "EncodeRequest": "pipeline.request",
-    "EncodeOptions": "pipeline.skeleton",
+    "EncodeOptions": "pipeline.runoptions",
     "run": "pipeline.skeleton",
     "OutputPlan": "pipeline.plan",
     "Source": "images.inputs",

@@ -39,7 +39,8 @@ from typing import Any
 
 import ray
 
-from .executors.actors import EncoderActor, actor_engine
+from .executors.actors import EncoderActor
+from .pipeline.request import actor_engine
 from .files.uris import as_file
 
 __all__ = ["SAMPLE_IMAGES", "TokenEncoder", "encode", "encoder_args", "image_columns", "sample_images"]

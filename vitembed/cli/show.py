@@ -121,7 +121,7 @@ def _load_pixels(path: Path, prep):
 
 def _target(output: str | None, kind: str, source: Path | None) -> Path | None:
     """The -o target, checked before any work, so that a bad -o fails fast."""
-    from ..show.pngfile import check_replaceable, picture_target
+    from ..files.pngfile import check_replaceable, picture_target
 
     target = picture_target(output, kind, source)
     if target is not None:
@@ -131,7 +131,7 @@ def _target(output: str | None, kind: str, source: Path | None) -> Path | None:
 
 def _emit(picture, target: Path | None, source: Path | None) -> None:
     """Write the picture to `target` (None: stdout); report on stderr (stdout carries only the PNG)."""
-    from ..show.pngfile import write_png
+    from ..files.pngfile import write_png
 
     data = picture.png()
     if target is None:

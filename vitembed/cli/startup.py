@@ -1,7 +1,5 @@
-"""Start-up and exit of the `vitembed` process: two tricks that make a short run shorter.
-
-Measured on 2 cores (`benchmarks/ab.py`, before and after each, one 12-megapixel JPEG with
-`--fast-decode`, launch to exit): 0.34 s without either, 0.25 s with both.
+"""Start-up and exit of the `vitembed` process: two tricks that make a short run shorter (a run
+of one image is mostly start-up: `benchmarks/ab.py` compares launch to exit).
 
 - **The decoder server starts first** (`start_early`): the forkserver that decoder processes fork
   from imports numpy, Pillow and the decoding code once, about 0.2 s. Started before Typer is

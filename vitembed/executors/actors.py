@@ -20,21 +20,11 @@ import os
 import threading
 from typing import Any
 
-from ..errors import ConfigError, OutputError
+from ..errors import OutputError
 from ..pipeline.outcomes import Failed, Job, OutputFailed, job_of
 from .poolworker import call
 
-__all__ = ["EncoderActor", "JobActor", "actor_engine", "node_id"]
-
-
-def actor_engine(engine: str, gpus: float) -> tuple[str, str]:
-    """(engine, device) of an actor: torch on CUDA where it holds a GPU (or a share of one), else
-    `engine` (auto, numpy or torch) on its CPU."""
-    if gpus <= 0:
-        return engine, "cpu"
-    if engine == "numpy":
-        raise ConfigError("--engine numpy runs on the CPU, not on the GPUs of --ray-gpus; drop one of them")
-    return "torch", "cuda"
+__all__ = ["EncoderActor", "JobActor", "node_id"]
 
 
 def node_id() -> str:
@@ -56,7 +46,7 @@ class EncoderActor:
     Args:
         params: `LayerParams` (the driver's `Encoder.params`), or any layer an Encoder takes.
         prep: the driver's `Encoder.prep`.
-        dtype, engine, device, tokens, pos_resample: as `Encoder`'s (see `actor_engine`); the
+        dtype, engine, device, tokens, pos_resample: as `Encoder`'s (see `request.actor_engine`); the
             driver's, so that the actor computes the tokens the run records.
     """
 
@@ -92,7 +82,8 @@ class JobActor(EncoderActor):
 
     def _start(self, params: Any, prep: Any, *, plan: Any, options: Any, cwd: str, **encoder) -> None:
         """plan: the driver's `OutputPlan` with no names claimed; options: the run's `EncodeOptions`;
-        cwd: the driver's folder, where relative paths start (every node must see it)."""
+        cwd: the driver's folder, from which the driver made every path it sends absolute (every
+        node must see it); this process's own folder is never changed."""
         from ..files.writes import leave_temporaries
         from ..pipeline.skeleton import stages
 
@@ -100,7 +91,7 @@ class JobActor(EncoderActor):
         leave_temporaries()
         self.broken = None
         try:
-            os.chdir(cwd)
+            os.stat(cwd)  # the paths this actor is sent are absolute, from here (`rayexec.absolute`)
         except OSError as exc:
             self.broken = (f"the Ray node {self.node[:8]} cannot see the folder the run started in, {cwd} "
                            f"({exc.strerror}): every node must see the inputs and outputs at the same paths")

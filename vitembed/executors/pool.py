@@ -19,7 +19,8 @@ chunk; after that a chunk is about 20 ms of a worker's work, from a moving avera
 seconds per item (0.8 old + 0.2 new), at most 16 items and at most window // (3 * workers), so that
 each worker still holds a few chunks of the window.
 
-Failures. Each costs only its own item, which gets `TaskFailed(reason)`:
+Failures. Each costs only its own item, which gets `TaskFailed(reason)`; what is sent again and
+what is reported is the run's rule (`pipeline.retry`), which this pool applies to its chunks:
   - a task that raises: "the decoder failed: Error: message"; the rest of its chunk goes on;
   - a result that cannot come back (it does not pickle): its chunk's items are sent again, each
     alone, and the one that fails alone gets the same message;
@@ -52,24 +53,15 @@ task that raises, no timeout, no initializer.
 
 The task travels once per worker: it rides in the worker's initializer arguments, never in a chunk.
 
-Why a pool of our own (over the stdlib's ProcessPoolExecutor) and not a library. pebble's
-ProcessPool was used for a while (per-task timeouts, a death blamed on its one task, a public
-stop) and loky was glanced at (one dead worker breaks its whole executor; no per-task timeout).
-The project's rule keeps hand-written machinery only where an A/B run shows it is better; it did.
-Measured on 2 cores (AMD EPYC, KVM guest), 2 workers, numpy engine writing .npy, interleaved
-turns (`TMPDIR=/dev/shm python benchmarks/ab.py A B --turns N -- CORPUS`), medians:
-  - 1024 small JPEGs (/tmp/vb/small1024 from benchmarks/bench.py): pebble against this pool,
-    B/A = 1.111 and 1.063 against the pool of 9189685 (which killed through the executor's private
-    `_processes`), in the same hour; this pool against 9189685: 1.058 (16 turns, 1.90 vs 2.01 s),
-    1.02 by wall time in a loop of 8 (`/usr/bin/time`: 2.42 vs 2.47 s; main process CPU 0.555 vs
-    0.585 s). The rest of the gap is the restructured run's own bookkeeping (outcomes that pickle
-    paths, the claimed-path table): in one process (`--workers 0`) this revision is faster.
-  - 64 large JPEGs, vit-b16: this pool against 9189685, 1.022 (6 turns, 2.63 vs 2.69 s).
-  - 48 small JPEGs (start-up): 1.012 (0.455 vs 0.460 s): pebble's import (asyncio) cost 25 ms.
-What it gives up against pebble: a timeout counts from the moment the main process waits for the
-chunk (it is then the oldest in flight), not from the moment a worker took it; and after a death
-the suspects run one at a time (a death breaks the whole executor, which cannot say which task
-its worker held). Both only matter on inputs that hang or crash a decoder.
+Why a pool of its own over the stdlib's ProcessPoolExecutor rather than a library: pebble's
+ProcessPool has per-task timeouts, blames a death on its one task and stops publicly, but it costs
+more per task in the main process and its import (asyncio) adds to start-up; loky breaks its whole
+executor when one worker dies and has no per-task timeout. The project keeps hand-written
+machinery only where an A/B run (`benchmarks/ab.py`) shows it better; this pool is. What it
+gives up against pebble: a timeout counts from the moment the main process waits for the chunk
+(it is then the oldest in flight), not from the moment a worker took it; and after a death the
+suspects run one at a time (a death breaks the whole executor, which cannot say which task its
+worker held). Both only matter on inputs that hang or crash a decoder.
 """
 
 from __future__ import annotations
@@ -85,6 +77,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
+from ..pipeline.retry import Unit, after_failure, on_probation, to_send
 from .poolworker import DIED, TIMED_OUT, TaskFailed, Workers, WorkersDied, call, failure
 
 __all__ = ["OrderedPool", "TaskFailed", "WorkersDied", "drain"]
@@ -103,15 +96,11 @@ _DRAIN_SECONDS = 1.0  # after a stop, for the workers to finish the item each is
 
 
 @dataclass(eq=False)
-class _Chunk:
-    """Consecutive items sent together. `values` once known (at once, None each, for a
-    pass-through item); `future` None while it waits to be sent."""
+class _Chunk(Unit):
+    """Consecutive items sent together (`rows`). `results`: their values once known (at once, None
+    each, for a pass-through item); `handle`: its Future, None while it waits to be sent."""
 
-    items: list[Any]
-    values: list[Any] | None = None
-    future: Future | None = None
     seq: int = 0  # the number it was last sent with
-    probe: bool = False  # alone, after a death: sent with nothing else in the pool
 
 
 class OrderedPool:
@@ -166,12 +155,12 @@ class OrderedPool:
             if not self._inflight:
                 return
             head = self._inflight[0]
-            if head.values is None:
+            if head.results is None:
                 self._settle(head)
                 continue
             self._inflight.popleft()
-            self._held -= len(head.items)
-            yield from zip(head.items, head.values)
+            self._held -= len(head.rows)
+            yield from zip(head.rows, head.results)
 
     def close(self) -> list[Any]:
         """Shut the workers down: after a stop, kill them at once; else let each finish the item it
@@ -181,7 +170,7 @@ class OrderedPool:
         if workers is not None:
             if self.stop.is_set() or not self._finish(workers):
                 workers.kill()
-                self._killed.extend(item for chunk in self._lost() if workers.took(chunk.seq) for item in chunk.items)
+                self._killed.extend(item for chunk in self._lost() if workers.took(chunk.seq) for item in chunk.rows)
             workers.close(wait=True)
         killed, self._killed = self._killed, []
         return killed
@@ -190,7 +179,7 @@ class OrderedPool:
         """Ask the workers to drop what they hold, and wait for each to finish its item; False if
         a stop, or the timeout, comes first."""
         workers.drop.value = 1
-        pending = [chunk.future for chunk in self._lost()]
+        pending = [chunk.handle for chunk in self._lost()]
         for future in pending:
             future.cancel()  # those no worker has been given yet
         return _wait(pending, self.stop, self.timeout)
@@ -208,7 +197,7 @@ class OrderedPool:
                     continue
                 self._hold(run)  # what came before it goes first
                 run = []
-                self._inflight.append(_Chunk([item], [None]))
+                self._inflight.append(_Chunk([item], results=[None]))
                 self._held += 1
             self._hold(run)
             if len(items) < self.chunk:
@@ -224,7 +213,7 @@ class OrderedPool:
 
     def _submit(self, chunk: _Chunk) -> None:
         self._seq += 1
-        chunk.seq, chunk.future = self._seq, self._send(chunk.items)
+        chunk.seq, chunk.handle = self._seq, self._send(chunk.rows)
 
     def _send(self, items: list[Any]) -> Future:
         """Send `items` as chunk number `self._seq`."""
@@ -239,27 +228,24 @@ class OrderedPool:
             return future
 
     def _dispatch(self) -> None:
-        """Send the chunks that wait: all of them; or, while items are on probation, the first
-        one (in input order) once nothing else is in the pool."""
-        waiting = [chunk for chunk in self._inflight if chunk.values is None and chunk.future is None]
-        self._probing = any(chunk.probe and chunk.values is None for chunk in self._inflight)
-        if not self._probing:
-            for chunk in waiting:
-                self._submit(chunk)
-        elif waiting and not any(chunk.future is not None and not chunk.future.done() for chunk in self._inflight):
-            self._submit(waiting[0])
+        """Send the chunks that wait, as the run's rule says (`retry.to_send`: one at a time while
+        items are on probation)."""
+        self._probing = on_probation(self._inflight)
+        out = sum(chunk.handle is not None and not chunk.handle.done() for chunk in self._inflight)
+        for chunk in to_send(self._inflight, out):
+            self._submit(chunk)
 
     # --- receiving ---------------------------------------------------------------------------
 
     def _settle(self, chunk: _Chunk) -> None:
         """Wait for the head chunk, and set its values; or send its items again (alone, to find
         the one that fails, or as they were)."""
-        if not _wait([chunk.future], self.stop, self.timeout):
+        if not _wait([chunk.handle], self.stop, self.timeout):
             if not self.stop.is_set():
                 self._ran_over(chunk)
             return
         try:
-            values, seconds = chunk.future.result()
+            values, seconds = chunk.handle.result()
         except BrokenProcessPool:
             self._broken(chunk)
             return
@@ -268,41 +254,39 @@ class OrderedPool:
             return
         self._learn(seconds, max(len(values), 1))
         self.finished += len(values)
-        chunk.values = values
+        chunk.results = values
         if self._probing:
             self._dispatch()
 
     def _failed(self, chunk: _Chunk, failure: TaskFailed) -> None:
-        """`failure` for an item alone; a chunk's items are sent again, each alone, to find which."""
-        if len(chunk.items) > 1:
-            self._inflight = _split(self._inflight, [chunk], probe=chunk.probe)
-            self._dispatch()
-            return
-        chunk.values = [failure]
-        self.finished += 1
+        """`failure` for an item alone; a chunk's items are sent again, each alone, to find which
+        (`retry.after_failure`)."""
+        self._inflight, blamed = after_failure(self._inflight, [chunk], death=False)
+        if blamed is not None:
+            blamed.results = [failure]
+            self.finished += 1
+        self._dispatch()
 
     def _ran_over(self, chunk: _Chunk) -> None:
         """The head chunk ran past the timeout: the pool is killed and replaced; an item alone is
         reported, a chunk's items go again alone."""
         if chunk in self._retire():
-            if len(chunk.items) > 1:
-                self._inflight = _split(self._inflight, [chunk], probe=chunk.probe)
-            else:
-                chunk.values = [TaskFailed(TIMED_OUT.format(timeout=self.timeout))]
+            self._inflight, blamed = after_failure(self._inflight, [chunk], death=False)
+            if blamed is not None:
+                blamed.results = [TaskFailed(TIMED_OUT.format(timeout=self.timeout))]
         self._dispatch()
 
     def _broken(self, chunk: _Chunk) -> None:
-        """A worker died, and the pool with it. Alone in the pool, an item that a worker had taken
-        is to blame; else the chunks taken go on probation, each item alone."""
+        """A worker died, and the pool with it. The chunks a worker had taken are the suspects
+        (`retry.after_failure`): one item alone in the pool is to blame, else each goes on
+        probation. A death that took nothing counts towards `WorkersDied`."""
         alone = self._probing  # the head was the only chunk in the pool
         taken = self._retire()
-        if not taken:
-            self._count_death()  # the workers died before they took anything
-        elif alone and len(chunk.items) == 1:
-            chunk.values = [TaskFailed(DIED)]
+        self._inflight, blamed = after_failure(self._inflight, taken, death=True, alone=alone)
+        if blamed is not None:
+            blamed.results = [TaskFailed(DIED)]
+        if blamed is not None or not taken:
             self._count_death()
-        else:
-            self._inflight = _split(self._inflight, taken, probe=True)
         self._dispatch()
 
     def _retire(self) -> list[_Chunk]:
@@ -315,14 +299,14 @@ class OrderedPool:
         taken = [chunk for chunk in lost if workers.took(chunk.seq)]
         workers.close(wait=False)
         for chunk in lost:
-            chunk.future = None
-        self._killed.extend(item for chunk in taken for item in chunk.items)
+            chunk.handle = None
+        self._killed.extend(item for chunk in taken for item in chunk.rows)
         return taken
 
     def _lost(self) -> list[_Chunk]:
         """The chunks sent whose values will not come: not finished, or lost with a broken pool."""
-        return [chunk for chunk in self._inflight if chunk.values is None and chunk.future is not None
-                and (not chunk.future.done() or _broken(chunk.future))]
+        return [chunk for chunk in self._inflight if chunk.results is None and chunk.handle is not None
+                and (not chunk.handle.done() or _broken(chunk.handle))]
 
     def _learn(self, seconds: float, items: int) -> None:
         """Size the next chunks from how long one took."""
@@ -397,10 +381,3 @@ def _wait(futures: list[Future], stop: threading.Event, timeout: float | None) -
 def _per_item(average: float | None, seconds: float, items: int) -> float:
     """Seconds per item, a moving average (0.8 old + 0.2 new), from a chunk of `items` that took `seconds`."""
     return seconds / items if average is None else 0.8 * average + 0.2 * seconds / items
-
-
-def _split(inflight: deque[_Chunk], chunks: list[_Chunk], probe: bool) -> deque[_Chunk]:
-    """`inflight` with each item of `chunks` made a chunk of its own, in its place, waiting to be sent."""
-    split = {id(chunk) for chunk in chunks}
-    return deque(part for chunk in inflight for part in (
-        [_Chunk([item], probe=probe) for item in chunk.items] if id(chunk) in split else [chunk]))

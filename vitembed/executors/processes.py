@@ -62,9 +62,8 @@ def keep_heap() -> None:
     next image faults the pages in again: about 0.5 ms of system time per small JPEG, a fifth of
     a decoder's work. Here allocations up to 32 MB come from the heap, and it is trimmed only once
     64 MB lie free at its top. (A larger M_TOP_PAD alone also stops the trimming, but it freezes
-    glibc's adaptive mmap threshold at 128 KB, and 12-megapixel images then pay more than before.)
-    Measured on 2 cores, one decoder, vit-b16: system time 0.23 -> 0.08 s for 256 small JPEGs,
-    0.10 -> 0.09 s for 64 of 12 megapixels. A no-op without glibc.
+    glibc's adaptive mmap threshold at 128 KB, and 12-megapixel images then pay more in mmap.)
+    A no-op without glibc.
     """
     if not sys.platform.startswith("linux"):
         return  # macOS and Windows: their allocators differ

@@ -22,8 +22,9 @@
 - **Where.** With `RayOptions.address` (or $RAY_ADDRESS) the run joins that cluster; otherwise it
   starts a local one and stops it after, and on Linux a small reaper process (`_Reaper`) ends
   that cluster's agents should the driver die without stopping it (`kill -9`). In a program that has called `ray.init`, it uses that.
-  Every node must see the inputs and outputs at the same paths (shared storage); actors work in
-  the driver's current folder, so that relative paths mean the same everywhere. Inputs and -o
+  Every node must see the inputs and outputs at the same paths (shared storage); the driver sends
+  the actors absolute paths, made from its own current folder (`rayexec.absolute`), so that
+  relative paths mean the same everywhere. Inputs and -o
   given as URIs (s3://, gs://, hdfs://, file://) are listed by the driver and read and written by
   the actors through pyarrow's filesystems (`uris`); the driver writes -o URI's run.json and
   manifest (`folder.UriFolder`).
@@ -40,17 +41,16 @@ import threading
 from collections.abc import Callable, Iterable
 
 from ..pipeline import skeleton
-from .actors import actor_engine
 from ..encoder import Encoder
 from ..errors import ConfigError
 from ..pipeline.outcomes import Outcome, Summary
 from ..pipeline.plan import OutputPlan
-from ..pipeline.skeleton import DECODE_TIMEOUT, EncodeOptions, RayOptions
-from ..pipeline.skeleton import check as check_local
+from ..pipeline.request import actor_engine
+from ..pipeline.runoptions import EncodeOptions, RayOptions
 from .rayexec import RayExecutor
 from ..pipeline.sinks import Sink
 
-__all__ = ["actor_arguments", "check", "refuse", "require_ray", "run"]
+__all__ = ["actor_arguments", "check", "execute", "refuse", "require_ray", "run"]
 
 
 def require_ray() -> None:
@@ -63,38 +63,33 @@ def require_ray() -> None:
 
 
 def check(encoder: Encoder, plan: OutputPlan, options: EncodeOptions) -> None:
-    """The local rules, and what a cluster cannot do (each refused with the reason)."""
-    check_local(encoder, plan, options)
-    refuse(plan, options)
+    """The local rules (`skeleton.check`), and what a cluster cannot do that only the output plan
+    or the encoder shows (the options' own are the request's, `request._check_ray`)."""
+    skeleton.check(encoder, plan, options)
+    refuse(plan)
     if encoder.token_shape is None:
         raise ConfigError("--ray: --resize native has not run on Ray yet (each image has its own "
                           "grid); give a fixed --image-size, or drop --ray")
-    actor_engine(options.ray.engine, options.ray.gpus)
 
 
-def refuse(plan: OutputPlan, options: EncodeOptions) -> None:
-    """Raises ConfigError, with the reason, for an option a cluster cannot follow."""
-    reasons = [
-        (plan.mode == "stdout", "-o - writes one tensor to this process's stdout; give -o DIR"),
-        (plan.mode == "file", "-o FILE is one input's file; give -o DIR, or drop --ray"),
-        (options.workers is not None, "--workers sets this machine's decoder processes; on Ray use "
-                                      "--ray-cpus and --ray-actors"),
-        (options.decode_timeout != DECODE_TIMEOUT, "--decode-timeout is not enforced on Ray (an actor's "
-                                                    "decode cannot be stopped alone); drop it"),
-        (options.decode == "gpu", "--decode gpu has not run on Ray yet; drop it (--ray-gpus runs the "
-                                  "layer on the GPUs, JPEGs are decoded by Pillow)"),
-    ]
-    for refused, reason in reasons:
-        if refused:
-            raise ConfigError(f"--ray: {reason}")
+def refuse(plan: OutputPlan) -> None:
+    """Raises ConfigError for an output that a cluster cannot write: -o FILE (a folder named
+    like one is a folder); before the layer is loaded."""
+    if plan.mode == "file":
+        raise ConfigError("--ray: -o FILE is one input's file; give -o DIR, or drop --ray")
 
 
-def run(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOptions, *,
-        on_result: Callable[[Outcome], None] | None = None, stop: threading.Event | None = None,
-        stdout=None, made_from: dict | None = None) -> Summary:
-    """Encode every source on a Ray cluster: `skeleton.run` with a `rayexec.RayExecutor` (same
-    arguments and outcomes; `options.ray` says where and with how much)."""
+def run(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOptions, **arguments) -> Summary:
+    """Encode every source on a Ray cluster: `check`, then `execute`."""
     check(encoder, plan, options)
+    return execute(sources, encoder, plan, options, **arguments)
+
+
+def execute(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOptions, *,
+            on_result: Callable[[Outcome], None] | None = None, stop: threading.Event | None = None,
+            stdout=None, made_from: dict | None = None) -> Summary:
+    """`skeleton.execute` with a `rayexec.RayExecutor` (same arguments and outcomes; `options.ray`
+    says where and with how much), once `check` has passed."""
     executors: list[RayExecutor] = []
 
     def executor(encoder: Encoder, plan: OutputPlan, options: EncodeOptions, stdout, stop) -> tuple:
@@ -104,8 +99,8 @@ def run(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOp
         return ray_executor, Sink()  # an actor's outcomes are final: the driver's sink passes them on
 
     with _quiet(), _connected(options.ray):
-        summary = skeleton.run(sources, encoder, plan, options, on_result=on_result, stop=stop,
-                               made_from=made_from, executor=executor)
+        summary = skeleton.execute(sources, encoder, plan, options, on_result=on_result, stop=stop,
+                                   made_from=made_from, executor=executor)
     summary.device = executors[0].describe() if executors else "Ray"
     return summary
 
@@ -114,9 +109,10 @@ def actor_arguments(encoder: Encoder, plan: OutputPlan, options: EncodeOptions) 
     """`JobActor`'s arguments: the driver's layer, preprocessing and token choice, so that every
     actor computes the tokens run.json records, and the plan with no names claimed."""
     engine, device = actor_engine(options.ray.engine, options.ray.gpus)
+    target = plan.target if plan.store is not None or plan.target is None else plan.target.absolute()
     return dict(params=encoder.params, prep=encoder.prep, dtype=encoder.dtype, engine=engine, device=device,
                 tokens=encoder.tokens, pos_resample=encoder.pos_resample,
-                plan=OutputPlan(plan.mode, plan.fmt, plan.target, plan.store, record=plan.record), options=options,
+                plan=OutputPlan(plan.mode, plan.fmt, target, plan.store, record=plan.record), options=options,
                 cwd=os.getcwd())
 
 

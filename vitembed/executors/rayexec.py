@@ -14,13 +14,16 @@
   (killed, out of memory) is restarted by Ray and its tasks tried again, `RETRIES` times; the rows
   of a window that died every time are then sent again one to a window, one window at a time with
   nothing else out, so that a death has one suspect, and a row that kills its actor even alone is
-  reported failed (`DIED`): the pool's rule (`pool.OrderedPool`), with Ray's restarts.
+  reported failed (`DIED`): the run's rule (`pipeline.retry`, as in `pool.OrderedPool`), after Ray's restarts.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
 import time
+from collections import defaultdict
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -28,7 +31,8 @@ from typing import Any
 
 from .actors import JobActor, node_id
 from ..files.writes import process_alive
-from ..pipeline.outcomes import Job, job_of
+from ..pipeline.outcomes import Failed, Job, Written, job_of
+from ..pipeline.retry import Unit, after_failure, on_probation, to_send
 from .poolworker import TaskFailed, failure
 
 __all__ = ["DIED", "IN_FLIGHT", "RETRIES", "RayExecutor"]
@@ -43,14 +47,10 @@ _READY = 1024  # items that need no task, held at most before they are given bac
 
 
 @dataclass(eq=False)
-class _Window:
-    """Rows sent together: `ref` while its task runs, `results` once back."""
+class _Window(Unit):
+    """Rows sent together: `handle`, its task's reference while it runs; `results` once back."""
 
-    rows: list[list]
-    probe: bool = False  # alone, after a death: sent with nothing else out
-    ref: Any = None
     actor: int = -1
-    results: list | None = None
 
 
 @dataclass
@@ -79,6 +79,8 @@ class RayExecutor:
                  actor_class: type = JobActor) -> None:
         import ray
 
+        self.cwd = os.getcwd()  # where the driver's relative paths start (`absolute`)
+        self.local_outputs = getattr(actor_arguments.get("plan"), "store", None) is None  # else a store's paths
         self.ray, self.stop = ray, stop
         self.rows_per_window, self.shards = rows_per_window, shards
         self.resources = dict(num_cpus=ray_options.cpus, num_gpus=ray_options.gpus or None)
@@ -141,10 +143,9 @@ class RayExecutor:
     def _fill(self) -> None:
         """Send windows while there is room; while rows are on probation, one alone at a time."""
         out = sum(self.queued)
-        probes = [w for w in self._windows if w.probe and w.results is None]
-        if probes:
-            if out == 0:
-                self._send(next(w for w in probes if w.ref is None))
+        if on_probation(self._windows):  # the run's rule (`retry.to_send`): one window alone at a time
+            for window in to_send(self._windows, out):
+                self._send(window)
             return
         while out < IN_FLIGHT * self.count and len(self._windows) < 2 * IN_FLIGHT * self.count:
             rows = self._read()
@@ -182,7 +183,8 @@ class RayExecutor:
         if min(self.queued, default=1) > 0 and len(self.actors) < self.count:
             self._start_actor()
         actor = min(range(len(self.actors)), key=self.queued.__getitem__)
-        window.actor, window.ref = actor, self.actors[actor].run.remote(self._reference, window.rows)
+        rows = [[absolute(item, self.cwd, self.local_outputs) for item in row] for row in window.rows]
+        window.actor, window.handle = actor, self.actors[actor].run.remote(self._reference, rows)
         self.queued[actor] += 1
 
     def _wait_for_processes(self) -> None:
@@ -216,7 +218,7 @@ class RayExecutor:
 
     def _settle(self) -> None:
         """Wait a moment for windows to come back, and take what has."""
-        out = {w.ref: w for w in self._windows if w.ref is not None and w.results is None}
+        out = {w.handle: w for w in self._windows if w.handle is not None and w.results is None}
         if not out:
             return
         done, _ = self.ray.wait(list(out), num_returns=1, timeout=_POLL)
@@ -229,7 +231,7 @@ class RayExecutor:
 
         self.queued[window.actor] -= 1
         try:
-            node, outcomes = self.ray.get(window.ref)
+            node, outcomes = self.ray.get(window.handle)
         except RayActorError:
             self._died(window, DIED)
             return
@@ -237,17 +239,60 @@ class RayExecutor:
             self._died(window, failure(exc.cause if exc.cause is not None else exc))
             return
         self.nodes.add(node)
+        outcomes = _as_planned(outcomes, [item for row in window.rows for item in row], self.cwd, self.local_outputs)
         window.results = [(job_of(outcome) or outcome, outcome) for outcome in outcomes]
 
     def _died(self, window: _Window, reason: str) -> None:
-        """Rows of a window whose task failed every time: sent again one to a window, on
-        probation; a row that failed alone is reported, each of its items."""
-        window.ref = None
-        if window.probe:
-            window.results = [(item, TaskFailed(reason) if isinstance(item, Job) else None)
-                              for row in window.rows for item in row]
-            return
-        at = self._windows.index(window)
-        self._windows.remove(window)
-        for offset, row in enumerate(window.rows):
-            self._windows.insert(at + offset, _Window([row], probe=True))
+        """A window whose task failed every time: the run's rule (`retry.after_failure`) sends its
+        rows again one to a window, on probation, or reports a row that failed alone, each of its
+        items."""
+        window.handle = None
+        self._windows, blamed = after_failure(self._windows, [window], death=True, alone=window.probe)
+        if blamed is not None:
+            blamed.results = [(item, TaskFailed(reason) if isinstance(item, Job) else None)
+                              for row in blamed.rows for item in row]
+
+
+def absolute(item: Any, cwd: str, local_outputs: bool = True) -> Any:
+    """A planned item (`Job`, or a known bad input's `Failed`) with its local paths made absolute
+    from the driver's folder `cwd`, so that an actor, wherever it runs, reads and writes the
+    driver's files. URIs and absolute paths stay as they are, and so do outputs in a store (-o
+    URI: not `local_outputs`), whose paths are the store's."""
+    job = job_of(item)
+    if job is None:
+        return item
+    source = dataclasses.replace(job.source, path=_from(job.source.path, cwd))
+    job = dataclasses.replace(job, source=source, output=_from(job.output, cwd) if local_outputs else job.output)
+    return job if isinstance(item, Job) else dataclasses.replace(item, source=source, job=job)
+
+
+def _from(path: Any, cwd: str) -> Any:
+    """A local path made absolute from `cwd` (a `Path` stays one; a URI, an absolute path or None as is)."""
+    if isinstance(path, os.PathLike) and not isinstance(path, str) and not os.path.isabs(path):
+        return type(path)(cwd, path)
+    return path
+
+
+def _as_planned(outcomes: list, items: list, cwd: str, local_outputs: bool = True) -> list:
+    """The actor's outcomes of `items` (sent as `absolute` made them) with the planned items'
+    own paths again, as reports and the manifest show them."""
+    planned: dict = defaultdict(list)  # (absolute input, absolute output) -> the planned jobs, in order
+    for item in items:
+        job = job_of(item)
+        if job is not None:
+            sent = absolute(job, cwd, local_outputs)
+            planned[(sent.source.path, sent.output)].append(job)
+    back = []
+    for outcome in outcomes:
+        if isinstance(outcome, Failed) and outcome.job is not None:
+            jobs = planned.get((outcome.job.source.path, outcome.job.output))
+            if jobs:
+                own = jobs.pop(0)
+                outcome = dataclasses.replace(outcome, source=own.source, job=own)
+        elif isinstance(outcome, Written):
+            jobs = planned.get((outcome.source.path, outcome.output))
+            if jobs:
+                own = jobs.pop(0)
+                outcome = dataclasses.replace(outcome, source=own.source, output=own.output)
+        back.append(outcome)
+    return back

@@ -1,4 +1,4 @@
-"""Files out, safely: atomic writes that never follow a link. (Files in: `safeio`.)
+"""Files out, safely: atomic writes that never follow a link. (Files in: `reads`.)
 
 Every file vitembed writes is first created under a fresh, unpredictable temporary name in its
 own folder, with `O_CREAT | O_EXCL | O_NOFOLLOW` (a name that exists, or a planted symbolic link,

@@ -1,4 +1,5 @@
-"""Image files -> uint8 RGB arrays of the layer's size. The only module that imports Pillow.
+"""Image files -> uint8 RGB arrays of the layer's size. The only module of a run that imports
+Pillow (`show` draws with it too).
 
 `load_image` opens a file, applies its EXIF orientation, converts any mode to RGB (alpha over a
 background colour, 16-bit scaled to 8 bits), resizes to H x W (S x S for a square layer; the
@@ -68,7 +69,6 @@ class Preprocess:
         image_width: W of a rectangular output (None: square).
         max_patches, patch_size: for `native` (and only there): the most patches an image's
             grid may have, and the layer's P.
-    Fields that are None are left out of `to_dict`, so that earlier runs' records still match.
     """
 
     image_size: int = 224
@@ -130,8 +130,8 @@ class Preprocess:
         return self.image_size, self.image_width or self.image_size
 
     def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
-        return {k: v for k, v in data.items() if v is not None or k not in ("image_width", "max_patches", "patch_size")}
+        """Every field (run.json's record of the preprocessing)."""
+        return dataclasses.asdict(self)
 
 
 def parse_color(text: str) -> tuple[int, int, int]:
@@ -184,8 +184,7 @@ def max_file_bytes(prep: Preprocess) -> int:
 
 
 def load_image(path: str | os.PathLike | BinaryIO, prep: Preprocess, gate=None, strains: list | None = None) -> np.ndarray:
-    """Read one image file (a path, a `uris.Uri`, a `reads.Held`, or an open binary file) as an (S, S, C) uint8
-    array ready for the layer.
+    """Read one image (a path, a `uris.Uri`, a `reads.Held`, an open binary file) as (S, S, C) uint8.
 
     Args:
         gate: a lock (a semaphore shared by a run's decoder processes) held while an image of more
@@ -323,8 +322,7 @@ def read_plain_jpeg(path: str | os.PathLike, prep: Preprocess) -> PlainJpeg | No
 
 def keep_pixel_blocks(blocks: int = 4) -> None:
     """Let Pillow keep a few freed 16 MB pixel blocks for the next image (a decoder process's
-    setting: global to Pillow). Large images then skip most page faults: about 25% faster for a
-    12-megapixel JPEG, measured on 2 cores."""
+    setting: global to Pillow). Large images then skip most of the page faults of a fresh block."""
     Image.core.set_blocks_max(blocks)
 
 

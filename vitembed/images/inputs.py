@@ -278,7 +278,7 @@ def _drawn(path: Path) -> bool:
     """Whether `path` is a picture of `vitembed show` (a .png with its text chunk)."""
     if path.suffix.lower() != ".png":
         return False
-    from ..show.pngfile import drawn_by_vitembed
+    from ..files.pngfile import drawn_by_vitembed
 
     return drawn_by_vitembed(path)
 

@@ -176,11 +176,15 @@ class LayerConfig:
                 "pre_norm": None if self.pre_norm_eps is None else f"LayerNorm (eps {self.pre_norm_eps:g})"}
 
     def to_dict(self) -> dict:
+        """The fields, less those of other families' layers (and image_width) at their defaults:
+        the compact form of layer files, `info` and the random-layer cache key, in which a
+        seed-style layer's record holds its seven shape fields only. run.json records every
+        field (`dataclasses.asdict`)."""
         data = dataclasses.asdict(self)
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for name in ("image_width", *_RECORDED_WHEN_SET):
             if data[name] == defaults[name]:
-                del data[name]  # a seed-style layer's config, as it was before these fields
+                del data[name]
         return data
 
     @classmethod

@@ -88,7 +88,7 @@ def _text(value: Any) -> str:
 def _size(config: dict) -> str:
     layer = config.get("layer") or {}
     height = layer.get("image_size")
-    width = layer.get("image_width", height)
+    width = layer.get("image_width") or height  # None (schema 3) or absent: square
     return str(height) if width == height else f"{height}x{width}"
 
 

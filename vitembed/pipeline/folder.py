@@ -2,7 +2,8 @@
 
 - **run.json** holds its `schema` version, the configuration that decides the outputs' bytes
   (layer, weights fingerprint, preprocessing, format, dtype, shard size) and the versions and
-  device that made them; an earlier version is read as it was written. A run whose configuration
+  device that made them; a record of an older schema is upgraded to the current form
+  (`_CONFIG_READERS`), then compared. A run whose configuration
   differs is refused (exit 2), unless `--overwrite`: then the outputs the old manifest lists are
   removed first, before run.json changes, so that a run stopped half-way leaves the old
   configuration with fewer files, never old outputs under a new run.json.
@@ -40,7 +41,7 @@ __all__ = ["LOCK_FILE", "MANIFEST_FILE", "RUN_FILE", "RUN_SCHEMA", "OutputFolder
            "read_manifest"]
 
 MANIFEST_FILE = "manifest.jsonl"
-RUN_SCHEMA = 2  # run.json's version (see `_CONFIG_READERS`)
+RUN_SCHEMA = 3  # run.json's version (see `_CONFIG_READERS`)
 _BUFFERED = 1000  # failures held before the first output; past that the folder is made anyway
 
 
@@ -247,6 +248,7 @@ def _replaced(name: str, previous: dict | Unreadable | None, config: dict, overw
     Raises:
         ConfigError: they are, without --overwrite.
     """
+    config = json.loads(json.dumps(config))  # as run.json holds it: lists, not tuples
     if previous is None or previous == config:
         return False
     if not overwrite:
@@ -365,12 +367,40 @@ def _run_config(text: bytes) -> dict | Unreadable:
     return config if isinstance(config, dict) else Unreadable("no configuration in it")
 
 
-# run.json's configuration by schema version. 1: a run.json without "schema" (the first ones); 2
-# adds the version itself. A change to what run.json holds gets a new version and a reader that
-# gives the configuration as this vitembed writes it, so that an earlier folder still matches.
+def _upgraded_from_2(record: dict) -> Any:
+    """A configuration of schema 1 or 2 in schema 3's form. Those left out what was at its default:
+    the layer's fields at theirs (`LayerConfig`), the preprocessing's image_width, max_patches and
+    patch_size when None, shard_size when unset, tokens z0, pos_resample timm, and the steps of a
+    ViT-book-style layer (`LayerConfig.steps`)."""
+    from dataclasses import fields
+
+    from ..layer.config import LayerConfig
+
+    config = record.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("layer"), dict):
+        return config
+    defaults = {f.name: f.default for f in fields(LayerConfig)}
+    layer = {**defaults, **config["layer"]}
+    upgraded = {**config, "layer": layer, "shard_size": config.get("shard_size"), "tokens": config.get("tokens", "z0"),
+                "pos_resample": config.get("pos_resample", "timm")}
+    if isinstance(config.get("preprocess"), dict):
+        upgraded["preprocess"] = {"image_width": None, "max_patches": None, "patch_size": None, **config["preprocess"]}
+    if "steps" not in config:
+        try:
+            upgraded["steps"] = json.loads(json.dumps(LayerConfig.from_dict(layer).steps()))
+        except (ConfigError, TypeError, ValueError):
+            pass  # a layer this vitembed cannot build: it differs from this run's in any case
+    return upgraded
+
+
+# run.json's configuration by schema version, read into the form this vitembed writes (schema 3:
+# every field of the layer and the preprocessing, and every run option that decides the bytes),
+# so that an -o folder written by an earlier vitembed resumes when its configuration is this run's.
+# 1: a run.json without "schema"; 2 adds the version itself; 3 records fields at their defaults.
 _CONFIG_READERS: dict[int, Callable[[dict], Any]] = {
-    1: lambda record: _renamed(record.get("config")),
-    2: lambda record: _renamed(record.get("config")),
+    1: lambda record: _renamed(_upgraded_from_2(record)),
+    2: lambda record: _renamed(_upgraded_from_2(record)),
+    3: lambda record: _renamed(record.get("config")),
 }
 # Names that changed in run.json's text without a change to the outputs: the old, and the new.
 _RENAMED_SOURCES = (("seed VitInputLayer", "ViT book VitInputLayer"),)

@@ -1,8 +1,9 @@
 """`vitembed.encode`: an `EncodeRequest` run over inputs, as `vitembed encode` runs it.
 
 The request (`request.EncodeRequest`) holds and checks the options; this module adds the inputs,
-the rules that need them, the output folder, and the driver that runs it all: `pipeline` on this
-machine, `raydriver` with --ray.
+the rules that need them, the output folder, and the driver that runs it all: `skeleton` on this
+machine, `raydriver` with --ray. The encoder and plan are checked once (`runner.check`), before
+the -o folder is opened.
 """
 
 from __future__ import annotations
@@ -50,7 +51,6 @@ def encode_request(request: EncodeRequest, inputs: list[str], *, on_result: Call
                    stop: threading.Event | None = None, null: bool = False, stdin=None, stdout=None,
                    on_notice: Callable[[str], None] | None = None):
     """Run `request` over `inputs` (str paths, as `input_paths` gives them): `encode`'s run."""
-    from ..images.inputs import iter_sources
     from .folder import run_record
     from .skeleton import with_shard_size
 
@@ -58,12 +58,8 @@ def encode_request(request: EncodeRequest, inputs: list[str], *, on_result: Call
     _check_uris(inputs, request)
     plan = request.output.plan()
     runner = _runner(request, plan)
-    if inputs.count("-") > 1:
-        raise ConfigError("- (read paths from stdin) may be given once")
-    stdin = stdin if stdin is not None else (sys.stdin.buffer if "-" in inputs else None)
     own_outputs, strained, passed_over = _OwnOutputs(notice), _Strained(notice), _PassedOver(notice)
-    sources = iter_sources(inputs, stdin, null, on_own_output=own_outputs, uris=request.run.ray is not None,
-                           datasets=request.datasets(passed_over))
+    sources = _sources(request, inputs, stdin, null, own_outputs, passed_over)
     if plan.mode in ("file", "stdout"):
         sources = list(sources)
         own_outputs.tell()
@@ -72,9 +68,9 @@ def encode_request(request: EncodeRequest, inputs: list[str], *, on_result: Call
     encoder, config, notes = request.encoder()
     for note in notes:
         notice(note)
-    runner.check(encoder, plan, request.run)
-    config["format"] = plan.fmt
     options = with_shard_size(request.run, encoder, plan)
+    runner.check(encoder, plan, options)
+    config["format"] = plan.fmt
     if options.shard_size:  # a Parquet or WebDataset output's default too
         config["shard_size"] = options.shard_size
     ray = options.ray
@@ -93,8 +89,8 @@ def encode_request(request: EncodeRequest, inputs: list[str], *, on_result: Call
         report(outcome)
 
     try:
-        summary = runner.run(sources, encoder, plan, options, on_result=record, stop=stop, stdout=stdout,
-                             made_from=folder.made_from if folder is not None else None)
+        summary = runner.execute(sources, encoder, plan, options, on_result=record, stop=stop, stdout=stdout,
+                                 made_from=folder.made_from if folder is not None else None)
     finally:
         if folder is not None:
             folder.close()
@@ -152,9 +148,20 @@ def _check_uris(inputs: list[str], request: EncodeRequest) -> None:
         raise ConfigError(f"{uri}: the tokens of a URI input are not written beside it; give -o DIR or -o URI")
 
 
+def _sources(request: EncodeRequest, inputs: list[str], stdin, null: bool, own_outputs, passed_over):
+    """The run's inputs as `Source`s, lazily; "-" reads paths from `stdin` (default: this process's)."""
+    from ..images.inputs import iter_sources
+
+    if inputs.count("-") > 1:
+        raise ConfigError("- (read paths from stdin) may be given once")
+    stdin = stdin if stdin is not None else (sys.stdin.buffer if "-" in inputs else None)
+    return iter_sources(inputs, stdin, null, on_own_output=own_outputs, uris=request.run.ray is not None,
+                        datasets=request.datasets(passed_over))
+
+
 def _runner(request: EncodeRequest, plan):
-    """The module whose `check` and `run` drive the request: `pipeline` on this machine, or
-    `raydriver` with `run.ray` (Ray installed, and what a cluster cannot do refused first)."""
+    """The module whose `check` and `execute` drive the request: `skeleton` on this machine, or
+    `raydriver` with `run.ray` (Ray installed, and an output a cluster cannot write refused first)."""
     from . import skeleton
 
     if request.run.ray is None:
@@ -162,7 +169,7 @@ def _runner(request: EncodeRequest, plan):
     from ..executors import raydriver
 
     raydriver.require_ray()
-    raydriver.refuse(plan, request.run)
+    raydriver.refuse(plan)
     return raydriver
 
 

@@ -4,13 +4,14 @@
 from the keyword arguments of `vitembed.encode` (the same names), and is frozen from then on. Its
 parts are what each part of the program needs: the layer (`LayerOptions`), the preprocessing
 (`ImageOptions`), the output (`OutputOptions`), where the layer runs (`ExecutorOptions`), and how
-the run goes (`skeleton.EncodeOptions`, with `RayOptions` for `--ray`). `vitembed show`, `info`
+the run goes (`runoptions.EncodeOptions`, with `RayOptions` for `--ray`). `vitembed show`, `info`
 and `init` build the layer and preprocessing parts alone.
 
 Every rule that the options decide by themselves is checked here, when a part is built (the
 `_check_*` functions below), so that the library refuses what the command line refuses, with the
-same message. The rules that need more than the options (the weights' shape, the output plan, the
-built encoder) are checked where that is known: `skeleton.check` and `raydriver.check`.
+same message; that includes what a run on Ray cannot do (`_check_ray`). The rules that need more
+than the options (the weights' shape, the output plan, the built encoder) are checked once, after
+the encoder is built and before anything is written: `skeleton.check` and `raydriver.check`.
 
 Light to import (no numpy): `info` and `show` build their parts while `--help` stays fast.
 """
@@ -20,17 +21,16 @@ from __future__ import annotations
 import dataclasses
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..choices import NORMALIZATIONS, POS_RESAMPLES, TOKENS, suggest
 from ..layer.config import LayerConfig, check_divisible, parse_image_size, preset_preprocess, resolve_config
 from ..errors import ConfigError
+from .runoptions import DECODE_TIMEOUT, EncodeOptions, RayOptions
 
-if TYPE_CHECKING:
-    from .skeleton import EncodeOptions, RayOptions
 
 __all__ = ["EncodeRequest", "ExecutorOptions", "ImageOptions", "InputOptions", "LayerOptions", "OutputOptions",
-           "encoder_option_names"]
+           "actor_engine", "encoder_option_names"]
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits
 
@@ -180,13 +180,6 @@ _RAY_FLAGS = {"ray_address": ("--ray-address", None), "ray_gpus": ("--ray-gpus",
               "ray_cpus": ("--ray-cpus", 1.0), "ray_actors": ("--ray-actors", None)}
 
 
-def _run_options(**options) -> EncodeOptions:
-    """`EncodeOptions`, imported when a whole request is built (numpy with it)."""
-    from .skeleton import EncodeOptions
-
-    return EncodeOptions(**options)
-
-
 @dataclass(frozen=True)
 class EncodeRequest:
     """Everything `vitembed encode` takes besides its inputs, in parts (see `vitembed encode --help`):
@@ -197,7 +190,7 @@ class EncodeRequest:
     preprocessing: ImageOptions = dataclasses.field(default_factory=ImageOptions)
     output: OutputOptions = dataclasses.field(default_factory=OutputOptions)
     executor: ExecutorOptions = dataclasses.field(default_factory=ExecutorOptions)
-    run: EncodeOptions = dataclasses.field(default_factory=_run_options)
+    run: EncodeOptions = dataclasses.field(default_factory=EncodeOptions)
     inputs: InputOptions = dataclasses.field(default_factory=InputOptions)
 
     def __post_init__(self) -> None:
@@ -212,8 +205,6 @@ class EncodeRequest:
         Raises:
             ConfigError: options that cannot work together; TypeError: a name that is none of these.
         """
-        from .skeleton import EncodeOptions
-
         options = dict(options)
         ray = _ray_options(options.pop("ray", None), {k: options.pop(k, d) for k, (_, d) in _RAY_FLAGS.items()},
                            options.get("engine", "auto"))
@@ -257,21 +248,17 @@ class EncodeRequest:
         encoder, source, notes = self.build_encoder("numpy" if on_ray else self.executor.engine,
                                                     "cpu" if on_ray else self.executor.device)
         prep_record = {k: list(v) if isinstance(v, tuple) else v for k, v in encoder.prep.to_dict().items()
-                       if k != "max_pixels"}
-        method = encoder.pos_resample
-        config = {
-            "layer": encoder.config.to_dict(),
+                       if k != "max_pixels"}  # a limit on inputs, not on the outputs' bytes
+        config = {  # run.json's configuration, as `folder.RUN_SCHEMA` says; an -o folder compares it
+            "layer": dataclasses.asdict(encoder.config),
             "weights": {"source": source, "fingerprint": fingerprint(encoder.params.state_dict())},
             "preprocess": prep_record,
             "format": None,  # set with the output plan
             "dtype": self.output.dtype,
-            # Only when set, so that folders written before these options existed still match.
-            **({"shard_size": self.run.shard_size} if self.run.shard_size else {}),
-            **({"tokens": self.layer.tokens} if self.layer.tokens != "z0" else {}),
-            **({"pos_resample": method} if method != "timm" else {}),
-            # The layer's steps in words, for a layer that is not the ViT book's kind (pre-norm, no table, ...).
-            **({"steps": encoder.config.steps()} if encoder.config.to_dict().keys() - LayerConfig().to_dict().keys()
-               else {}),
+            "shard_size": self.run.shard_size,
+            "tokens": self.layer.tokens,
+            "pos_resample": encoder.pos_resample,
+            "steps": encoder.config.steps(),  # the layer's steps in words (pre-norm, no table, ...)
         }
         return encoder, config, notes
 
@@ -317,8 +304,6 @@ def _ray_options(ray: bool | RayOptions | None, flags: dict, engine: str) -> Ray
         if given:
             raise ConfigError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to a run on Ray: add --ray")
         return None
-    from .skeleton import RayOptions
-
     if isinstance(ray, RayOptions):
         if given:
             raise ConfigError(f"{', '.join(given)}: give them in RayOptions, or ray=True with them")
@@ -338,6 +323,37 @@ def _check_request(request: EncodeRequest) -> None:
     if ray is None and is_uri(request.output.path):
         raise ConfigError(f"-o {request.output.path}: a URI output is written through pyarrow on a run with --ray; "
                           "add --ray, or give a local folder")
+    if ray is not None:
+        _check_ray(request)
+
+
+def _check_ray(request: EncodeRequest) -> None:
+    """What a cluster cannot do, as far as the options show it (`raydriver.check` has the rules
+    that need the output plan or the encoder)."""
+    run = request.run
+    reasons = [
+        (request.output.path == "-", "-o - writes one tensor to this process's stdout; give -o DIR"),
+        (run.workers is not None, "--workers sets this machine's decoder processes; on Ray use "
+                                  "--ray-cpus and --ray-actors"),
+        (run.decode_timeout != DECODE_TIMEOUT, "--decode-timeout is not enforced on Ray (an actor's "
+                                               "decode cannot be stopped alone); drop it"),
+        (run.decode == "gpu", "--decode gpu has not run on Ray yet; drop it (--ray-gpus runs the "
+                              "layer on the GPUs, JPEGs are decoded by Pillow)"),
+    ]
+    for refused, reason in reasons:
+        if refused:
+            raise ConfigError(f"--ray: {reason}")
+    actor_engine(run.ray.engine, run.ray.gpus)
+
+
+def actor_engine(engine: str, gpus: float) -> tuple[str, str]:
+    """(engine, device) of a Ray actor: torch on CUDA where it holds a GPU (or a share of one),
+    else `engine` (auto, numpy or torch) on its CPU."""
+    if gpus <= 0:
+        return engine, "cpu"
+    if engine == "numpy":
+        raise ConfigError("--engine numpy runs on the CPU, not on the GPUs of --ray-gpus; drop one of them")
+    return "torch", "cuda"
 
 
 def _load_weights(layer: LayerOptions, native: bool):

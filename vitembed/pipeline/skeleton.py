@@ -6,7 +6,9 @@
             ─ Sink (per-image files | stdout | shards) ─> Written | Failed | Skipped ─> on_result
 
 `run` is the one run of every executor: it checks, plans, resumes, counts, reports, stops and
-cleans up; the executor only runs jobs. Executors: `pool.OrderedPool` (decoder processes, or
+cleans up; the executor only runs jobs. What an executor does with a unit of jobs that came back
+without results (retry its inputs one at a time, or report the one that fails alone) is the rule
+in `retry`, beside this module. Executors: `pool.OrderedPool` (decoder processes, or
 this process with workers=0; `local_executor`) and `rayexec.RayExecutor` (Ray actors, which
 decode, encode and write, so that what comes back is final; `raydriver`).
 
@@ -19,13 +21,10 @@ inputs there are; outcomes are reported as they become final.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
 from ..choices import DATASET_FORMATS, DECODES, suggest
@@ -37,107 +36,14 @@ from .outcomes import Decoded, Encoded, Failed, Job, Outcome, OutputFailed, Skip
 from .plan import OutputPlan, Resume, plan_jobs
 from ..executors.pool import OrderedPool, TaskFailed, drain
 from ..executors.processes import decoder_context
+from .runoptions import DECODE_TIMEOUT, EncodeOptions, RayOptions
 from .sinks import FileSink, FileWriter, ShardSink, Sink, StdoutSink
 from ..executors.decoder import WorkerTask, init_worker
 
-__all__ = ["DECODES", "DECODE_TIMEOUT", "EncodeOptions", "Executor", "RayOptions", "local_executor", "run"]
+__all__ = ["DECODES", "DECODE_TIMEOUT", "EncodeOptions", "Executor", "RayOptions", "check", "execute", "local_executor",
+           "run"]
 
 _DEVICE_DECODE_TYPES = ("cuda",)  # devices whose JPEG decoder (nvJPEG) beats Pillow processes
-
-
-DECODE_TIMEOUT = 120.0  # seconds; far above any sane decode: a hung decoder must not stall the run
-
-
-@dataclass
-class RayOptions:
-    """How a run goes on a Ray cluster (`--ray`; the driver is `raydriver.run`).
-
-    Attributes:
-        address: the cluster to join: auto, host:port or ray://host:10001 (None: $RAY_ADDRESS,
-            else a local cluster started for the run and stopped after it).
-        gpus: GPUs per actor, fractions allowed; more than 0 runs the layer with torch on CUDA.
-        cpus: CPUs per actor, fractions allowed.
-        actors: the most actors to start (None: as many as the cluster's CPUs, or GPUs, hold).
-        engine: the actors' engine (`--engine`; with GPUs, torch).
-    """
-
-    address: str | None = None
-    gpus: float = 0.0
-    cpus: float = 1.0
-    actors: int | None = None
-    engine: str = "auto"
-
-    def __post_init__(self) -> None:
-        for name, value in (("--ray-gpus", self.gpus), ("--ray-cpus", self.cpus)):
-            if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"{name} must be a number of at least 0, got {value}")
-        if self.gpus == 0 and self.cpus == 0:
-            raise ConfigError("--ray-cpus 0 needs --ray-gpus: an actor must hold some CPU or GPU")
-        if self.actors is not None and self.actors < 1:
-            raise ConfigError(f"--ray-actors must be at least 1, got {self.actors}")
-
-
-# (field, least, most) of EncodeOptions' counts. The upper bounds keep a typo from sizing shared
-# memory and process tables by it (the pool's bookkeeping grows with the batch and the workers):
-# 4096 images of 224 px are 600 MB of pixels per batch; 1024 decoders are far more than any host's cores.
-_COUNTS = (("batch_size", 1, 4096), ("workers", 0, 1024), ("writers", 1, 1024), ("shard_size", 1, 1 << 20))
-
-
-@dataclass
-class EncodeOptions:
-    """How a run goes (what it computes is the `Encoder`'s).
-
-    Attributes:
-        decode: where JPEGs are decoded and resized. cpu: Pillow, in the decoder processes; gpu:
-            on the encoder's CUDA device with nvJPEG, in batches (torch engine; the decoder
-            processes then only read the files, and decode the other formats with Pillow);
-            auto: cpu, until the gpu path has been checked on a GPU.
-        batch_size: images per call of the torch engine.
-        workers: decoder processes (None: one per core); 0 decodes in this process.
-        writers: threads writing files (None: one per core, 2 to 16).
-        skip_existing: inputs whose output exists, made from them with this configuration, are
-            skipped; with shards, whole shards whose every row is this run's input, done.
-        overwrite: replace existing files that are not this configuration's outputs.
-        shard_size: K > 0 writes (K, N+1, D) .npy shards instead of one file per image: input
-            number i (from 0, failed ones included) is row i % K of shard i // K. Parquet and
-            WebDataset outputs are always shards (None: `with_shard_size`'s default).
-        decode_timeout: seconds one image may take to decode before its decoder is killed and the
-            image reported as an error (None: no limit; needs workers > 0).
-        ray: run on a Ray cluster (`RayOptions`, or True for its defaults); None: on this machine.
-    """
-
-    decode: str = "auto"
-    batch_size: int = 32
-    workers: int | None = None
-    writers: int | None = None
-    skip_existing: bool = False
-    overwrite: bool = False
-    shard_size: int | None = None
-    decode_timeout: float | None = DECODE_TIMEOUT
-    ray: RayOptions | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.ray, bool):
-            self.ray = RayOptions() if self.ray else None
-        if self.decode not in DECODES:
-            raise ConfigError(f"unknown decode {self.decode!r}{suggest(self.decode, DECODES)}; "
-                              f"choose {', '.join(DECODES)}")
-        for name, least, most in _COUNTS:
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise ConfigError(f"{name.replace('_', ' ')} must be a whole number, got {value!r}")
-            if value < least:
-                raise ConfigError(f"{name.replace('_', ' ')} must be at least {least}, got {value}")
-            if value > most:
-                raise ConfigError(f"{name.replace('_', ' ')} must be at most {most}, got {value}")
-            setattr(self, name, int(value))
-        timeout = self.decode_timeout
-        if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
-            raise ConfigError(f"decode timeout must be a positive number of seconds, got {timeout}")
-        if self.skip_existing and self.overwrite:
-            raise ConfigError("--skip-existing and --overwrite contradict each other; pick one")
 
 
 def run(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOptions | None = None, *,
@@ -160,9 +66,18 @@ def run(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOp
         The run's Summary. A failed input is an outcome; an output that cannot be written stops
         the run (`summary.stopped` says why).
     """
-    options, stop, on_result = options or EncodeOptions(), stop or threading.Event(), on_result or (lambda o: None)
+    options = with_shard_size(options or EncodeOptions(), encoder, plan)
     check(encoder, plan, options)
-    options = with_shard_size(options, encoder, plan)
+    return execute(sources, encoder, plan, options, on_result=on_result, stop=stop, stdout=stdout,
+                   made_from=made_from, executor=executor)
+
+
+def execute(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: EncodeOptions, *,
+            on_result: Callable[[Outcome], None] | None = None, stop: threading.Event | None = None,
+            stdout: BinaryIO | None = None, made_from: dict | None = None,
+            executor: ExecutorFactory | None = None) -> Summary:
+    """`run`, once `check` has passed (`job.encode_request` checks before it opens the -o folder)."""
+    stop, on_result = stop or threading.Event(), on_result or (lambda o: None)
     summary = Summary(device=encoder.device)
     shape = encoder.token_shape or (None, encoder.config.emb_dim)  # native: any number of rows
     max_rows = None if encoder.token_shape else encoder.config.num_prefix_tokens + encoder.prep.max_patches

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
 from .colormaps import VIRIDIS
-from .pngfile import PNG_KEY  # the PNG text chunk that holds the panels' boxes
+from ..files.pngfile import PNG_KEY  # the PNG text chunk that holds the panels' boxes
 
 __all__ = ["PNG_KEY", "Picture", "enlarge", "frame", "text_width"]
 

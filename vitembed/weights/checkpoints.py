@@ -327,7 +327,7 @@ def _show(value: Any) -> str:
 
 
 def _crop_pct(crop: int, resize: int) -> float:
-    """crop / resize, nudged so that int(crop / crop_pct) is exactly `resize` (images.py's formula)."""
+    """crop / resize, nudged so that int(crop / crop_pct) is exactly `resize` (`images.decode`'s formula)."""
     pct = crop / resize
     while int(crop / pct) < resize:
         pct = math.nextafter(pct, 0.0)

@@ -1,6 +1,6 @@
 """Weights files: reading checkpoints' tensors, and vitembed's own layer files in and out.
 
-The bottom of the weights modules (weightfiles <- checkpoints <- pretrained <- weights): it reads
+The bottom of the weights modules (files <- layouts <- checkpoints <- pretrained <- load): it reads
 files and knows no checkpoint layout.
 
 A vitembed layer file is a dict `{"format": "vitembed-layer", "version": 1, "config": {...},

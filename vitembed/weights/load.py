@@ -2,10 +2,11 @@
 
 The weights modules, each importing only those below it:
 
-    weights.py      load_weights(spec): a name, a folder or a file -> LoadedWeights (this module)
+    load.py         load_weights(spec): a name, a folder or a file -> LoadedWeights (this module)
     pretrained.py   named weights: torchvision:, timm:, hf: (through the libraries' caches)
-    checkpoints.py  other libraries' layouts, save_pretrained folders, preprocessing, resolution
-    weightfiles.py  reading files (torch, safetensors) and vitembed's own layer files
+    checkpoints.py  save_pretrained folders, preprocessing, resolution
+    layouts.py      other libraries' checkpoint layouts -> vitembed's parameters
+    files.py        reading files (torch, safetensors) and vitembed's own layer files
 
 Checkpoints are data, never code: `.pt` files are read with `torch.load(weights_only=True)`,
 which refuses any pickle that would import or call anything; `.safetensors` holds no code at all.
