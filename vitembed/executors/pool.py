@@ -328,23 +328,23 @@ def drain(pool: OrderedPool, seconds: float = _DRAIN_SECONDS) -> Iterator[tuple[
     if workers is None:
         return
     workers.drop.value = 1  # each worker ends its chunk after the item it is on
-    running = [chunk.future for chunk in pool._inflight if chunk.values is None and chunk.future is not None]
-    for future in running:
-        future.cancel()  # those no worker has taken
-    wait([f for f in running if not f.cancelled()], timeout=seconds)
+    # Chunks no worker has taken yet come back at once, empty (the drop flag). None is cancelled:
+    # a cancelled future that the executor later finds broken makes its manager thread raise.
+    wait([chunk.handle for chunk in pool._inflight if chunk.results is None and chunk.handle is not None],
+         timeout=seconds)
     left: deque[_Chunk] = deque()
     for chunk in pool._inflight:
-        future = chunk.future
-        if chunk.values is None and future is not None and future.done() and not future.cancelled():
+        future = chunk.handle
+        if chunk.results is None and future is not None and future.done():
             try:
-                chunk.values = future.result()[0]  # the items done before the drop
+                chunk.results = future.result()[0]  # the items done before the drop
             except Exception:  # a broken pool, a result that could not come back: nothing to tell
                 pass
-        if chunk.values is not None:
-            yield from zip(chunk.items, chunk.values)
-        elif future is not None and not future.cancelled():
+        if chunk.results is not None:
+            yield from zip(chunk.rows, chunk.results)
+        elif future is not None:
             left.append(chunk)
-    pool._inflight, pool._held = left, sum(len(chunk.items) for chunk in left)
+    pool._inflight, pool._held = left, sum(len(chunk.rows) for chunk in left)
 
 
 def _run_here(pool: OrderedPool) -> Iterator[tuple[Any, Any]]:

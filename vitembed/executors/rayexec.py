@@ -293,6 +293,8 @@ def _as_planned(outcomes: list, items: list, cwd: str, local_outputs: bool = Tru
             jobs = planned.get((outcome.source.path, outcome.output))
             if jobs:
                 own = jobs.pop(0)
-                outcome = dataclasses.replace(outcome, source=own.source, output=own.output)
+                # the planned source, with what the actor's decoder found (`Source.strain`)
+                source = dataclasses.replace(own.source, strain=outcome.source.strain)
+                outcome = dataclasses.replace(outcome, source=source, output=own.output)
         back.append(outcome)
     return back
