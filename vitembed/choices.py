@@ -29,6 +29,12 @@ POS_RESAMPLES = ("timm", "hf", "torchvision", "dinov2")
 TOKENS = ("z0", "z0-before-norm", "patches", "patches+pos")
 
 
+def unknown(what: str, text, names, sep: str = ", ") -> str:
+    """The message for a name that is not among `names`: "unknown WHAT 'TEXT' (did you mean
+    NAME?); choose A, B, ..." (`sep` joins the names)."""
+    return f"unknown {what} {text!r}{suggest(text, names)}; choose {sep.join(names)}"
+
+
 def suggest(text, names, *, aliases: dict[str, str] | None = None, normalise=None) -> str:
     """" (did you mean NAME?)" for the one of `names` (or of `aliases`, a spelling -> its name)
     nearest to `text`, else "". `normalise` reduces a name to compare (see `layer.config.preset_name`):

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .choices import ENGINES, POS_RESAMPLES, suggest
+from .choices import ENGINES, POS_RESAMPLES, unknown
 from .layer.config import LayerConfig, format_size
 from .errors import ConfigError, InputError
 from .files.formats import cast, output_dtype
@@ -181,10 +181,9 @@ def as_params(layer: Any) -> LayerParams:
 
 def _check(prep: Preprocess, config: LayerConfig, engine: str, pos_resample: str) -> None:
     if engine not in ENGINES:
-        raise ConfigError(f"unknown engine {engine!r}{suggest(engine, ENGINES)}; choose {', '.join(ENGINES)}")
+        raise ConfigError(unknown("engine", engine, ENGINES))
     if pos_resample not in POS_RESAMPLES:
-        raise ConfigError(f"unknown position resampling {pos_resample!r}{suggest(pos_resample, POS_RESAMPLES)}; "
-                          f"choose {' or '.join(POS_RESAMPLES)}")
+        raise ConfigError(unknown("position resampling", pos_resample, POS_RESAMPLES, " or "))
     if prep.resize == "native":
         if prep.patch_size != config.patch_size:
             raise ConfigError(f"--resize native cuts {prep.patch_size}-pixel patches but the layer's are "

@@ -23,7 +23,7 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageColor, ImageOps
 
-from ..choices import NORMALIZATION_STATS, RESIZE_MODES, suggest
+from ..choices import NORMALIZATION_STATS, RESIZE_MODES, unknown
 from ..layer.config import LIMITS
 from ..errors import ConfigError, InputError, one_line
 from ..layer.resolution import ResizePlan, resize_plan, resize_strain
@@ -87,8 +87,7 @@ class Preprocess:
 
     def __post_init__(self) -> None:
         if self.resize not in RESIZE_MODES:
-            raise ConfigError(f"unknown resize mode {self.resize!r}{suggest(self.resize, RESIZE_MODES)}; "
-                              f"choose {', '.join(RESIZE_MODES)}")
+            raise ConfigError(unknown("resize mode", self.resize, RESIZE_MODES))
         if self.image_width == self.image_size:
             object.__setattr__(self, "image_width", None)  # H x H is the square, one record
         native = (self.max_patches, self.patch_size) if self.resize == "native" else (1, 1)
@@ -96,8 +95,7 @@ class Preprocess:
             raise ConfigError(f"--resize native needs max-patches from 1 to {LIMITS['max_patches']} and the "
                               f"patch size, got {self.max_patches} and {self.patch_size}")
         if self.interpolation not in INTERPOLATIONS:
-            raise ConfigError(f"unknown interpolation {self.interpolation!r}"
-                              f"{suggest(self.interpolation, INTERPOLATIONS)}; choose {', '.join(INTERPOLATIONS)}")
+            raise ConfigError(unknown("interpolation", self.interpolation, INTERPOLATIONS))
         if not MIN_CROP_PCT <= self.crop_pct <= 1.0:  # NaN too; below: a cover of over 10 x the layer's size
             raise ConfigError(f"crop-pct must be from {MIN_CROP_PCT} to 1, got {self.crop_pct}")
         if self.channels not in (1, 3):
@@ -119,8 +117,7 @@ class Preprocess:
 
     def with_normalize(self, name: str) -> Preprocess:
         if name not in NORMALIZATIONS:
-            raise ConfigError(f"unknown normalization {name!r}{suggest(name, NORMALIZATIONS)}; "
-                              f"choose {', '.join(NORMALIZATIONS)}")
+            raise ConfigError(unknown("normalization", name, NORMALIZATIONS))
         mean, std = NORMALIZATIONS[name]
         return dataclasses.replace(self, mean=mean, std=std)
 

@@ -150,12 +150,11 @@ def build_layer(config: LayerConfig, seed: int = 0, pos_init: str = "normal") ->
             table (`posembed.sincos_2d`, prefix rows zero), which replaces the drawn E_pos, so
             that E and x_class stay those of "normal" for the same seed.
     """
-    from ..choices import suggest
+    from ..choices import unknown
     from .posembed import POS_INITS, sincos_2d
 
     if pos_init not in POS_INITS:
-        raise ConfigError(f"unknown position init {pos_init!r}{suggest(pos_init, POS_INITS)}; "
-                          f"choose {' or '.join(POS_INITS)}")
+        raise ConfigError(unknown("position init", pos_init, POS_INITS, " or "))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         layer = VitInputLayer(config=config)

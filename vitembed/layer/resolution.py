@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..choices import POS_RESAMPLES, suggest
+from ..choices import POS_RESAMPLES, unknown
 from .config import LIMITS
 from ..errors import ConfigError
 
@@ -150,8 +150,7 @@ def resize_matrix(old: int, new: int, method: str = "timm") -> np.ndarray:
     indices clamped to the border) with align_corners=False ("hf"), align_corners=True
     ("torchvision") or DINOv2's scale factor (new + 0.1) / old ("dinov2")."""
     if method not in POS_RESAMPLES:
-        raise ConfigError(f"unknown position resampling {method!r}{suggest(method, POS_RESAMPLES)}; "
-                          f"choose {', '.join(POS_RESAMPLES)}")
+        raise ConfigError(unknown("position resampling", method, POS_RESAMPLES))
     scale = old / new
     m = np.zeros((new, old))
     if method == "timm":

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..choices import DATASET_FORMATS, suggest
+from ..choices import DATASET_FORMATS, unknown
 from ..errors import ConfigError
 from ..files.formats import FORMATS, describe_output
 from ..images.inputs import Source
@@ -112,7 +112,7 @@ class OutputPlan:
     @classmethod
     def from_option(cls, out: str | None, fmt: str | None) -> OutputPlan:
         if fmt is not None and fmt not in FORMATS:
-            raise ConfigError(f"unknown format {fmt!r}{suggest(fmt, FORMATS)}; choose {', '.join(FORMATS)}")
+            raise ConfigError(unknown("format", fmt, FORMATS))
         if out is None:
             return cls("beside", fmt or "npy")
         if out == "-":

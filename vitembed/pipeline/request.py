@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ..choices import NORMALIZATIONS, POS_RESAMPLES, TOKENS, suggest
+from ..choices import NORMALIZATIONS, POS_RESAMPLES, TOKENS, unknown
 from ..layer.config import LayerConfig, check_divisible, parse_image_size, preset_preprocess, resolve_config
 from ..errors import ConfigError
 from .runoptions import DECODE_TIMEOUT, EncodeOptions, RayOptions
@@ -276,7 +276,7 @@ def _check_layer(layer: LayerOptions) -> None:
         raise ConfigError(f"seed must be between 0 and {MAX_SEED}, got {layer.seed}")
     for name, value, allowed in (("--tokens", layer.tokens, TOKENS), ("--pos-resample", layer.pos_resample, POS_RESAMPLES)):
         if value not in allowed and not (name == "--pos-resample" and value is None):
-            raise ConfigError(f"unknown {name} {value!r}{suggest(value, allowed)}; choose {', '.join(allowed)}")
+            raise ConfigError(unknown(name, value, allowed))
     if layer.weights is None:
         return
     if layer.pos_init != "normal":
@@ -292,8 +292,7 @@ def _check_images(images: ImageOptions) -> None:
         raise ConfigError(f"--max-patches {images.max_patches} is for --resize native (the image's own grid); "
                           "add --resize native or drop --max-patches")
     if images.normalize is not None and images.normalize not in NORMALIZATIONS:
-        raise ConfigError(f"unknown normalization {images.normalize!r}{suggest(images.normalize, NORMALIZATIONS)}; "
-                          f"choose {', '.join(NORMALIZATIONS)}")
+        raise ConfigError(unknown("normalization", images.normalize, NORMALIZATIONS))
 
 
 def _ray_options(ray: bool | RayOptions | None, flags: dict, engine: str) -> RayOptions | None:

@@ -11,7 +11,7 @@ import math
 import numbers
 from dataclasses import dataclass
 
-from ..choices import DECODES, suggest
+from ..choices import DECODES, unknown
 from ..errors import ConfigError
 
 __all__ = ["DECODE_TIMEOUT", "EncodeOptions", "RayOptions"]
@@ -91,8 +91,7 @@ class EncodeOptions:
         if isinstance(self.ray, bool):
             self.ray = RayOptions() if self.ray else None
         if self.decode not in DECODES:
-            raise ConfigError(f"unknown decode {self.decode!r}{suggest(self.decode, DECODES)}; "
-                              f"choose {', '.join(DECODES)}")
+            raise ConfigError(unknown("decode", self.decode, DECODES))
         for name, least, most in _COUNTS:
             value = getattr(self, name)
             if value is None:
