@@ -184,71 +184,74 @@ def _folder(plan, config: dict, record: dict, overwrite: bool):
     return OutputFolder(plan.target, config, record, plan.relative, overwrite=overwrite)
 
 
-class _OwnOutputs:
+class _Tally:
+    """What a run passes over or notices, counted by kind with the first of each, and told in one
+    note when the run ends (`words` puts the counts in words)."""
+
+    def __init__(self, notice: Callable[[str], None]) -> None:
+        self.notice = notice
+        self.found: dict = {}  # kind -> [count, the first]
+
+    def add(self, kind, first) -> None:
+        self.found.setdefault(kind, [0, first])[0] += 1
+
+    def tell(self) -> None:
+        if self.found:
+            self.notice(self.words(self.found))
+            self.found = {}
+
+    def words(self, found: dict) -> str:
+        raise NotImplementedError
+
+
+class _OwnOutputs(_Tally):
     """vitembed's own outputs among the inputs (`photos/*` over a folder it wrote into, the
-    pictures `vitembed show` drew): passed over, and told in one note."""
+    pictures `vitembed show` drew)."""
 
     _WHY = {False: ".npy/.pt files are vitembed's outputs, not images",
             True: "PNGs that vitembed show drew (they carry its text chunk), not images"}
 
-    def __init__(self, notice: Callable[[str], None]) -> None:
-        self.notice = notice
-        self.found: dict[bool, list] = {}  # is a picture -> [count, first path]
-
     def __call__(self, path) -> None:
-        found = self.found.setdefault(path.suffix.lower() == ".png", [0, path])
-        found[0] += 1
+        self.add(path.suffix.lower() == ".png", path)
 
-    def tell(self) -> None:
-        if self.found:
-            from .outcomes import display_path
+    def words(self, found: dict) -> str:
+        from .outcomes import display_path
 
-            parts = []
-            for picture, (count, first) in sorted(self.found.items()):
-                more = f" and {count - 1} more" if count > 1 else ""
-                parts.append(f"passed over {display_path(first)}{more}: {self._WHY[picture]}")
-            self.notice("; ".join(parts))
-            self.found = {}
+        return "; ".join(f"passed over {display_path(first)}{_more(count)}: {self._WHY[picture]}"
+                         for picture, (count, first) in sorted(found.items()))
 
 
-class _Strained:
+class _Strained(_Tally):
     """Images that the resize enlarged more than 4x or squashed beyond 2:1 (`resolution.resize_strain`,
-    told by the decoders with each outcome): counted over the run, and told in one note."""
+    told by the decoders with each outcome)."""
 
-    def __init__(self, notice: Callable[[str], None]) -> None:
-        self.notice = notice
-        self.found: dict[str, list] = {}  # upscaled / squashed -> [count, first input]
+    _WORDS = {"upscaled": "upscaled more than 4x", "squashed": "squashed beyond 2:1"}
 
     def __call__(self, outcome) -> None:
         strain = getattr(outcome.source, "strain", None)
         if strain is not None and outcome.status == "ok":
-            self.found.setdefault(strain, [0, outcome.input])[0] += 1
+            self.add(strain, outcome.input)
 
-    def tell(self) -> None:
-        if self.found:
-            from .outcomes import display_path
+    def words(self, found: dict) -> str:
+        from .outcomes import display_path
 
-            words = {"upscaled": "upscaled more than 4x", "squashed": "squashed beyond 2:1"}
-            parts = [f"{count} {'image' if count == 1 else 'images'} {words[strain]} (first: {display_path(first)})"
-                     for strain, (count, first) in sorted(self.found.items(), key=lambda kv: kv[0] != "upscaled")]
-            self.notice(f"{' and '.join(parts)}: their tokens see few pixels of their own, or a distorted image; "
-                        "--resize crop|pad|native keeps the aspect ratio")
-            self.found = {}
+        parts = [f"{count} {'image' if count == 1 else 'images'} {self._WORDS[strain]} (first: {display_path(first)})"
+                 for strain, (count, first) in sorted(found.items(), key=lambda kv: kv[0] != "upscaled")]
+        return (f"{' and '.join(parts)}: their tokens see few pixels of their own, or a distorted image; "
+                "--resize crop|pad|native keeps the aspect ratio")
 
 
-class _PassedOver:
-    """Tar members passed over as unsafe (`tars`: links, devices, absolute or `..` paths), told in one note."""
-
-    def __init__(self, notice: Callable[[str], None]) -> None:
-        self.notice, self.count, self.first = notice, 0, None
+class _PassedOver(_Tally):
+    """Tar members passed over as unsafe (`tars`: links, devices, absolute or `..` paths)."""
 
     def __call__(self, member: str) -> None:
-        self.count += 1
-        self.first = self.first or member
+        self.add(None, member)
 
-    def tell(self) -> None:
-        if self.count:
-            more = f" and {self.count - 1} more" if self.count > 1 else ""
-            self.notice(f"passed over tar members that are links, devices, or absolute or .. paths, never read: "
-                        f"{self.first}{more}")
-            self.count = 0
+    def words(self, found: dict) -> str:
+        count, first = found[None]
+        return (f"passed over tar members that are links, devices, or absolute or .. paths, never read: "
+                f"{first}{_more(count)}")
+
+
+def _more(count: int) -> str:
+    return f" and {count - 1} more" if count > 1 else ""
