@@ -137,6 +137,9 @@ class _Scripted:
     def __iter__(self):
         return iter(self.results(self.items))
 
+    def drain(self):
+        return iter(())
+
     def close(self):
         self.closed = True
         return self.killed

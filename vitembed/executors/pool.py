@@ -80,7 +80,7 @@ from typing import Any
 from ..pipeline.retry import Unit, after_failure, on_probation, to_send
 from .poolworker import DIED, TIMED_OUT, TaskFailed, Workers, WorkersDied, call, failure
 
-__all__ = ["OrderedPool", "TaskFailed", "WorkersDied", "drain"]
+__all__ = ["OrderedPool", "TaskFailed", "WorkersDied"]
 
 # --- in the main process ---------------------------------------------------------------------
 
@@ -92,7 +92,7 @@ def _everything(item: Any) -> bool:
 _CHUNK_SECONDS = 0.02  # a chunk's work: far above the cost of its messages (about 0.1 ms)
 _MAX_CHUNK = 16
 _POLL = 0.1  # seconds between looks at the stop event
-_DRAIN_SECONDS = 1.0  # after a stop, for the workers to finish the item each is on (`drain`)
+_DRAIN_SECONDS = 1.0  # after a stop, for the workers to finish the item each is on (`_drain`)
 
 
 @dataclass(eq=False)
@@ -161,6 +161,10 @@ class OrderedPool:
             self._inflight.popleft()
             self._held -= len(head.rows)
             yield from zip(head.rows, head.results)
+
+    def drain(self) -> Iterator[tuple[Any, Any]]:
+        """After a stop: (item, result) of what the workers finished while stopping (`_drain`)."""
+        return _drain(self)
 
     def close(self) -> list[Any]:
         """Shut the workers down: after a stop, kill them at once; else let each finish the item it
@@ -319,7 +323,7 @@ class OrderedPool:
             raise WorkersDied()
 
 
-def drain(pool: OrderedPool, seconds: float = _DRAIN_SECONDS) -> Iterator[tuple[Any, Any]]:
+def _drain(pool: OrderedPool, seconds: float = _DRAIN_SECONDS) -> Iterator[tuple[Any, Any]]:
     """After `pool`'s stop: its workers take nothing more and finish the item each is on, for up to
     `seconds`; (item, result) for each item whose result came back and was not yet yielded,
     in input order. What a worker finished (a file it wrote) is so told, not lost with its

@@ -133,6 +133,11 @@ class RayExecutor:
         self._wait_for_processes()
         return list(self.folders.values())
 
+    def drain(self) -> Iterator[tuple[Any, Any]]:
+        """After a stop: nothing more comes back. The windows still out are abandoned (`close` kills
+        their actors); whole files they wrote stay for a resume, which skips them."""
+        return iter(())
+
     def describe(self) -> str:
         """Where the run went, for the report: "Ray: 2 nodes, 4 actors, cpu"."""
         nodes, actors = len(self.nodes), self.count

@@ -34,7 +34,7 @@ from ..files.writes import clean_stale_temporaries
 from ..images.decode import pillow_limit
 from .outcomes import Decoded, Encoded, Failed, Job, Outcome, OutputFailed, Skipped, Summary, Written
 from .plan import OutputPlan, Resume, plan_jobs
-from ..executors.pool import OrderedPool, TaskFailed, drain
+from ..executors.pool import OrderedPool, TaskFailed
 from ..executors.processes import decoder_context
 from .runoptions import DECODE_TIMEOUT, EncodeOptions, RayOptions
 from .sinks import FileSink, FileWriter, ShardSink, Sink, StdoutSink
@@ -91,7 +91,7 @@ def execute(sources: Iterable, encoder: Encoder, plan: OutputPlan, options: Enco
             for outcome in outcomes(jobs, encoder, sink, options.batch_size, stop):
                 _report(outcome, summary, on_result)
         if stop.is_set():  # the files the decoders wrote while the run stopped are counted too
-            for _, result in drain(jobs) if isinstance(jobs, OrderedPool) else ():
+            for _, result in jobs.drain():
                 if isinstance(result, Written):
                     _report(result, summary, on_result)
     except OutputError as exc:
@@ -112,12 +112,15 @@ class Executor(Protocol):
 
     `start(items, is_task)` takes the planned items lazily (the items for which `is_task` is
     false need no task); iterating gives (item, result) pairs, each item once, in input order or
-    not (the outcomes are the same), with a pass-through item as (item, None); `close()` stops
-    it and returns jobs whose output folders may hold a killed writer's temporaries."""
+    not (the outcomes are the same), with a pass-through item as (item, None); after a stop,
+    `drain()` gives the (item, result) pairs of what finished while stopping; `close()` stops it
+    and returns jobs whose output folders may hold a killed writer's temporaries."""
 
     def start(self, items: Iterable, is_task: Callable[[object], bool]) -> None: ...
 
     def __iter__(self) -> Iterator[tuple]: ...
+
+    def drain(self) -> Iterable[tuple]: ...
 
     def close(self) -> list: ...
 
