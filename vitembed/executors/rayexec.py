@@ -298,8 +298,8 @@ def _as_planned(outcomes: list, items: list, cwd: str, local_outputs: bool = Tru
             jobs = planned.get((outcome.source.path, outcome.output))
             if jobs:
                 own = jobs.pop(0)
-                # the planned source, with what the actor's decoder found (`Source.strain`)
-                source = dataclasses.replace(own.source, strain=outcome.source.strain)
+                # the actor's source (with what its decoder found: `Source.strain`) at the planned path
+                source = dataclasses.replace(outcome.source, path=own.source.path)
                 outcome = dataclasses.replace(outcome, source=source, output=own.output)
         back.append(outcome)
     return back
