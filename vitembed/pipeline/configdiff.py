@@ -3,7 +3,9 @@ line's words: each option that differs, its value then and now, and the flags th
 folder again (`folder.py` refuses the run with this).
 
 A configuration (`request.EncodeRequest.encoder`) is the layer's shape, the weights' source and
-fingerprint, the preprocessing, the format, the dtype and a few options recorded only when set.
+fingerprint, the preprocessing, the format, the dtype and the options that decide the bytes; an
+older folder's record reaches here already upgraded to today's form (`folder._CONFIG_READERS`),
+so both sides hold every key.
 Each differing key is named by its flag (`--patch-size 14 then, 16 now`); what follows from
 another (the preprocessing's copy of the image size, the weights' fingerprint when their source
 differs too, the layer's steps in words) is left out, and a key that no flag sets is named as it is.
@@ -16,8 +18,6 @@ from typing import Any
 
 __all__ = ["config_differences"]
 
-# Keys recorded only when set, and their values when absent.
-_ABSENT = {"tokens": "z0", "pos_resample": "timm", "shard_size": None}
 _FLAGS = {
     "dtype": "--dtype", "format": "--format", "tokens": "--tokens", "pos_resample": "--pos-resample",
     "shard_size": "--shard-size", "layer.patch_size": "--patch-size", "layer.emb_dim": "--emb-dim",
@@ -40,7 +40,7 @@ def config_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
         match.append(matching if matching is not None else f"{flag} {_text(then)}")
 
     for key in sorted(set(flat_old) | set(flat_new)):
-        then, now = flat_old.get(key, _ABSENT.get(key)), flat_new.get(key, _ABSENT.get(key))
+        then, now = flat_old.get(key), flat_new.get(key)
         if then == now or key in _DERIVED or key.startswith("steps."):
             continue
         if key in _FLAGS:
