@@ -43,7 +43,7 @@ BASELINE = Path(__file__).resolve().parent / "baseline.py"
 # layer name -> (baseline args, vitembed args)
 LAYERS = {
     "vit-b16": (["--emb-dim", "768", "--num-patch-row", "14"], ["--preset", "vit-b16"]),
-    "seed": (["--emb-dim", "384", "--num-patch-row", "16"], []),
+    "default layer": (["--emb-dim", "384", "--num-patch-row", "16"], []),  # vitbook-s14
 }
 
 
@@ -253,11 +253,11 @@ def main() -> None:
 
     cases = [
         Case("small/vit-b16", small, n_small, "vit-b16", []),
-        Case("small/seed", small, n_small, "seed", []),
-        Case("small-subset/seed", few, n_memory, "seed", []),
+        Case("small/default layer", small, n_small, "default layer", []),
+        Case("small-subset/default layer", few, n_memory, "default layer", []),
         Case("12MP/vit-b16", large, n_large, "vit-b16", []),
         Case("12MP/vit-b16 --fast-decode", large, n_large, "vit-b16", ["--fast-decode"]),
-        Case("small/seed, first run (cold layer cache)", small, n_small, "seed", [], cold_cache=True),
+        Case("small/default layer, first run (cold layer cache)", small, n_small, "default layer", [], cold_cache=True),
     ]
     if quick:
         cases = [cases[1], cases[4]]
