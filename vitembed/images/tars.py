@@ -12,9 +12,9 @@ decoder (`reads.Held`), named `SHARD.tar/KEY`.
 - **Outputs** under `-o DIR` go to `DIR/SHARD/KEY.npy` (the shard's name without its suffix, then
   the key, whose folders are kept); without -o, beside the shard, in a folder of its name.
 - **Bounded**: a member is read only if its header declares at most the file-size limit
-  (`decode.max_file_bytes`); one declaring more is that sample's error, and is read through in
-  chunks, never held (so that a header that lies about its size ends at the end of the file, as a
-  truncation). Only the best image member of a sample is held at a time.
+  (`decode.max_file_bytes`); one declaring more is that sample's error, and its data is passed
+  over, never held (a size that runs past the end of the file is a truncation). Only the best
+  image member of a sample is held at a time.
 - **Passed over**, with a count (one note per run): links, devices, FIFOs, and members whose path
   is absolute or has `..` parts. Folders and names WebDataset gives no key (`.hidden`, `README`)
   are passed over silently, as WebDataset does.
@@ -26,21 +26,20 @@ decoder (`reads.Held`), named `SHARD.tar/KEY`.
   shard. A shard whose first sample holds a `.npy` and no image is one of vitembed's own outputs
   (`--format wds`): passed over, as .npy files are.
 
-The reader is the standard library's `tarfile`, not the `webdataset` package: WebDataset's
-iterator reads every member whole into memory whatever its header declares, follows its error
-handlers rather than reporting per sample, and brings in its own dependencies; `tarfile` gives
-each header before its data, so that sizes and member types are checked first. A plain shard in
-a local file is read in order as a file (`r:`: the data of members not kept is seeked over); a
-compressed one, or one from a stream (an object store), in stream mode (`r|*`), which reads a
-gzip stream without seeking. WebDataset's conventions
-(keys, extensions, brace patterns) are kept, and tests write shards with its `TarWriter`.
+The members are read by `tarstream.TarStream` (which says why it is not the standard library's
+`tarfile`), not by the `webdataset` package: WebDataset's iterator reads every member whole into
+memory whatever its header declares, follows its error handlers rather than reporting per
+sample, and brings in its own dependencies; `TarStream` gives each header before its data, so
+that sizes and member types are checked first, and seeks over the data of members not kept in a
+plain local shard. WebDataset's conventions (keys, extensions, brace patterns) are kept, and
+tests write shards with its `TarWriter`.
 """
 
 from __future__ import annotations
 
 import itertools
+import lzma
 import re
-import tarfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -50,6 +49,7 @@ from typing import BinaryIO
 from ..errors import one_line
 from ..files.reads import Held
 from .source import Source
+from .tarstream import DIR, FILE, Member, TarFormatError, TarStream
 
 __all__ = ["IMAGE_EXTENSIONS", "MAX_PATTERN_NAMES", "META_BYTES", "TAR_SUFFIXES", "container_stem", "count_samples",
            "expand_braces", "has_braces", "is_tar", "read_shard"]
@@ -59,7 +59,6 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # a sample's image: the first
 META_EXTENSIONS = ("json", "txt")  # carried to Source.meta
 META_BYTES = 1 << 20  # the most bytes of one json / txt member carried
 MAX_PATTERN_NAMES = 1_000_000  # names one brace pattern may expand to
-_DRAIN = 1 << 20  # bytes read at a time through a member that is not held
 
 
 def is_tar(name: str) -> bool:
@@ -171,41 +170,30 @@ def read_shard(fileobj: BinaryIO, shown: str, rel: PurePath, beside: str, limit:
     sample: _Sample | None = None
     done = 0
     try:
-        with tarfile.open(fileobj=fileobj, mode=_mode(fileobj)) as tar:
-            while (info := tar.next()) is not None:
-                tar.members.clear()  # tarfile keeps every header it read otherwise
-                parts = _member_parts(info, shown, on_passed_over)
-                if parts is None:
-                    continue
-                key, ext = parts
-                if sample is None or key != sample.key:
-                    if sample is not None:
-                        if done == 0 and on_own_output is not None and _own_output(sample):
-                            on_own_output()
-                            return
-                        yield sample.source(shown, rel, beside)
-                        done += 1
-                    sample = _Sample(key, error="the key of an earlier sample of this shard" if key in seen else None)
-                    seen.add(key)
-                _add(sample, tar, info, ext, limit, is_image_path)
+        tar = TarStream(fileobj)
+        for member in tar:
+            parts = _member_parts(member, shown, on_passed_over)
+            if parts is None:
+                continue
+            key, ext = parts
+            if sample is None or key != sample.key:
+                if sample is not None:
+                    if done == 0 and on_own_output is not None and _own_output(sample):
+                        on_own_output()
+                        return
+                    yield sample.source(shown, rel, beside)
+                    done += 1
+                sample = _Sample(key, error="the key of an earlier sample of this shard" if key in seen else None)
+                seen.add(key)
+            _add(sample, tar, member, ext, limit, is_image_path)
         if sample is not None:
             if done == 0 and on_own_output is not None and _own_output(sample):
                 on_own_output()
                 return
             yield sample.source(shown, rel, beside)
-    except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError) as exc:
+    except (TarFormatError, OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
         after = f"after {done} sample{'s' if done != 1 else ''}" + (f", from {sample.key} on" if sample else "")
         yield Source(Held(shown, None, beside), rel, f"the shard breaks off {after}: {one_line(exc)}")
-
-
-def _mode(fileobj: BinaryIO) -> str:
-    """How tarfile reads a shard: an uncompressed one in a file that seeks, as a file (data seeked
-    over, read in place, and a size past the end found at once); any other, as a stream."""
-    if not fileobj.seekable():
-        return "r|*"
-    head = fileobj.read(6)
-    fileobj.seek(0)
-    return "r|*" if head.startswith((b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"(\xb5/\xfd")) else "r:"
 
 
 def count_samples(fileobj: BinaryIO) -> int:
@@ -213,13 +201,11 @@ def count_samples(fileobj: BinaryIO) -> int:
     headers alone (an uncompressed shard's data is seeked over; a compressed one is read through)."""
     count, last = 0, None
     try:
-        with tarfile.open(fileobj=fileobj, mode=_mode(fileobj)) as tar:
-            while (info := tar.next()) is not None:
-                tar.members.clear()
-                parts = _member_parts(info, "", lambda text: None)
-                if parts is not None and parts[0] != last:
-                    count, last = count + 1, parts[0]
-    except (tarfile.TarError, OSError, EOFError, zlib.error, ValueError):
+        for member in TarStream(fileobj):
+            parts = _member_parts(member, "", lambda text: None)
+            if parts is not None and parts[0] != last:
+                count, last = count + 1, parts[0]
+    except (TarFormatError, OSError, EOFError, zlib.error, lzma.LZMAError):
         pass
     return count
 
@@ -228,14 +214,14 @@ def _own_output(sample: _Sample) -> bool:
     return sample.image is None and "npy" in sample.extensions
 
 
-def _member_parts(info: tarfile.TarInfo, shown: str, on_passed_over: Callable[[str], None]) -> tuple[str, str] | None:
+def _member_parts(member: Member, shown: str, on_passed_over: Callable[[str], None]) -> tuple[str, str] | None:
     """(key, extension) of a member to read; None for one passed over (told to `on_passed_over` when
     it is unsafe: a link, a device, an absolute or `..` path)."""
-    if info.isdir():
+    if member.kind == DIR:
         return None
-    name = info.name
+    name = member.name
     parts = name.split("/")
-    if not info.isreg() or name.startswith(("/", "\\")) or ".." in parts:
+    if member.kind != FILE or name.startswith(("/", "\\")) or ".." in parts:
         on_passed_over(f"{shown}: {name}")
         return None
     parts = [p for p in parts if p and p != "."]
@@ -247,8 +233,9 @@ def _member_parts(info: tarfile.TarInfo, shown: str, on_passed_over: Callable[[s
     return "/".join([*parts[:-1], base]), ext.lower()
 
 
-def _add(sample: _Sample, tar: tarfile.TarFile, info: tarfile.TarInfo, ext: str, limit: int, is_image_path) -> None:
-    """Read one member into its sample, if it is one the sample keeps and within its bound."""
+def _add(sample: _Sample, tar: TarStream, member: Member, ext: str, limit: int, is_image_path) -> None:
+    """Read one member into its sample, if it is one the sample keeps and within its bound (the
+    data of any other is passed over by the reader)."""
     if ext in sample.extensions:
         sample.error = f"two {sample.key}.{ext} members"
     sample.extensions.add(ext)
@@ -260,18 +247,13 @@ def _add(sample: _Sample, tar: tarfile.TarFile, info: tarfile.TarInfo, ext: str,
         rank = None
     keep = ext in META_EXTENSIONS or (rank is not None and rank < sample.rank)
     bound = META_BYTES if ext in META_EXTENSIONS else limit
-    if keep and info.size > bound:
-        sample.error = sample.error or (f"{sample.key}.{ext} declares {info.size} bytes, over the {bound} allowed"
+    if keep and member.size > bound:
+        sample.error = sample.error or (f"{sample.key}.{ext} declares {member.size} bytes, over the {bound} allowed"
                                         + (" (--max-pixels, 4 bytes a pixel)" if bound == limit else ""))
         keep = False
     if not keep or sample.error:
-        if info.size > limit:  # read through it, so that a size no file holds ends at the file's end
-            f = tar.extractfile(info)
-            while f is not None and f.read(_DRAIN):
-                pass
         return
-    f = tar.extractfile(info)
-    data = f.read() if f is not None else b""
+    data = tar.read(member)
     if ext in META_EXTENSIONS:
         sample.meta[ext] = data.decode("utf-8", "backslashreplace")
     else:
