@@ -38,24 +38,26 @@ LAYER = ["--image-size", "64", "--patch-size", "16", "--emb-dim", "64", "-q"]
 
 
 def jpegs(count: int) -> list[bytes]:
-    """`count` distinct small JPEGs (a smooth tile, shifted and resized per image)."""
+    """`count` distinct small JPEGs: a smooth tile, shifted and cropped per image, with a little
+    noise of its own (so that no two are alike: a Parquet table would store repeats once)."""
     import numpy as np
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    tile = np.clip(np.cumsum(rng.integers(-8, 9, (96, 96, 3)), axis=1) + 128, 0, 255).astype(np.uint8)
+    tile = np.clip(np.cumsum(rng.integers(-8, 9, (96, 96, 3)), axis=1) + 128, 0, 250).astype(np.uint8)
     out = []
     for i in range(count):
-        side = 64 + i % 32
+        crop = np.roll(tile, i, axis=0)[: 64 + i % 32, : 64 + (i * 7) % 32]
         buffer = io.BytesIO()
-        Image.fromarray(np.roll(tile, i, axis=0)[:side, : 64 + (i * 7) % 32]).save(buffer, "JPEG", quality=85)
+        Image.fromarray(crop + rng.integers(0, 6, crop.shape, dtype=np.uint8)).save(buffer, "JPEG", quality=85)
         out.append(buffer.getvalue())
+    assert len(set(out)) == count
     return out
 
 
 def build(work: Path, count: int, tars: int) -> dict[str, Path]:
     """The corpus three ways (and the shards again, ten times as many), made once per size."""
-    base = work / f"corpus{count}-{tars}"
+    base = work / f"corpus{count}-{tars}-v2"  # v2: distinct images
     paths = {"files": base / "files", f"{tars} tars": base / f"tars{tars}", f"{10 * tars} tars": base / f"tars{10 * tars}",
              "parquet": base / "table.parquet"}
     if (base / "done").exists():

@@ -135,6 +135,8 @@ def test_failed_input_keeps_a_row_and_is_redone_on_resume(photos, tmp_path):
     rows, _ = read_rows(out)
     bad = rows[str(photos / "b.png")]
     assert bad["tokens"] is None and "Pillow" in bad["error"] and len(rows) == 5
+    failed = next(r for r in read_manifest(out) if r["status"] == "error")  # says where its row is
+    assert (failed["input"], failed["output"], failed["row"]) == (str(photos / "b.png"), "shard-00000.parquet", 1)
     untouched = (out / "shard-00001.parquet").stat().st_mtime_ns
     make_image(photos / "b.png", seed=9)  # mended: its shard (rows a, b) is written again
     r = run_cli(*args[:-1], "--skip-existing")

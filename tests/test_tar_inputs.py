@@ -297,3 +297,42 @@ def test_member_bytes_do_not_travel_back_once_read() -> None:
     assert str(back) == "s.tar/k" and back.data is None and held.data == b"x" * 1000
     with pytest.raises(InputError, match="too large: 1000 bytes"):
         held.fetch(999)
+
+
+def test_a_plain_shard_is_read_in_place_and_a_compressed_one_as_bytes(images: Path, tmp_path: Path) -> None:
+    from vitembed.files.reads import Held, Stored
+    from vitembed.images.inputs import iter_sources
+
+    members = members_of(images)
+    plain, packed = pack(tmp_path / "p.tar", members), pack(tmp_path / "c.tar.gz", members, "w:gz")
+    in_place = [s.path for s in iter_sources([str(plain)])]
+    as_bytes = [s.path for s in iter_sources([str(packed)])]
+    assert all(type(p) is Stored for p in in_place) and all(type(p) is Held for p in as_bytes)
+    assert [p.fetch(1 << 20) for p in in_place] == [p.data for p in as_bytes] == [
+        data for name, data in members if not name.endswith((".json", ".txt"))]
+
+
+def test_a_stored_member_is_read_from_the_planned_file_only(images: Path, tmp_path: Path) -> None:
+    import pickle
+
+    from vitembed.errors import InputError
+    from vitembed.files import reads
+    from vitembed.images.inputs import iter_sources
+
+    shard = pack(tmp_path / "s.tar", members_of(images))
+    first, second = (pickle.loads(pickle.dumps(s.path)) for s in list(iter_sources([str(shard)]))[:2])
+    with reads.files_kept_open():
+        assert first.fetch(1 << 20)[:2] in (b"\xff\xd8", b"\x89P")
+        (fd,) = reads._kept.files.values()  # one open for both members
+        assert second.fetch(1 << 20) and list(reads._kept.files.values()) == [fd]
+    with pytest.raises(OSError):
+        os.fstat(fd)  # closed with its scope
+    with pytest.raises(InputError, match="too large"):
+        first.fetch(first.size - 1)
+    os.utime(shard, ns=(1, 1))  # the same bytes, but not the file planned from
+    with pytest.raises(InputError, match="changed since the run was planned"):
+        first.fetch(1 << 20)
+    shard.unlink()
+    os.mkfifo(shard)  # never opened in a way that blocks
+    with pytest.raises(InputError, match="a FIFO"):
+        first.fetch(1 << 20)

@@ -21,6 +21,7 @@ import threading
 from typing import Any
 
 from ..errors import OutputError
+from ..files.reads import files_kept_open
 from ..pipeline.outcomes import Failed, Job, OutputFailed, job_of
 from .poolworker import call
 
@@ -114,7 +115,8 @@ class JobActor(EncoderActor):
 
             self._start(**ray.get(arguments[0]))
         items = [item for row in rows for item in row]
-        return self.node, list(self._outcomes(items))
+        with files_kept_open():  # a shard's members in the window, read with one open
+            return self.node, list(self._outcomes(items))
 
     def _outcomes(self, items: list):
         from ..pipeline.skeleton import outcomes

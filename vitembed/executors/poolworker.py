@@ -14,6 +14,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from ..errors import VitembedError, one_line
+from ..files.reads import files_kept_open
 
 DIED = "the decoder process died while reading this file"
 TIMED_OUT = "decoding took longer than {timeout:g} s; the decoder was stopped"
@@ -74,10 +75,11 @@ def _run_chunk(seq: int, items: list[Any]) -> tuple[list[Any], float]:
     _TAKEN[seq % len(_TAKEN)] = seq
     start = time.perf_counter()
     values = []
-    for item in items:
-        if _DROP.value:
-            break  # close(): the items left are not wanted
-        values.append(call(_TASK, item))
+    with files_kept_open():  # a tar shard's members in the chunk (`reads.Stored`), read with one open
+        for item in items:
+            if _DROP.value:
+                break  # close(): the items left are not wanted
+            values.append(call(_TASK, item))
     return values, time.perf_counter() - start
 
 

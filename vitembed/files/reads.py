@@ -12,16 +12,18 @@ Free of torch and numpy, so that `vitembed inspect x.npy` imports no torch.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+import threading
 import zipfile
 from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import InputError, one_line
 
-__all__ = ["Held", "NotRegularFile", "ZIP_MAGIC", "check_regular", "compressed_record", "file_kind", "looks_like",
-           "open_record", "open_regular", "read_head"]
+__all__ = ["Held", "NotRegularFile", "Stored", "ZIP_MAGIC", "check_regular", "compressed_record", "file_kind",
+           "files_kept_open", "looks_like", "open_record", "open_regular", "read_head"]
 
 ZIP_MAGIC = b"PK\x03\x04"
 
@@ -73,6 +75,88 @@ class Held(str):
                              "(4 bytes a pixel)")
         self.spent = True
         return self.data
+
+
+class Stored(Held):
+    """A held input whose bytes lie in a larger local file (a plain tar shard's member): the
+    process that decodes it reads them where they are (`os.pread`), so the planning process reads
+    only the shard's headers and no bytes travel with the job.
+
+    The file must be the one planned from: it is opened as a regular file and its identity
+    (inode, size, modification time: the same on every machine that mounts it) checked before
+    a byte is read; the range is checked against `limit` before it is read. Within a
+    `files_kept_open()` scope (a decoder's chunk of work) the file is opened once for all its
+    members read there; outside one, once per member.
+
+    Attributes:
+        file: the file's absolute path.
+        offset, size: where the bytes lie in it.
+        identity: (st_ino, st_size, st_mtime_ns) of the file when planned.
+    """
+
+    def __new__(cls, text: str, file: str, offset: int, size: int, identity: tuple[int, int, int],
+                beside: str | None = None):
+        self = super().__new__(cls, text, None, beside)
+        self.file, self.offset, self.size, self.identity = file, offset, size, identity
+        return self
+
+    def __reduce__(self):
+        return Stored, (str(self), self.file, self.offset, self.size, self.identity, self.beside)
+
+    def fetch(self, limit: int) -> bytes:
+        if self.size > limit:
+            raise InputError(f"too large: {self.size} bytes, over the {limit} that --max-pixels allows "
+                             "(4 bytes a pixel)")
+        kept = getattr(_kept, "files", None)
+        fd = kept.get(self.file) if kept is not None else None
+        if fd is None:
+            fd = self._open()
+            if kept is not None:
+                while len(kept) >= _KEPT_FILES:
+                    os.close(kept.pop(next(iter(kept))))
+                kept[self.file] = fd
+        try:
+            data = os.pread(fd, self.size, self.offset)
+        except OSError as exc:
+            raise InputError(f"cannot read {self.file}: {exc.strerror or exc}") from None
+        finally:
+            if kept is None:
+                os.close(fd)
+        if len(data) < self.size:
+            raise InputError(f"{self.file} was cut short since the run was planned")
+        return data
+
+    def _open(self) -> int:
+        try:
+            fd = os.open(self.file, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise InputError(f"cannot read {self.file}: {exc.strerror or exc}") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (st.st_ino, st.st_size, st.st_mtime_ns) != tuple(self.identity):
+            os.close(fd)
+            raise InputError(f"{self.file} changed since the run was planned"
+                             + ("" if stat.S_ISREG(st.st_mode) else f" (it is {file_kind(st.st_mode)} now)"))
+        return fd
+
+
+_kept = threading.local()
+_KEPT_FILES = 8  # files one `files_kept_open` scope holds open at most (the oldest is closed first)
+
+
+@contextlib.contextmanager
+def files_kept_open():
+    """A scope (one thread's) in which `Stored` inputs keep their files open from one member to
+    the next, closed when it ends: a decoder's chunk reads a shard's members with one open."""
+    if getattr(_kept, "files", None) is not None:  # nested: the outer scope keeps them
+        yield
+        return
+    _kept.files = {}
+    try:
+        yield
+    finally:
+        files, _kept.files = _kept.files, None
+        for fd in files.values():
+            os.close(fd)
 
 
 def file_kind(mode: int) -> str:

@@ -166,7 +166,8 @@ def _dataset(path: Path, rel: PurePath, datasets: Datasets, on_own_output: Calla
             count = count_samples(file) if tar and fs is None else count_rows(file) if not tar else 1
             yield from (Source(Path(shown), rel, "counted") for _ in range(count))
         elif tar:
-            yield from read_shard(file, shown, rel, beside, datasets.limit, datasets.on_passed_over, on_own_output)
+            yield from read_shard(file, shown, rel, beside, datasets.limit, datasets.on_passed_over, on_own_output,
+                                  path if fs is None else None)
         else:
             yield from read_table(file, shown, rel, beside, datasets.limit, image=datasets.image_column,
                                   key=datasets.key_column, on_own_output=on_own_output)

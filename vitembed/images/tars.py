@@ -1,8 +1,10 @@
 """WebDataset tar shards as inputs: each shard read once, as a stream, its members grouped into samples.
 
 A shard (`.tar`, `.tar.gz`, `.tgz`) is never extracted: it is read in order, one member at a time,
-and each sample becomes one input (`inputs.Source`) whose image bytes travel with its job to the
-decoder (`reads.Held`), named `SHARD.tar/KEY`.
+and each sample becomes one input (`inputs.Source`), named `SHARD.tar/KEY`. In a plain shard in a
+local file the decoder reads the image where it lies (`reads.Stored`: this process reads only
+headers and seeks over images); from a compressed shard or a stream (an object store) the image's
+bytes are read here and travel with its job (`reads.Held`).
 
 - **Samples** are grouped as WebDataset groups them: a member's key is its path up to the first
   dot of its base name (`a/b/00012.seg.png` -> key `a/b/00012`, extension `seg.png`, lower-cased),
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import itertools
 import lzma
+import os
 import re
 import zlib
 from collections.abc import Callable, Iterator
@@ -47,7 +50,7 @@ from pathlib import PurePath
 from typing import BinaryIO
 
 from ..errors import one_line
-from ..files.reads import Held
+from ..files.reads import Held, Stored
 from .source import Source
 from .tarstream import DIR, FILE, Member, TarFormatError, TarStream
 
@@ -137,24 +140,38 @@ class _Sample:
     """The members of one sample read so far."""
 
     key: str
-    image: bytes | None = None
+    image: bytes | tuple[int, int] | None = None  # its bytes, or where they lie in a shard read in place
     rank: int = len(IMAGE_EXTENSIONS) + 1  # of the image held: its place in IMAGE_EXTENSIONS
     meta: dict[str, str] = field(default_factory=dict)
     extensions: set[str] = field(default_factory=set)
     error: str | None = None
 
-    def source(self, shown: str, rel: PurePath, beside: str):
+    def source(self, shown: str, rel: PurePath, beside: str, shard: _InPlace | None):
         name, where = f"{shown}/{self.key}", f"{beside}/{self.key}"
         error = self.error or (None if self.image is not None else
                                f"no image member ({', '.join(IMAGE_EXTENSIONS)}); it has "
                                f"{', '.join(sorted(self.extensions)) or 'none'}")
-        return Source(Held(name, None if error else self.image, where, error), rel / self.key, error,
-                      self.meta or None)
+        if error is None and isinstance(self.image, tuple):
+            path = Stored(name, shard.file, *self.image, shard.identity, where)
+        else:
+            path = Held(name, None if error else self.image, where, error)
+        return Source(path, rel / self.key, error, self.meta or None)
+
+
+@dataclass(frozen=True)
+class _InPlace:
+    """A plain shard in a local file, whose image members the decoders read where they lie."""
+
+    file: str  # absolute
+    identity: tuple[int, int, int]
 
 
 def read_shard(fileobj: BinaryIO, shown: str, rel: PurePath, beside: str, limit: int,
-               on_passed_over: Callable[[str], None], on_own_output: Callable[[], None] | None = None) -> Iterator:
-    """The samples of one shard, read from `fileobj` as a stream, as `inputs.Source`s.
+               on_passed_over: Callable[[str], None], on_own_output: Callable[[], None] | None = None,
+               path: str | os.PathLike | None = None) -> Iterator:
+    """The samples of one shard, read from `fileobj` as a stream, as `inputs.Source`s: for a plain
+    shard in the local file `path` (`fileobj` open on it), each image member as a `reads.Stored`
+    place in it, read by the decoder; for any other, as `reads.Held` bytes.
 
     Args:
         shown: the shard as reports name it (its inputs are `shown/KEY`).
@@ -163,14 +180,19 @@ def read_shard(fileobj: BinaryIO, shown: str, rel: PurePath, beside: str, limit:
         limit: the most bytes of an image member held (`decode.max_file_bytes`).
         on_passed_over: called with `shown: member name` for each member passed over as unsafe.
         on_own_output: called, instead of any sample, for a shard vitembed wrote (`--format wds`).
+        path: the local file `fileobj` reads, if it is one.
     """
     from .decode import is_image_path
 
     seen: set[str] = set()
     sample: _Sample | None = None
     done = 0
+    shard = None
     try:
         tar = TarStream(fileobj)
+        if path is not None and tar.in_place:
+            st = os.fstat(fileobj.fileno())
+            shard = _InPlace(os.path.abspath(path), (st.st_ino, st.st_size, st.st_mtime_ns))
         for member in tar:
             parts = _member_parts(member, shown, on_passed_over)
             if parts is None:
@@ -181,16 +203,16 @@ def read_shard(fileobj: BinaryIO, shown: str, rel: PurePath, beside: str, limit:
                     if done == 0 and on_own_output is not None and _own_output(sample):
                         on_own_output()
                         return
-                    yield sample.source(shown, rel, beside)
+                    yield sample.source(shown, rel, beside, shard)
                     done += 1
                 sample = _Sample(key, error="the key of an earlier sample of this shard" if key in seen else None)
                 seen.add(key)
-            _add(sample, tar, member, ext, limit, is_image_path)
+            _add(sample, tar, member, ext, limit, is_image_path, shard is not None)
         if sample is not None:
             if done == 0 and on_own_output is not None and _own_output(sample):
                 on_own_output()
                 return
-            yield sample.source(shown, rel, beside)
+            yield sample.source(shown, rel, beside, shard)
     except (TarFormatError, OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
         after = f"after {done} sample{'s' if done != 1 else ''}" + (f", from {sample.key} on" if sample else "")
         yield Source(Held(shown, None, beside), rel, f"the shard breaks off {after}: {one_line(exc)}")
@@ -233,9 +255,11 @@ def _member_parts(member: Member, shown: str, on_passed_over: Callable[[str], No
     return "/".join([*parts[:-1], base]), ext.lower()
 
 
-def _add(sample: _Sample, tar: TarStream, member: Member, ext: str, limit: int, is_image_path) -> None:
+def _add(sample: _Sample, tar: TarStream, member: Member, ext: str, limit: int, is_image_path,
+         in_place: bool) -> None:
     """Read one member into its sample, if it is one the sample keeps and within its bound (the
-    data of any other is passed over by the reader)."""
+    data of any other is passed over by the reader); an image member of a shard read in place is
+    kept as its place, not its bytes."""
     if ext in sample.extensions:
         sample.error = f"two {sample.key}.{ext} members"
     sample.extensions.add(ext)
@@ -253,8 +277,7 @@ def _add(sample: _Sample, tar: TarStream, member: Member, ext: str, limit: int, 
         keep = False
     if not keep or sample.error:
         return
-    data = tar.read(member)
     if ext in META_EXTENSIONS:
-        sample.meta[ext] = data.decode("utf-8", "backslashreplace")
+        sample.meta[ext] = tar.read(member).decode("utf-8", "backslashreplace")
     else:
-        sample.image, sample.rank = data, rank
+        sample.image, sample.rank = (tar.offset(member), member.size) if in_place else tar.read(member), rank

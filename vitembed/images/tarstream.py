@@ -133,6 +133,17 @@ class TarStream:
             self._data = 0 if kind in _NO_DATA else size
             yield self._given
 
+    @property
+    def in_place(self) -> bool:
+        """Whether members' data lie in the file as it is (a plain shard in a file that seeks), at `offset`."""
+        return self._size is not None
+
+    def offset(self, member: Member) -> int:
+        """Where the data of `member`, the one just given, starts in the file (`in_place` shards)."""
+        if member is not self._given or not self.in_place:
+            raise ValueError("offset() is for the member just given, of a shard read in place")
+        return self._start + self._at
+
     def read(self, member: Member) -> bytes:
         """The data of `member`, the one just given (its size checked by the caller first)."""
         if member is not self._given:

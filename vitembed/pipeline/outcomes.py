@@ -112,6 +112,8 @@ class Failed(Outcome):
     source: Source
     error: str
     job: Job | None = None  # for a shard: the row to leave empty
+    output: Path | None = None  # for a shard: the shard that row is in (NaN in .npy; the error in Parquet, wds)
+    row: int | None = None
 
 
 def job_of(item: Any) -> Job | None:

@@ -18,7 +18,7 @@ import sys
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -236,9 +236,12 @@ class ShardSink(Sink):
         return self._resolve(item.job, (item.tokens, item.grid))
 
     def failed(self, outcome: Failed) -> Iterator[Outcome]:
-        yield outcome
-        if outcome.job is not None:
-            yield from self._resolve(outcome.job, outcome.error)
+        if outcome.job is None:
+            yield outcome
+            return
+        index, row = divmod(outcome.job.index, self.size)
+        yield replace(outcome, output=self.path(index), row=row)  # the manifest says where its row is
+        yield from self._resolve(outcome.job, outcome.error)
 
     def _resolve(self, job: Job, result: tuple | str) -> Iterator[Outcome]:
         """Take one row: (tokens, grid), or the input's error."""
