@@ -1,11 +1,11 @@
-"""Memory of the output-path collision table (`plan.ClaimedPaths`) with N claimed paths, against a
+"""Memory of the output-path collision table (`files.digests.DigestSet`) with N claimed paths, against a
 `set` of the same 8-byte digests (as Python ints) and a `set` of the path strings.
 
     python benchmarks/claimed_paths.py                 # 1,000,000 paths
     python benchmarks/claimed_paths.py --count 100000
 
 Each is measured with tracemalloc (numpy's buffers included): what it holds once filled, and the
-peak while it was filled (`ClaimedPaths` holds its old and new table while it grows); then the
+peak while it was filled (`DigestSet` holds its old and new table while it grows); then the
 seconds a second fill takes without tracemalloc.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vitembed.pipeline.plan import ClaimedPaths, _digest  # noqa: E402
+from vitembed.files.digests import DigestSet, digest  # noqa: E402
 
 
 def _paths(count: int):
@@ -43,8 +43,8 @@ def measure(name: str, make, count: int) -> None:
           f"peak {peak / 2**20:7.1f} MiB, {seconds:5.1f} s to fill")
 
 
-def claimed(count: int) -> ClaimedPaths:
-    table = ClaimedPaths()
+def claimed(count: int) -> DigestSet:
+    table = DigestSet()
     for path in _paths(count):
         table.add(path)
     return table
@@ -54,8 +54,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--count", type=int, default=1_000_000)
     count = parser.parse_args().count
-    measure("ClaimedPaths (digests)", claimed, count)
-    measure("set of int digests", lambda n: {int(_digest(p)) for p in _paths(n)}, count)
+    measure("DigestSet (digests)", claimed, count)
+    measure("set of int digests", lambda n: {int(digest(p)) for p in _paths(n)}, count)
     measure("set of path strings", lambda n: set(_paths(n)), count)
 
 

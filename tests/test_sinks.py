@@ -59,7 +59,8 @@ def test_shard_with_failed_input_has_nan_row(tmp_path):
     assert shard.shape == (4, 197, 192)
     assert np.isnan(shard[1]).all() and not np.isnan(shard[[0, 2, 3]]).any()
     failed = [r for r in read_manifest(tmp_path / "sh") if r["status"] == "error"]
-    assert len(failed) == 1 and failed[0]["input"].endswith("p01.png") and "row" not in failed[0]
+    assert len(failed) == 1 and failed[0]["input"].endswith("p01.png")
+    assert (failed[0]["output"], failed[0]["row"]) == ("shard-00000.npy", 1)  # where its NaN row lies
 
 
 def test_shards_resume_skips_full_shards_and_redoes_the_short_last(tmp_path):

@@ -32,6 +32,7 @@ from pathlib import PurePath, PurePosixPath
 from typing import Any
 
 from ..errors import one_line
+from ..files.digests import DigestSet
 from ..files.reads import Held
 from .source import Source
 
@@ -156,7 +157,8 @@ class _Rows:
     def __init__(self, shown: str, rel: PurePath, beside: str, limit: int, width: int, keyed: bool) -> None:
         self.shown, self.rel, self.beside, self.limit = shown, rel, beside, limit
         self.width, self.count = max(6, width), 0
-        self.seen: set[str] | None = set() if keyed else None
+        # 8 bytes a key (a table may hold millions); a false match, odds n/2^64, fails one row as a repeat
+        self.seen = DigestSet() if keyed else None
 
     def sources(self, batch: Any, keyed: bool) -> Iterator:
         import pyarrow as pa
@@ -182,10 +184,8 @@ class _Rows:
             error, parts = "its key is null", [f"row-{self.count}"]
         elif not parts or "\0" in name:
             error, parts = f"its key {name!r} names no file", [f"row-{self.count}"]
-        elif self.seen is not None:
-            if name in self.seen:
-                error = "the key of an earlier row of this table"
-            self.seen.add(name)
+        elif self.seen is not None and not self.seen.add(name):
+            error = "the key of an earlier row of this table"
         if error is None and data is None:
             error = (f"no image bytes: the row names a file, {path}, which is not read" if path else "its image is null")
         if error is None and len(data) > self.limit:

@@ -50,6 +50,7 @@ from pathlib import PurePath
 from typing import BinaryIO
 
 from ..errors import one_line
+from ..files.digests import DigestSet
 from ..files.reads import Held, Stored
 from .source import Source
 from .tarstream import DIR, FILE, Member, TarFormatError, TarStream
@@ -184,7 +185,7 @@ def read_shard(fileobj: BinaryIO, shown: str, rel: PurePath, beside: str, limit:
     """
     from .decode import is_image_path
 
-    seen: set[str] = set()
+    seen = DigestSet()  # the shard's keys, 8 bytes each; a false match (odds n/2^64) fails one sample as a repeat
     sample: _Sample | None = None
     done = 0
     shard = None
@@ -205,8 +206,7 @@ def read_shard(fileobj: BinaryIO, shown: str, rel: PurePath, beside: str, limit:
                         return
                     yield sample.source(shown, rel, beside, shard)
                     done += 1
-                sample = _Sample(key, error="the key of an earlier sample of this shard" if key in seen else None)
-                seen.add(key)
+                sample = _Sample(key, error=None if seen.add(key) else "the key of an earlier sample of this shard")
             _add(sample, tar, member, ext, limit, is_image_path, shard is not None)
         if sample is not None:
             if done == 0 and on_own_output is not None and _own_output(sample):

@@ -6,17 +6,15 @@ input order, deciding on the way which ones need no work (`Skipped`) or cannot b
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..choices import DATASET_FORMATS, unknown
 from ..errors import ConfigError
+from ..files.digests import DigestSet
 from ..files.formats import FORMATS, describe_output
 from ..images.inputs import Source
 from .outcomes import Failed, Job, Skipped, display_path
@@ -30,55 +28,6 @@ RUN_FILE = "run.json"  # an -o folder's configuration (`folder.OutputFolder`)
 LOCK_FILE = ".vitembed.lock"  # held while a run writes into an -o folder
 
 FILE_SUFFIXES = {"npy": "npy", "pt": "pt", "pth": "pt"}  # -o FILE's suffix -> its format; .pth is torch's other name
-
-
-class ClaimedPaths:
-    """A set of paths held as 8-byte digests in an open-addressing table (8 to 16 bytes a path,
-    against about 130 for a set of the strings): memory that a run of millions of inputs can
-    afford. Two different paths share a digest with odds of about n / 2^64; the cost would be a
-    longer name for the second (`pet.png.npy`), never an overwrite.
-    """
-
-    def __init__(self, capacity: int = 1024):
-        self.table = np.zeros(capacity, np.uint64)  # 0: empty
-        self.count = 0
-
-    def add(self, key: str) -> bool:
-        """Add `key`; False if it was there already."""
-        if 2 * (self.count + 1) > len(self.table):
-            self._grow()
-        return self._insert(_digest(key))
-
-    def __contains__(self, key: str) -> bool:
-        return bool(self.table[self._slot(_digest(key))])
-
-    def _slot(self, digest: np.uint64) -> int:
-        """The slot that holds `digest`, or the empty one where it would go."""
-        mask = len(self.table) - 1
-        slot = int(digest) & mask
-        while self.table[slot] and self.table[slot] != digest:
-            slot = (slot + 1) & mask
-        return slot
-
-    def _insert(self, digest: np.uint64) -> bool:
-        slot = self._slot(digest)
-        if self.table[slot]:
-            return False
-        self.table[slot] = digest
-        self.count += 1
-        return True
-
-    def _grow(self) -> None:
-        old = self.table[self.table != 0]
-        self.table = np.zeros(2 * len(self.table), np.uint64)
-        self.count = 0
-        for digest in old:
-            self._insert(digest)
-
-
-def _digest(key: str) -> np.uint64:
-    digest = int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
-    return np.uint64(digest or 1)
 
 
 @dataclass
@@ -105,8 +54,8 @@ class OutputPlan:
     store: Any = None
     fresh: bool = False  # -o DIR did not exist when planned: nothing in it can be an earlier output
     record: dict | None = None  # the run's record (run.json), for outputs that carry it (Parquet)
-    _claimed: ClaimedPaths = field(default_factory=ClaimedPaths, repr=False)
-    _present: ClaimedPaths | None = field(default=None, repr=False)  # a store's files, listed once
+    _claimed: DigestSet = field(default_factory=DigestSet, repr=False)
+    _present: DigestSet | None = field(default=None, repr=False)  # a store's files, listed once
     _nested: dict = field(default_factory=dict, repr=False)  # folder -> another run's folder in it (`nested`)
 
     @classmethod
@@ -169,7 +118,7 @@ class OutputPlan:
         if self.store.kind == "local":  # asked of the path alone: a listing would follow links without end
             return os.path.lexists(path)
         if self._present is None:
-            self._present = ClaimedPaths()
+            self._present = DigestSet()
             for name in self.store.files():
                 self._present.add(name)
         return os.fspath(path) in self._present
