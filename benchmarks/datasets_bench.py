@@ -11,9 +11,21 @@ the shards and tables); the table gives the median time, images per second, the 
 files' time, and the driver's peak RSS. The last lines compare the driver's memory with --tars
 and with ten times as many shards of the same images: it should not grow with the shards.
 
+The outputs go to --out (default WORK/out). Every run starts after `os.sync()`, so that the
+writeback of an earlier run's 20,000 files does not fall on the next. On a cloud disk, writing
+20,000 small `.npy` files takes seconds that vary from run to run by more than the inputs differ;
+`--out /dev/shm/dsb-out` (tmpfs) leaves the disk out and compares the inputs alone.
+
+With --cold (Linux, as root), every run starts with the page cache dropped
+(`/proc/sys/vm/drop_caches`): the inputs are read from the disk, as a folder of a million photos,
+larger than memory, is. Without it the corpus is read from memory after the first run, where an
+open costs microseconds and the tars' and the table's fewer opens matter least.
+
     python benchmarks/datasets_bench.py --work /tmp/dsb                      # 20,000 images, 20 tars
     python benchmarks/datasets_bench.py --work /tmp/dsb --images 2000 --repeats 3
     python benchmarks/datasets_bench.py --work /tmp/dsb --formats npy,parquet   # -o DIR --format parquet too
+    python benchmarks/datasets_bench.py --work /tmp/dsb --formats npy,parquet --out /dev/shm/dsb-out
+    sudo python benchmarks/datasets_bench.py --work /tmp/dsb --out /dev/shm/dsb-out --cold
 """
 
 from __future__ import annotations
@@ -89,11 +101,25 @@ def build(work: Path, count: int, tars: int) -> dict[str, Path]:
     return paths
 
 
-def encode(source: Path, out: Path, fmt: str, extra: list[str]) -> tuple[float, float] | str:
+def drop_caches() -> bool:
+    """Write the page cache's clean pages out of memory (after `os.sync()`); False where not allowed."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as control:
+            control.write("3\n")
+    except OSError:
+        return False
+    return True
+
+
+def encode(source: Path, out: Path, fmt: str, extra: list[str], cold: bool = False) -> tuple[float, float] | str:
     """(seconds, the driver's peak RSS in MiB) of one run; or why it failed."""
     shutil.rmtree(out, ignore_errors=True)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     formats = [] if fmt == "npy" else ["--format", fmt]
+    os.sync()  # the earlier run's writes on disk before this one starts
+    if cold:
+        drop_caches()
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", _DRIVER, "encode", str(source), "-o", str(out), *LAYER, *formats,
                            *extra], env=env, capture_output=True, text=True)
@@ -112,20 +138,26 @@ def main() -> None:
     parser.add_argument("--tars", type=int, default=20, help="shards (the memory check uses ten times as many too)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--formats", default="npy", help="comma-separated outputs: npy, parquet (--format parquet)")
+    parser.add_argument("--out", type=Path, help="output folder (replaced by each run; default WORK/out)")
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before every run (Linux, root)")
     parser.add_argument("extra", nargs="*", help="more options for vitembed encode (after --)")
     args = parser.parse_args()
     paths = build(args.work, args.images, args.tars)
     kinds = ["files", f"{args.tars} tars", "parquet", f"{10 * args.tars} tars"]
-    encode(paths["files"], args.work / "out", "npy", args.extra)  # unmeasured: the random layer drawn (torch) and cached
+    out = args.out or args.work / "out"
+    if args.cold and not drop_caches():
+        raise SystemExit("--cold: cannot write /proc/sys/vm/drop_caches (Linux only, as root)")
+    encode(paths["files"], out, "npy", args.extra, args.cold)  # unmeasured: the random layer drawn (torch) and cached
     runs: dict[tuple[str, str], list] = {(kind, fmt): [] for fmt in args.formats.split(",") for kind in kinds}
     for _ in range(args.repeats):  # round robin, so that a busy moment of the machine falls on every kind
         for kind, fmt in runs:
-            runs[kind, fmt].append(encode(paths[kind], args.work / "out", fmt, args.extra))
+            runs[kind, fmt].append(encode(paths[kind], out, fmt, args.extra, args.cold))
     results: dict[tuple[str, str], tuple[float, float] | str] = {}
     for key, done in runs.items():
         failed = next((r for r in done if isinstance(r, str)), None)
         results[key] = failed or (statistics.median(r[0] for r in done), max(r[1] for r in done))
-    print(f"{args.images} JPEGs, median of {args.repeats}, layer {' '.join(LAYER[:-1])} {' '.join(args.extra)}")
+    print(f"{args.images} JPEGs, median of {args.repeats}, layer {' '.join(LAYER[:-1])} {' '.join(args.extra)}, "
+          f"outputs in {out}{', page cache dropped before each run' if args.cold else ''}")
     print(f"{'input':12} {'output':8} {'seconds':>8} {'images/s':>9} {'vs files':>9} {'driver MiB':>11}")
     for (kind, fmt), result in results.items():
         if isinstance(result, str):
