@@ -102,8 +102,8 @@ def build(work: Path, count: int, tars: int) -> dict[str, Path]:
 
 
 def drop_caches() -> bool:
-    """Write the page cache's clean pages out of memory (after `os.sync()`); False where not allowed."""
-    os.sync()
+    """Drop the page cache's clean pages (the caller syncs first, so that all are clean); False
+    where not allowed."""
     try:
         with open("/proc/sys/vm/drop_caches", "w") as control:
             control.write("3\n")

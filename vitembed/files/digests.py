@@ -30,19 +30,19 @@ class DigestSet:
     def __contains__(self, key: str) -> bool:
         return bool(self.table[self._slot(digest(key))])
 
-    def _slot(self, digest: np.uint64) -> int:
-        """The slot that holds `digest`, or the empty one where it would go."""
+    def _slot(self, value: np.uint64) -> int:
+        """The slot that holds the digest `value`, or the empty one where it would go."""
         mask = len(self.table) - 1
-        slot = int(digest) & mask
-        while self.table[slot] and self.table[slot] != digest:
+        slot = int(value) & mask
+        while self.table[slot] and self.table[slot] != value:
             slot = (slot + 1) & mask
         return slot
 
-    def _insert(self, digest: np.uint64) -> bool:
-        slot = self._slot(digest)
+    def _insert(self, value: np.uint64) -> bool:
+        slot = self._slot(value)
         if self.table[slot]:
             return False
-        self.table[slot] = digest
+        self.table[slot] = value
         self.count += 1
         return True
 
