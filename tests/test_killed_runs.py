@@ -212,3 +212,35 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return False
+
+
+_SIGNAL_IN_A_CALLBACK = """
+import os, signal, sys, weakref
+from vitembed.cli import main as cli
+
+def command(prog_name):
+    class Lock: pass
+    def cb(ref):  # as importlib's module-lock callbacks: a signal handled here cannot raise
+        os.kill(os.getpid(), {signum})
+        sum(range(1000))
+    lock = Lock()
+    ref = weakref.ref(lock, cb)
+    del lock
+    sum(range(100000))
+    print("carried on", file=sys.stderr)
+
+cli.app = command
+sys.argv = ["vitembed", "show"]
+cli.main()
+"""
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_that_lands_in_a_callback_still_stops_the_run(signum, code):
+    """A Ctrl-C or SIGTERM delivered while Python runs a callback it cannot raise from (seen: the
+    import system's module-lock callbacks, during start-up) stops the process with the signal's
+    code and no traceback, instead of being printed as ignored and lost."""
+    r = subprocess.run([sys.executable, "-c", _SIGNAL_IN_A_CALLBACK.format(signum=int(signum))],
+                       capture_output=True, timeout=60)
+    assert r.returncode == code, r.stderr.decode()
+    assert b"Traceback" not in r.stderr and b"carried on" not in r.stderr, r.stderr.decode()

@@ -420,13 +420,35 @@ def inspect(
 app.add_typer(show_app, name="show")
 
 
+class _Terminated(SystemExit):
+    """SIGTERM before the encode loop took over (exit 143)."""
+
+
 def _terminate(signum, frame):
-    raise SystemExit(128 + signum)  # SIGTERM before the encode loop: unwind (temporaries removed), exit 143
+    raise _Terminated(128 + signum)  # SIGTERM before the encode loop: unwind (temporaries removed), exit 143
+
+
+def _signal_lost_in_callback(unraisable) -> None:
+    """`sys.unraisablehook` of the `vitembed` process: a Ctrl-C or SIGTERM that landed in a
+    callback Python cannot raise from (a weakref callback of the import system's module locks, a
+    `__del__`) would be printed as an ignored traceback and the run would carry on as if never
+    asked to stop. It is honoured at once instead, as a second signal is: before the encode loop
+    nothing is half-written, and temporaries left by this process are removed by the next run."""
+    exc = unraisable.exc_value
+    if isinstance(exc, KeyboardInterrupt):
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.write("interrupted\n")
+            sys.stderr.flush()
+        os._exit(128 + signal.SIGINT)
+    if isinstance(exc, _Terminated):
+        os._exit(128 + signal.SIGTERM)
+    sys.__unraisablehook__(unraisable)
 
 
 def main() -> None:
     from .startup import exit_without_teardown, start_early
 
+    sys.unraisablehook = _signal_lost_in_callback
     signal.signal(signal.SIGTERM, _terminate)
     start_early(sys.argv[1:])  # before typer's imports and parsing, which it then overlaps
     try:
