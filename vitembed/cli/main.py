@@ -5,10 +5,8 @@ Heavy modules (torch, numpy, Pillow) are imported inside the commands, so that `
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import signal
 import sys
 import threading
 from pathlib import Path
@@ -25,6 +23,7 @@ from .options import (
     notice, stdout_writes, value,
 )
 from .show import show_app
+from .signals import install_early_handlers, stop_on_signals
 
 
 app = typer.Typer(
@@ -136,7 +135,7 @@ def encode(
 
         count = lambda: reporter.set_total(count_inputs(inputs, uris=ray))  # noqa: E731
         threading.Thread(target=count, daemon=True).start()
-    with _signals(stop) as caught:
+    with stop_on_signals(stop) as caught:
         try:
             summary = encode_request(request, inputs, on_result=reporter, stop=stop, null=null,
                                      on_notice=lambda note: notice([note], quiet))
@@ -189,26 +188,6 @@ def _request_options(params: dict) -> dict:
     if options["decode_timeout"] is None:
         del options["decode_timeout"]
     return options
-
-
-@contextlib.contextmanager
-def _signals(stop: threading.Event):
-    """SIGINT and SIGTERM set `stop` (the run ends cleanly); a second one leaves at once. Yields
-    the signals caught."""
-    caught: list[int] = []
-
-    def on_signal(signum, frame):
-        if caught:  # a second Ctrl-C: leave now; outputs are whole files or absent anyway
-            os._exit(128 + signum)
-        caught.append(signum)
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield caught
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 @_command()
@@ -420,36 +399,10 @@ def inspect(
 app.add_typer(show_app, name="show")
 
 
-class _Terminated(SystemExit):
-    """SIGTERM before the encode loop took over (exit 143)."""
-
-
-def _terminate(signum, frame):
-    raise _Terminated(128 + signum)  # SIGTERM before the encode loop: unwind (temporaries removed), exit 143
-
-
-def _signal_lost_in_callback(unraisable) -> None:
-    """`sys.unraisablehook` of the `vitembed` process: a Ctrl-C or SIGTERM that landed in a
-    callback Python cannot raise from (a weakref callback of the import system's module locks, a
-    `__del__`) would be printed as an ignored traceback and the run would carry on as if never
-    asked to stop. It is honoured at once instead, as a second signal is: before the encode loop
-    nothing is half-written, and temporaries left by this process are removed by the next run."""
-    exc = unraisable.exc_value
-    if isinstance(exc, KeyboardInterrupt):
-        with contextlib.suppress(OSError, ValueError):
-            sys.stderr.write("interrupted\n")
-            sys.stderr.flush()
-        os._exit(128 + signal.SIGINT)
-    if isinstance(exc, _Terminated):
-        os._exit(128 + signal.SIGTERM)
-    sys.__unraisablehook__(unraisable)
-
-
 def main() -> None:
     from .startup import exit_without_teardown, start_early
 
-    sys.unraisablehook = _signal_lost_in_callback
-    signal.signal(signal.SIGTERM, _terminate)
+    install_early_handlers()
     start_early(sys.argv[1:])  # before typer's imports and parsing, which it then overlaps
     try:
         app(prog_name="vitembed")
